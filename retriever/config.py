@@ -1,4 +1,4 @@
-"""Config section [retriever]: which retriever the engine searches with, and how."""
+"""Config sections [retriever] (which retriever the engine searches with, and how) and [retrieval_server]."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,3 +34,28 @@ class RetrieverConfig:
             raise ValueError(f"timeout_s = {self.timeout_s}: must be > 0 seconds")
         if self.max_retries < 0:
             raise ValueError(f"max_retries = {self.max_retries}: must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetrievalServerConfig:
+    index_dir: Path | None = None
+    """Tantivy index the server searches (`ssp retriever serve --index`); unset means the demo index."""
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 serves other machines (there is no authentication: trusted networks only)."""
+    port: int = 8000
+    """TCP port (0 picks a free one and prints it)."""
+    search_threads: int = 2
+    """Threads running Tantivy searches; more than the machine's cores only adds queueing."""
+    max_queries: int = 512
+    """Most queries in one /retrieve request; larger batches get a 400 (split them)."""
+    max_query_chars: int = 2000
+    """Longest query, in characters; a longer one gets a 400 (an agent's query is a sentence, not a document)."""
+    max_topk: int = 100
+    """Largest `topk` a request may ask for; more gets a 400."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port = {self.port}: must be 0..65535 (0 picks a free port)")
+        for name in ("search_threads", "max_queries", "max_query_chars", "max_topk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")

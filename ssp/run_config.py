@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 from engine.inference_config import InferenceConfig
-from retriever.config import RetrieverConfig
+from retriever.config import RetrievalServerConfig, RetrieverConfig
 from serving.config import ServingConfig
 
 
@@ -11,6 +11,8 @@ from serving.config import ServingConfig
 class SSPConfig:
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     """Search: which retriever, its index or URL, and top-k."""
+    retrieval_server: RetrievalServerConfig = field(default_factory=RetrievalServerConfig)
+    """`ssp retriever serve`: the Search-R1 /retrieve server, its index and request limits."""
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     """Generation: the inference servers (or router) the engine calls, slots per server, timeouts, health checks."""
     serving: ServingConfig = field(default_factory=ServingConfig)

@@ -1,0 +1,104 @@
+"""`make_retriever`: turn the [retriever] config section into a Retriever, built-in or the user's own.
+
+`retriever.kind` is one of:
+- "tantivy": `TantivyRetriever` over `index_dir` (default: the demo index) with `search_threads` threads;
+- "http": `HttpRetriever` calling `url` with `timeout_s` and `max_retries`;
+- the name of an entry point in the group `ssp.retrievers` (a package registers
+  `[project.entry-points."ssp.retrievers"] mine = "mypkg.search:MyRetriever"`);
+- "package.module:ClassName", imported directly.
+A user's class (or factory) is called with `**retriever.options` and must give an object with
+`async search(queries, k) -> list[list[Doc]]` and `async close()`: see `retriever/protocol.py`.
+
+    [retriever]
+    kind = "mypkg.search:MyRetriever"
+    options = { endpoint = "http://10.0.0.5:9000", rerank = true }
+"""
+
+import importlib
+import inspect
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+from retriever.config import RetrieverConfig
+from retriever.errors import RetrieverLoadError
+from retriever.protocol import Retriever
+
+ENTRY_POINT_GROUP = "ssp.retrievers"
+BUILTIN_KINDS = ("tantivy", "http")
+
+
+def make_retriever(cfg: RetrieverConfig) -> Retriever:
+    """Build the retriever `cfg.kind` names; RetrieverLoadError says what is wrong and how to fix it."""
+    if cfg.kind in BUILTIN_KINDS:
+        if cfg.options:
+            raise RetrieverLoadError(
+                f"retriever.options {sorted(cfg.options)} is only for user retrievers; kind = {cfg.kind!r} is "
+                "configured by the [retriever] keys themselves (index_dir, search_threads, url, ...)"
+            )
+        return _make_builtin(cfg)
+    factory = _load_user_factory(cfg.kind)
+    try:
+        retriever = factory(**cfg.options)
+    except TypeError as e:
+        raise RetrieverLoadError(
+            f"retriever.kind = {cfg.kind!r} could not be constructed with retriever.options {cfg.options!r}: {e}; "
+            "make the options match its constructor's keyword arguments"
+        ) from None
+    _check_protocol(cfg.kind, retriever)
+    return retriever
+
+
+def _make_builtin(cfg: RetrieverConfig) -> Retriever:
+    # Imported here so that a user retriever never pays for (or depends on) tantivy and aiohttp.
+    if cfg.kind == "tantivy":
+        from ssp.paths import default_index_dir
+        from retriever.tantivy_index import TantivyRetriever
+
+        return TantivyRetriever(cfg.index_dir or default_index_dir(), threads=cfg.search_threads)
+    from retriever.client import HttpRetriever
+
+    return HttpRetriever(cfg.url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)
+
+
+def _load_user_factory(kind: str) -> Callable[..., Any]:
+    if ":" not in kind:
+        names = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+        for ep in entry_points(group=ENTRY_POINT_GROUP, name=kind):
+            try:
+                return ep.load()  # type: ignore[no-any-return]
+            except (ImportError, AttributeError) as e:
+                raise RetrieverLoadError(
+                    f"entry point {kind!r} in group {ENTRY_POINT_GROUP!r} ({ep.value}) failed to load: {e}"
+                ) from None
+        raise RetrieverLoadError(
+            f"retriever.kind = {kind!r} is not a known retriever; use one of {list(BUILTIN_KINDS)}, an entry point "
+            f"of group {ENTRY_POINT_GROUP!r} (installed: {names or 'none'}), or 'package.module:ClassName'"
+        )
+    module_name, _, attr = kind.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RetrieverLoadError(
+            f"retriever.kind = {kind!r}: cannot import module {module_name!r} ({e}); install it or fix the name"
+        ) from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise RetrieverLoadError(
+            f"retriever.kind = {kind!r}: module {module_name!r} has no class {attr!r}; write 'package.module:ClassName'"
+        )
+    return factory  # type: ignore[no-any-return]
+
+
+def _check_protocol(kind: str, retriever: Any) -> None:
+    missing = [
+        name
+        for name in ("search", "close")
+        if not inspect.iscoroutinefunction(getattr(retriever, name, None))
+    ]
+    if missing:
+        raise RetrieverLoadError(
+            f"retriever.kind = {kind!r} built a {type(retriever).__name__}, which lacks async method(s) {missing}; "
+            "a retriever needs `async def search(self, queries: list[str], k: int) -> list[list[Doc]]` and "
+            "`async def close(self)` (see retriever/protocol.py)"
+        )
