@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from engine.config import GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig, StreamConfig
 from engine.inference_config import InferenceConfig
 from retriever.config import RetrievalServerConfig, RetrieverConfig
 from serving.config import ServingConfig
@@ -17,3 +18,13 @@ class SSPConfig:
     """Generation: the inference servers (or router) the engine calls, slots per server, timeouts, health checks."""
     serving: ServingConfig = field(default_factory=ServingConfig)
     """Inference server (`ssp model serve`): model, device, batch capacity, keys."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Multi-turn rollouts: tokenizer, turn and token budgets, resumes after aborts."""
+    search: SearchBatcherConfig = field(default_factory=SearchBatcherConfig)
+    """Search batching: how concurrent <search> calls are coalesced into retriever batches."""
+    game: GameConfig = field(default_factory=GameConfig)
+    """The SSP game: group sizes, verification, per-role temperatures, checks, judge, rewards."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Episode scheduling: async or sync, episodes in flight, staleness bound eta, seeds."""
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    """The trajectory stream to the learner: address, frame limit, buffer size, spill file."""

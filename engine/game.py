@@ -1,0 +1,142 @@
+"""One SSP episode, in phases: propose → check → verify → solve → judge → rewards → a group of Trajectory records.
+
+The phases are separate methods so the scheduler can run them per episode ("async" mode: `play`) or phase by
+phase over a whole step, as the reference does ("sync" mode).
+
+Group layout (one msgpack frame per episode, all records share group_id):
+    proposer  ×1       reward = 1 - solver accuracy (valid) or game.invalid_reward
+    verifier  ×0..V    reward = 1/0 judged answer from the documents (only for questions that passed the checks)
+    solver    ×0..G    reward = 1 / answer_tag_penalty_reward / 0 (only for valid questions; dropped when all equal
+                       and game.drop_zero_variance_groups)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.aio import gather_or_cancel
+from engine.chat import ChatTokenizer
+from engine.checks import check_question, count_answer_tags, extract_answer, extract_question
+from engine.config import GameConfig
+from engine.judge import Judge, Verdict
+from engine.prompts import ANSWER_CLOSE, ANSWER_OPEN, QUESTION_CLOSE, QUESTION_OPEN, proposer_messages, solver_messages
+from engine.rewards import proposer_reward, solver_accuracy, solver_reward, zero_variance
+from engine.rollout import Rollout, RolloutRunner, RolloutSpec
+from engine.seeds import Seed
+from engine.trajectory import Trajectory
+from engine.verify import DistractorPool, Verification, Verifier, verification_documents
+
+
+@dataclass(slots=True)
+class Proposal:
+    group_id: str
+    seed: Seed
+    rollout: Rollout
+    question: str | None
+    reasons: list[str]
+    """Why the question is invalid so far (empty = it passed the rule checks)."""
+
+
+@dataclass(slots=True)
+class SolverRun:
+    rollout: Rollout
+    verdict: Verdict
+    reward: float
+    answer_tags: int
+
+
+@dataclass(slots=True)
+class EpisodeResult:
+    group_id: str
+    trajectories: list[Trajectory]
+    valid: bool
+    reasons: list[str]
+    solver_accuracy: float | None
+    proposer_reward: float
+    zero_variance_dropped: bool
+    generated_tokens: int
+    turn_overheads_s: list[float] = field(default_factory=list)
+
+
+class Game:
+    """Plays episodes with shared components: the rollout runner, the judge, the distractor pool."""
+
+    def __init__(self, runner: RolloutRunner, chat: ChatTokenizer, judge: Judge, cfg: GameConfig,
+                 rng: random.Random) -> None:
+        self._runner = runner
+        self._chat = chat
+        self._judge = judge
+        self._cfg = cfg
+        self._rng = rng
+        self.distractors = DistractorPool(cfg.distractor_pool_size, rng)
+        self.verifier = Verifier(runner, chat, judge, cfg)
+        self.proposer_spec = RolloutSpec(final_open=QUESTION_OPEN, final_close=QUESTION_CLOSE, search=True,
+                                         temperature=cfg.proposer_temperature, top_p=cfg.top_p)
+        self.solver_spec = RolloutSpec(final_open=ANSWER_OPEN, final_close=ANSWER_CLOSE, search=True,
+                                       temperature=cfg.solver_temperature, top_p=cfg.top_p)
+
+    async def play(self, group_id: str, seed: Seed) -> EpisodeResult:
+        proposal = await self.propose(group_id, seed)
+        verification = await self.verify(proposal)
+        solvers = await self.solve(proposal) if verification is not None and verification.passed else []
+        return self.assemble(proposal, verification, solvers)
+
+    async def propose(self, group_id: str, seed: Seed) -> Proposal:
+        prompt = self._chat.render(proposer_messages(seed.answer, seed.hops))
+        ro = await self._runner.run(prompt, self.proposer_spec, affinity=f"{group_id}-p")
+        question = extract_question(ro.generated_text)
+        reasons = (["no_question"] if question is None else
+                   check_question(question, seed.aliases, ro.searches, self._cfg.checks))
+        self.distractors.add(group_id, [d for docs in ro.docs for d in docs])
+        return Proposal(group_id, seed, ro, question, reasons)
+
+    async def verify(self, p: Proposal) -> Verification | None:
+        """RAG verification of a question that passed the rule checks; None when it did not get that far."""
+        if p.question is None or p.reasons:
+            return None
+        own = [d for docs in p.rollout.docs for d in docs]
+        documents = verification_documents(own, self.distractors.draw(self._cfg.distractors, exclude=p.group_id),
+                                           self._rng)
+        v = await self.verifier.verify(p.question, p.seed.aliases, documents, affinity=f"{p.group_id}-v")
+        if not v.passed:
+            p.reasons.append("failed_verification")
+        return v
+
+    async def solve(self, p: Proposal) -> list[SolverRun]:
+        assert p.question is not None and not p.reasons, "solve() runs only on valid questions"
+        prompt = self._chat.render(solver_messages(p.question))
+        rollouts = await gather_or_cancel([self._runner.run(prompt, self.solver_spec, affinity=f"{p.group_id}-s")
+                                           for _ in range(self._cfg.solver_group_size)])
+        runs = []
+        for ro in rollouts:
+            verdict = await self._judge.judge(p.question, extract_answer(ro.generated_text), p.seed.aliases)
+            tags = count_answer_tags(ro.generated_text)
+            runs.append(SolverRun(ro, verdict, solver_reward(verdict.correct, tags, self._cfg), tags))
+        return runs
+
+    def assemble(self, p: Proposal, v: Verification | None, solvers: list[SolverRun]) -> EpisodeResult:
+        valid = not p.reasons and v is not None and v.passed
+        rewards = [s.reward for s in solvers]
+        accuracy = solver_accuracy(rewards) if valid else None
+        r_p = proposer_reward(valid, rewards, self._cfg)
+        common: dict[str, Any] = {"answer": list(p.seed.aliases), "question": p.question}
+        group = [p.rollout.trajectory(role="proposer", group_id=p.group_id, reward=r_p, meta={
+            **common, "hops": p.seed.hops, "answer_type": p.seed.type, "valid": valid, "invalid_reasons": p.reasons,
+            "verify_fraction": v.fraction if v is not None else None, "solver_accuracy": accuracy})]
+        for ro, verdict in v.samples if v is not None else []:
+            group.append(ro.trajectory(role="verifier", group_id=p.group_id, reward=float(verdict.correct), meta={
+                **common, "prediction": extract_answer(ro.generated_text), "judge": verdict.method.value}))
+        dropped = bool(solvers) and self._cfg.drop_zero_variance_groups and zero_variance(rewards)
+        if not dropped:
+            for s in solvers:
+                group.append(s.rollout.trajectory(role="solver", group_id=p.group_id, reward=s.reward, meta={
+                    **common, "prediction": extract_answer(s.rollout.generated_text), "judge": s.verdict.method.value,
+                    "answer_tags": s.answer_tags}))
+        rollouts = [p.rollout, *(ro for ro, _ in (v.samples if v else [])), *(s.rollout for s in solvers)]
+        return EpisodeResult(
+            group_id=p.group_id, trajectories=group, valid=valid, reasons=list(p.reasons), solver_accuracy=accuracy,
+            proposer_reward=r_p, zero_variance_dropped=dropped,
+            generated_tokens=sum(r.generated_tokens for r in rollouts),
+            turn_overheads_s=[o for r in rollouts for o in r.overhead_s])

@@ -1,0 +1,100 @@
+"""Every prompt of the SSP game, in one place: proposer, solver, verifier, and the tool-result block.
+
+The texts follow the shape of the SSP reference prompts (ssp-spec.md §1.3, §1.5, §1.7) in our own words. They are
+chat messages; `engine.chat.ChatTokenizer` renders them once with the model's own chat template. The tag protocol
+(<think>, <search>, <information>, <answer>, <question>) is shared by all roles, and the tool block written by
+`information_block` is exactly what the prompts tell the model to expect.
+"""
+
+from collections.abc import Sequence
+
+from retriever.protocol import Doc
+
+Message = dict[str, str]
+
+SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+QUESTION_OPEN, QUESTION_CLOSE = "<question>", "</question>"
+INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
+
+_TOOL_PROTOCOL = (
+    "Think step by step inside <think> and </think> whenever you receive new information. To look something up, "
+    "write a query as <search> your query </search>; the top results are then shown to you between "
+    "<information> and </information>. You may search as many times as you need."
+)
+
+PROPOSER_SYSTEM = (
+    "You write hard search questions. You are given an answer and must work backwards to a question whose "
+    "solution takes exactly the requested number of searches, each search building on the one before.\n"
+    "How to build it: do not search for the answer itself. Search for something closely connected to the answer "
+    "and find a fact that leads to it; then search that fact to find what leads to it, and so on, one link per "
+    "search. The fact you reach last becomes the opening clue of your question.\n"
+    + _TOOL_PROTOCOL
+    + "\nRules: every clue must come from search results; never reveal the answer or an intermediate step in the "
+    "question; the question must be impossible to answer without searching; use the requested number of "
+    "searches; the question must have one unambiguous answer.\n"
+    "When you are done, write the final question between <question> and </question>."
+)
+
+SOLVER_SYSTEM = "You are a careful assistant that answers questions by searching when needed."
+
+_SOLVER_INSTRUCTION = (
+    "Answer the question below. "
+    + _TOOL_PROTOCOL
+    + " When you know the answer, give only the answer, with no explanation, between <answer> and </answer>, "
+    "for example <answer> Paris </answer>."
+)
+
+VERIFIER_SYSTEM = "You answer questions using only the documents you are given."
+
+
+def proposer_messages(answer: str, hops: int) -> list[Message]:
+    """The proposer's chat: the ground-truth answer and how many searches the question must need."""
+    return [
+        {"role": "system", "content": PROPOSER_SYSTEM},
+        {
+            "role": "user",
+            "content": (
+                f"The answer is: {answer}\n"
+                f"Write a question about it that needs {hops} searches to solve. Before you finish, check that "
+                "the question is not too easy and does not contain the answer. Put the final question between the "
+                "tags, for example <question> Which river flows through the city where the author of ... was "
+                "born? </question>"
+            ),
+        },
+    ]
+
+
+def solver_messages(question: str) -> list[Message]:
+    """The solver's chat (Search-R1 style): the tool protocol, then the question."""
+    return [
+        {"role": "system", "content": SOLVER_SYSTEM},
+        {"role": "user", "content": f"{_SOLVER_INSTRUCTION}\nQuestion: {question}"},
+    ]
+
+
+def verifier_messages(question: str, documents: str) -> list[Message]:
+    """RAG verification: answer from the given documents, without searching."""
+    return [
+        {"role": "system", "content": VERIFIER_SYSTEM},
+        {
+            "role": "user",
+            "content": (
+                f"Documents:\n{documents}\n\n"
+                "Using only the documents above, answer the question. Reason in at most 50 words, then give only "
+                f"the answer between <answer> and </answer>.\nQuestion: {question}"
+            ),
+        },
+    ]
+
+
+def render_docs(docs: Sequence[Doc]) -> str:
+    """Search-R1's document list: "Doc k (Title: ...)" then the passage, a blank line between documents."""
+    return "\n\n".join(f"Doc {k} (Title: {d.title})\n{d.text}" for k, d in enumerate(docs, start=1))
+
+
+def information_block(docs: Sequence[Doc]) -> str:
+    """The tool result appended after a </search> (loss mask 0). No documents still gives a block, so the model
+    sees that the search found nothing."""
+    body = render_docs(docs) if docs else "No results found."
+    return f"\n\n{INFO_OPEN}\n{body}\n{INFO_CLOSE}\n\n"

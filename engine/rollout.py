@@ -1,0 +1,283 @@
+"""One multi-turn, token-in/token-out rollout: generate → (search → tool block) → generate … until a final tag.
+
+    prompt_ids (chat template, rendered once)
+      └─ turn: generate(prompt + response so far) → append output_ids, logprobs, versions   (loss mask 1)
+           ├─ ends with </search>  → SearchBatcher → information block, encoded once       (loss mask 0) → next turn
+           ├─ ends with the final closer (</answer>, </question>)                          → done ("answer"/"question")
+           └─ EOS / budget / turn limit / malformed search                                 → done, reason recorded
+
+Why token-in/token-out: the ids the policy sampled are exactly the ids trained on (reference gotcha G10), and the
+server's per-token logprobs and weight versions stay aligned with them. A generation the server aborts (a weight
+update paused it in "abort" mode) is resumed by re-sending prompt + partial output; the partial tokens keep the
+versions that produced them.
+
+Failures of the infrastructure (server unreachable, retriever error) raise `RolloutError`: the episode is dropped and
+reported, because a rollout cut short by infrastructure says nothing about the policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.chat import ChatTokenizer
+from engine.checks import SearchRecord
+from engine.config import RolloutConfig
+from engine.errors import InferenceError
+from engine.generation import FinishReason, GenerateResult, Generator, SamplingParams
+from engine.prompts import SEARCH_CLOSE, SEARCH_OPEN, information_block
+from engine.search_batcher import SearchBatcher, SearchError
+from engine.trajectory import Role, Trajectory
+from retriever.protocol import Doc
+
+
+class RolloutError(Exception):
+    """The rollout could not finish for reasons outside the policy (inference or retrieval failed)."""
+
+
+class EndReason(enum.StrEnum):
+    """Why a rollout stopped. The first two are the normal ends; the rest are recorded in meta.finish_reason."""
+
+    ANSWER = "answer"  # the final closer </answer> was generated
+    QUESTION = "question"  # the final closer </question> was generated
+    EOS = "eos"  # the model ended its turn (EOS) without a final closer
+    MISSING_CLOSER = "missing_closer"  # EOS inside an unclosed <search> or final tag
+    MALFORMED_SEARCH = "malformed_search"  # </search> without <search>, or an empty query
+    TURN_LIMIT = "turn_limit"  # max_turns used up (a search asked for in the last turn is not run)
+    TURN_BUDGET = "turn_budget"  # one turn hit max_new_tokens_per_turn
+    RESPONSE_BUDGET = "response_budget"  # max_response_tokens reached
+    CONTEXT_BUDGET = "context_budget"  # max_context_tokens reached
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RolloutSpec:
+    """What differs between roles: the tags that end a turn, whether searches run, sampling."""
+
+    final_open: str
+    """Opening tag of the final output ("<answer>" or "<question>")."""
+    final_close: str
+    """Closing tag that ends the rollout ("</answer>" or "</question>")."""
+    search: bool
+    """Whether "</search>" ends a turn and runs a search (proposer, solver) or is just text (verifier)."""
+    temperature: float
+    top_p: float = 1.0
+    max_new_tokens: int | None = None
+    """Per-turn cap overriding rollout.max_new_tokens_per_turn (e.g. the short verification answers)."""
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return (SEARCH_CLOSE, self.final_close) if self.search else (self.final_close,)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A span [start, end) of the response: "gen" (sampled by the policy) or "tool" (an information block)."""
+
+    kind: str
+    start: int
+    end: int
+
+
+@dataclass(kw_only=True, slots=True)
+class Rollout:
+    """A finished rollout. Token lists align with response_ids; tool tokens have logprob 0.0 and version -1."""
+
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    searches: list[SearchRecord] = field(default_factory=list)
+    docs: list[list[Doc]] = field(default_factory=list)
+    """Documents of each executed search, in order (the proposer's verification materials)."""
+    generated_text: str = ""
+    """Text of the generated turns only (tool blocks excluded), as the server decoded it; used for tag parsing."""
+    turns: int = 0
+    resumes: int = 0
+    end: EndReason = EndReason.EOS
+    overhead_s: list[float] = field(default_factory=list)
+    """Engine time per turn between a generation returning and the next request (search wait excluded)."""
+
+    def append(self, ids: list[int], logprobs: list[float], versions: list[int], *, generated: bool) -> None:
+        start = len(self.response_ids)
+        self.response_ids.extend(ids)
+        self.loss_mask.extend([1 if generated else 0] * len(ids))
+        self.logprobs.extend(logprobs)
+        self.versions.extend(versions)
+        self.segments.append(Segment("gen" if generated else "tool", start, len(self.response_ids)))
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+    def trajectory(self, *, role: Role, group_id: str, reward: float, meta: dict[str, Any]) -> Trajectory:
+        traj = Trajectory(
+            role=role,
+            group_id=group_id,
+            prompt_ids=list(self.prompt_ids),
+            response_ids=list(self.response_ids),
+            loss_mask=list(self.loss_mask),
+            rollout_logprobs=list(self.logprobs),
+            policy_versions=list(self.versions),
+            reward=reward,
+            meta={
+                "finish_reason": str(self.end),
+                "turns": self.turns,
+                "searches": [s.query for s in self.searches],
+                "resumes": self.resumes,
+                "segments": [[s.kind, s.start, s.end] for s in self.segments],
+                **meta,
+            },
+        )
+        traj.validate()
+        return traj
+
+
+def parse_version(version: str) -> int:
+    """Policy version of a server weight version: the learner sets str(int); a server never updated reports
+    SGLang's "default", which is the initial policy, version 0."""
+    if version == "default":
+        return 0
+    try:
+        return int(version)
+    except ValueError:
+        raise RolloutError(f"server weight version {version!r} is not an integer policy version; the learner must "
+                           "set weight versions to str(policy_version)") from None
+
+
+def token_versions(result: GenerateResult) -> list[int]:
+    """One policy version per output token, from the result's weight_versions spans."""
+    n = len(result.output_ids)
+    if not result.weight_versions:
+        return [parse_version(result.weight_version)] * n
+    out = [-1] * n
+    for span in result.weight_versions:
+        v = parse_version(span.version)
+        for i in range(max(0, span.start), min(n, span.end)):
+            out[i] = v
+    if -1 in out:
+        raise RolloutError(f"request {result.rid}: weight_versions {result.weight_versions} do not cover all "
+                           f"{n} output tokens")
+    return out
+
+
+class RolloutRunner:
+    """Runs rollouts against a Generator (the InferencePool) and a SearchBatcher; stateless between rollouts."""
+
+    def __init__(self, generator: Generator, chat: ChatTokenizer, batcher: SearchBatcher | None,
+                 cfg: RolloutConfig) -> None:
+        self._gen = generator
+        self._chat = chat
+        self._batcher = batcher
+        self._cfg = cfg
+
+    async def run(self, prompt_ids: list[int], spec: RolloutSpec, *, affinity: str) -> Rollout:
+        cfg = self._cfg
+        ro = Rollout(prompt_ids=list(prompt_ids))
+        turn_cap = spec.max_new_tokens or cfg.max_new_tokens_per_turn
+        mark: float | None = None  # when engine-side work of this turn started (None before the first turn)
+        while True:
+            left_response = cfg.max_response_tokens - len(ro.response_ids)
+            left_context = cfg.max_context_tokens - len(ro.prompt_ids) - len(ro.response_ids)
+            budget = min(turn_cap, left_response, left_context)
+            if budget < 1:
+                ro.end = EndReason.RESPONSE_BUDGET if left_response < 1 else EndReason.CONTEXT_BUDGET
+                return ro
+            limit_reason = (EndReason.TURN_BUDGET if budget == turn_cap else
+                            EndReason.RESPONSE_BUDGET if budget == left_response else EndReason.CONTEXT_BUDGET)
+            sampling = SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=budget,
+                                      stop=spec.stop)
+            if mark is not None:
+                ro.overhead_s.append(time.perf_counter() - mark)
+            ids, logprobs, versions, finish, text = await self._generate_turn(ro, sampling, affinity)
+            mark = time.perf_counter()
+            ro.turns += 1
+            ro.append(ids, logprobs, versions, generated=True)
+            ro.generated_text += text
+            closer = _closer(finish, text, spec.stop)
+            if closer == spec.final_close:
+                ro.end = EndReason.ANSWER if spec.final_close == "</answer>" else EndReason.QUESTION
+                return ro
+            if closer is None:
+                if finish.type == "length":
+                    ro.end = limit_reason
+                elif _unclosed(ro.generated_text, spec):
+                    ro.end = EndReason.MISSING_CLOSER
+                else:
+                    ro.end = EndReason.EOS
+                return ro
+            # The turn ended with </search>.
+            opener = text.rfind(SEARCH_OPEN)
+            query = text[opener + len(SEARCH_OPEN): text.rfind(SEARCH_CLOSE)].strip() if opener >= 0 else ""
+            if not query:
+                ro.end = EndReason.MALFORMED_SEARCH
+                return ro
+            if ro.turns >= cfg.max_turns:
+                ro.end = EndReason.TURN_LIMIT
+                return ro
+            assert self._batcher is not None, "a spec with search=True needs a SearchBatcher"
+            search_started = time.perf_counter()
+            try:
+                docs = await self._batcher.search(query)
+            except SearchError as e:
+                raise RolloutError(f"search {query!r} failed: {e}") from e
+            mark += time.perf_counter() - search_started  # waiting for the retriever is not engine overhead
+            block = self._chat.encode_tool(information_block(docs))
+            if len(ro.response_ids) + len(block) > cfg.max_response_tokens:
+                ro.end = EndReason.RESPONSE_BUDGET
+                return ro
+            if len(ro.prompt_ids) + len(ro.response_ids) + len(block) >= cfg.max_context_tokens:
+                ro.end = EndReason.CONTEXT_BUDGET
+                return ro
+            ro.searches.append(SearchRecord(query, len(docs)))
+            ro.docs.append(docs)
+            ro.append(block, [0.0] * len(block), [-1] * len(block), generated=False)
+
+    async def _generate_turn(self, ro: Rollout, sampling: SamplingParams, affinity: str
+                             ) -> tuple[list[int], list[float], list[int], FinishReason, str]:
+        """One turn; an aborted generation is re-sent with its partial output until it finishes."""
+        context = ro.prompt_ids + ro.response_ids
+        ids: list[int] = []
+        logprobs: list[float] = []
+        versions: list[int] = []
+        texts: list[str] = []
+        for attempt in range(self._cfg.max_resumes + 1):
+            left = sampling.max_new_tokens - len(ids)
+            try:
+                res = await self._gen.generate(context + ids, dataclasses.replace(sampling, max_new_tokens=left),
+                                               affinity=affinity)
+            except InferenceError as e:
+                raise RolloutError(f"generation failed: {e}") from e
+            ids.extend(res.output_ids)
+            logprobs.extend(res.logprobs)
+            versions.extend(token_versions(res))
+            texts.append(res.text)
+            if res.finish.type != "abort":
+                # After a resume the text is re-decoded whole: a character split across the pieces stays intact.
+                text = texts[0] if len(texts) == 1 else self._chat.decode(ids)
+                return ids, logprobs, versions, res.finish, text
+            ro.resumes += 1
+            if len(ids) >= sampling.max_new_tokens:
+                return ids, logprobs, versions, FinishReason("length"), self._chat.decode(ids)
+        raise RolloutError(f"generation was aborted {self._cfg.max_resumes + 1} times in one turn "
+                           "(rollout.max_resumes); the servers keep aborting requests")
+
+
+def _closer(finish: FinishReason, text: str, stop: tuple[str, ...]) -> str | None:
+    """Which stop string ended the turn, if any (the server's `matched`, else the end of the text)."""
+    if finish.type != "stop":
+        return None
+    if isinstance(finish.matched, str) and finish.matched in stop:
+        return finish.matched
+    tail = text.rstrip()
+    return next((s for s in stop if tail.endswith(s)), None)
+
+
+def _unclosed(text: str, spec: RolloutSpec) -> bool:
+    """An opener after the last closer of the same tag: the model stopped mid-tag."""
+    pairs = [(spec.final_open, spec.final_close)] + ([(SEARCH_OPEN, SEARCH_CLOSE)] if spec.search else [])
+    return any(text.rfind(o) > text.rfind(c) for o, c in pairs)

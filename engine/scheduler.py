@@ -1,0 +1,344 @@
+"""The episode scheduler: keeps SSP episodes in flight, bounded by server capacity and by policy staleness.
+
+Loops and buffers ("async" mode; every task is named, every buffer bounded):
+
+    seeds (shuffled, endless)
+      │
+      ▼
+    launcher loop ── waits on: a free episode slot (≤ max_inflight episodes in flight)
+      │                        the staleness gate  (delivered + in flight < (version + eta + 1) · episodes_per_step)
+      │                        the pause flag       (cleared by pause_launches() during a weight update)
+      │              unblocked by: an episode finishing, set_policy_version(), resume_launches()
+      ▼
+    episode tasks ×≤max_inflight ── propose → check → verify → solve → judge → rewards (engine.game.Game)
+      │   each generate() waits for a server slot in the InferencePool (≤ its capacity per server: the pool
+      │   enforces it, so the server's own queue is never flooded); each <search> waits in the SearchBatcher
+      ▼
+    TrajectoryStream queue (≤ stream.queue_groups) ── a full queue blocks episodes (back-pressure from the learner)
+      │
+      ▼
+    sender loop ─► TCP to the learner, or a frames file (spill file when the connection breaks)
+
+    metrics loop ── every metrics_interval_s: one JSONL line (rates, occupancy, queue depths, validity, rewards)
+    lag monitor  ── event-loop lag (how late a 10 ms timer fires)
+
+"sync" mode replaces the launcher and episode tasks with the reference's phases: per step, all
+`episodes_per_step` proposers, then all verifications, then all solver groups, then the groups are sent; the same
+staleness gate decides when the next step may start (eta = 0: after the learner has consumed this one).
+
+Staleness: the learner consumes groups in order, `episodes_per_step` per policy version. An episode launched at
+version v is one of the first (v + eta + 1) · B groups, so it is trained at version ≤ v + eta. A failed episode sends
+no group and frees its place, so the learner is never left waiting for a group that will not come.
+
+Shutdown: `run()` ends when the episode budget is done or `stop()` is called: the launcher stops, in-flight episodes
+finish (or are cancelled on error), the stream sends what it holds, then every task is cancelled and gathered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import SchedulerConfig
+from engine.game import EpisodeResult, Game
+from engine.rollout import RolloutError
+from engine.seeds import Seed
+from engine.stream import TrajectoryStream
+from engine.telemetry import LoopLagMonitor, Samples
+from ssp.metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+
+class StalenessGate:
+    """How many episodes may be started now. One Condition guards `version`, `delivered` and `inflight`;
+    the predicate is `eta is None or delivered + inflight < (version + eta + 1) * per_step`."""
+
+    def __init__(self, eta: int | None, per_step: int, version: int = 0) -> None:
+        self.eta = eta
+        self.per_step = per_step
+        self.version = version
+        self.delivered = 0
+        self.inflight = 0
+        self.closed = False
+        self._cond = asyncio.Condition()
+
+    def _open(self, n: int) -> bool:
+        return self.closed or self.eta is None or self.delivered + self.inflight + n <= (self.version + self.eta + 1) * self.per_step
+
+    async def acquire(self, n: int = 1) -> int:
+        """Wait until n more episodes may start; returns the policy version they start on."""
+        if self.eta is not None and n > self.per_step * (self.eta + 1):
+            raise ValueError(f"cannot start {n} episodes at once with eta = {self.eta} and "
+                             f"episodes_per_step = {self.per_step}")
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._open(n))
+            self.inflight += n
+            return self.version
+
+    async def release(self, *, delivered: bool) -> None:
+        async with self._cond:
+            self.inflight -= 1
+            self.delivered += int(delivered)
+            self._cond.notify_all()
+
+    async def close(self) -> None:
+        """Wake every waiter for good (shutdown); callers check their own stop flag after acquiring."""
+        async with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    async def set_version(self, version: int) -> None:
+        async with self._cond:
+            if version < self.version:
+                raise ValueError(f"policy version went back from {self.version} to {version}")
+            self.version = version
+            self._cond.notify_all()
+
+
+@dataclass(slots=True)
+class Counters:
+    """Everything counted over a run (the metrics lines and the final summary read these)."""
+
+    launched: int = 0
+    finished: int = 0
+    failed: int = 0
+    questions: int = 0
+    valid: int = 0
+    groups: int = 0
+    zero_variance_dropped: int = 0
+    generated_tokens: int = 0
+    accuracy_sum: float = 0.0
+    proposer_reward_sum: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.invalid_reasons: collections.Counter[str] = collections.Counter()
+        self.failure_reasons: collections.Counter[str] = collections.Counter()
+        self.roles: collections.Counter[str] = collections.Counter()
+
+
+class Scheduler:
+    """Runs episodes of `game` from `seeds` and sends their groups to `stream`.
+
+    `capacity` is the inference pool's total request capacity (slots over all servers); `pool_stats` returns the
+    pool's occupancy and queue depths for the metrics lines.
+    """
+
+    def __init__(self, game: Game, seeds: Iterator[Seed], stream: TrajectoryStream, cfg: SchedulerConfig, *,
+                 capacity: int, solver_group_size: int, metrics: MetricsLog | None = None,
+                 pool_stats: Callable[[], dict[str, Any]] | None = None,
+                 search_stats: Callable[[], dict[str, Any]] | None = None, run_id: str | None = None) -> None:
+        self.game = game
+        self._seeds = seeds
+        self.stream = stream
+        self.cfg = cfg
+        self.max_inflight = cfg.max_inflight or max(1, 2 * capacity // solver_group_size)
+        self.gate = StalenessGate(cfg.eta, cfg.episodes_per_step)
+        self._slots = asyncio.Semaphore(self.max_inflight)
+        self._launch_allowed = asyncio.Event()
+        self._launch_allowed.set()
+        self._stop = asyncio.Event()
+        self._episodes: set[asyncio.Task[None]] = set()
+        self._metrics = metrics
+        self._pool_stats = pool_stats
+        self._search_stats = search_stats
+        self._run_id = run_id or os.urandom(4).hex()
+        self._ids = itertools.count()
+        self.counters = Counters()
+        self.overhead = Samples()
+        self.lag = LoopLagMonitor()
+        self._t0 = time.perf_counter()
+
+    # -- control from outside (the learner side of a training run) --------------------------------------------
+    async def set_policy_version(self, version: int) -> None:
+        """The learner now trains policy `version` (its weights are on the servers): lets the next episodes start."""
+        await self.gate.set_version(version)
+
+    def pause_launches(self) -> None:
+        """Start no new episode (e.g. during a weight update); in-flight ones continue or are resumed."""
+        self._launch_allowed.clear()
+
+    def resume_launches(self) -> None:
+        self._launch_allowed.set()
+
+    async def stop(self) -> None:
+        """Finish: launch nothing more; `run()` returns once in-flight episodes are done and sent."""
+        self._stop.set()
+        self._launch_allowed.set()
+        await self.gate.close()
+
+    # -- the run ----------------------------------------------------------------------------------------------
+    async def run(self, episodes: int | None = None) -> dict[str, Any]:
+        """Run until `episodes` episodes have finished or failed (None: until `stop()`); returns the summary."""
+        self._t0 = time.perf_counter()
+        producer = self._launch_loop(episodes) if self.cfg.mode == "async" else self._sync_loop(episodes)
+        tasks = {
+            asyncio.create_task(producer, name="launcher"),
+            asyncio.create_task(self.stream.run(), name="stream-sender"),
+            asyncio.create_task(self.lag.run(), name="loop-lag"),
+            asyncio.create_task(self._metrics_loop(), name="metrics"),
+        }
+        launcher = next(t for t in tasks if t.get_name() == "launcher")
+        sender = next(t for t in tasks if t.get_name() == "stream-sender")
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if launcher not in done:
+                crashed = next(iter(done))
+                crashed.result()  # re-raises its error
+                raise RuntimeError(f"task {crashed.get_name()} exited unexpectedly while episodes were running")
+            launcher.result()
+            await self.stream.finish()
+            await sender
+        finally:
+            self._stop.set()
+            await self.stream.finish()
+            for task in [*tasks, *self._episodes]:
+                task.cancel()
+            await asyncio.gather(*tasks, *self._episodes, return_exceptions=True)
+        summary = self.summary()
+        if self._metrics is not None:
+            self._metrics.write({"event": "summary", **summary})
+        return summary
+
+    async def _launch_loop(self, episodes: int | None) -> None:
+        for n in itertools.count():
+            if (episodes is not None and n >= episodes) or self._stop.is_set():
+                break
+            await self._slots.acquire()
+            await self._launch_allowed.wait()
+            await self.gate.acquire()
+            if self._stop.is_set():
+                await self.gate.release(delivered=False)
+                self._slots.release()
+                break
+            seed = next(self._seeds)
+            gid = f"{self._run_id}-{next(self._ids):08d}"
+            task = asyncio.create_task(self._episode(gid, seed), name=f"episode-{gid}")
+            self._episodes.add(task)
+            task.add_done_callback(self._episodes.discard)
+            self.counters.launched += 1
+        if self._episodes:
+            await asyncio.gather(*list(self._episodes))
+
+    async def _episode(self, gid: str, seed: Seed) -> None:
+        delivered = False
+        try:
+            result = await self.game.play(gid, seed)
+            await self._deliver(result)
+            delivered = True
+        except RolloutError as e:
+            self._record_failure(gid, e)
+        finally:
+            await self.gate.release(delivered=delivered)
+            self._slots.release()
+
+    async def _sync_loop(self, episodes: int | None) -> None:
+        """The reference's phases, one step at a time (for comparison with the async schedule)."""
+        done = 0
+        while not self._stop.is_set() and (episodes is None or done < episodes):
+            n = self.cfg.episodes_per_step if episodes is None else min(self.cfg.episodes_per_step, episodes - done)
+            await self._launch_allowed.wait()
+            await self.gate.acquire(n)
+            if self._stop.is_set():
+                for _ in range(n):
+                    await self.gate.release(delivered=False)
+                break
+            done += n
+            self.counters.launched += n
+            gids = [f"{self._run_id}-{next(self._ids):08d}" for _ in range(n)]
+            seeds = [next(self._seeds) for _ in range(n)]
+            proposals = await self._phase([self.game.propose(g, s) for g, s in zip(gids, seeds)], gids)
+            verifs = await self._phase([self.game.verify(p) for p in proposals.values()], list(proposals))
+            passed = [g for g, v in verifs.items() if v is not None and v.passed]
+            solves = await self._phase([self.game.solve(proposals[g]) for g in passed], passed)
+            for gid in gids:
+                ok = gid in verifs and (gid not in passed or gid in solves)
+                if ok:
+                    await self._deliver(self.game.assemble(proposals[gid], verifs[gid], solves.get(gid, [])))
+                await self.gate.release(delivered=ok)
+
+    async def _phase(self, coros: list[Any], gids: list[str]) -> dict[str, Any]:
+        """Run one phase for every episode of a step; failed episodes are recorded and left out."""
+        results = await asyncio.gather(*coros, return_exceptions=True)
+        out = {}
+        for gid, r in zip(gids, results):
+            if isinstance(r, RolloutError):
+                self._record_failure(gid, r)
+            elif isinstance(r, BaseException):
+                raise r
+            else:
+                out[gid] = r
+        return out
+
+    async def _deliver(self, result: EpisodeResult) -> None:
+        await self.stream.put(result.trajectories)
+        c = self.counters
+        c.finished += 1
+        c.groups += 1
+        c.questions += "no_question" not in result.reasons
+        c.generated_tokens += result.generated_tokens
+        c.proposer_reward_sum += result.proposer_reward
+        c.zero_variance_dropped += result.zero_variance_dropped
+        c.invalid_reasons.update(result.reasons)
+        c.roles.update(t.role for t in result.trajectories)
+        if result.valid:
+            c.valid += 1
+            c.accuracy_sum += result.solver_accuracy or 0.0
+        self.overhead.extend(result.turn_overheads_s)
+
+    def _record_failure(self, gid: str, err: Exception) -> None:
+        self.counters.failed += 1
+        cause = err.__cause__ or err
+        self.counters.failure_reasons[type(cause).__name__] += 1
+        log.warning("episode %s failed and is dropped: %s", gid, err)
+
+    # -- metrics ----------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        c = self.counters
+        elapsed = max(1e-9, time.perf_counter() - self._t0)
+        proposals = c.finished
+        out: dict[str, Any] = {
+            "elapsed_s": round(elapsed, 3),
+            "episodes_launched": c.launched,
+            "episodes_finished": c.finished,
+            "episodes_failed": c.failed,
+            "failure_reasons": dict(c.failure_reasons),
+            "episodes_inflight": self.gate.inflight,
+            "episodes_per_s": round(c.finished / elapsed, 4),
+            "tokens_per_s": round(c.generated_tokens / elapsed, 2),
+            "generated_tokens": c.generated_tokens,
+            "extraction_rate": round(c.questions / proposals, 4) if proposals else None,
+            "validity_rate": round(c.valid / proposals, 4) if proposals else None,
+            "invalid_reasons": dict(c.invalid_reasons),
+            "solver_accuracy": round(c.accuracy_sum / c.valid, 4) if c.valid else None,
+            "proposer_reward_mean": round(c.proposer_reward_sum / proposals, 4) if proposals else None,
+            "zero_variance_groups": c.zero_variance_dropped,
+            "trajectories": dict(c.roles),
+            "policy_version": self.gate.version,
+            "max_inflight": self.max_inflight,
+            "stream_queue": self.stream.queue_depth,
+            "frames_sent": self.stream.stats.frames_sent,
+            "frames_spilled": self.stream.stats.frames_spilled,
+            "spill_path": self.stream.stats.spill_path,
+            "stream_error": self.stream.stats.error,
+            **self.overhead.summary_ms("turn_overhead"),
+            **self.lag.lag.summary_ms("loop_lag"),
+        }
+        if self._pool_stats is not None:
+            out.update(self._pool_stats())
+        if self._search_stats is not None:
+            out.update(self._search_stats())
+        return out
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.metrics_interval_s)
+            if self._metrics is not None:
+                self._metrics.write({"event": "progress", **self.summary()})

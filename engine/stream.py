@@ -1,0 +1,211 @@
+"""The trajectory stream: finished episode groups as length-prefixed msgpack frames, to the learner or a file.
+
+Frame = 4-byte big-endian payload length + payload, payload = `engine.trajectory.pack_group(records)`. The same
+frames go over TCP to the learner and into `.frames` files (`ssp rollout --out`, spill files), and `read_frames`
+reads both.
+
+    episodes ─ put(group) ─► queue (≤ stream.queue_groups; a full queue blocks the episode: back-pressure)
+                                └─► sender loop ─ write + drain ─► sink (TCP to the learner, or a file)
+                                       on a broken connection or an oversized frame: ─► spill file (reported)
+
+Nothing finished is dropped: a frame the sink cannot take goes to the spill file, and `stats` says how many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from engine.trajectory import Trajectory, pack_group
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct(">I")
+
+
+class FrameError(ValueError):
+    """A frame is larger than the limit, or a frame file is truncated."""
+
+
+def encode_frame(payload: bytes, max_frame_bytes: int) -> bytes:
+    if len(payload) > max_frame_bytes:
+        raise FrameError(f"frame of {len(payload)} bytes exceeds the limit of {max_frame_bytes} "
+                         "(stream.max_frame_bytes); raise the limit on both ends or shorten rollouts")
+    return HEADER.pack(len(payload)) + payload
+
+
+def iter_frames(f: BinaryIO, max_frame_bytes: int = 1 << 31) -> Iterator[bytes]:
+    """Payloads of a frame file, in order. A torn last frame (the writer was killed) raises FrameError."""
+    while True:
+        head = f.read(HEADER.size)
+        if not head:
+            return
+        if len(head) < HEADER.size:
+            raise FrameError(f"{getattr(f, 'name', 'stream')}: truncated frame header at the end")
+        (n,) = HEADER.unpack(head)
+        if n > max_frame_bytes:
+            raise FrameError(f"frame of {n} bytes exceeds the limit of {max_frame_bytes}")
+        payload = f.read(n)
+        if len(payload) < n:
+            raise FrameError(f"{getattr(f, 'name', 'stream')}: last frame is truncated ({len(payload)} of {n} bytes)")
+        yield payload
+
+
+def read_frames(path: Path, max_frame_bytes: int = 1 << 31) -> list[bytes]:
+    with path.open("rb") as f:
+        return list(iter_frames(f, max_frame_bytes))
+
+
+async def read_frame(reader: asyncio.StreamReader, max_frame_bytes: int) -> bytes | None:
+    """One payload from a socket, or None at a clean end of stream."""
+    try:
+        head = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            return None
+        raise FrameError("connection closed inside a frame header") from None
+    (n,) = HEADER.unpack(head)
+    if n > max_frame_bytes:
+        raise FrameError(f"frame of {n} bytes exceeds the limit of {max_frame_bytes} (stream.max_frame_bytes)")
+    return await reader.readexactly(n)
+
+
+class FrameSink(Protocol):
+    """Where frames go. `write` returns when the frame is handed over (TCP: the socket buffer drained)."""
+
+    async def write(self, frame: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class FileSink:
+    """Appends frames to a file, flushing each, so a killed run keeps every finished frame."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = path.open("ab")
+
+    def _write(self, frame: bytes) -> None:
+        self._f.write(frame)
+        self._f.flush()
+
+    async def write(self, frame: bytes) -> None:
+        await asyncio.to_thread(self._write, frame)
+
+    async def close(self) -> None:
+        self._f.close()
+
+
+class TcpSink:
+    """Frames over one TCP connection to the learner; `drain` gives back-pressure when the learner is slow."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def connect(cls, host: str, port: int, timeout_s: float) -> TcpSink:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+                return cls(reader, writer)
+            except OSError as e:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ConnectionError(f"cannot connect to the learner at {host}:{port} within {timeout_s} s "
+                                          f"(stream.connect_timeout_s): {e}; is the learner listening?") from None
+                await asyncio.sleep(0.2)
+
+    async def write(self, frame: bytes) -> None:
+        if self._writer.is_closing():
+            raise ConnectionError("the learner connection is closed")
+        self._writer.write(frame)
+        await self._writer.drain()
+
+    async def close(self) -> None:
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except OSError:
+            pass
+
+
+@dataclass(slots=True)
+class StreamStats:
+    frames_sent: int = 0
+    frames_spilled: int = 0
+    bytes_sent: int = 0
+    trajectories: int = 0
+    spill_path: str | None = None
+    error: str | None = None
+
+
+class TrajectoryStream:
+    """Bounded buffer of finished groups and the loop that sends them. See the module docstring."""
+
+    def __init__(self, sink: FrameSink, *, max_frame_bytes: int, queue_groups: int, spill_path: Path) -> None:
+        self._sink: FrameSink | None = sink
+        self._max = max_frame_bytes
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=queue_groups)
+        self._spill_path = spill_path
+        self._spill: FileSink | None = None
+        self._closed = False
+        self.stats = StreamStats()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    async def put(self, group: list[Trajectory]) -> None:
+        """Queue one episode's records; waits while the queue is full (the learner is behind)."""
+        if self._closed:
+            raise RuntimeError("the trajectory stream is closed; no more groups can be sent")
+        self.stats.trajectories += len(group)
+        await self._queue.put(pack_group(group))
+
+    async def finish(self) -> None:
+        """No more groups: the sender loop sends what is queued, then returns."""
+        if not self._closed:
+            self._closed = True
+            await self._queue.put(None)
+
+    async def run(self) -> StreamStats:
+        """The sender loop: runs until `finish()`; then closes the sinks."""
+        try:
+            while (payload := await self._queue.get()) is not None:
+                await self._send(payload)
+        finally:
+            if self._sink is not None:
+                await self._sink.close()
+            if self._spill is not None:
+                await self._spill.close()
+        return self.stats
+
+    async def _send(self, payload: bytes) -> None:
+        frame = None
+        try:
+            frame = encode_frame(payload, self._max)
+        except FrameError as e:
+            log.error("%s; writing it to the spill file %s", e, self._spill_path)
+        if frame is not None and self._sink is not None:
+            try:
+                await self._sink.write(frame)
+                self.stats.frames_sent += 1
+                self.stats.bytes_sent += len(frame)
+                return
+            except (ConnectionError, OSError) as e:
+                self.stats.error = f"{type(e).__name__}: {e}"
+                log.error("trajectory stream broke (%s); this and all later groups go to %s", e, self._spill_path)
+                await self._sink.close()
+                self._sink = None
+        if self._spill is None:
+            self._spill = FileSink(self._spill_path)
+            self.stats.spill_path = str(self._spill_path)
+        await self._spill.write(HEADER.pack(len(payload)) + payload)
+        self.stats.frames_spilled += 1
