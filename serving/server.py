@@ -1,0 +1,45 @@
+"""`ssp model serve`: build the backend (model or simulation), put the HTTP front on it, serve until interrupted."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from serving.backend import Backend
+from serving.config import ServingConfig
+
+log = logging.getLogger(__name__)
+
+READY_LINE = "ssp server listening on "
+"""Printed (with the base URL) once the port is open; tests and launchers wait for it."""
+
+
+def build_backend(cfg: ServingConfig, *, sim: bool, sim_profile: Path | None) -> Backend:
+    """The model backend, or the simulated one (`serving/sim*.py`, `build_sim_backend(cfg, profile_path)`)."""
+    if sim:
+        from serving.sim import build_sim_backend
+
+        return build_sim_backend(cfg, sim_profile)
+    if sim_profile is not None:
+        raise ValueError("--sim-profile only applies with --sim; drop it or add --sim")
+    from serving.model_backend import ModelBackend
+
+    return ModelBackend(cfg)
+
+
+def serve(cfg: ServingConfig, *, sim: bool = False, sim_profile: Path | None = None) -> int:
+    import uvloop
+
+    from serving.app import create_app, run_app
+
+    backend = build_backend(cfg, sim=sim, sim_profile=sim_profile)
+    app = create_app(backend, cfg)
+
+    def on_bound(url: str) -> None:
+        print(f"{READY_LINE}{url}", flush=True)
+
+    try:
+        uvloop.run(run_app(app, cfg.host, cfg.port, on_bound=on_bound))
+    except KeyboardInterrupt:
+        pass
+    return 0
