@@ -17,6 +17,7 @@ from pathlib import Path
 COMMAND_MODULES = (
     "ssp.config_cli",
     "serving.cli",
+    "engine.cli",
 )
 
 

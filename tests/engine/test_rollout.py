@@ -1,0 +1,197 @@
+"""The multi-turn token-in/token-out loop against a scripted Generator (pure logic) and the real SmolLM2 tokenizer.
+
+The scripted generator returns the tokens of a given text exactly as a server would (ids, logprobs, finish, weight
+spans); every test checks that the rollout appends exactly those ids, masks tool blocks, and records why it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from engine.chat import ChatTokenizer
+from engine.config import RolloutConfig, SearchBatcherConfig
+from engine.generation import FinishReason, GenerateResult, SamplingParams, WeightSpan
+from engine.prompts import information_block, solver_messages
+from engine.rollout import EndReason, Rollout, RolloutError, RolloutRunner, RolloutSpec
+from engine.search_batcher import SearchBatcher
+from retriever.protocol import Doc
+
+
+@dataclass
+class Turn:
+    text: str
+    finish: FinishReason
+    versions: tuple[tuple[str, int], ...] = ()  # (version, length) spans; default one span of version "0"
+
+
+@dataclass
+class ScriptedGenerator:
+    chat: ChatTokenizer
+    turns: list[Turn]
+    calls: list[tuple[list[int], SamplingParams, str]] = field(default_factory=list)
+
+    async def generate(self, input_ids: list[int], sampling: SamplingParams, *, affinity: str) -> GenerateResult:
+        self.calls.append((list(input_ids), sampling, affinity))
+        turn = self.turns.pop(0)
+        ids = self.chat.encode_tool(turn.text)
+        spans, start = [], 0
+        for version, n in turn.versions or (("0", len(ids)),):
+            spans.append(WeightSpan(version, start, start + n))
+            start += n
+        return GenerateResult(rid=f"r{len(self.calls)}", output_ids=ids,
+                              logprobs=[-0.01 * (i + 1) for i in range(len(ids))], finish=turn.finish,
+                              weight_version=spans[-1].version, weight_versions=tuple(spans),
+                              prompt_tokens=len(input_ids), cached_tokens=0, text=turn.text, server="scripted")
+
+
+class Docs:
+    def __init__(self) -> None:
+        self.queries: list[str] = []
+
+    async def search(self, queries: list[str], k: int) -> list[list[Doc]]:
+        self.queries += queries
+        return [[Doc(f"d{i}", f"Title {q} {i}", f"Passage {i} about {q}.", 1.0) for i in range(k)] for q in queries]
+
+    async def close(self) -> None:
+        pass
+
+
+STOP_SEARCH = FinishReason("stop", "</search>")
+STOP_ANSWER = FinishReason("stop", "</answer>")
+EOS = FinishReason("stop", 2)
+SOLVER = RolloutSpec(final_open="<answer>", final_close="</answer>", search=True, temperature=0.7)
+
+
+@pytest.fixture(scope="module")
+def chat(model_dir: Path) -> ChatTokenizer:
+    return ChatTokenizer.load(model_dir)
+
+
+async def _run(chat: ChatTokenizer, turns: list[Turn], cfg: RolloutConfig | None = None,
+               spec: RolloutSpec = SOLVER) -> tuple[Rollout, ScriptedGenerator, Docs]:
+    gen = ScriptedGenerator(chat, turns)
+    docs = Docs()
+    batcher = SearchBatcher(docs, SearchBatcherConfig(window_ms=0), k=2)
+    runner = RolloutRunner(gen, chat, batcher, cfg or RolloutConfig())
+    prompt = chat.render(solver_messages("What is the capital of France?"))
+    try:
+        return await runner.run(prompt, spec, affinity="ep-1"), gen, docs
+    finally:
+        await batcher.close()
+
+
+def check_alignment(ro: Rollout, chat: ChatTokenizer) -> None:
+    n = len(ro.response_ids)
+    assert len(ro.loss_mask) == len(ro.logprobs) == len(ro.versions) == n
+    for seg in ro.segments:
+        span = range(seg.start, seg.end)
+        if seg.kind == "tool":
+            assert all(ro.loss_mask[i] == 0 and ro.logprobs[i] == 0.0 and ro.versions[i] == -1 for i in span)
+            assert chat.decode(ro.response_ids[seg.start:seg.end]).startswith("\n\n<information>")
+        else:
+            assert all(ro.loss_mask[i] == 1 and ro.logprobs[i] < 0 and ro.versions[i] >= 0 for i in span)
+    assert sum(s.end - s.start for s in ro.segments) == n
+
+
+async def test_search_then_answer(chat: ChatTokenizer) -> None:
+    ro, gen, docs = await _run(chat, [
+        Turn("<think>I should look it up.</think>\n<search> capital of France </search>", STOP_SEARCH),
+        Turn("<answer> Paris </answer>", STOP_ANSWER),
+    ])
+    assert ro.end is EndReason.ANSWER and ro.turns == 2
+    assert docs.queries == ["capital of France"]
+    assert [s.query for s in ro.searches] == ["capital of France"] and ro.searches[0].num_docs == 2
+    check_alignment(ro, chat)
+    gen1, tool, gen2 = ro.segments
+    assert (gen1.kind, tool.kind, gen2.kind) == ("gen", "tool", "gen")
+    # The tool span is exactly the rendered information block, encoded once.
+    assert ro.response_ids[tool.start:tool.end] == chat.encode_tool(information_block(ro.docs[0]))
+    # Each turn sends the running ids: prompt + everything appended so far, never re-tokenised text.
+    assert gen.calls[1][0] == ro.prompt_ids + ro.response_ids[:tool.end]
+    assert gen.calls[0][1].stop == ("</search>", "</answer>") and gen.calls[0][1].temperature == 0.7
+    assert gen.calls[0][2] == gen.calls[1][2] == "ep-1"
+    assert "<answer> Paris </answer>" in ro.generated_text and "<information>" not in ro.generated_text
+
+
+async def test_turn_limit_does_not_run_the_last_search(chat: ChatTokenizer) -> None:
+    ro, _, docs = await _run(chat, [Turn("<search> a </search>", STOP_SEARCH), Turn("<search> b </search>", STOP_SEARCH)],
+                             RolloutConfig(max_turns=2))
+    assert ro.end is EndReason.TURN_LIMIT and docs.queries == ["a"] and len(ro.searches) == 1
+    check_alignment(ro, chat)
+
+
+async def test_budgets_cap_each_turn_and_end_the_rollout(chat: ChatTokenizer) -> None:
+    cfg = RolloutConfig(max_response_tokens=200, max_new_tokens_per_turn=50)
+    ro, gen, _ = await _run(chat, [Turn("<search> a </search>", STOP_SEARCH), Turn("blah " * 20, FinishReason("length"))],
+                            cfg)
+    assert gen.calls[0][1].max_new_tokens == 50
+    assert ro.end is EndReason.TURN_BUDGET
+    # A tool block that would overflow the response budget is not appended.
+    ro, _, _ = await _run(chat, [Turn("<search> a </search>", STOP_SEARCH)], RolloutConfig(max_response_tokens=40))
+    assert ro.end is EndReason.RESPONSE_BUDGET and not ro.searches
+    prompt_len = len(chat.render(solver_messages("What is the capital of France?")))
+    ro, gen, _ = await _run(chat, [Turn("x " * 5, FinishReason("length"))], RolloutConfig(max_context_tokens=prompt_len + 7))
+    assert gen.calls[0][1].max_new_tokens == 7 and ro.end is EndReason.CONTEXT_BUDGET
+
+
+async def test_malformed_and_unclosed_tags_end_with_a_reason(chat: ChatTokenizer) -> None:
+    ro, _, _ = await _run(chat, [Turn("no opener </search>", STOP_SEARCH)])
+    assert ro.end is EndReason.MALFORMED_SEARCH
+    ro, _, _ = await _run(chat, [Turn("<search>   </search>", STOP_SEARCH)])
+    assert ro.end is EndReason.MALFORMED_SEARCH
+    ro, _, _ = await _run(chat, [Turn("<answer> Paris<|im_end|>", EOS)])
+    assert ro.end is EndReason.MISSING_CLOSER
+    ro, _, _ = await _run(chat, [Turn("Paris.<|im_end|>", EOS)])
+    assert ro.end is EndReason.EOS and ro.response_ids[-1] == 2  # EOS is part of the trained response
+
+
+async def test_aborted_generation_is_resumed_with_its_versions(chat: ChatTokenizer) -> None:
+    first = "<search> capital"
+    n_first = len(chat.encode_tool(first))
+    rest = " of France </search>"
+    n_rest = len(chat.encode_tool(rest))
+    ro, gen, _ = await _run(chat, [
+        Turn(first, FinishReason("abort", message="Aborted"), (("3", n_first),)),
+        Turn(rest, STOP_SEARCH, (("4", n_rest),)),
+        Turn("<answer>Paris</answer>", STOP_ANSWER, (("4", 2), ("5", len(chat.encode_tool("<answer>Paris</answer>")) - 2))),
+    ])
+    assert ro.resumes == 1 and ro.end is EndReason.ANSWER
+    prompt = ro.prompt_ids
+    assert gen.calls[1][0] == prompt + ro.response_ids[:n_first]  # prompt + partial output re-sent
+    assert gen.calls[1][1].max_new_tokens == gen.calls[0][1].max_new_tokens - n_first
+    assert ro.versions[:n_first] == [3] * n_first and ro.versions[n_first:n_first + n_rest] == [4] * n_rest
+    assert ro.searches[0].query == "capital of France"
+    last = ro.segments[-1]
+    assert ro.versions[last.start:last.start + 2] == [4, 4] and set(ro.versions[last.start + 2:last.end]) == {5}
+    check_alignment(ro, chat)
+
+
+async def test_endless_aborts_fail_the_rollout(chat: ChatTokenizer) -> None:
+    with pytest.raises(RolloutError, match="aborted 3 times"):
+        await _run(chat, [Turn("x", FinishReason("abort"))] * 3, RolloutConfig(max_resumes=2))
+
+
+async def test_search_failure_is_a_rollout_error(chat: ChatTokenizer) -> None:
+    class Broken(Docs):
+        async def search(self, queries: list[str], k: int) -> list[list[Doc]]:
+            raise ConnectionError("retriever down")
+
+    gen = ScriptedGenerator(chat, [Turn("<search> a </search>", STOP_SEARCH)])
+    batcher = SearchBatcher(Broken(), SearchBatcherConfig(window_ms=0), k=1)
+    runner = RolloutRunner(gen, chat, batcher, RolloutConfig())
+    with pytest.raises(RolloutError, match="retriever down"):
+        await runner.run([1, 2, 3], SOLVER, affinity="a")
+    await batcher.close()
+
+
+async def test_verifier_spec_does_not_search(chat: ChatTokenizer) -> None:
+    spec = RolloutSpec(final_open="<answer>", final_close="</answer>", search=False, temperature=0.0, max_new_tokens=9)
+    gen = ScriptedGenerator(chat, [Turn("<answer>Paris</answer>", STOP_ANSWER)])
+    ro = await RolloutRunner(gen, chat, None, RolloutConfig()).run([1, 2], spec, affinity="v")
+    assert gen.calls[0][1].stop == ("</answer>",) and gen.calls[0][1].max_new_tokens == 9
+    assert gen.calls[0][1].temperature == 0.0 and ro.end is EndReason.ANSWER
+    await asyncio.sleep(0)
