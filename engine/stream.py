@@ -14,6 +14,7 @@ Nothing finished is dropped: a frame the sink cannot take goes to the spill file
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import struct
 from collections.abc import Iterator
@@ -105,9 +106,12 @@ class FileSink:
 class TcpSink:
     """Frames over one TCP connection to the learner; `drain` gives back-pressure when the learner is slow."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                 close_timeout_s: float = 10.0) -> None:
         self._reader = reader
         self._writer = writer
+        self._close_timeout_s = close_timeout_s
+        self._closed = False
 
     @classmethod
     async def connect(cls, host: str, port: int, timeout_s: float) -> TcpSink:
@@ -123,23 +127,41 @@ class TcpSink:
                 await asyncio.sleep(0.2)
 
     async def write(self, frame: bytes) -> None:
-        if self._writer.is_closing():
+        if self._closed or self._writer.is_closing():
             raise ConnectionError("the learner connection is closed")
         self._writer.write(frame)
         await self._writer.drain()
 
     async def close(self) -> None:
-        self._writer.close()
+        """Graceful end: half-close, then wait for the learner to close its side after reading everything. A reset
+        instead raises ConnectionError (frames may be unread). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         try:
-            await self._writer.wait_closed()
-        except OSError:
-            pass
+            if not self._writer.is_closing():
+                self._writer.write_eof()
+                await self._writer.drain()
+                try:
+                    await asyncio.wait_for(self._reader.read(), self._close_timeout_s)
+                except asyncio.TimeoutError:
+                    log.warning("the learner did not close the trajectory connection within %s s after the end "
+                                "of the stream", self._close_timeout_s)
+        finally:
+            self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except OSError:
+                pass
 
 
 @dataclass(slots=True)
 class StreamStats:
     frames_sent: int = 0
     frames_spilled: int = 0
+    """Frames never sent over the connection, written to the spill file instead."""
+    frames_resent_to_spill: int = 0
+    """Frames sent just before the connection broke, also written to the spill file (may be duplicates)."""
     bytes_sent: int = 0
     trajectories: int = 0
     spill_path: str | None = None
@@ -147,14 +169,24 @@ class StreamStats:
 
 
 class TrajectoryStream:
-    """Bounded buffer of finished groups and the loop that sends them. See the module docstring."""
+    """Bounded buffer of finished groups and the loop that sends them. See the module docstring.
 
-    def __init__(self, sink: FrameSink, *, max_frame_bytes: int, queue_groups: int, spill_path: Path) -> None:
+    NOTE: TCP gives no application-level acknowledgement (the learner only reads), so frames written just before a
+    connection breaks may sit in socket buffers and never be read. The stream therefore keeps the most recent
+    frames (up to `resend_window_bytes`, far more than socket buffers hold) and spills them too when the
+    connection breaks; the learner skips group ids it already trained, so a duplicate is harmless, a loss is not.
+    """
+
+    def __init__(self, sink: FrameSink, *, max_frame_bytes: int, queue_groups: int, spill_path: Path,
+                 resend_window_bytes: int = 64 << 20) -> None:
         self._sink: FrameSink | None = sink
         self._max = max_frame_bytes
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=queue_groups)
         self._spill_path = spill_path
         self._spill: FileSink | None = None
+        self._window: collections.deque[bytes] = collections.deque()
+        self._window_bytes = 0
+        self._resend_window_bytes = resend_window_bytes
         self._closed = False
         self.stats = StreamStats()
 
@@ -180,6 +212,11 @@ class TrajectoryStream:
         try:
             while (payload := await self._queue.get()) is not None:
                 await self._send(payload)
+            if self._sink is not None:
+                try:
+                    await self._sink.close()
+                except (ConnectionError, OSError) as e:
+                    await self._broken(e)
         finally:
             if self._sink is not None:
                 await self._sink.close()
@@ -198,14 +235,36 @@ class TrajectoryStream:
                 await self._sink.write(frame)
                 self.stats.frames_sent += 1
                 self.stats.bytes_sent += len(frame)
+                self._remember(frame)
                 return
             except (ConnectionError, OSError) as e:
-                self.stats.error = f"{type(e).__name__}: {e}"
-                log.error("trajectory stream broke (%s); this and all later groups go to %s", e, self._spill_path)
-                await self._sink.close()
-                self._sink = None
+                await self._broken(e)
+        await self._spill_frame(HEADER.pack(len(payload)) + payload)
+
+    def _remember(self, frame: bytes) -> None:
+        self._window.append(frame)
+        self._window_bytes += len(frame)
+        while len(self._window) > 1 and self._window_bytes > self._resend_window_bytes:
+            self._window_bytes -= len(self._window.popleft())
+
+    async def _broken(self, err: BaseException) -> None:
+        """The connection broke: spill the frames that may not have been read, then send nothing more over it."""
+        self.stats.error = f"{type(err).__name__}: {err}"
+        log.error("trajectory stream broke (%s); the last %d sent frames and all later groups go to %s",
+                  err, len(self._window), self._spill_path)
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            await sink.close()
+        while self._window:
+            await self._spill_frame(self._window.popleft(), resent=True)
+        self._window_bytes = 0
+
+    async def _spill_frame(self, frame: bytes, *, resent: bool = False) -> None:
         if self._spill is None:
             self._spill = FileSink(self._spill_path)
             self.stats.spill_path = str(self._spill_path)
-        await self._spill.write(HEADER.pack(len(payload)) + payload)
-        self.stats.frames_spilled += 1
+        await self._spill.write(frame)
+        if resent:
+            self.stats.frames_resent_to_spill += 1
+        else:
+            self.stats.frames_spilled += 1
