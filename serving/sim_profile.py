@@ -212,6 +212,19 @@ class SimSpec:
     """Probability that a solver or verifier answers a remembered question correctly."""
     seed: int = 0
     """Seed of the sim's random draws (lengths, turns, words)."""
+    time_scale: float = 1.0
+    """Simulated seconds per wall-clock second: 10 runs the modeled GPU ten times faster than real time (for
+    benches); `ssp model serve --sim-time-scale` overrides it."""
+    prefix_block_tokens: int = 64
+    """Granularity of the simulated prefix cache: prompts share cached KV in whole blocks of this many tokens."""
+
+    def __post_init__(self) -> None:
+        if self.time_scale <= 0:
+            raise ValueError(f"time_scale = {self.time_scale}: must be > 0 (1 = real time)")
+        if not 0 <= self.correct_answer_p <= 1:
+            raise ValueError(f"correct_answer_p = {self.correct_answer_p}: must be a probability in [0, 1]")
+        if self.prefix_block_tokens < 1:
+            raise ValueError(f"prefix_block_tokens = {self.prefix_block_tokens}: must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
