@@ -1,0 +1,144 @@
+"""Child processes of a run (servers, learner ranks): start with a log file, wait until ready, watch, stop.
+
+Why one module: `ssp train` and `ssp eval` start the same kinds of processes, and every one of them must end up
+either healthy or reported with the path of its log, and none may outlive the command that started it.
+
+    with ManagedProcess("server-0", [sys.executable, "-m", "ssp.cli", "model", "serve", "--port", str(port)],
+                        log_path=run_dir / "logs" / "server-0.log") as server:
+        server.wait_ready(url=f"http://127.0.0.1:{port}/health", timeout_s=120)
+        ...
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+
+class ProcessFailed(RuntimeError):
+    """A child process exited or never became ready; the message names it, its exit code and its log file."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An ephemeral TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log file, for error messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log written)"
+
+
+class ManagedProcess:
+    """One child process in its own process group, its stdout and stderr appended to `log_path`."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def failure(self) -> ProcessFailed:
+        """The error to raise when this process died unexpectedly."""
+        return ProcessFailed(
+            f"{self.name} (pid {self.pid}) exited with code {self.proc.returncode}; its log is {self.log_path}:\n"
+            f"{tail(self.log_path)}"
+        )
+
+    def wait_ready(self, *, url: str, timeout_s: float) -> None:
+        """Poll `url` until it answers 200; raise if the process dies or the time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise self.failure()
+            try:
+                with urllib.request.urlopen(url, timeout=2.0) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise ProcessFailed(f"{self.name} did not answer {url} within {timeout_s:g} s; its log is {self.log_path}:\n"
+                            f"{tail(self.log_path)}")
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM the process group, SIGKILL it after `timeout_s`; returns the exit code."""
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "ManagedProcess":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class ProcessSet:
+    """The processes of one run, stopped together (in reverse start order) and watched for unexpected exits."""
+
+    def __init__(self) -> None:
+        self.processes: list[ManagedProcess] = []
+
+    def start(self, name: str, argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None,
+              ) -> ManagedProcess:
+        process = ManagedProcess(name, argv, log_path=log_path, env=env)
+        self.processes.append(process)
+        return process
+
+    def check(self) -> None:
+        """Raise ProcessFailed for the first process that has exited."""
+        for process in self.processes:
+            if not process.alive():
+                raise process.failure()
+
+    def stop_all(self, timeout_s: float = 10.0) -> None:
+        for process in reversed(self.processes):
+            process.stop(timeout_s)
+
+    def __enter__(self) -> "ProcessSet":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop_all()

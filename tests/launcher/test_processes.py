@@ -1,0 +1,39 @@
+"""Child processes: readiness over a real socket, death reported with the log, stop kills the whole group."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.processes import ManagedProcess, ProcessFailed, ProcessSet, free_port
+
+SERVE = "import http.server, sys; http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), " \
+        "http.server.SimpleHTTPRequestHandler).serve_forever()"
+
+
+def test_ready_then_stopped(tmp_path: Path) -> None:
+    port = free_port()
+    with ManagedProcess("web", [sys.executable, "-c", SERVE, str(port)], log_path=tmp_path / "web.log",
+                        cwd=tmp_path) as proc:
+        proc.wait_ready(url=f"http://127.0.0.1:{port}/", timeout_s=20)
+        assert proc.alive()
+    assert not proc.alive()
+
+
+def test_death_is_reported_with_log(tmp_path: Path) -> None:
+    code = "import sys; print('loading weights failed: disk full', flush=True); sys.exit(3)"
+    with ProcessSet() as group:
+        proc = group.start("server-1", [sys.executable, "-c", code], log_path=tmp_path / "logs" / "s1.log")
+        with pytest.raises(ProcessFailed, match=r"server-1 \(pid \d+\) exited with code 3; its log is .*s1\.log"
+                                                r"(.|\n)*disk full"):
+            proc.wait_ready(url=f"http://127.0.0.1:{free_port()}/health", timeout_s=20)
+        with pytest.raises(ProcessFailed, match="server-1"):
+            group.check()
+
+
+def test_not_ready_in_time_is_stopped(tmp_path: Path) -> None:
+    proc = ManagedProcess("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"],
+                          log_path=tmp_path / "sleep.log")
+    with pytest.raises(ProcessFailed, match="did not answer .* within 1 s"):
+        proc.wait_ready(url=f"http://127.0.0.1:{free_port()}/health", timeout_s=1)
+    assert not proc.alive()
