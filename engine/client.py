@@ -109,13 +109,14 @@ class ServerClient:
         status, payload = await self._request("POST", f"/flush_cache?timeout={timeout_s:g}", None, self._admin_timeout)
         return AdminResult(self.url, status == 200, _message_of(payload).strip())
 
-    async def health(self, timeout_s: float = 5.0) -> bool:
-        """True when `/health` answers 200 within `timeout_s`; False on 503, any other status, or no answer."""
+    async def health(self, timeout_s: float = 5.0) -> int | None:
+        """`GET /health`: its HTTP status (200 healthy, 503 starting/unhealthy/long pause), None when unreachable
+        within `timeout_s`. A number rather than a bool, because a 503 and no answer call for different actions."""
         try:
             status, _ = await self._request("GET", "/health", None, aiohttp.ClientTimeout(total=timeout_s))
         except (ConnectionFailed, RequestTimeout):
-            return False
-        return status == 200
+            return None
+        return status
 
     async def server_info(self) -> dict[str, Any]:
         """`/server_info` (falling back to the deprecated `/get_server_info` on older servers)."""

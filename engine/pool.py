@@ -217,7 +217,7 @@ class InferencePool:
             self._targets = [_Server(client, capacity, last_change=now)
                              for client, capacity in zip(self._admin, capacities, strict=True)]
         self._state = PoolState.OPEN
-        await self._check_health_once()
+        await self._check_health_once(eject_after=1)  # start only with servers that answer
         self._health_task = asyncio.create_task(self._health_loop(), name="pool-health")
 
     async def close(self) -> None:
@@ -469,9 +469,9 @@ class InferencePool:
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self._cfg.health_check_interval_s)
-            await self._check_health_once()
+            await self._check_health_once(eject_after=self._cfg.eject_after_failures)
 
-    async def _check_health_once(self) -> None:
+    async def _check_health_once(self, *, eject_after: int) -> None:
         statuses = await asyncio.gather(*(s.client.health(self._cfg.health_timeout_s) for s in self._targets))
         for server, status in zip(self._targets, statuses, strict=True):
             if status == 200:
@@ -482,7 +482,7 @@ class InferencePool:
             if self._paused is not None and status is not None:
                 continue  # a paused SGLang answers /health with 503 after ~20 s; not a fault
             server.health_failures += 1
-            if server.health_failures >= self._cfg.eject_after_failures:
+            if server.health_failures >= eject_after:
                 self._eject(server, f"{server.health_failures} failed health checks (last: "
                                     f"{'no answer' if status is None else f'HTTP {status}'})")
 

@@ -22,3 +22,83 @@ def demo_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ssp.paths import DEMO_CORPORA
 
     return build_index(DEMO_CORPORA, tmp_path_factory.mktemp("index") / "demo", progress=False).out
+
+
+class ServerProcess:
+    """A server started as its own process (`ssp model serve ...`), for tests that must kill or restart it."""
+
+    def __init__(self, args: list[str], log_path: Path, *, timeout_s: float = 120.0) -> None:
+        import subprocess
+        import sys
+        import time
+
+        from serving.server import READY_LINE
+
+        self.args = args
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "ssp.cli", "model", "serve", *args],
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True)
+        deadline = time.monotonic() + timeout_s
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # the server prints its URL once the port is open
+            if line.startswith(READY_LINE):
+                self.url = line[len(READY_LINE):].strip()
+                break
+            if time.monotonic() > deadline:
+                break
+        else:
+            self.proc.kill()
+            raise RuntimeError(f"server {args} exited before listening; log: {log_path.read_text()[-2000:]}")
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies mid-request, as a crashed GPU server would."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def sim_launcher(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Start simulated servers (`ssp model serve --sim`) as processes: launch(time_scale=20.0, port=0,
+    profile_toml="") -> ServerProcess. `profile_toml` is appended to the 7B profile (e.g. "[sim]\\nseed = 3").
+    Every server started is stopped at the end of the session."""
+    from serving.sim_profile import DEFAULT_PROFILE
+
+    started: list[ServerProcess] = []
+    root = tmp_path_factory.mktemp("sim")
+
+    def launch(*, time_scale: float = 20.0, port: int = 0, profile_toml: str = "",
+               extra_args: tuple[str, ...] = ()) -> ServerProcess:
+        n = len(started)
+        profile = root / f"profile{n}.toml"
+        sim_table = f"\n[sim]\ntime_scale = {time_scale}\n" if "[sim]" not in profile_toml else ""
+        profile.write_text(DEFAULT_PROFILE.read_text() + sim_table + "\n" + profile_toml)
+        server = ServerProcess(["--sim", "--sim-profile", str(profile), "--port", str(port), *extra_args],
+                               root / f"server{n}.log")
+        started.append(server)
+        return server
+
+    yield launch
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def sim_server(sim_launcher) -> str:  # type: ignore[no-untyped-def]
+    """Base URL of one simulated server (7B profile, 20x faster than real time), shared by the session."""
+    return sim_launcher().url
