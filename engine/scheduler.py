@@ -43,7 +43,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.config import SchedulerConfig
@@ -117,11 +117,9 @@ class Counters:
     generated_tokens: int = 0
     accuracy_sum: float = 0.0
     proposer_reward_sum: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.invalid_reasons: collections.Counter[str] = collections.Counter()
-        self.failure_reasons: collections.Counter[str] = collections.Counter()
-        self.roles: collections.Counter[str] = collections.Counter()
+    invalid_reasons: collections.Counter[str] = field(default_factory=collections.Counter)
+    failure_reasons: collections.Counter[str] = field(default_factory=collections.Counter)
+    roles: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 class Scheduler:

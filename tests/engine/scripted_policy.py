@@ -50,7 +50,7 @@ class ScriptedPolicy:
             await asyncio.sleep(self.delay_s)
         if role == "proposer" and self.fail_every and self._counts[role] % self.fail_every == 0:
             raise ConnectionFailed("scripted: server unreachable", url="http://scripted", may_be_running=False)
-        searches = prompt.count("<information>")
+        searches = prompt.count("<information>\n")  # tool blocks, not the mention in the prompt
         if role == "proposer":
             text = (f"<search> step {searches} towards the answer </search>" if searches < 2
                     else f"<question> {self.question} </question>")

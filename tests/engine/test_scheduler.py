@@ -1,0 +1,130 @@
+"""The scheduler over a scripted policy (pure logic): continuous launching within max_inflight, the staleness gate
+(eta = 0 lock-step), failures that drop only their episode, the sync phase order, and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from engine.chat import ChatTokenizer
+from engine.config import GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig
+from engine.game import Game
+from engine.judge import Judge
+from engine.rollout import RolloutRunner
+from engine.scheduler import Scheduler, StalenessGate
+from engine.search_batcher import SearchBatcher
+from engine.seeds import SeedAnswer, seed_stream
+from engine.stream import FileSink, TrajectoryStream, read_frames
+from engine.trajectory import unpack_group
+from scripted_policy import ScriptedPolicy, TinyRetriever
+from ssp.metrics import MetricsLog, read_metrics
+
+SEEDS = [SeedAnswer(("Danube",), "place"), SeedAnswer(("Rhine",), "place")]
+
+
+@pytest.fixture(scope="module")
+def chat(model_dir: Path) -> ChatTokenizer:
+    return ChatTokenizer.load(model_dir)
+
+
+def build(chat: ChatTokenizer, policy: ScriptedPolicy, cfg: SchedulerConfig, tmp_path: Path, judge: Judge,
+          game_cfg: GameConfig = GameConfig(solver_group_size=2, verify_samples=2),
+          metrics: MetricsLog | None = None) -> tuple[Scheduler, SearchBatcher, Path]:
+    batcher = SearchBatcher(TinyRetriever(), SearchBatcherConfig(window_ms=1), k=2)
+    game = Game(RolloutRunner(policy, chat, batcher, RolloutConfig()), chat, judge, game_cfg, random.Random(0))
+    out = tmp_path / "out.frames"
+    stream = TrajectoryStream(FileSink(out), max_frame_bytes=1 << 24, queue_groups=4, spill_path=tmp_path / "spill")
+    seeds = seed_stream(SEEDS, hops_min=2, hops_max=3, seed=0)
+    sched = Scheduler(game, seeds, stream, cfg, capacity=8, solver_group_size=game_cfg.solver_group_size,
+                      metrics=metrics, search_stats=batcher.stats.summary, run_id="t")
+    return sched, batcher, out
+
+
+async def test_async_run_writes_every_group(chat: ChatTokenizer, tmp_path: Path) -> None:
+    metrics = MetricsLog(tmp_path / "m.jsonl")
+    async with Judge(GameConfig().judge) as judge:
+        sched, batcher, out = build(chat, ScriptedPolicy(chat, delay_s=0.005), SchedulerConfig(
+            max_inflight=3, eta=None, metrics_interval_s=0.05), tmp_path, judge, metrics=metrics)
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, sched.gate.inflight)
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.create_task(watch())
+        summary = await sched.run(episodes=7)
+        watcher.cancel()
+        await batcher.close()
+    metrics.close()
+    groups = [unpack_group(p) for p in read_frames(out)]
+    assert len(groups) == 7 == summary["episodes_finished"] and summary["episodes_failed"] == 0
+    assert peak == 3  # continuous launching up to max_inflight, never more
+    assert len({g[0].group_id for g in groups}) == 7
+    # Seeds alternate Danube/Rhine but the scripted verifier always says Danube: Rhine questions fail verification.
+    assert summary["validity_rate"] is not None and 0 < summary["validity_rate"] < 1
+    assert summary["invalid_reasons"].get("failed_verification", 0) >= 1
+    assert summary["extraction_rate"] == 1.0 and summary["search_batches"] > 0
+    lines = read_metrics(tmp_path / "m.jsonl")
+    assert lines[-1]["event"] == "summary" and "turn_overhead_p99_ms" in lines[-1] and "loop_lag_p99_ms" in lines[-1]
+
+
+async def test_eta_zero_is_lock_step(chat: ChatTokenizer, tmp_path: Path) -> None:
+    async with Judge(GameConfig().judge) as judge:
+        sched, batcher, out = build(chat, ScriptedPolicy(chat), SchedulerConfig(
+            max_inflight=8, eta=0, episodes_per_step=2), tmp_path, judge)
+        run = asyncio.create_task(sched.run(episodes=None))
+        await asyncio.sleep(1.0)
+        assert sched.counters.launched == 2 and sched.counters.finished == 2  # then it waits for the learner
+        await sched.set_policy_version(1)
+        await asyncio.sleep(1.0)
+        assert sched.counters.launched == 4 and sched.counters.finished == 4
+        await sched.stop()
+        summary = await asyncio.wait_for(run, 10)
+        await batcher.close()
+    assert summary["episodes_finished"] == 4 and len(read_frames(out)) == 4
+
+
+async def test_staleness_gate_accounting() -> None:
+    gate = StalenessGate(eta=1, per_step=2)
+    for _ in range(4):  # (version 0 + eta 1 + 1) * 2 = 4 episodes may start on version 0
+        assert await gate.acquire() == 0
+    blocked = asyncio.create_task(gate.acquire())
+    await asyncio.sleep(0.01)
+    assert not blocked.done()
+    await gate.release(delivered=False)  # a failed episode frees its place: the learner will not wait for it
+    assert await asyncio.wait_for(blocked, 1) == 0
+    await gate.set_version(1)
+    assert gate._open(2)
+    with pytest.raises(ValueError, match="went back"):
+        await gate.set_version(0)
+
+
+async def test_failed_episodes_are_counted_and_others_delivered(chat: ChatTokenizer, tmp_path: Path) -> None:
+    async with Judge(GameConfig().judge) as judge:
+        sched, batcher, out = build(chat, ScriptedPolicy(chat, fail_every=3), SchedulerConfig(max_inflight=2, eta=None),
+                                    tmp_path, judge)
+        summary = await sched.run(episodes=6)
+        await batcher.close()
+    assert summary["episodes_failed"] >= 1
+    assert summary["episodes_finished"] + summary["episodes_failed"] == 6
+    assert summary["failure_reasons"] == {"ConnectionFailed": summary["episodes_failed"]}
+    assert len(read_frames(out)) == summary["episodes_finished"]
+
+
+async def test_sync_mode_runs_phase_by_phase(chat: ChatTokenizer, tmp_path: Path) -> None:
+    policy = ScriptedPolicy(chat)
+    async with Judge(GameConfig().judge) as judge:
+        sched, batcher, out = build(chat, policy, SchedulerConfig(mode="sync", eta=None, episodes_per_step=3),
+                                    tmp_path, judge, game_cfg=GameConfig(solver_group_size=2, verify_samples=1))
+        summary = await sched.run(episodes=5)
+        await batcher.close()
+    assert summary["episodes_finished"] == 5 and len(read_frames(out)) == 5
+    roles = [r for r, _, _ in policy.calls]
+    # Step 1 (3 episodes): every proposer call comes before any verifier call, and those before any solver call.
+    first_step = roles[:roles.index("proposer", roles.index("solver"))]
+    assert first_step == sorted(first_step, key=["proposer", "verifier", "solver"].index)
