@@ -1,14 +1,16 @@
 """`ssp index build`: stream corpora into a multi-threaded Tantivy writer, atomically.
 
-The index is written into a hidden sibling `.<name>.partial-<pid>` and renamed to the output directory only after
+The index is written into a hidden sibling `.<name>.partial-<pid>-<random>` and renamed to the output directory only after
 the commit, the merges and the manifest are done. So the output path either does not exist or holds a complete
 index; a failed or interrupted build removes its partial directory (a killed one leaves it, and the next build
 beside it deletes it once its process is gone). Python only parses JSON and hands documents over; tokenizing,
 stemming and segment writing run on the writer's Rust threads.
 """
 
+import glob
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Sequence
@@ -74,7 +76,7 @@ def build_index(
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    partial = out.parent / f"{_partial_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}"
     start = time.perf_counter()
     try:
         partial.mkdir()
@@ -102,13 +104,19 @@ def _write(reader: CorpusReader, directory: Path, threads: int, progress: bool) 
     index.register_tokenizer(ANALYZER_NAME, make_analyzer())
     writer = index.writer(HEAP_BYTES_PER_THREAD * threads, threads)
     docs = 0
-    with tqdm(desc="indexing", unit=" docs", unit_scale=True, disable=not progress, smoothing=0.1) as bar:
-        for passage in reader:
-            writer.add_document(tantivy.Document(id=passage.id, title=passage.title, text=passage.text))
-            docs += 1
-            if docs % 1024 == 0:
-                bar.update(1024)
-        bar.update(docs % 1024)
+    try:
+        with tqdm(desc="indexing", unit=" docs", unit_scale=True, disable=not progress, smoothing=0.1) as bar:
+            for passage in reader:
+                writer.add_document(tantivy.Document(id=passage.id, title=passage.title, text=passage.text))
+                docs += 1
+                if docs % 1024 == 0:
+                    bar.update(1024)
+            bar.update(docs % 1024)
+    except BaseException:
+        # Stop the writer's threads before the caller deletes the directory they write into.
+        writer.rollback()
+        writer.wait_merging_threads()
+        raise
     writer.commit()
     writer.wait_merging_threads()
     return docs
@@ -116,11 +124,16 @@ def _write(reader: CorpusReader, directory: Path, threads: int, progress: bool) 
 
 def _remove_stale_partials(out: Path) -> None:
     """Delete partial directories beside `out` left by builds that were killed (their process no longer exists)."""
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
+    prefix = _partial_prefix(out)
+    for stale in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = stale.name[len(prefix) :].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             log.info("removing %s, left by an interrupted build", stale)
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _partial_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"
 
 
 def _alive(pid: int) -> bool:

@@ -1,8 +1,11 @@
 """Searching an ssp Tantivy index: `TantivySearcher` (blocking, thread-safe) and `TantivyRetriever` (async).
 
 Tantivy's searcher is thread-safe and releases the GIL while it scores (measured in `bench/retrieval.py`, section
-"GIL"), so the retriever runs a batch's queries on a small thread pool: one chunk of the batch per thread, which
-keeps the per-task hand-off cost to one per thread rather than one per query.
+"GIL"), so the retriever runs queries on a small thread pool. Handing work to a thread is not free (a queue put
+that wakes the thread, then a fight for the GIL: about 0.3 ms under load), so queries are handed off in batches:
+the queries of all concurrent `search` calls queue up while the threads are busy, and each free thread takes an
+even share (at most HAND_OFF_MAX_QUERIES). Nothing waits for a batch to fill: an idle retriever hands off at once.
+This is what lets the /retrieve server, which calls `search` once per HTTP request, keep up with a raw loop.
 
     retriever = TantivyRetriever(Path("artifacts/index/demo"), threads=2)
     docs = await retriever.search(["Scott Derrickson", "Ed Wood director"], k=3)   # list[list[Doc]]
@@ -10,12 +13,17 @@ keeps the per-task hand-off cost to one per thread rather than one per query.
 """
 
 import asyncio
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from retriever.errors import RetrieverClosedError
 from retriever.index_format import SEARCH_FIELDS, TITLE_BOOST, open_index, query_text
 from retriever.protocol import Doc
+
+HAND_OFF_MAX_QUERIES = 16
+"""Most queries one thread takes per hand-off: large enough to amortize it, small enough to keep threads even."""
 
 
 def check_k(k: int) -> None:
@@ -56,6 +64,15 @@ class TantivySearcher:
         return [self.search(q, k) for q in queries]
 
 
+@dataclass(slots=True)
+class _Call:
+    """One `search` call in flight: its results fill in as its queries are answered, possibly by several threads."""
+
+    results: list[list[Doc]]
+    remaining: int
+    future: "asyncio.Future[list[list[Doc]]]"
+
+
 class TantivyRetriever:
     """The in-process `Retriever`: BM25 over a local index, searches on a thread pool off the event loop."""
 
@@ -65,6 +82,8 @@ class TantivyRetriever:
         self._searcher = TantivySearcher(index_dir)
         self._threads = threads
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(threads, thread_name_prefix="tantivy-search")
+        self._pending: deque[tuple[_Call, int, str, int]] = deque()  # (call, position in call, query, k)
+        self._running = 0  # hand-offs in flight, <= threads
 
     @property
     def num_docs(self) -> int:
@@ -83,17 +102,53 @@ class TantivyRetriever:
         if not queries:
             return []
         loop = asyncio.get_running_loop()
-        n = min(self._threads, len(queries))
-        chunks = [queries[i::n] for i in range(n)]  # strided so long and short queries spread evenly
-        parts = await asyncio.gather(
-            *(loop.run_in_executor(self._pool, self._searcher.search_many, chunk, k) for chunk in chunks)
-        )
-        results: list[list[Doc]] = [[] for _ in queries]
-        for i, part in enumerate(parts):
-            results[i::n] = part
-        return results
+        call = _Call(results=[[] for _ in queries], remaining=len(queries), future=loop.create_future())
+        self._pending.extend((call, i, q, k) for i, q in enumerate(queries))
+        self._hand_off(loop)
+        return await call.future
+
+    def _hand_off(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Give pending queries to free threads: an even share each, at most HAND_OFF_MAX_QUERIES at a time."""
+        while self._pool is not None and self._pending and self._running < self._threads:
+            share = -(-len(self._pending) // (self._threads - self._running))  # ceil
+            batch = []
+            while self._pending and len(batch) < min(share, HAND_OFF_MAX_QUERIES):
+                item = self._pending.popleft()
+                if not item[0].future.done():  # skip the queries of a cancelled call
+                    batch.append(item)
+            if not batch:
+                continue
+            self._running += 1
+            work = loop.run_in_executor(self._pool, self._search_batch, [(q, k) for _, _, q, k in batch])
+            work.add_done_callback(lambda w, batch=batch: self._finish(loop, batch, w))  # type: ignore[misc]
+
+    def _search_batch(self, items: list[tuple[str, int]]) -> list[list[Doc]]:
+        return [self._searcher.search(q, k) for q, k in items]
+
+    def _finish(
+        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Call, int, str, int]], work: "asyncio.Future[list[list[Doc]]]"
+    ) -> None:
+        self._running -= 1
+        error = work.exception()
+        for n, (call, i, _, _) in enumerate(batch):
+            if call.future.done():
+                continue
+            if error is not None:
+                call.future.set_exception(error)
+                continue
+            call.results[i] = work.result()[n]
+            call.remaining -= 1
+            if call.remaining == 0:
+                call.future.set_result(call.results)
+        self._hand_off(loop)
 
     async def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.shutdown(wait=True)
+        """Refuse new searches, fail queued ones with RetrieverClosedError, wait for the running ones."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        while self._pending:
+            call = self._pending.popleft()[0]
+            if not call.future.done():
+                call.future.set_exception(RetrieverClosedError("TantivyRetriever closed while this search was queued"))
+        pool.shutdown(wait=True)

@@ -17,6 +17,9 @@ from pathlib import Path
 COMMAND_MODULES = (
     "ssp.config_cli",
     "serving.cli",
+    "retriever.cli",
+    "bench.cli",
+    "learner.cli",
     "engine.cli",
 )
 

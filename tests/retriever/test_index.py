@@ -1,5 +1,6 @@
 """Index build (atomic, --if-missing, bad input) and TantivyRetriever search (hostile queries, quality, close)."""
 
+import asyncio
 import json
 import os
 import random
@@ -84,9 +85,7 @@ def test_existing_out_and_if_missing(tmp_path: Path) -> None:
 def test_killed_build_leaves_nothing_that_opens(tmp_path: Path) -> None:
     """A build killed mid-way (SIGKILL: no clean-up runs) leaves only a hidden partial directory, which is refused."""
     corpus = tmp_path / "big.jsonl"
-    with corpus.open("w") as f:
-        for i in range(400_000):
-            f.write(json.dumps({"id": f"p{i}", "title": "t", "text": f"words {i}"}) + "\n")
+    corpus.write_text("".join(f'{{"id": "p{i}", "title": "t", "text": "words {i}"}}\n' for i in range(200_000)))
     out = tmp_path / "idx"
     script = "import sys; from retriever.index_build import build_index; build_index([sys.argv[1]], sys.argv[2])"
     proc = subprocess.Popen([sys.executable, "-c", script, str(corpus), str(out)], stderr=subprocess.PIPE)
@@ -173,3 +172,27 @@ def test_raw_tantivy_sees_the_same_index(demo_index: Path) -> None:
     """The index is a plain Tantivy index: tantivy-py opens it directly (what the bench's raw loop does)."""
     index = tantivy.Index.open(str(demo_index))
     assert index.searcher().num_docs == TantivySearcher(demo_index).num_docs == 19124
+
+
+async def test_concurrent_calls_are_coalesced_correctly(demo_index: Path) -> None:
+    """Many concurrent calls (mixed k, one big batch) get exactly the answers of one-by-one searches, in order."""
+    searcher = TantivySearcher(demo_index)
+    titles = [p.title for p in list(CorpusReader([DEMO_CORPORA[0]]))[:120]]
+    retriever = TantivyRetriever(demo_index, threads=2)
+    calls = [([t], 1 + i % 4) for i, t in enumerate(titles[:80])] + [(titles[80:], 3), ([], 3), (["", "  "], 2)]
+    answers = await asyncio.gather(*(retriever.search(qs, k) for qs, k in calls))
+    assert answers == [searcher.search_many(qs, k) for qs, k in calls]
+    # A cancelled call's queries are dropped without disturbing the others.
+    doomed = asyncio.ensure_future(retriever.search(titles, 3))
+    others = asyncio.ensure_future(retriever.search(titles[:5], 2))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    assert await others == searcher.search_many(titles[:5], 2)
+    # Closing fails the calls still queued, clearly, and lets the running ones finish.
+    tasks = [asyncio.ensure_future(retriever.search([t], 3)) for t in titles[:40]]
+    await asyncio.sleep(0)
+    await retriever.close()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert failed and all(isinstance(e, RetrieverClosedError) and "closed while this search was queued" in str(e) for e in failed)
+    assert all(o == searcher.search_many([t], 3) for o, t in zip(outcomes, titles) if not isinstance(o, BaseException))

@@ -1,0 +1,47 @@
+"""`ssp bench <name>`: throughput benchmarks, one subcommand and one function per bench.
+
+Each bench lives in its own module `bench/<name>.py` with a `run(args) -> int`, imported only when its subcommand
+runs, and writes a JSON report under artifacts/bench/. To add one: a `_add_<name>(bench_sub)` here that declares
+its flags and sets `run=`, plus its line in `add_commands`.
+"""
+
+import argparse
+from pathlib import Path
+
+
+def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="throughput benchmarks (ratios measured side by side in one run)",
+        description="Run one benchmark; each prints a table and writes JSON under artifacts/bench/.",
+    )
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    _add_retrieval(bench_sub)
+
+
+def _add_retrieval(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = bench_sub.add_parser(
+        "retrieval",
+        help="queries/s: raw tantivy-py vs TantivyRetriever vs the HTTP server under concurrent clients",
+        description="On one index and one query set, measure queries/s of (a) raw tantivy-py in one thread, "
+        "(b) TantivyRetriever batched, (c) the /retrieve server (separate process) under concurrent clients, and "
+        "whether Tantivy's searcher releases the GIL (1 vs 2 threads). Prints ratios (b)/(a) and (c)/(a).",
+    )
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="corpus to index (default: the shared 211k-passage enwiki corpus when present, else a generated one)",
+    )
+    p.add_argument("--queries", type=int, default=1000, help="queries in the query set (default: 1000)")
+    p.add_argument("--clients", type=int, default=64, help="concurrent HTTP clients for (c) (default: 64)")
+    p.add_argument("-k", type=int, default=3, help="documents per query (default: 3)")
+    p.add_argument("--out", type=Path, help="JSON report path (default: artifacts/bench/retrieval.json)")
+
+    def run(args: argparse.Namespace) -> int:
+        from bench.retrieval import run as run_retrieval
+
+        return run_retrieval(args)
+
+    p.set_defaults(run=run)

@@ -1,0 +1,236 @@
+"""`ssp bench retrieval`: is search fast enough, and does each layer keep the speed of the one below?
+
+On one index and one query set, side by side in one run:
+  (a) raw tantivy-py, one thread: parse -> search -> fetch stored fields, in a plain loop (the ceiling per core);
+  GIL: the same loop on 2 threads (ratio > 1 when the Rust searcher releases the GIL and a core is free), and,
+      robust to a busy machine, the longest stall of a Python loop while another thread runs a slow search: a
+      searcher holding the GIL would stall it for the whole search;
+  (b) `TantivyRetriever.search` on batches of BATCH queries (what the engine's search batcher sends);
+  (c) `ssp retriever serve` in a separate process under --clients concurrent `HttpRetriever` callers, one query per
+      request (the worst case for per-request overhead).
+Goal (issue 2): (c)/(a) >= 0.8 on the 2-core dev machine. Each measurement runs REPEATS times; the best counts
+(other processes share the machine). Writes artifacts/bench/retrieval.json and retrieval.md.
+
+Corpus: --corpus, else the shared 211k-passage enwiki corpus when present, else a generated one. Queries: the
+shipped HotpotQA/2Wiki questions (natural-language, like an agent's), or generated ones for a generated corpus.
+"""
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+from ssp.paths import DATA_DIR, PROJECT_ROOT, artifacts_dir
+
+SHARED_CORPUS = PROJECT_ROOT.parent / "shared" / "data" / "corpus" / "enwiki2015_core_p10.jsonl.gz"
+QA_FILES = (DATA_DIR / "qa" / "hotpotqa_dev300_questions.jsonl", DATA_DIR / "qa" / "2wikimultihopqa_dev_subset_questions.jsonl")
+BATCH = 64
+REPEATS = 2
+GENERATED_DOCS = 100_000
+
+
+def run(args: argparse.Namespace) -> int:
+    from retriever.index_build import build_index
+
+    out_json = args.out or artifacts_dir() / "bench" / "retrieval.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    corpora, generated = _corpora(args.corpus, out_json.parent)
+    key = hashlib.sha256("\n".join(str(p.resolve()) for p in corpora).encode()).hexdigest()[:12]
+    index_dir = artifacts_dir() / "index" / f"bench-{key}"
+    print(f"index {index_dir} over {', '.join(map(str, corpora))}")
+    build_index(corpora, index_dir, if_missing=True)
+    queries = _queries(args.queries, generated)
+    print(f"{len(queries)} queries, k={args.k}, {os.cpu_count()} CPU cores; best of {REPEATS} runs each")
+
+    measures: dict[str, Callable[[], float]] = {
+        "raw": lambda: _raw_qps(index_dir, queries, args.k, threads=1),
+        "raw2": lambda: _raw_qps(index_dir, queries, args.k, threads=2),
+        "batched": lambda: asyncio.run(_retriever_qps(index_dir, queries, args.k)),
+        "http": lambda: _http_qps(index_dir, queries, args.k, args.clients),
+    }
+    # Rounds interleave the measurements, so a burst of load from other processes hits all of them alike.
+    runs: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(REPEATS):
+        for name, measure in measures.items():
+            runs[name].append(measure())
+    raw, raw2, batched, http = (max(runs[name]) for name in measures)
+    search_ms, stall_ms = _gil_stall(index_dir)
+    rows = [
+        ("(a) raw tantivy-py, 1 thread", raw, 1.0),
+        ("    raw tantivy-py, 2 threads (GIL check)", raw2, raw2 / raw),
+        (f"(b) TantivyRetriever, batches of {BATCH}", batched, batched / raw),
+        (f"(c) HTTP server, {args.clients} concurrent clients", http, http / raw),
+    ]
+    table = "| measurement | queries/s | x (a) |\n|---|---:|---:|\n" + "".join(
+        f"| {name.strip()} | {qps:,.0f} | {ratio:.2f} |\n" for name, qps, ratio in rows
+    )
+    gil = (
+        f"GIL: a {search_ms:.0f} ms search stalled a Python loop in another thread for at most {stall_ms:.0f} ms "
+        f"(released: {'yes' if stall_ms < search_ms / 2 else 'NO'})"
+    )
+    verdict = f"(c)/(a) = {http / raw:.2f} (goal >= 0.8: {'met' if http / raw >= 0.8 else 'NOT met'})"
+    print("\n" + table + "\n" + gil + "\n" + verdict)
+    report = {
+        "corpus": [str(p) for p in corpora],
+        "generated_corpus": generated,
+        "index": str(index_dir),
+        "queries": len(queries),
+        "k": args.k,
+        "clients": args.clients,
+        "batch": BATCH,
+        "cpu_cores": os.cpu_count(),
+        "runs_qps": runs,
+        "qps": {"raw_1thread": raw, "raw_2threads": raw2, "retriever_batched": batched, "http_server": http},
+        "ratios": {"gil_2t_over_1t": raw2 / raw, "b_over_a": batched / raw, "c_over_a": http / raw},
+        "gil": {"slow_search_ms": search_ms, "max_python_stall_ms": stall_ms},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    out_json.write_text(json.dumps(report, indent=2) + "\n")
+    out_json.with_suffix(".md").write_text(f"# ssp bench retrieval\n\n{table}\n{gil}\n\n{verdict}\n\n```json\n{json.dumps(report, indent=2)}\n```\n")
+    print(f"wrote {out_json} and {out_json.with_suffix('.md')}")
+    return 0
+
+
+def _corpora(given: list[Path] | None, scratch: Path) -> tuple[list[Path], bool]:
+    if given:
+        return list(given), False
+    if SHARED_CORPUS.exists():
+        return [SHARED_CORPUS], False
+    path = scratch / f"generated_corpus_{GENERATED_DOCS}.jsonl"
+    if not path.exists():
+        print(f"{SHARED_CORPUS} not found: generating {GENERATED_DOCS} passages into {path}")
+        rng = random.Random(0)
+        vocab = _vocab()
+        weights = [1 / (rank + 1) for rank in range(len(vocab))]  # Zipf-like, as in natural text
+        tmp = path.with_suffix(".partial")
+        with tmp.open("w") as f:
+            for i in range(GENERATED_DOCS):
+                title = " ".join(rng.choices(vocab, weights, k=2)).title()
+                text = " ".join(rng.choices(vocab, weights, k=100))
+                f.write(json.dumps({"id": f"gen-{i}", "title": title, "text": text}) + "\n")
+        tmp.rename(path)
+    return [path], True
+
+
+def _vocab() -> list[str]:
+    rng = random.Random(1)
+    return ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 10))) for _ in range(20_000)]
+
+
+def _queries(n: int, generated: bool) -> list[str]:
+    rng = random.Random(0)
+    if generated:
+        vocab = _vocab()
+        return [" ".join(rng.choices(vocab[:5000], k=rng.randint(3, 12))) for _ in range(n)]
+    pool = [json.loads(line)["question"] for path in QA_FILES for line in path.open()]
+    return [pool[i % len(pool)] for i in rng.sample(range(max(n, len(pool))), n)]
+
+
+def _raw_qps(index_dir: Path, queries: list[str], k: int, threads: int) -> float:
+    """Plain tantivy-py: the same analyzer, query cleaning, boosts and stored-field fetch as TantivySearcher."""
+    import tantivy
+
+    from retriever.index_format import ANALYZER_NAME, SEARCH_FIELDS, TITLE_BOOST, make_analyzer, query_text
+
+    index = tantivy.Index.open(str(index_dir))
+    index.register_tokenizer(ANALYZER_NAME, make_analyzer())
+    searcher = index.searcher()
+
+    def loop(part: list[str]) -> None:
+        for q in part:
+            words = query_text(q)
+            if not words:
+                continue
+            parsed = index.parse_query(words, SEARCH_FIELDS, field_boosts={"title": TITLE_BOOST})
+            for _score, address in searcher.search(parsed, k, count=False).hits:
+                doc = searcher.doc(address)
+                doc.get_first("id"), doc.get_first("title"), doc.get_first("text")
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=loop, args=(queries[i::threads],)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return len(queries) / (time.perf_counter() - start)
+
+
+def _gil_stall(index_dir: Path) -> tuple[float, float]:
+    """(duration of one slow search, longest gap between iterations of a Python loop while it runs), in ms."""
+    from retriever.tantivy_index import TantivySearcher
+
+    searcher = TantivySearcher(index_dir)
+    common = "the of and in a to was is for on as by with he that at from his it an were are which this also be or"
+    slow = " ".join([common] * 4)  # every document matches: a long, all-Rust scoring pass
+    start = time.perf_counter()
+    searcher.search(slow, 3)
+    search_ms = (time.perf_counter() - start) * 1000
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (searcher.search_many([slow] * 3, 3), done.set()))
+    last, stall = time.perf_counter(), 0.0
+    worker.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        stall, last = max(stall, now - last), now
+    worker.join()
+    return search_ms, stall * 1000
+
+
+async def _retriever_qps(index_dir: Path, queries: list[str], k: int) -> float:
+    from retriever.tantivy_index import TantivyRetriever
+
+    retriever = TantivyRetriever(index_dir, threads=2)
+    try:
+        start = time.perf_counter()
+        for i in range(0, len(queries), BATCH):
+            await retriever.search(queries[i : i + BATCH], k)
+        return len(queries) / (time.perf_counter() - start)
+    finally:
+        await retriever.close()
+
+
+def _http_qps(index_dir: Path, queries: list[str], k: int, clients: int) -> float:
+    """Start `ssp retriever serve` as its own process, then drive it with `clients` concurrent HttpRetriever calls."""
+    cmd = [sys.executable, "-m", "ssp.cli", "retriever", "serve", "--index", str(index_dir), "--port", "0"]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if " on http://" not in line:
+            raise RuntimeError(f"the retrieval server did not start (exit {server.poll()}): {line!r}")
+        return asyncio.run(_drive(line.rsplit(" on ", 1)[1].strip(), queries, k, clients))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+async def _drive(url: str, queries: list[str], k: int, clients: int) -> float:
+    from retriever.client import HttpRetriever
+
+    retriever = HttpRetriever(url, timeout_s=60, max_retries=0)
+    try:
+        await retriever.search(queries[:clients], k)  # warm-up: connections, page cache
+        todo = iter(queries)
+
+        async def client() -> None:
+            for q in todo:  # the shared iterator hands each query to exactly one client
+                await retriever.search([q], k)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return len(queries) / (time.perf_counter() - start)
+    finally:
+        await retriever.close()
+
+
