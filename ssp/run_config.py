@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from engine.config import GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig, StreamConfig
 from engine.inference_config import InferenceConfig
+from learner.config import LearnerConfig
 from retriever.config import RetrievalServerConfig, RetrieverConfig
 from serving.config import ServingConfig
 
@@ -28,3 +29,5 @@ class SSPConfig:
     """Episode scheduling: async or sync, episodes in flight, staleness bound eta, seeds."""
     stream: StreamConfig = field(default_factory=StreamConfig)
     """The trajectory stream to the learner: address, frame limit, buffer size, spill file."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The Megatron learner: model, TP x DP, batching, losses, optimizer, checkpoints, weight push."""

@@ -1,0 +1,131 @@
+"""Atomic training checkpoints: model shard, optimizer and scheduler state per TP rank, plus the stream position.
+
+Layout under `root`:
+
+    step-000007/            one complete checkpoint (only ever appears complete: built as step-000007.tmp/,
+      tp0.pt, tp1.pt ...    every file fsynced, then renamed)
+      state.json            step, stream offset, consumed group ids
+    latest                  the name of the newest complete checkpoint (replaced by an atomic rename)
+
+Only data-parallel replica 0 writes (replicas hold identical weights and optimizer state). A run killed at any
+moment leaves either the previous checkpoint or the new one as `latest`; a leftover *.tmp is ignored and removed.
+Resuming restores weights, AdamW moments, the LR schedule and the stream position, so no trajectory is trained twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from learner.convert import canonical_params
+
+
+@dataclass(kw_only=True, slots=True)
+class StreamState:
+    """Where training stands: optimizer steps done and how much of the trajectory stream they consumed."""
+
+    step: int = 0
+    """Completed optimizer steps (= the policy version of the current weights)."""
+    offset: int = 0
+    """Byte offset in the trajectory file after the last consumed frame."""
+    consumed_group_ids: list[str] = field(default_factory=list)
+    """Group ids already trained (a TCP stream cannot seek; repeats are skipped)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, write: Any) -> None:
+    with path.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(root: Path, state: StreamState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler: Any, *, tp_rank: int, dp_rank: int, keep: int) -> Path:
+    """Collective: every rank calls it; replica 0's TP ranks write their shards, rank 0 publishes."""
+    root = Path(root)
+    name = f"step-{state.step:06d}"
+    tmp = root / f"{name}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    if dp_rank == 0:
+        shard = {
+            "model": {n: p.detach().clone() for n, p in canonical_params(model)},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
+        _write_durable(tmp / f"tp{tp_rank}.pt", lambda f: torch.save(shard, f))
+    dist.barrier()
+    final = root / name
+    if rank == 0:
+        _write_durable(tmp / "state.json", lambda f: f.write(json.dumps(asdict(state)).encode()))
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        pointer = root / "latest.tmp"
+        _write_durable(pointer, lambda f: f.write(name.encode()))
+        os.rename(pointer, root / "latest")
+        _fsync_dir(root)
+        _prune(root, keep)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint directory, or None for a fresh run."""
+    pointer = Path(root) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing; "
+                                f"delete {pointer} to start fresh or restore the directory")
+    return path
+
+
+@torch.no_grad()
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
+         tp_rank: int) -> StreamState:
+    """Restore this rank's shard (saved by replica 0 of the same TP rank) and the stream position."""
+    file = Path(path) / f"tp{tp_rank}.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: the checkpoint was written with a smaller tensor_parallel; "
+                                "resume with the tensor_parallel it was saved with")
+    shard = torch.load(file, map_location="cpu", weights_only=True)
+    params = dict(canonical_params(model))
+    if set(params) != set(shard["model"]):
+        raise KeyError(f"{file}: parameter names differ from the model's (a different architecture?)")
+    for name, p in params.items():
+        if p.shape != shard["model"][name].shape:
+            raise ValueError(f"{file}: {name} has shape {tuple(shard['model'][name].shape)}, the model "
+                             f"{tuple(p.shape)}; resume with the tensor_parallel it was saved with")
+        p.copy_(shard["model"][name])
+    optimizer.load_state_dict(shard["optimizer"])
+    scheduler.load_state_dict(shard["scheduler"])
+    return StreamState(**json.loads((Path(path) / "state.json").read_text()))

@@ -1,0 +1,231 @@
+"""Push the learner's weights to inference servers with SGLang's distributed update (sglang-api.md §3.5).
+
+Lifecycle of a `WeightPusher` (run on learner rank 0 only; other TP ranks only help gather):
+
+    pusher = WeightPusher(["http://127.0.0.1:30000"], backend="gloo")
+    pusher.connect()        # POST /init_weights_update_group to every server (as tasks) while rank 0 joins
+    stats = pusher.push(iter_hf_weights(...), version="1")
+                            # pause(retract) -> begin_weight_update (404: not needed) -> per bucket:
+                            #   update_weights_from_distributed(flattened_bucket) while rank 0 broadcasts it
+                            #   (the last bucket carries weight_version and flush_cache) -> end -> continue
+    pusher.close()          # destroy the group on every server and here
+
+The HTTP calls block on the servers until the matching broadcast arrives, so they run on an asyncio loop in a
+helper thread while the calling thread broadcasts. Backend "gloo" (CPU tensors) or "nccl" (GPU tensors): same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+import time
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+from learner.convert import buckets
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class PushError(RuntimeError):
+    """A server refused or failed a weight-update call; the message names the server and its reply."""
+
+
+class PushState(enum.Enum):
+    NEW = "new"              # constructed; connect() not called
+    CONNECTED = "connected"  # the update group exists; push() allowed
+    BROKEN = "broken"        # a push failed midway: servers may hold mixed weights; only close() is allowed
+    CLOSED = "closed"        # group destroyed; the object cannot be reused
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PushStats:
+    """One push: wall time, bytes broadcast, throughput, buckets."""
+
+    version: str
+    seconds: float
+    bytes: int
+    buckets: int
+    tensors: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+
+def _flatten(bucket: list[tuple[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """All tensors' raw bytes, concatenated in order, as one uint8 tensor (SGLang's flattened_bucket format)."""
+    parts = [t.detach().contiguous().view(-1).view(torch.uint8) for _, t in bucket]
+    return torch.cat(parts).to(device)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class WeightPusher:
+    """Owns the weight-update process group to a set of servers and the HTTP session that drives them."""
+
+    def __init__(self, server_urls: list[str], *, backend: str, master_address: str = "127.0.0.1",
+                 master_port: int = 0, group_name: str = "weight_update_group", bytes_per_bucket: int = 512 << 20,
+                 timeout_s: float = 600.0, pause_mode: str = "retract") -> None:
+        if not server_urls:
+            raise ValueError("WeightPusher needs at least one server URL")
+        self.urls = [u.rstrip("/") for u in server_urls]
+        self.backend = backend
+        self.master_address = master_address
+        self.master_port = master_port
+        self.group_name = group_name
+        self.bytes_per_bucket = bytes_per_bucket
+        self.timeout_s = timeout_s
+        self.pause_mode = pause_mode
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.state = PushState.NEW
+        self._group: dist.ProcessGroup | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="weight-push-http", daemon=True)
+        self._thread.start()
+        self._session: Any = None
+        self._clients: list[Any] = []
+
+    # ---------------------------------------------------------------- plumbing between the threads
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> "asyncio.Future[T]":
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[return-value]
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._submit(coro).result(timeout=self.timeout_s)
+
+    async def _open_clients(self) -> None:
+        import aiohttp
+
+        from engine.client import ServerClient
+
+        self._session = aiohttp.ClientSession()
+        self._clients = [ServerClient(u, self._session, admin_timeout_s=self.timeout_s) for u in self.urls]
+
+    async def _all(self, method: str, **kwargs: Any) -> list[Any]:
+        return list(await asyncio.gather(*(getattr(c, method)(**kwargs) for c in self._clients)))
+
+    def _check(self, results: list[Any], what: str) -> None:
+        bad = [r for r in results if not r.success]
+        if bad:
+            raise PushError(f"{what} failed on {len(bad)} server(s): " +
+                            "; ".join(f"{r.url}: {r.message}" for r in bad))
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def connect(self) -> None:
+        """Create the update group: every server's TP ranks join (rank_offset from /server_info) and we join as 0."""
+        if self.state is not PushState.NEW:
+            raise RuntimeError(f"connect() on a pusher in state {self.state.value}; create a new WeightPusher")
+        self._run(self._open_clients())
+        infos = self._run(self._all("server_info"))
+        tp_sizes = [int(info.get("tp_size", 1)) for info in infos]
+        world_size = 1 + sum(tp_sizes)
+        port = self.master_port or _free_port(self.master_address)
+        offsets = [1 + sum(tp_sizes[:k]) for k in range(len(tp_sizes))]
+        joins = [self._submit(c.init_weights_update_group(
+            master_address=self.master_address, master_port=port, rank_offset=off, world_size=world_size,
+            group_name=self.group_name, backend=self.backend)) for c, off in zip(self._clients, offsets)]
+        self._group = _init_custom_group(f"tcp://{self.master_address}:{port}", world_size, self.group_name,
+                                         self.backend, timedelta(seconds=self.timeout_s))
+        self._check([j.result(timeout=self.timeout_s) for j in joins], "init_weights_update_group")
+        self.state = PushState.CONNECTED
+        log.info("weight-update group %s up: %d server(s), world size %d", self.group_name, len(self.urls),
+                 world_size)
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> PushStats:
+        """One full weight update, bracketed by pause/continue; any failure leaves the pusher BROKEN."""
+        if self.state is not PushState.CONNECTED:
+            raise RuntimeError(f"push() on a pusher in state {self.state.value}; connect() first "
+                               "(a BROKEN pusher means the servers may hold mixed weights: restart them)")
+        start = time.perf_counter()
+        total_bytes = n_buckets = n_tensors = 0
+        try:
+            self._check(self._run(self._all("pause", mode=self.pause_mode)), "pause_generation")
+            self._check(self._run(self._all("begin_weight_update")), "begin_weight_update")
+            # Look one bucket ahead so the last one can carry the version and the cache flush.
+            pending: list[tuple[str, torch.Tensor]] | None = None
+            for bucket in buckets(named_tensors, self.bytes_per_bucket):
+                if pending is not None:
+                    total_bytes += self._send_bucket(pending, last=False, version=version)
+                    n_buckets += 1
+                    n_tensors += len(pending)
+                pending = bucket
+            if pending is None:
+                raise PushError("push() got no tensors to send")
+            total_bytes += self._send_bucket(pending, last=True, version=version)
+            n_buckets += 1
+            n_tensors += len(pending)
+            self._check(self._run(self._all("end_weight_update")), "end_weight_update")
+            self._check(self._run(self._all("continue_")), "continue_generation")
+        except BaseException:
+            self.state = PushState.BROKEN
+            raise
+        stats = PushStats(version=version, seconds=time.perf_counter() - start, bytes=total_bytes,
+                          buckets=n_buckets, tensors=n_tensors)
+        log.info("pushed weights v%s: %.1f MB in %.2f s (%.3f GB/s, %d buckets)", version, stats.bytes / 1e6,
+                 stats.seconds, stats.gb_per_s, stats.buckets)
+        return stats
+
+    def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], *, last: bool, version: str) -> int:
+        flat = _flatten(bucket, self.device)
+        calls = [self._submit(c.update_weights_from_distributed(
+            names=[n for n, _ in bucket], dtypes=[_dtype_name(t.dtype) for _, t in bucket],
+            shapes=[list(t.shape) for _, t in bucket], group_name=self.group_name,
+            load_format="flattened_bucket", flush_cache=last, weight_version=version if last else None,
+        )) for c in self._clients]
+        # NOTE: if a server rejects the body it never posts its receive; the group timeout bounds our wait.
+        dist.broadcast(flat, src=0, group=self._group)
+        self._check([c.result(timeout=self.timeout_s) for c in calls], "update_weights_from_distributed")
+        return flat.numel()
+
+    def close(self) -> None:
+        """Destroy the group on the servers and here, close the HTTP session, stop the helper thread."""
+        if self.state is PushState.CLOSED:
+            return
+        try:
+            if self._group is not None and self.state is not PushState.NEW:
+                results = self._run(self._all("destroy_weights_update_group", group_name=self.group_name))
+                for r in results:
+                    if not r.success:
+                        log.warning("destroy_weights_update_group on %s: %s", r.url, r.message)
+                dist.destroy_process_group(self._group)
+            if self._session is not None:
+                self._run(self._session.close())
+        finally:
+            self._group = None
+            self.state = PushState.CLOSED
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+
+def _init_custom_group(init_method: str, world_size: int, group_name: str, backend: str,
+                       timeout: timedelta) -> dist.ProcessGroup:
+    """Rank 0 of a process group separate from the training group, built like SGLang's server side:
+    TCP rendezvous (we host the store) -> PrefixStore(group_name) -> a new process group of that name."""
+    store, _, _ = next(dist.rendezvous(init_method, 0, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    prefixed = dist.PrefixStore(group_name, store)
+    group, _ = c10d._new_process_group_helper(world_size, 0, [], backend, prefixed, group_name=group_name,
+                                               timeout=timeout)
+    return group
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

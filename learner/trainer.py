@@ -1,0 +1,327 @@
+"""The learner's training loop, one process per rank under torchrun (TP x DP; gloo on CPU, NCCL on GPU).
+
+    ssp learner train --trajectories FILE|tcp://HOST:PORT [--server URL ...]   (launches torchrun itself)
+
+Each step: rank 0 reads `groups_per_step` frames from the trajectory stream and broadcasts them -> every rank plans
+the batch (advantages per role, drops) and takes its data-parallel share -> micro-batches by token budget ->
+forward (logprobs recomputed with the current weights), PPO loss, backward -> gradients summed over DP, clipped
+over all TP shards -> one AdamW step -> checkpoint -> weights pushed to the servers -> one metrics line.
+
+The step counter is the policy version: weights after step k are version k, pushed as weight_version "k".
+Entry points: `run(cfg, source, server_urls)` (per rank, what torchrun runs via `python -m learner.trainer`)
+and `Trainer.train_step(groups)` (one optimizer step on already-decoded trajectory groups).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine.trajectory import Trajectory, unpack_group
+from learner import checkpoint
+from learner.batching import collate, pack, plan_batch, shard
+from learner.config import LearnerConfig
+from learner.loss import aggregation_weights, policy_loss
+from learner.model import ModelShape, Parallel, attention_mask, build_model, init_parallel
+from learner.trajectory_source import FrameSource, open_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepResult:
+    """What one step did, for the metrics line."""
+
+    trained: bool
+    metrics: dict[str, float]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: LearnerConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (no decay on norms and biases) and a linear warm-up to the peak lr, then constant."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, foreach=False)
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    return optimizer, scheduler
+
+
+class Trainer:
+    """Model, optional frozen reference, optimizer; `train_step` is one optimizer step on one batch."""
+
+    def __init__(self, cfg: LearnerConfig, par: Parallel, shape: ModelShape, model: torch.nn.Module,
+                 ref_model: torch.nn.Module | None) -> None:
+        from megatron.core import parallel_state
+
+        self.cfg = cfg
+        self.par = par
+        self.shape = shape
+        self.model = model
+        self.ref_model = ref_model
+        self.optimizer, self.scheduler = build_optimizer(model, cfg)
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    def _logits(self, model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        from learner.logprobs import mask_padded_vocab
+
+        logits = model(input_ids, position_ids, attention_mask(input_ids.shape[1], self.par.device))
+        if self.cfg.logprob_temperature != 1.0:
+            logits = logits / self.cfg.logprob_temperature
+        return mask_padded_vocab(logits, self.shape.vocab_size)
+
+    def train_step(self, groups: list[list[Trajectory]], policy_version: int) -> StepResult:
+        from learner.logprobs import entropy, token_logprobs
+
+        cfg, par = self.cfg, self.par
+        plan = plan_batch(groups, cfg)
+        counts = {"samples": float(plan.total_seqs), "loss_tokens": float(plan.total_loss_tokens),
+                  "dropped_zero_variance_groups": float(plan.dropped_zero_variance_groups),
+                  "dropped_empty": float(plan.dropped_empty),
+                  **{f"skipped_{role}": float(n) for role, n in plan.skipped_roles.items()}}
+        if not plan.samples:
+            return StepResult(trained=False, metrics=counts)
+        mine = shard(plan.samples, par.dp, par.dp_rank)
+        micro_batches = pack(mine, cfg.micro_batch_tokens)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        # Sums over this rank's micro-batches; reduced over DP below. Loss parts are already batch-normalised.
+        sums = torch.zeros(9, dtype=torch.float64)
+        mismatch_max = torch.zeros(1, dtype=torch.float64)
+        for samples in micro_batches:
+            mb = collate(samples, cfg.role_loss_weights, par.device)
+            logits = self._logits(self.model, mb.input_ids, mb.position_ids)  # (B, L, V/tp)
+            if cfg.loss.entropy_coef:
+                ent = entropy(logits)
+            else:
+                with torch.no_grad():
+                    ent = entropy(logits.detach())
+            logprobs = token_logprobs(logits, mb.targets)  # (B, L)
+            ref_logprobs = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref_logprobs = token_logprobs(self._logits(self.ref_model, mb.input_ids, mb.position_ids),
+                                                  mb.targets)
+            weights = aggregation_weights(mb.loss_mask, cfg.loss.aggregation, total_tokens=plan.total_loss_tokens,
+                                          total_seqs=plan.total_seqs) * mb.role_weights
+            parts = policy_loss(logprobs, mb.old_logprobs, mb.advantages, weights, cfg.loss,
+                                ref_logprobs=ref_logprobs, entropy=ent)
+            parts.loss.backward()
+            with torch.no_grad():
+                diff = (logprobs.detach() - mb.old_logprobs).abs() * mb.loss_mask
+                mismatch_max = torch.maximum(mismatch_max, diff.max().double().reshape(1))
+                sums += torch.stack([parts.loss.detach(), parts.pg_loss, parts.kl, parts.entropy, parts.clip_frac,
+                                     parts.dual_clip_frac, diff.sum(), mb.loss_mask.sum(),
+                                     torch.tensor(float(mb.n_tokens))]).double()
+        grad_norm = self._reduce_and_clip_grads()
+        self.optimizer.step()
+        self.scheduler.step()
+        dist.all_reduce(sums, group=self.dp_group)
+        dist.all_reduce(mismatch_max, op=dist.ReduceOp.MAX, group=self.dp_group)
+        loss, pg, kl, ent_mean, clip, dual, mis_sum, mask_sum, tokens = sums.tolist()
+        return StepResult(trained=True, metrics={
+            **counts, "loss": loss, "pg_loss": pg, "kl": kl, "entropy": ent_mean, "clip_frac": clip,
+            "dual_clip_frac": dual, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+            "logprob_mismatch_mean": mis_sum / max(mask_sum, 1.0), "logprob_mismatch_max": mismatch_max.item(),
+            "tokens": tokens, "micro_batches": float(len(micro_batches)),
+            "staleness_max": float(policy_version - min(s.min_policy_version for s in plan.samples)),
+        })
+
+    @torch.no_grad()
+    def _reduce_and_clip_grads(self) -> float:
+        """Sum gradients over DP; global L2 norm over all TP shards (replicated params counted once); clip."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.par.dp > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat, group=self.dp_group)
+            offset = 0
+            for p in params:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                offset += n
+        sq = torch.zeros(1, dtype=torch.float64, device=self.par.device)
+        for p in params:
+            if getattr(p, "tensor_model_parallel", False) or self.par.tp_rank == 0:
+                sq += p.grad.double().pow(2).sum()
+        dist.all_reduce(sq, group=self.tp_group)
+        norm = math.sqrt(sq.item())
+        if self.cfg.grad_clip and norm > self.cfg.grad_clip:
+            scale = self.cfg.grad_clip / (norm + 1e-6)
+            for p in params:
+                p.grad.mul_(scale)
+        return norm
+
+
+def read_batch(source: FrameSource, n_groups: int, seen: set[str]) -> tuple[list[bytes], list[str]]:
+    """Up to n_groups new frames (groups already trained are skipped); fewer only at the end of the stream."""
+    payloads: list[bytes] = []
+    ids: list[str] = []
+    while len(payloads) < n_groups:
+        payload = source.next_frame()
+        if payload is None:
+            break
+        group = unpack_group(payload)
+        gid = group[0].group_id if group else ""
+        if gid in seen:
+            log.warning("group %s was already trained; skipping the repeat", gid)
+            continue
+        payloads.append(payload)
+        ids.append(gid)
+    return payloads, ids
+
+
+def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str]) -> int:
+    """One rank's whole run: build, resume, loop over batches, checkpoint, push, log. Returns an exit code."""
+    par = init_parallel(tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel, device=cfg.device, dtype=cfg.dtype,
+                        seed=cfg.seed)
+    if par.dp != cfg.data_parallel:
+        raise ValueError(f"launched {par.world_size} ranks = tp {par.tp} x dp {par.dp}, but learner.data_parallel "
+                         f"= {cfg.data_parallel}; launch tensor_parallel * data_parallel ranks")
+    from learner.convert import load_hf_into_model
+    from ssp.paths import default_model_dir
+
+    model_dir = cfg.model_dir or default_model_dir()
+    shape = ModelShape.from_dir(model_dir)
+    model = build_model(shape, par, vocab_divisor=cfg.vocab_divisor)
+    load_hf_into_model(model, model_dir, shape, tp=par.tp, tp_rank=par.tp_rank, vocab_divisor=cfg.vocab_divisor)
+    ref_model = None
+    if cfg.loss.kl_coef > 0:
+        ref_model = build_model(shape, par, vocab_divisor=cfg.vocab_divisor)
+        load_hf_into_model(ref_model, model_dir, shape, tp=par.tp, tp_rank=par.tp_rank,
+                           vocab_divisor=cfg.vocab_divisor)
+        ref_model.eval().requires_grad_(False)
+    trainer = Trainer(cfg, par, shape, model, ref_model)
+    ckpt_root = cfg.out_dir / "checkpoints"
+    state = checkpoint.StreamState()
+    resume_from = checkpoint.latest(ckpt_root)
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, model, trainer.optimizer, trainer.scheduler, tp_rank=par.tp_rank)
+        log.info("resumed from %s: step %d, stream offset %d", resume_from, state.step, state.offset)
+    is_root = par.rank == 0
+    source = open_source(source_spec, state.offset) if is_root else None
+    pusher = _connect_pusher(cfg, server_urls, par) if server_urls else None
+    metrics = _open_metrics(cfg) if is_root else None
+    seen = set(state.consumed_group_ids)
+    try:
+        if server_urls:  # the servers start from the learner's weights (also after a resume)
+            initial = _push(trainer, pusher, par, str(state.step))
+            if metrics is not None:
+                metrics.write({"step": state.step, "initial_push": True, **initial})
+        saved_step = state.step
+        while not cfg.max_steps or state.step < cfg.max_steps:
+            payloads, ids = read_batch(source, cfg.groups_per_step, seen) if source is not None else ([], [])
+            box: list[Any] = [(payloads, ids, source.offset if source is not None else 0)]
+            dist.broadcast_object_list(box, src=0)
+            payloads, ids, offset = box[0]
+            if not payloads:
+                break
+            started = time.perf_counter()
+            result = trainer.train_step([unpack_group(p) for p in payloads], policy_version=state.step)
+            state.offset = offset
+            state.consumed_group_ids.extend(ids)
+            seen.update(ids)
+            if result.trained:
+                state.step += 1
+            record: dict[str, Any] = {"step": state.step, "groups": len(ids), "trained": result.trained,
+                                      "step_s": time.perf_counter() - started, **result.metrics}
+            record["tokens_per_s"] = record.get("tokens", 0.0) / record["step_s"]
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and result.trained:
+                checkpoint.save(ckpt_root, state, model, trainer.optimizer, trainer.scheduler,
+                                tp_rank=par.tp_rank, dp_rank=par.dp_rank, keep=cfg.keep_checkpoints)
+                saved_step = state.step
+            if server_urls and result.trained:
+                record.update(_push(trainer, pusher, par, str(state.step)))
+            if metrics is not None:
+                metrics.write(record)
+                log.info("step %d: loss %.4g, mismatch %.2e, grad norm %.3g, %.0f tok/s", state.step,
+                         record.get("loss", float("nan")), record.get("logprob_mismatch_mean", float("nan")),
+                         record.get("grad_norm", float("nan")), record["tokens_per_s"])
+        if state.step != saved_step or resume_from is None:
+            checkpoint.save(ckpt_root, state, model, trainer.optimizer, trainer.scheduler, tp_rank=par.tp_rank,
+                            dp_rank=par.dp_rank, keep=cfg.keep_checkpoints)
+    finally:
+        if pusher is not None:
+            pusher.close()
+        if source is not None:
+            source.close()
+        if metrics is not None:
+            metrics.close()
+    return 0
+
+
+def _connect_pusher(cfg: LearnerConfig, server_urls: list[str], par: Parallel) -> Any:
+    """Rank 0 owns the update group; the other ranks only help gather."""
+    if par.rank != 0:
+        return None
+    from learner.push import WeightPusher
+
+    pusher = WeightPusher(server_urls, backend="nccl" if par.device.type == "cuda" else "gloo",
+                          bytes_per_bucket=cfg.push_bytes_per_bucket, timeout_s=cfg.push_timeout_s)
+    pusher.connect()
+    return pusher
+
+
+def _push(trainer: Trainer, pusher: Any, par: Parallel, version: str) -> dict[str, float]:
+    """Gather TP shards (replica 0's TP ranks together) and, on rank 0, stream them to the servers."""
+    from learner.gather import iter_hf_weights
+
+    out: dict[str, float] = {}
+    if par.dp_rank == 0:
+        named = iter_hf_weights(trainer.model, trainer.shape, tp_group=trainer.tp_group, keep=pusher is not None)
+        if pusher is not None:
+            stats = pusher.push(named, version)
+            out = {"push_s": stats.seconds, "push_gb_per_s": stats.gb_per_s, "push_bytes": float(stats.bytes)}
+        else:
+            for _ in named:  # participate in every all-gather
+                pass
+    dist.barrier()
+    return out
+
+
+def _open_metrics(cfg: LearnerConfig) -> Any:
+    from ssp.metrics import MetricsLog
+
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    return MetricsLog(cfg.out_dir / "metrics.jsonl")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Per-rank entry point under torchrun: `python -m learner.trainer --config-json FILE --trajectories SRC`."""
+    parser = argparse.ArgumentParser(description="one learner rank (launched by `ssp learner train`)")
+    parser.add_argument("--config-json", type=Path, required=True, help="resolved [learner] section as JSON")
+    parser.add_argument("--trajectories", required=True, help="trajectory file or tcp://HOST:PORT")
+    parser.add_argument("--server", action="append", default=[], help="inference server URL (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{os.environ.get('RANK', '0')} "
+                        "%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from ssp.config import build
+
+    cfg = build(LearnerConfig, json.loads(args.config_json.read_text()), source=str(args.config_json))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
+    try:
+        return run(cfg, args.trajectories, args.server)
+    finally:
+        from learner.model import destroy_parallel
+
+        destroy_parallel()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
