@@ -35,6 +35,9 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     serve.add_argument("--port", type=int, default=None, help="port (default: serving.port, 30000; 0 = any free)")
     serve.add_argument("--sim", action="store_true", help="serve the simulated backend (no weights) instead")
     serve.add_argument("--sim-profile", type=Path, default=None, help="simulation profile TOML (with --sim)")
+    serve.add_argument("--sim-time-scale", type=float, default=None, metavar="X",
+                       help="with --sim: simulated seconds per wall-clock second, e.g. 10 runs the modeled GPU 10x "
+                       "faster than real time (default: the profile's [sim] time_scale, 1)")
     serve.set_defaults(run=run_serve)
 
 
@@ -60,4 +63,4 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg = load_config(SSPConfig, args.config, args.overrides).serving
     flags = {"model": args.model, "host": args.host, "port": args.port}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    return serve(cfg, sim=args.sim, sim_profile=args.sim_profile)
+    return serve(cfg, sim=args.sim, sim_profile=args.sim_profile, sim_time_scale=args.sim_time_scale)

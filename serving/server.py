@@ -14,25 +14,27 @@ READY_LINE = "ssp server listening on "
 """Printed (with the base URL) once the port is open; tests and launchers wait for it."""
 
 
-def build_backend(cfg: ServingConfig, *, sim: bool, sim_profile: Path | None) -> Backend:
-    """The model backend, or the simulated one (`serving/sim*.py`, `build_sim_backend(cfg, profile_path)`)."""
+def build_backend(cfg: ServingConfig, *, sim: bool, sim_profile: Path | None,
+                  sim_time_scale: float | None = None) -> Backend:
+    """The model backend, or the simulated one (`serving/sim*.py`, `build_sim_backend`)."""
     if sim:
         from serving.sim import build_sim_backend
 
-        return build_sim_backend(cfg, sim_profile)
-    if sim_profile is not None:
-        raise ValueError("--sim-profile only applies with --sim; drop it or add --sim")
+        return build_sim_backend(cfg, sim_profile, sim_time_scale)
+    if sim_profile is not None or sim_time_scale is not None:
+        raise ValueError("--sim-profile and --sim-time-scale only apply with --sim; drop them or add --sim")
     from serving.model_backend import ModelBackend
 
     return ModelBackend(cfg)
 
 
-def serve(cfg: ServingConfig, *, sim: bool = False, sim_profile: Path | None = None) -> int:
+def serve(cfg: ServingConfig, *, sim: bool = False, sim_profile: Path | None = None,
+          sim_time_scale: float | None = None) -> int:
     import uvloop
 
     from serving.app import create_app, run_app
 
-    backend = build_backend(cfg, sim=sim, sim_profile=sim_profile)
+    backend = build_backend(cfg, sim=sim, sim_profile=sim_profile, sim_time_scale=sim_time_scale)
     app = create_app(backend, cfg)
 
     def on_bound(url: str) -> None:

@@ -86,10 +86,9 @@ def sim_launcher(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
                extra_args: tuple[str, ...] = ()) -> ServerProcess:
         n = len(started)
         profile = root / f"profile{n}.toml"
-        sim_table = f"\n[sim]\ntime_scale = {time_scale}\n" if "[sim]" not in profile_toml else ""
-        profile.write_text(DEFAULT_PROFILE.read_text() + sim_table + "\n" + profile_toml)
-        server = ServerProcess(["--sim", "--sim-profile", str(profile), "--port", str(port), *extra_args],
-                               root / f"server{n}.log")
+        profile.write_text(DEFAULT_PROFILE.read_text() + "\n" + profile_toml)
+        server = ServerProcess(["--sim", "--sim-profile", str(profile), "--sim-time-scale", str(time_scale),
+                                "--port", str(port), *extra_args], root / f"server{n}.log")
         started.append(server)
         return server
 
