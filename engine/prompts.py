@@ -4,6 +4,9 @@ The texts follow the shape of the SSP reference prompts (ssp-spec.md §1.3, §1.
 chat messages; `engine.chat.ChatTokenizer` renders them once with the model's own chat template. The tag protocol
 (<think>, <search>, <information>, <answer>, <question>) is shared by all roles, and the tool block written by
 `information_block` is exactly what the prompts tell the model to expect.
+
+NOTE: the simulated server (`ssp model serve --sim`) recognises the proposer by the reference's phrase "The answer I
+provided is: X." and the question of solver and verifier prompts by "Question: ..."; keep both when editing.
 """
 
 from collections.abc import Sequence
@@ -55,10 +58,10 @@ def proposer_messages(answer: str, hops: int) -> list[Message]:
         {
             "role": "user",
             "content": (
-                f"The answer is: {answer}\n"
-                f"Write a question about it that needs {hops} searches to solve. Before you finish, check that "
-                "the question is not too easy and does not contain the answer. Put the final question between the "
-                "tags, for example <question> Which river flows through the city where the author of ... was "
+                f"The answer I provided is: {answer}.\n"
+                f"You need to write a question about it that takes {hops} searches to solve. Before you finish, "
+                "check that the question is not too easy and does not contain the answer. Put the final question "
+                "between the tags, for example <question> Which river flows through the city where the author of ... was "
                 "born? </question>"
             ),
         },
