@@ -69,10 +69,9 @@ def parse_request(body: Any, cfg: RetrievalServerConfig) -> tuple[list[str], int
                 "(retrieval_server.max_query_chars); shorten the query"
             )
     topk = body.get("topk")
-    if topk is None or topk == 0:
-        topk = DEFAULT_TOPK
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
+    if isinstance(topk, bool) or not (topk is None or isinstance(topk, int)) or (topk or 0) < 0:
         raise BadRequest(f"'topk' must be null or an integer >= 0, got {topk!r}")
+    topk = topk or DEFAULT_TOPK
     if topk > cfg.max_topk:
         raise BadRequest(f"topk={topk} exceeds the limit max_topk={cfg.max_topk} (retrieval_server.max_topk)")
     return_scores = body.get("return_scores", False)

@@ -77,6 +77,8 @@ async def test_msgpack_bodies(server: str) -> None:
         ({"queries": ["a"], "topk": -1}, "'topk' must be null or an integer >= 0, got -1"),
         ({"queries": ["a"], "topk": "3"}, "'topk' must be null or an integer >= 0, got '3'"),
         ({"queries": ["a"], "topk": True}, "'topk' must be null or an integer >= 0, got True"),
+        ({"queries": ["a"], "topk": False}, "'topk' must be null or an integer >= 0, got False"),
+        ({"queries": ["a"], "topk": 0.0}, "'topk' must be null or an integer >= 0, got 0.0"),
         ({"queries": ["a"], "return_scores": "yes"}, "'return_scores' must be true or false, got 'yes'"),
         ({"queries": "Ed Wood"}, "'queries' must be a list of strings, got str"),
         ({"queries": ["a", 3]}, "queries[1] must be a string, got int 3"),
