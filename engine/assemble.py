@@ -10,6 +10,7 @@ Each component still gets only its own section; this module is the composition r
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from pathlib import Path
@@ -52,6 +53,10 @@ async def run_engine(cfg: SSPConfig, *, episodes: int | None, out: Path | None =
     if out is None and cfg.stream.port == 0:
         raise ValueError("nowhere to send trajectories: pass an output file, or set stream.port to the learner's "
                          "trajectory port")
+    sched_cfg = cfg.scheduler
+    if out is not None:
+        # No learner reads a file while it is written: there is no policy version to be stale against.
+        sched_cfg = dataclasses.replace(sched_cfg, eta=None)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     spill = cfg.stream.spill_path or artifacts_dir() / "runs" / f"spill-{stamp}.frames"
     chat = ChatTokenizer.load(cfg.rollout.tokenizer_dir or default_model_dir())
@@ -70,7 +75,7 @@ async def run_engine(cfg: SSPConfig, *, episodes: int | None, out: Path | None =
             runner = RolloutRunner(pool, chat, batcher, cfg.rollout)
             game = Game(runner, chat, judge, cfg.game, random.Random(cfg.scheduler.seed))
             capacity = sum(s.capacity for s in pool.metrics().servers)
-            scheduler = Scheduler(game, seeds, stream, cfg.scheduler, capacity=capacity,
+            scheduler = Scheduler(game, seeds, stream, sched_cfg, capacity=capacity,
                                   solver_group_size=cfg.game.solver_group_size, metrics=metrics,
                                   pool_stats=lambda: pool_summary(pool), search_stats=batcher.stats.summary)
             summary = await scheduler.run(episodes)

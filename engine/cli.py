@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,9 +58,17 @@ def run_rollout(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         print(f"ssp rollout: --episodes {args.episodes}: must be >= 1", file=sys.stderr)
         return 2
+    from engine.errors import InferenceError
+    from engine.seeds import SeedError
+    from retriever.errors import RetrieverError
+
     cfg = load_config(SSPConfig, args.config, args.overrides)
     metrics = args.metrics or args.out.with_suffix(".metrics.jsonl")
-    summary = uvloop.run(run_engine(cfg, episodes=args.episodes, out=args.out, metrics_path=metrics))
+    try:
+        summary = uvloop.run(run_engine(cfg, episodes=args.episodes, out=args.out, metrics_path=metrics))
+    except (InferenceError, RetrieverError, SeedError, FileNotFoundError, ConnectionError, ValueError) as e:
+        print(f"ssp rollout: {e}", file=sys.stderr)
+        return 2
     print(format_summary(summary))
     print(f"frames: {args.out}   metrics: {metrics}")
     return 0 if summary["episodes_finished"] > 0 else 1
@@ -91,8 +100,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.limit is not None:
         trajectories = trajectories[:args.limit]
     if args.json:
-        for t in trajectories:
-            print(json.dumps(t.to_dict()))
+        try:
+            for t in trajectories:
+                print(json.dumps(t.to_dict()))
+        except BrokenPipeError:  # e.g. piped into `head`
+            sys.stdout = open(os.devnull, "w")
         return 0
     from engine.chat import ChatTokenizer
     from ssp.paths import default_model_dir
