@@ -41,7 +41,7 @@ test *ARGS: setup
 # the main job on the embedded default: build the demo index and search it
 demo: setup
     "{{ssp}}" index build --corpus data/corpus/*.jsonl --out artifacts/index/demo --if-missing
-    "{{ssp}}" index search --index artifacts/index/demo -k 3 "Scott Derrickson" "Which country is Galați in?" "Ed Wood film director"
+    "{{ssp}}" index search --index artifacts/index/demo -k 3 "Scott Derrickson" "Where was Ioan Nenitescu born?" "Ed Wood film director"
 
 # throughput benchmarks (quick versions); each writes JSON and a markdown report under artifacts/bench/
 bench: setup
