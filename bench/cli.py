@@ -17,6 +17,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     )
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     _add_retrieval(bench_sub)
+    _add_inference(bench_sub)
 
 
 def _add_retrieval(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -43,5 +44,24 @@ def _add_retrieval(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParse
         from bench.retrieval import run as run_retrieval
 
         return run_retrieval(args)
+
+    p.set_defaults(run=run)
+
+
+def _add_inference(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from bench.inference import __doc__ as doc, add_arguments
+
+    p = bench_sub.add_parser(
+        "inference",
+        help="requests/s: InferencePool vs direct clients over sim servers; the sim loop's CPU cost per token",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from bench.inference import run as run_inference
+
+        return run_inference(args)
 
     p.set_defaults(run=run)

@@ -211,6 +211,8 @@ class SimBackend(Backend):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.stats = SimStats()
+        self._logprobs = [-self._rng.expovariate(4.0) for _ in range(4099)]
+        """Made-up logprobs (the sim has no distribution), cut from this table at a random offset."""
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -543,17 +545,25 @@ class SimBackend(Backend):
         spans = [(v, start, end) for (v, start), end in
                  zip(r.spans, [s[1] for s in r.spans[1:]] + [n]) if min(end, n) > start]
         version = spans[-1][0] if spans else self._version
-        rng = self._rng
+        logprobs = self._logprobs
+        start = self._rng.randrange(len(logprobs))
         return GenerateOutput(
             rid=r.req.rid, output_ids=r.plan.output_ids[:n],
             text=self._text.render(r.plan, n, r.req.sampling, r.finish), prompt_tokens=len(r.req.input_ids),
             cached_tokens=r.cached_tokens, finish=r.finish,
-            output_logprobs=[-rng.expovariate(4.0) for _ in range(n)] if r.req.return_logprob else [],
-            input_logprobs=([None] + [-rng.expovariate(1.0) for _ in range(len(r.req.input_ids)
-                                                                              - r.req.logprob_start_len - 1)]
+            output_logprobs=_cycle(logprobs, start, n) if r.req.return_logprob else [],
+            input_logprobs=([None, *_cycle(logprobs, start, len(r.req.input_ids) - r.req.logprob_start_len - 1)]
                             if r.req.return_logprob and r.req.logprob_start_len >= 0 else []),
             weight_spans=[(v, s, min(e, n)) for v, s, e in spans], weight_version=version,
             num_retractions=r.retractions, ran=r.ran)
+
+
+def _cycle(values: list[float], start: int, n: int) -> list[float]:
+    """n values of `values` read cyclically from `start`."""
+    out = values[start:start + n]
+    while len(out) < n:
+        out += values[: n - len(out)]
+    return out
 
 
 def _crash_if_failed(task: asyncio.Task[None]) -> None:

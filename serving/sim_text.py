@@ -207,8 +207,8 @@ class SimText:
 
     def _filler(self, n: int) -> list[int]:
         out: list[int] = []
-        while len(out) < n:
-            out += self._rng.choice(self._words)
+        while len(out) < n:  # words are 1-2 tokens: one draw of n words almost always suffices
+            out += [t for word in self._rng.choices(self._words, k=n - len(out)) for t in word]
         return out[:n]
 
     def _compose(self, length: int, open_tag: str, body: list[int], close_tag: str) -> list[int]:
