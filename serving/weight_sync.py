@@ -1,0 +1,86 @@
+"""Server side of SGLang's weight updates: the custom process group, receiving broadcasts, loading by HF name.
+
+The group is built the way SGLang's `init_custom_process_group` builds it, so a trainer written against SGLang works
+unchanged against this server (gloo on CPU, NCCL on GPU): TCP rendezvous at `tcp://master_address:master_port`
+(the trainer, rank 0, hosts the store) -> `PrefixStore(group_name, store)` -> a new process group named `group_name`
+(separate from any default group; this server process has none). Rank = rank_offset (we have one TP rank).
+
+NOTE: like SGLang, this uses torch's `_new_process_group_helper`: the public `new_group` needs a default group,
+which an inference server joining a trainer's group does not have.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+GROUP_TIMEOUT = timedelta(minutes=30)
+"""SGLang's default process-group timeout."""
+
+
+class WeightLoadError(RuntimeError):
+    """Received tensors do not fit the model (unknown name, wrong shape, unaligned bucket)."""
+
+
+def init_custom_process_group(*, backend: str, init_method: str, world_size: int, rank: int, group_name: str,
+                              timeout: timedelta = GROUP_TIMEOUT) -> dist.ProcessGroup:
+    """Join (or, as rank 0, host) a process group separate from the default one. Blocks until all ranks joined."""
+    store, rank, world_size = next(dist.rendezvous(init_method, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    prefixed = dist.PrefixStore(group_name, store)
+    group, _ = c10d._new_process_group_helper(world_size, rank, [], dist.Backend(backend), prefixed,
+                                               group_name=group_name, timeout=timeout)
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """SGLang's wire dtype names are torch attribute names without the prefix ("bfloat16", "float32")."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise WeightLoadError(f"unknown dtype {name!r}; use a torch dtype name such as 'float32' or 'bfloat16'")
+    return dtype
+
+
+def receive(group: dist.ProcessGroup, *, dtypes: list[str], shapes: list[list[int]], flattened: bool,
+            device: torch.device) -> list[torch.Tensor]:
+    """Receive the tensors rank 0 broadcasts for one update call, in `names` order (§3.4)."""
+    torch_dtypes = [dtype_from_name(d) for d in dtypes]
+    if not flattened:
+        tensors = [torch.empty(shape, dtype=dt, device=device) for dt, shape in zip(torch_dtypes, shapes)]
+        works = [dist.broadcast(t, src=0, group=group, async_op=True) for t in tensors]
+        for w in works:
+            w.wait()
+        return tensors
+    sizes = [torch.Size(shape).numel() * dt.itemsize for dt, shape in zip(torch_dtypes, shapes)]
+    buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, src=0, group=group)
+    tensors, offset = [], 0
+    for dt, shape, size in zip(torch_dtypes, shapes, sizes):
+        if offset % dt.itemsize:
+            raise WeightLoadError(f"Unaligned received tensor at byte offset {offset} for dtype {dt}: each tensor in a "
+                                  "flattened bucket must start at a multiple of its element size")
+        tensors.append(buffer[offset:offset + size].view(dt).reshape(shape))
+        offset += size
+    return tensors
+
+
+def check_fits(params: dict[str, torch.Tensor], names: list[str], shapes: list[list[int]]) -> None:
+    """Every name must be a model parameter of exactly that shape; checked before anything is copied."""
+    for name, shape in zip(names, shapes):
+        if name not in params:
+            raise WeightLoadError(f"unknown parameter {name!r} (names are Hugging Face checkpoint names such as "
+                                  "'model.layers.0.self_attn.q_proj.weight')")
+        if list(params[name].shape) != list(shape):
+            raise WeightLoadError(f"parameter {name!r} has shape {list(params[name].shape)}, received {list(shape)}")
+
+
+@torch.no_grad()
+def load_named(params: dict[str, torch.Tensor], named: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy tensors into the model's parameters in place (dtype converted; tied weights share storage)."""
+    check_fits(params, [n for n, _ in named], [list(t.shape) for _, t in named])
+    for name, tensor in named:
+        params[name].copy_(tensor)
