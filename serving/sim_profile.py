@@ -163,7 +163,7 @@ class VerifyShape:
     samples: int = 4
     """RAG-verification samples per proposal."""
     max_new_tokens: int = 70
-    """Token budget of a verification answer; requests with at most this budget are treated as verification."""
+    """Token budget of a verification answer (benches use it; the sim recognises verifiers by their prompt)."""
     gen: LogNormal = field(default_factory=lambda: LogNormal(median=15, sigma=0.5))
     """Generated tokens of a verification answer."""
 
@@ -204,10 +204,14 @@ class ShapesSpec:
 class SimSpec:
     proposer_marker: str = "The answer I provided is:"
     """Text in a prompt that makes the sim play the proposer (SSP's proposer user prompt, ssp-spec §1.2)."""
+    verifier_marker: str = "using only the documents"
+    """Text in a prompt (matched case-insensitively) that makes the sim play a RAG verifier: one short answer turn,
+    no search (engine/prompts.py's verifier prompt)."""
     answer_pattern: str = r"The answer I provided is:\s*(.+?)\.?\s*(?:\n|You need|$)"
     """Regex whose group 1 is the proposer's given answer; the sim remembers it with the question it writes."""
     question_pattern: str = r"Question:\s*(.+?)\s*(?:<\||\n|$)"
-    """Regex whose group 1 is the question in a solver or verifier prompt (looked up in the sim's memory)."""
+    """Regex whose group 1 is the question in a solver or verifier prompt (its last match is looked up in the sim's
+    memory)."""
     correct_answer_p: float = 0.5
     """Probability that a solver or verifier answers a remembered question correctly."""
     seed: int = 0

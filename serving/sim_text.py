@@ -8,8 +8,8 @@ start-up; the response `text` is the concatenation of their per-token strings, s
 
 Which turn of which role a request is, is read from its prompt (one decode per distinct prompt prefix, cached):
 
-- role: "proposer" if the prompt text (before the first assistant header) contains `SimSpec.proposer_marker`;
-  "verifier" if the request's max_new_tokens is at most `rag_verify.max_new_tokens`; else "solver".
+- role: "proposer" if the prompt text (before the first assistant header) contains `SimSpec.proposer_marker`,
+  "verifier" if it contains `SimSpec.verifier_marker` (any case), else "solver" (engine/prompts.py keeps both).
 - searches so far: the number of `</search>` after the first assistant header (earlier turns are in the prompt,
   since the engine appends output ids verbatim). The turn ends in a search with the hazard of the role's
   search-count distribution, so a rollout's number of searches follows `search_weights` exactly, without the
@@ -81,7 +81,7 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class _PromptFacts:
-    role_hint: Literal["proposer", "other"]
+    role: Role
     answer: str | None
     """Proposer: the answer it must write a question for."""
     remembered_answer: str | None
@@ -130,8 +130,8 @@ class SimText:
 
     # ---------------------------------------------------------------- reading the prompt
 
-    def _facts(self, input_ids: list[int], max_new_tokens: int) -> tuple[Role, int, _PromptFacts]:
-        """(role, searches so far, prompt facts) of a request."""
+    def _facts(self, input_ids: list[int]) -> tuple[int, _PromptFacts]:
+        """(searches so far, prompt facts) of a request."""
         raw = as_token_bytes(input_ids)
         start = _find_aligned(raw, self._marker, 0)
         prefix = raw if start < 0 else raw[:start]
@@ -144,28 +144,24 @@ class SimText:
         else:
             self._prompt_facts.move_to_end(prefix)
         searches = 0 if start < 0 else _count_aligned(raw, self._search_close, start)
-        if facts.role_hint == "proposer":
-            role: Role = "proposer"
-        elif max_new_tokens <= self._shapes.rag_verify.max_new_tokens:
-            role = "verifier"
-        else:
-            role = "solver"
-        return role, searches, facts
+        return searches, facts
 
     def _read_prompt(self, prompt_ids: list[int]) -> _PromptFacts:
         text = self._tok.decode(prompt_ids, skip_special_tokens=False)
         if self._spec.proposer_marker and self._spec.proposer_marker in text:
             m = self._proposer_answer.search(text)
             return _PromptFacts("proposer", m.group(1).strip() if m else None, None)
-        m = self._question.search(text)
-        remembered = self._memory.get(_normalise(m.group(1))) if m else None
-        return _PromptFacts("other", None, remembered)
+        questions = self._question.findall(text)  # the last one: a verifier prompt puts documents first
+        remembered = self._memory.get(_normalise(questions[-1])) if questions else None
+        marker = self._spec.verifier_marker.lower()
+        return _PromptFacts("verifier" if marker and marker in text.lower() else "solver", None, remembered)
 
     # ---------------------------------------------------------------- writing the output
 
     def plan(self, input_ids: list[int], sampling: SamplingOptions) -> Plan:
         """Decide the output of one request (a turn of a rollout) from its prompt and sampling options."""
-        role, searches, facts = self._facts(input_ids, sampling.max_new_tokens)
+        searches, facts = self._facts(input_ids)
+        role = facts.role
         budget = sampling.max_new_tokens
         if role == "verifier":
             shape = self._shapes.rag_verify

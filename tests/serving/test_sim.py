@@ -242,7 +242,9 @@ def test_proposer_question_is_answered_by_a_later_solver(tokenizer: TokenizerFil
     n, _, answer = _rollout(text, tokenizer, solver)
     if n < 10:
         assert "<answer> Marie Curie </answer>" in answer
-    verify = text.plan(solver, SamplingOptions(max_new_tokens=70))  # a RAG-verification budget: one short answer
+    verifier = _chat(tokenizer, f"Documents:\nDoc 1 (Title: X) text\n\nUsing only the documents above, answer the "
+                               f"question.\nQuestion: {question}")
+    verify = text.plan(verifier, SamplingOptions(max_new_tokens=70))  # one short answer, no search
     assert verify.role == "verifier" and verify.finish.type == "stop"
     assert "Marie Curie" in "".join(verify.text_pieces)
 
