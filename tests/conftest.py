@@ -101,3 +101,14 @@ def sim_launcher(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
 def sim_server(sim_launcher) -> str:  # type: ignore[no-untyped-def]
     """Base URL of one simulated server (7B profile, 20x faster than real time), shared by the session."""
     return sim_launcher().url
+
+
+@pytest.fixture(scope="session")
+def ref_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Base URL of one reference server (`ssp model serve`: SmolLM2-135M-Instruct, fp32 on CPU) for the session.
+
+    Context length 2048 keeps the over-long-prompt checks cheap. Tests that change weights restore them."""
+    server = ServerProcess(["--model", str(model_dir), "--port", "0", "--set", "serving.context_length=2048"],
+                           tmp_path_factory.mktemp("ref_server") / "server.log", timeout_s=300)
+    yield server.url
+    server.stop()
