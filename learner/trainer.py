@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,12 +310,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trajectories", required=True, help="trajectory file or tcp://HOST:PORT")
     parser.add_argument("--server", action="append", default=[], help="inference server URL (repeatable)")
     args = parser.parse_args(argv)
+    # megatron-core announces at import that it falls back from apex / transformer-engine: expected on CPU.
+    warnings.filterwarnings("ignore", message="(Transformer Engine and )?Apex (is|are) not installed")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{os.environ.get('RANK', '0')} "
                         "%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from ssp.config import build
 
     cfg = build(LearnerConfig, json.loads(args.config_json.read_text()), source=str(args.config_json))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
+    # Same thread count on every run of a config: CPU reductions, hence resumed weights, depend on it.
+    default_threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", default_threads)))
     try:
         return run(cfg, args.trajectories, args.server)
     finally:

@@ -1,0 +1,143 @@
+"""The training loop: batch planning, one step's effect, and resume after SIGKILL reaching the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.trajectory import unpack_group
+from learner.batching import collate, pack, plan_batch, shard
+from learner.config import LearnerConfig
+from learner.trajectory_source import StreamError, open_source
+from learner_tiny import make_groups, write_frames
+from ssp.config import to_dict
+from ssp.paths import PROJECT_ROOT
+
+
+def test_plan_drops_zero_variance_groups_and_skips_roles() -> None:
+    groups = make_groups(4, seed=3)
+    for t in groups[0]:
+        if t.role == "solver":
+            t.reward = 1.0  # an all-correct group
+    groups[1][0].role = "verifier"
+    cfg = LearnerConfig()
+    plan = plan_batch(groups, cfg)
+    assert plan.dropped_zero_variance_groups >= 1
+    assert plan.skipped_roles["verifier"] == 1
+    assert all(s.group_id != groups[0][1].group_id or s.role == "proposer" for s in plan.samples)
+    proposer_adv = [s.advantage for s in plan.samples if s.role == "proposer"]
+    assert sum(proposer_adv) == pytest.approx(0.0, abs=1e-6)  # batch-mean baseline
+    kept = plan_batch(groups, replace(cfg, drop_zero_variance_groups=False))
+    assert kept.dropped_zero_variance_groups == 0 and kept.total_seqs > plan.total_seqs
+
+
+def test_sharding_and_packing_cover_every_sample_once() -> None:
+    plan = plan_batch(make_groups(6, seed=4), LearnerConfig(drop_zero_variance_groups=False))
+    shards = [shard(plan.samples, 3, r) for r in range(3)]
+    assert sorted(id(s) for sh in shards for s in sh) == sorted(id(s) for s in plan.samples)
+    for micro in pack(shards[0], token_budget=40):
+        rows = max(len(s.tokens) - 1 for s in micro)
+        assert len(micro) == 1 or len(micro) * rows <= 40
+    s = plan.samples[0]
+    mb = collate([s], {"proposer": 2.0, "solver": 1.0}, torch.device("cpu"))
+    start = s.prompt_len - 1  # response token j is predicted at position P - 1 + j
+    assert mb.targets[0, start: start + len(s.loss_mask)].tolist() == s.tokens[s.prompt_len:]
+    assert mb.loss_mask[0].tolist()[start:start + len(s.loss_mask)] == s.loss_mask
+    assert mb.loss_mask[0, :start].sum() == 0
+
+
+def test_frame_source_reads_resumes_and_rejects_torn_tails(tmp_path: Path) -> None:
+    groups = make_groups(3, seed=5)
+    path = write_frames(tmp_path / "t.frames", groups)
+    src = open_source(str(path))
+    first = src.next_frame()
+    assert first is not None and unpack_group(first)[0].group_id == groups[0][0].group_id
+    offset = src.offset
+    src.close()
+    src = open_source(str(path), offset)
+    rest = [src.next_frame(), src.next_frame(), src.next_frame()]
+    assert rest[2] is None and unpack_group(rest[1])[0].group_id == groups[2][0].group_id  # type: ignore[arg-type]
+    src.close()
+    path.write_bytes(path.read_bytes()[:-3])
+    src = open_source(str(path), offset)
+    src.next_frame()
+    with pytest.raises(StreamError, match="ends inside a frame payload"):
+        src.next_frame()
+    src.close()
+    with pytest.raises(StreamError, match="past the end"):
+        open_source(str(path), 10**9)
+
+
+def _cfg(model_dir: Path, out_dir: Path) -> LearnerConfig:
+    return LearnerConfig(model_dir=model_dir, out_dir=out_dir, groups_per_step=2, lr=1e-3, warmup_steps=2,
+                         vocab_divisor=8, micro_batch_tokens=48, checkpoint_every=1, keep_checkpoints=2,
+                         drop_zero_variance_groups=False)
+
+
+def _final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    latest = out_dir / "checkpoints" / (out_dir / "checkpoints" / "latest").read_text()
+    return torch.load(latest / "tp0.pt", weights_only=True)["model"]
+
+
+def test_training_changes_weights_and_logs(tiny_llama: Path, tmp_path: Path, par1: object) -> None:
+    from learner.trainer import run
+
+    frames = write_frames(tmp_path / "t.frames", make_groups(4, seed=6))
+    cfg = _cfg(tiny_llama, tmp_path / "run")
+    assert run(cfg, str(frames), []) == 0
+    lines = [json.loads(x) for x in (cfg.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2]
+    for r in lines:
+        assert r["trained"] and r["grad_norm"] > 0 and 0 <= r["clip_frac"] <= 1 and r["micro_batches"] >= 2
+        assert r["logprob_mismatch_mean"] > 0  # the fake rollout logprobs are not the model's
+    assert lines[0]["lr"] == pytest.approx(1e-3)  # warm-up: step 0 ran at 1/2 lr, the logged lr is the next one
+    state = json.loads((cfg.out_dir / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state["step"] == 2 and len(state["consumed_group_ids"]) == 4
+    # a second run on the same stream resumes at its end: nothing is trained twice
+    assert run(cfg, str(frames), []) == 0
+    assert len((cfg.out_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_sigkill_mid_run_resumes_to_the_same_weights(tiny_llama: Path, tmp_path: Path, par1: object) -> None:
+    from learner.trainer import run
+
+    torch.set_num_threads(1)  # the killed subprocess runs with OMP_NUM_THREADS=1: same reductions, same bits
+    frames = write_frames(tmp_path / "t.frames", make_groups(40, seed=7))
+    reference = _cfg(tiny_llama, tmp_path / "reference")
+    assert run(reference, str(frames), []) == 0
+
+    killed = _cfg(tiny_llama, tmp_path / "killed")
+    killed.out_dir.mkdir()
+    cfg_json = killed.out_dir / "learner_config.json"
+    cfg_json.write_text(json.dumps(to_dict(killed)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, "-m", "learner.trainer", "--config-json", str(cfg_json),
+                             "--trajectories", str(frames)], cwd=PROJECT_ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed.out_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_done = len(metrics.read_text().splitlines())
+    assert 3 <= steps_done < 20, f"the kill must land mid-run (got {steps_done} of 20 steps)"
+
+    assert run(killed, str(frames), []) == 0
+    ids = json.loads((killed.out_dir / "checkpoints" / "step-000020" / "state.json").read_text())["consumed_group_ids"]
+    assert len(ids) == len(set(ids)) == 40  # every group trained exactly once
+    ours, ref = _final_weights(killed.out_dir), _final_weights(reference.out_dir)
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert torch.equal(ours[name], ref[name]), name
