@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 
 from ssp.paths import DATA_DIR, PROJECT_ROOT, artifacts_dir
@@ -51,27 +52,26 @@ def run(args: argparse.Namespace) -> int:
     queries = _queries(args.queries, generated)
     print(f"{len(queries)} queries, k={args.k}, {os.cpu_count()} CPU cores; best of {REPEATS} runs each")
 
-    measures: dict[str, Callable[[], float]] = {
-        "raw": lambda: _raw_qps(index_dir, queries, args.k, threads=1),
-        "raw2": lambda: _raw_qps(index_dir, queries, args.k, threads=2),
-        "batched": lambda: asyncio.run(_retriever_qps(index_dir, queries, args.k)),
-        "http": lambda: _http_qps(index_dir, queries, args.k, args.clients),
+    measures: dict[str, tuple[str, Callable[[], Measurement]]] = {
+        "raw_1thread": ("(a) raw tantivy-py, 1 thread", lambda: _raw(index_dir, queries, args.k, threads=1)),
+        "raw_2threads": ("raw tantivy-py, 2 threads (GIL check)", lambda: _raw(index_dir, queries, args.k, threads=2)),
+        "retriever_batched": (f"(b) TantivyRetriever, batches of {BATCH}", lambda: _batched(index_dir, queries, args.k)),
+        "http_server": (
+            f"(c) HTTP server, {args.clients} concurrent clients",
+            lambda: _http(index_dir, queries, args.k, args.clients),
+        ),
     }
     # Rounds interleave the measurements, so a burst of load from other processes hits all of them alike.
-    runs: dict[str, list[float]] = {name: [] for name in measures}
+    runs: dict[str, list[Measurement]] = {name: [] for name in measures}
     for _ in range(REPEATS):
-        for name, measure in measures.items():
+        for name, (_, measure) in measures.items():
             runs[name].append(measure())
-    raw, raw2, batched, http = (max(runs[name]) for name in measures)
+    best = {name: max(runs[name]) for name in measures}
+    raw, http = best["raw_1thread"].qps, best["http_server"].qps
     search_ms, stall_ms = _gil_stall(index_dir)
-    rows = [
-        ("(a) raw tantivy-py, 1 thread", raw, 1.0),
-        ("    raw tantivy-py, 2 threads (GIL check)", raw2, raw2 / raw),
-        (f"(b) TantivyRetriever, batches of {BATCH}", batched, batched / raw),
-        (f"(c) HTTP server, {args.clients} concurrent clients", http, http / raw),
-    ]
-    table = "| measurement | queries/s | x (a) |\n|---|---:|---:|\n" + "".join(
-        f"| {name.strip()} | {qps:,.0f} | {ratio:.2f} |\n" for name, qps, ratio in rows
+    table = "| measurement | queries/s | x (a) | CPU ms/query (all processes) |\n|---|---:|---:|---:|\n" + "".join(
+        f"| {label} | {best[name].qps:,.1f} | {best[name].qps / raw:.2f} | {best[name].cpu_ms_per_query:.2f} |\n"
+        for name, (label, _) in measures.items()
     )
     gil = (
         f"GIL: a {search_ms:.0f} ms search stalled a Python loop in another thread for at most {stall_ms:.0f} ms "
@@ -88,9 +88,13 @@ def run(args: argparse.Namespace) -> int:
         "clients": args.clients,
         "batch": BATCH,
         "cpu_cores": os.cpu_count(),
-        "runs_qps": runs,
-        "qps": {"raw_1thread": raw, "raw_2threads": raw2, "retriever_batched": batched, "http_server": http},
-        "ratios": {"gil_2t_over_1t": raw2 / raw, "b_over_a": batched / raw, "c_over_a": http / raw},
+        "runs": {name: [m._asdict() for m in ms] for name, ms in runs.items()},
+        "best": {name: m._asdict() for name, m in best.items()},
+        "ratios": {
+            "gil_2t_over_1t": best["raw_2threads"].qps / raw,
+            "b_over_a": best["retriever_batched"].qps / raw,
+            "c_over_a": http / raw,
+        },
         "gil": {"slow_search_ms": search_ms, "max_python_stall_ms": stall_ms},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -98,6 +102,29 @@ def run(args: argparse.Namespace) -> int:
     out_json.with_suffix(".md").write_text(f"# ssp bench retrieval\n\n{table}\n{gil}\n\n{verdict}\n\n```json\n{json.dumps(report, indent=2)}\n```\n")
     print(f"wrote {out_json} and {out_json.with_suffix('.md')}")
     return 0
+
+
+class Measurement(NamedTuple):
+    """Throughput, and CPU time spent per query by every process involved (load-independent efficiency)."""
+
+    qps: float
+    cpu_ms_per_query: float
+
+
+def _measure(n: int, work: Callable[[], None], server_pid: int | None = None) -> Measurement:
+    cpu0, server0, start = time.process_time(), _process_cpu_s(server_pid), time.perf_counter()
+    work()
+    wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu0 + _process_cpu_s(server_pid) - server0
+    return Measurement(n / wall, cpu * 1000 / n)
+
+
+def _process_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by another process, from /proc (Linux); 0 for none."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _corpora(given: list[Path] | None, scratch: Path) -> tuple[list[Path], bool]:
@@ -131,11 +158,11 @@ def _queries(n: int, generated: bool) -> list[str]:
     if generated:
         vocab = _vocab()
         return [" ".join(rng.choices(vocab[:5000], k=rng.randint(3, 12))) for _ in range(n)]
-    pool = [json.loads(line)["question"] for path in QA_FILES for line in path.open()]
+    pool = [json.loads(line)["question"] for path in QA_FILES for line in path.read_text().splitlines()]
     return [pool[i % len(pool)] for i in rng.sample(range(max(n, len(pool))), n)]
 
 
-def _raw_qps(index_dir: Path, queries: list[str], k: int, threads: int) -> float:
+def _raw(index_dir: Path, queries: list[str], k: int, threads: int) -> Measurement:
     """Plain tantivy-py: the same analyzer, query cleaning, boosts and stored-field fetch as TantivySearcher."""
     import tantivy
 
@@ -155,13 +182,14 @@ def _raw_qps(index_dir: Path, queries: list[str], k: int, threads: int) -> float
                 doc = searcher.doc(address)
                 doc.get_first("id"), doc.get_first("title"), doc.get_first("text")
 
-    start = time.perf_counter()
-    workers = [threading.Thread(target=loop, args=(queries[i::threads],)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return len(queries) / (time.perf_counter() - start)
+    def work() -> None:
+        workers = [threading.Thread(target=loop, args=(queries[i::threads],)) for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    return _measure(len(queries), work)
 
 
 def _gil_stall(index_dir: Path) -> tuple[float, float]:
@@ -185,20 +213,21 @@ def _gil_stall(index_dir: Path) -> tuple[float, float]:
     return search_ms, stall * 1000
 
 
-async def _retriever_qps(index_dir: Path, queries: list[str], k: int) -> float:
+def _batched(index_dir: Path, queries: list[str], k: int) -> Measurement:
     from retriever.tantivy_index import TantivyRetriever
+
+    async def work() -> None:
+        for i in range(0, len(queries), BATCH):
+            await retriever.search(queries[i : i + BATCH], k)
 
     retriever = TantivyRetriever(index_dir, threads=2)
     try:
-        start = time.perf_counter()
-        for i in range(0, len(queries), BATCH):
-            await retriever.search(queries[i : i + BATCH], k)
-        return len(queries) / (time.perf_counter() - start)
+        return _measure(len(queries), lambda: asyncio.run(work()))
     finally:
-        await retriever.close()
+        asyncio.run(retriever.close())
 
 
-def _http_qps(index_dir: Path, queries: list[str], k: int, clients: int) -> float:
+def _http(index_dir: Path, queries: list[str], k: int, clients: int) -> Measurement:
     """Start `ssp retriever serve` as its own process, then drive it with `clients` concurrent HttpRetriever calls."""
     cmd = [sys.executable, "-m", "ssp.cli", "retriever", "serve", "--index", str(index_dir), "--port", "0"]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -207,7 +236,9 @@ def _http_qps(index_dir: Path, queries: list[str], k: int, clients: int) -> floa
         line = server.stdout.readline()
         if " on http://" not in line:
             raise RuntimeError(f"the retrieval server did not start (exit {server.poll()}): {line!r}")
-        return asyncio.run(_drive(line.rsplit(" on ", 1)[1].strip(), queries, k, clients))
+        url = line.rsplit(" on ", 1)[1].strip()
+        asyncio.run(_drive(url, queries[:clients], k, clients))  # warm-up: imports, page cache, code paths
+        return _measure(len(queries), lambda: asyncio.run(_drive(url, queries, k, clients)), server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -215,22 +246,17 @@ def _http_qps(index_dir: Path, queries: list[str], k: int, clients: int) -> floa
             server.stdout.close()
 
 
-async def _drive(url: str, queries: list[str], k: int, clients: int) -> float:
+async def _drive(url: str, queries: list[str], k: int, clients: int) -> None:
     from retriever.client import HttpRetriever
 
     retriever = HttpRetriever(url, timeout_s=60, max_retries=0)
+    todo = iter(queries)
+
+    async def client() -> None:
+        for q in todo:  # the shared iterator hands each query to exactly one client
+            await retriever.search([q], k)
+
     try:
-        await retriever.search(queries[:clients], k)  # warm-up: connections, page cache
-        todo = iter(queries)
-
-        async def client() -> None:
-            for q in todo:  # the shared iterator hands each query to exactly one client
-                await retriever.search([q], k)
-
-        start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
-        return len(queries) / (time.perf_counter() - start)
     finally:
         await retriever.close()
-
-
