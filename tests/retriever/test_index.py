@@ -129,6 +129,15 @@ async def test_hostile_queries_never_raise(demo_index: Path) -> None:
         await retriever.close()
 
 
+def test_random_unicode_never_raises(demo_index: Path) -> None:
+    """Fuzz: 2,000 random strings over ASCII punctuation, Latin/Greek/Cyrillic/CJK, combining marks and emoji."""
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in [*range(0x20, 0x7F), *range(0xA0, 0x3000, 7), 0x130, 0x307, 0xFEFF, 0x200B, 0x1F680]]
+    searcher = TantivySearcher(demo_index)
+    for _ in range(2000):
+        assert len(searcher.search("".join(rng.choices(alphabet, k=rng.randint(0, 60))), 3)) <= 3
+
+
 async def test_batch_order_k_and_close(demo_index: Path) -> None:
     retriever = TantivyRetriever(demo_index, threads=2)
     queries = ["Scott Derrickson", "Ed Wood", "", "Doctor Strange", "Tim Burton", "Bela Lugosi"]
