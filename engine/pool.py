@@ -351,10 +351,16 @@ class InferencePool:
             while True:
                 self._check_open()
                 bound = self._bound(affinity, avoid)
+                # Waiters that timed out or were cancelled stay queued until reached; drop them from the head so
+                # they cannot make a free slot look taken.
                 if bound is not None:
+                    while bound.waiters and bound.waiters[0].done():
+                        bound.waiters.popleft()
                     if bound.in_flight < bound.capacity and not bound.waiters:
                         return self._take(bound, affinity)
                 else:
+                    while self._queue and self._queue[0][0].done():
+                        self._queue.popleft()
                     best = self._least_loaded(avoid)
                     if best is not None and not self._queue:
                         return self._take(best, affinity)

@@ -13,7 +13,7 @@ import pytest
 
 from engine.client import ServerClient, parse_generate_response
 from engine.errors import BadRequest, ConnectionFailed, FatalError, ProtocolError, RetryableError
-from engine.generation import SamplingParams
+from engine.generation import GenerateResult, SamplingParams
 from engine.ids import RID_LENGTH, RequestIds
 
 IDS = RequestIds()
@@ -26,9 +26,18 @@ async def client(sim_server: str) -> AsyncIterator[ServerClient]:
         yield ServerClient(sim_server, session, request_timeout_s=60, admin_timeout_s=60)
 
 
+async def _until_stop(client: ServerClient, sampling: SamplingParams, rid: str | None = None) -> GenerateResult:
+    """Generate until a turn ends by a stop rule: the sim lets 0.2 % of turns run away to the budget, like a model."""
+    for _ in range(5):
+        result = await client.generate(PROMPT, sampling, rid or IDS.next())
+        if result.finish.type == "stop":
+            return result
+    raise AssertionError(f"five turns in a row ran to max_new_tokens: {result.finish}")
+
+
 async def test_generate_parses_ids_logprobs_finish_and_versions(client: ServerClient) -> None:
     rid = IDS.next()
-    result = await client.generate(PROMPT, SamplingParams(max_new_tokens=400), rid)
+    result = await _until_stop(client, SamplingParams(max_new_tokens=2000), rid)
     assert result.rid == rid and result.server == client.url
     assert len(result.output_ids) == len(result.logprobs) > 0
     assert all(lp <= 0 for lp in result.logprobs)
@@ -41,8 +50,8 @@ async def test_generate_parses_ids_logprobs_finish_and_versions(client: ServerCl
 
 
 async def test_finish_shapes_stop_string_and_length(client: ServerClient) -> None:
-    stop = SamplingParams(max_new_tokens=400, stop=("</search>", "</answer>"), no_stop_trim=True)
-    result = await client.generate(PROMPT, stop, IDS.next())
+    stop = SamplingParams(max_new_tokens=2000, stop=("</search>", "</answer>"), no_stop_trim=True)
+    result = await _until_stop(client, stop)
     assert result.finish.type == "stop" and result.finish.matched in ("</search>", "</answer>")
     assert result.text.endswith(result.finish.matched)  # no_stop_trim keeps it in the text
     short = await client.generate(PROMPT, SamplingParams(max_new_tokens=3, ignore_eos=True), IDS.next())
