@@ -229,6 +229,8 @@ def _batched(index_dir: Path, queries: list[str], k: int) -> Measurement:
 
 def _http(index_dir: Path, queries: list[str], k: int, clients: int) -> Measurement:
     """Start `ssp retriever serve` as its own process, then drive it with `clients` concurrent HttpRetriever calls."""
+    import uvloop
+
     cmd = [sys.executable, "-m", "ssp.cli", "retriever", "serve", "--index", str(index_dir), "--port", "0"]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
@@ -237,8 +239,9 @@ def _http(index_dir: Path, queries: list[str], k: int, clients: int) -> Measurem
         if " on http://" not in line:
             raise RuntimeError(f"the retrieval server did not start (exit {server.poll()}): {line!r}")
         url = line.rsplit(" on ", 1)[1].strip()
-        asyncio.run(_drive(url, queries[:clients], k, clients))  # warm-up: imports, page cache, code paths
-        return _measure(len(queries), lambda: asyncio.run(_drive(url, queries, k, clients)), server.pid)
+        # The clients run on uvloop, as the engine does; the warm-up covers imports, page cache and code paths.
+        uvloop.run(_drive(url, queries[:clients], k, clients))
+        return _measure(len(queries), lambda: uvloop.run(_drive(url, queries, k, clients)), server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -140,3 +140,14 @@ def test_serve_command(demo_index: Path) -> None:
         proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+def test_serve_command_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ssp.cli import main
+
+    assert main(["retriever", "serve", "--index", str(tmp_path / "none"), "--port", "0"]) == 1
+    assert "none does not exist; build it with `ssp index build" in capsys.readouterr().err
+    assert main(["retriever", "serve", "--index", str(tmp_path), "--port", "70000"]) == 1
+    assert "port = 70000: must be 0..65535" in capsys.readouterr().err
+    assert main(["retriever", "serve", "--port", "0", "--set", "retrieval_server.max_topk=0"]) == 2
+    assert "max_topk = 0: must be >= 1" in capsys.readouterr().err
