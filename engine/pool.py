@@ -303,13 +303,13 @@ class InferencePool:
                     del self._live[rid]
                     self._release(server)
                 server.failures += 1
+                await self._recover(server, rid, error)
                 if attempt >= self._cfg.max_retries:
                     raise error
                 attempt += 1
                 self._retries += 1
                 log.warning("request %s failed on %s (%s); re-sending under a new rid (attempt %d of %d)", rid,
                             server.url, error.message, attempt, self._cfg.max_retries)
-                await self._recover(server, rid, error)
                 avoid = server
                 await asyncio.sleep(self._cfg.retry_backoff_s * 2 ** (attempt - 1))
         finally:

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from engine.errors import BadRequest, NoServerAvailable
+from engine.errors import BadRequest, ConnectionFailed, NoServerAvailable
 from engine.generation import SamplingParams
 from engine.inference_config import InferenceConfig
 from engine.pool import InferencePool
@@ -119,6 +119,21 @@ async def test_killed_server_requests_rerouted_none_lost_then_readmitted(sim_lau
     doomed.stop()
     survivor.stop()
     revived.stop()
+
+
+async def test_retries_exhausted_and_no_server_left(sim_launcher) -> None:  # type: ignore[no-untyped-def]
+    server = sim_launcher()
+    async with InferencePool(_cfg((server.url,), capacity_per_server=4, max_retries=0, queue_timeout_s=0.5)) as pool:
+        task = asyncio.create_task(pool.generate(PROMPT, LONG, affinity="a"))
+        await asyncio.sleep(0.3)
+        server.kill()
+        with pytest.raises(ConnectionFailed) as lost:
+            await task
+        assert lost.value.may_be_running and server.url in str(lost.value)
+        assert pool.metrics().ejections == 1 and pool.metrics().retries == 0
+        with pytest.raises(NoServerAvailable, match="0 of 1 targets healthy"):
+            await pool.generate(PROMPT, SHORT, affinity="b")
+    server.stop()
 
 
 async def test_abort_by_rid_and_by_cancellation(pair: tuple[str, str]) -> None:
