@@ -42,6 +42,10 @@ GENERATED_DOCS = 100_000
 def run(args: argparse.Namespace) -> int:
     from retriever.index_build import build_index
 
+    for flag, value in (("--queries", args.queries), ("--clients", args.clients), ("-k", args.k)):
+        if value < 1:
+            print(f"ssp bench retrieval: {flag} {value}: must be >= 1", file=sys.stderr)
+            return 2
     out_json = args.out or artifacts_dir() / "bench" / "retrieval.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
     corpora, generated = _corpora(args.corpus, out_json.parent)

@@ -20,3 +20,8 @@ def test_bench_runs_and_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert set(report["ratios"]) == {"gil_2t_over_1t", "b_over_a", "c_over_a"}
     assert all(m["qps"] > 0 and m["cpu_ms_per_query"] > 0 for m in report["best"].values())
     assert (tmp_path / "bench" / "retrieval.md").read_text().startswith("# ssp bench retrieval")
+
+
+def test_bench_rejects_empty_workloads(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "retrieval", "--queries", "0"]) == 2
+    assert "--queries 0: must be >= 1" in capsys.readouterr().err
