@@ -17,6 +17,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     )
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     _add_retrieval(bench_sub)
+    _add_engine(bench_sub)
     _add_inference(bench_sub)
 
 
@@ -63,5 +64,32 @@ def _add_inference(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParse
         from bench.inference import run as run_inference
 
         return run_inference(args)
+
+    p.set_defaults(run=run)
+
+
+def _add_engine(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = bench_sub.add_parser(
+        "engine",
+        help="rollouts in flight, per-turn overhead, event-loop lag and slot occupancy on one core; async vs sync",
+        description="Against the simulated server (its own process) and the demo index: keep --rollouts episodes in "
+        "flight on one core and report rollouts in flight, per-turn engine overhead p50/p99, event-loop lag and "
+        "stalls over 50 ms, slot occupancy; then the same episode budget in async and sync mode side by side.",
+    )
+    p.add_argument("--rollouts", type=int, default=2000, help="episodes in flight at once (default: 2000)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds measured after the ramp (default: 30)")
+    p.add_argument("--ramp", type=float, default=15.0, help="seconds of ramp-up not measured (default: 15)")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="simulated seconds per wall second of the sim server (default: 1, real time)")
+    p.add_argument("--compare-episodes", type=int, default=64,
+                   help="episodes per mode in the async vs sync comparison (0 = skip it; default: 64)")
+    p.add_argument("--compare-inflight", type=int, default=32,
+                   help="episodes at a time (sync: per step) in the comparison (default: 32)")
+    p.add_argument("--out", type=Path, help="JSON report path (default: artifacts/bench/engine.json)")
+
+    def run(args: argparse.Namespace) -> int:
+        from bench.engine import run as run_engine_bench
+
+        return run_engine_bench(args)
 
     p.set_defaults(run=run)

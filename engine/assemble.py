@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.aio import freeze_startup_objects
 from engine.chat import ChatTokenizer
 from engine.game import Game
 from engine.judge import Judge
@@ -78,6 +79,7 @@ async def run_engine(cfg: SSPConfig, *, episodes: int | None, out: Path | None =
             scheduler = Scheduler(game, seeds, stream, sched_cfg, capacity=capacity,
                                   solver_group_size=cfg.game.solver_group_size, metrics=metrics,
                                   pool_stats=lambda: pool_summary(pool), search_stats=batcher.stats.summary)
+            freeze_startup_objects()
             summary = await scheduler.run(episodes)
             summary["judge"] = dict(judge.counts)
             return summary

@@ -7,10 +7,16 @@ ids the server returned.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.prompts import Message
+from engine.prompts import DOC_SEPARATOR, INFO_FOOTER, INFO_HEADER, NO_RESULTS, Message, render_doc
+from retriever.protocol import Doc
+
+DOC_CACHE_ENTRIES = 65536
+"""Encoded document entries kept (popular passages come back in many searches)."""
 
 
 class ChatTokenizer:
@@ -21,6 +27,8 @@ class ChatTokenizer:
             raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat template; the engine "
                              "renders prompts with the model's own template, so use an instruct/chat model")
         self._tok = tokenizer
+        self._fixed = {text: self.encode_tool(text) for text in (INFO_HEADER, INFO_FOOTER, DOC_SEPARATOR, NO_RESULTS)}
+        self._docs: OrderedDict[tuple[int, str, str, str], list[int]] = OrderedDict()
 
     @classmethod
     def load(cls, model_dir: Path) -> ChatTokenizer:
@@ -42,6 +50,30 @@ class ChatTokenizer:
         """Token ids of tool output inserted into the assistant turn (no BOS or other special tokens added)."""
         return [int(i) for i in self._tok.encode(text, add_special_tokens=False)]
 
-    def decode(self, ids: list[int]) -> str:
+    def encode_information(self, docs: Sequence[Doc]) -> list[int]:
+        """Token ids of `engine.prompts.information_block(docs)`, built from separately encoded pieces.
+
+        Each document entry is encoded once and cached: tokenising a ~500-token block per search was the largest
+        per-turn cost of the engine. The ids differ from encoding the block in one piece only at the piece
+        boundaries, and they decode to exactly the same text (tests check this).
+        """
+        ids = list(self._fixed[INFO_HEADER])
+        if not docs:
+            ids += self._fixed[NO_RESULTS]
+        for k, doc in enumerate(docs, start=1):
+            if k > 1:
+                ids += self._fixed[DOC_SEPARATOR]
+            key = (k, doc.id, doc.title, doc.text)
+            cached = self._docs.get(key)
+            if cached is None:
+                cached = self._docs[key] = self.encode_tool(render_doc(k, doc))
+                if len(self._docs) > DOC_CACHE_ENTRIES:
+                    self._docs.popitem(last=False)
+            else:
+                self._docs.move_to_end(key)
+            ids += cached
+        return ids + self._fixed[INFO_FOOTER]
+
+    def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids, special tokens kept (for parsing and inspection only; never re-encoded)."""
-        return str(self._tok.decode(ids, skip_special_tokens=False))
+        return str(self._tok.decode(list(ids), skip_special_tokens=False))

@@ -65,7 +65,7 @@ class Game:
 
     def __init__(self, runner: RolloutRunner, chat: ChatTokenizer, judge: Judge, cfg: GameConfig,
                  rng: random.Random) -> None:
-        self._runner = runner
+        self.runner = runner
         self._chat = chat
         self._judge = judge
         self._cfg = cfg
@@ -85,7 +85,7 @@ class Game:
 
     async def propose(self, group_id: str, seed: Seed) -> Proposal:
         prompt = self._chat.render(proposer_messages(seed.answer, seed.hops))
-        ro = await self._runner.run(prompt, self.proposer_spec, affinity=f"{group_id}-p")
+        ro = await self.runner.run(prompt, self.proposer_spec, affinity=f"{group_id}-p")
         question = extract_question(ro.generated_text)
         reasons = (["no_question"] if question is None else
                    check_question(question, seed.aliases, ro.searches, self._cfg.checks))
@@ -107,7 +107,7 @@ class Game:
     async def solve(self, p: Proposal) -> list[SolverRun]:
         assert p.question is not None and not p.reasons, "solve() runs only on valid questions"
         prompt = self._chat.render(solver_messages(p.question))
-        rollouts = await gather_or_cancel([self._runner.run(prompt, self.solver_spec, affinity=f"{p.group_id}-s")
+        rollouts = await gather_or_cancel([self.runner.run(prompt, self.solver_spec, affinity=f"{p.group_id}-s")
                                            for _ in range(self._cfg.solver_group_size)])
         runs = []
         for ro in rollouts:

@@ -91,13 +91,23 @@ def verifier_messages(question: str, documents: str) -> list[Message]:
     ]
 
 
+DOC_SEPARATOR = "\n\n"
+INFO_HEADER = f"\n\n{INFO_OPEN}\n"
+INFO_FOOTER = f"\n{INFO_CLOSE}\n\n"
+NO_RESULTS = "No results found."
+
+
+def render_doc(k: int, doc: Doc) -> str:
+    """Search-R1's document entry: "Doc k (Title: ...)" then the passage."""
+    return f"Doc {k} (Title: {doc.title})\n{doc.text}"
+
+
 def render_docs(docs: Sequence[Doc]) -> str:
-    """Search-R1's document list: "Doc k (Title: ...)" then the passage, a blank line between documents."""
-    return "\n\n".join(f"Doc {k} (Title: {d.title})\n{d.text}" for k, d in enumerate(docs, start=1))
+    """A numbered document list, a blank line between documents."""
+    return DOC_SEPARATOR.join(render_doc(k, d) for k, d in enumerate(docs, start=1))
 
 
 def information_block(docs: Sequence[Doc]) -> str:
     """The tool result appended after a </search> (loss mask 0). No documents still gives a block, so the model
-    sees that the search found nothing."""
-    body = render_docs(docs) if docs else "No results found."
-    return f"\n\n{INFO_OPEN}\n{body}\n{INFO_CLOSE}\n\n"
+    sees that the search found nothing. `engine.chat.ChatTokenizer.encode_information` encodes exactly this text."""
+    return INFO_HEADER + (render_docs(docs) if docs else NO_RESULTS) + INFO_FOOTER

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from array import array
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from engine.checks import SearchRecord
 from engine.config import RolloutConfig
 from engine.errors import InferenceError
 from engine.generation import FinishReason, GenerateResult, Generator, SamplingParams
-from engine.prompts import SEARCH_CLOSE, SEARCH_OPEN, information_block
+from engine.prompts import SEARCH_CLOSE, SEARCH_OPEN
 from engine.search_batcher import SearchBatcher, SearchError
 from engine.trajectory import Role, Trajectory
 from retriever.protocol import Doc
@@ -81,15 +82,23 @@ class Segment:
     end: int
 
 
+def _ids() -> array[int]:
+    return array("l")
+
+
 @dataclass(kw_only=True, slots=True)
 class Rollout:
-    """A finished rollout. Token lists align with response_ids; tool tokens have logprob 0.0 and version -1."""
+    """A finished rollout. Token arrays align with response_ids; tool tokens have logprob 0.0 and version -1.
 
-    prompt_ids: list[int]
-    response_ids: list[int] = field(default_factory=list)
-    loss_mask: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
+    NOTE: token-level data is kept in `array`s, not lists: the garbage collector does not walk arrays, and with
+    thousands of rollouts in flight walking millions of list items made each full collection stall the event loop.
+    """
+
+    prompt_ids: array[int]
+    response_ids: array[int] = field(default_factory=_ids)
+    loss_mask: array[int] = field(default_factory=lambda: array("b"))
+    logprobs: array[float] = field(default_factory=lambda: array("d"))
+    versions: array[int] = field(default_factory=_ids)
     segments: list[Segment] = field(default_factory=list)
     searches: list[SearchRecord] = field(default_factory=list)
     docs: list[list[Doc]] = field(default_factory=list)
@@ -118,11 +127,11 @@ class Rollout:
         traj = Trajectory(
             role=role,
             group_id=group_id,
-            prompt_ids=list(self.prompt_ids),
-            response_ids=list(self.response_ids),
-            loss_mask=list(self.loss_mask),
-            rollout_logprobs=list(self.logprobs),
-            policy_versions=list(self.versions),
+            prompt_ids=self.prompt_ids.tolist(),
+            response_ids=self.response_ids.tolist(),
+            loss_mask=self.loss_mask.tolist(),
+            rollout_logprobs=self.logprobs.tolist(),
+            policy_versions=self.versions.tolist(),
             reward=reward,
             meta={
                 "finish_reason": str(self.end),
@@ -174,10 +183,19 @@ class RolloutRunner:
         self._chat = chat
         self._batcher = batcher
         self._cfg = cfg
+        self.active = 0
+        """Rollouts running now (a gauge for metrics and benches)."""
 
     async def run(self, prompt_ids: list[int], spec: RolloutSpec, *, affinity: str) -> Rollout:
+        self.active += 1
+        try:
+            return await self._run(prompt_ids, spec, affinity)
+        finally:
+            self.active -= 1
+
+    async def _run(self, prompt_ids: list[int], spec: RolloutSpec, affinity: str) -> Rollout:
         cfg = self._cfg
-        ro = Rollout(prompt_ids=list(prompt_ids))
+        ro = Rollout(prompt_ids=array("l", prompt_ids))
         turn_cap = spec.max_new_tokens or cfg.max_new_tokens_per_turn
         mark: float | None = None  # when engine-side work of this turn started (None before the first turn)
         while True:
@@ -226,7 +244,7 @@ class RolloutRunner:
             except SearchError as e:
                 raise RolloutError(f"search {query!r} failed: {e}") from e
             mark += time.perf_counter() - search_started  # waiting for the retriever is not engine overhead
-            block = self._chat.encode_tool(information_block(docs))
+            block = self._chat.encode_information(docs)
             if len(ro.response_ids) + len(block) > cfg.max_response_tokens:
                 ro.end = EndReason.RESPONSE_BUDGET
                 return ro
@@ -240,7 +258,7 @@ class RolloutRunner:
     async def _generate_turn(self, ro: Rollout, sampling: SamplingParams, affinity: str
                              ) -> tuple[list[int], list[float], list[int], FinishReason, str]:
         """One turn; an aborted generation is re-sent with its partial output until it finishes."""
-        context = ro.prompt_ids + ro.response_ids
+        context = ro.prompt_ids.tolist() + ro.response_ids.tolist()
         ids: list[int] = []
         logprobs: list[float] = []
         versions: list[int] = []

@@ -309,6 +309,7 @@ class Scheduler:
             "episodes_failed": c.failed,
             "failure_reasons": dict(c.failure_reasons),
             "episodes_inflight": self.gate.inflight,
+            "rollouts_active": self.game.runner.active,
             "episodes_per_s": round(c.finished / elapsed, 4),
             "tokens_per_s": round(c.generated_tokens / elapsed, 2),
             "generated_tokens": c.generated_tokens,

@@ -28,6 +28,13 @@ class Samples:
         for v in values:
             self.add(v)
 
+    def values(self) -> list[float]:
+        """The recent values, oldest first."""
+        return list(self._recent)
+
+    def mean(self) -> float:
+        return sum(self._recent) / len(self._recent) if self._recent else 0.0
+
     def percentile(self, q: float) -> float:
         if not self._recent:
             return 0.0

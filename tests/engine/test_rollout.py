@@ -109,9 +109,11 @@ async def test_search_then_answer(chat: ChatTokenizer) -> None:
     gen1, tool, gen2 = ro.segments
     assert (gen1.kind, tool.kind, gen2.kind) == ("gen", "tool", "gen")
     # The tool span is exactly the rendered information block, encoded once.
-    assert ro.response_ids[tool.start:tool.end] == chat.encode_tool(information_block(ro.docs[0]))
+    tool_ids = ro.response_ids[tool.start:tool.end].tolist()
+    assert tool_ids == chat.encode_information(ro.docs[0])
+    assert chat.decode(tool_ids) == information_block(ro.docs[0])
     # Each turn sends the running ids: prompt + everything appended so far, never re-tokenised text.
-    assert gen.calls[1][0] == ro.prompt_ids + ro.response_ids[:tool.end]
+    assert gen.calls[1][0] == (ro.prompt_ids + ro.response_ids[:tool.end]).tolist()
     assert gen.calls[0][1].stop == ("</search>", "</answer>") and gen.calls[0][1].temperature == 0.7
     assert gen.calls[0][2] == gen.calls[1][2] == "ep-1"
     assert "<answer> Paris </answer>" in ro.generated_text and "<information>" not in ro.generated_text
@@ -161,12 +163,13 @@ async def test_aborted_generation_is_resumed_with_its_versions(chat: ChatTokeniz
     ])
     assert ro.resumes == 1 and ro.end is EndReason.ANSWER
     prompt = ro.prompt_ids
-    assert gen.calls[1][0] == prompt + ro.response_ids[:n_first]  # prompt + partial output re-sent
+    assert gen.calls[1][0] == (prompt + ro.response_ids[:n_first]).tolist()  # prompt + partial output re-sent
     assert gen.calls[1][1].max_new_tokens == gen.calls[0][1].max_new_tokens - n_first
-    assert ro.versions[:n_first] == [3] * n_first and ro.versions[n_first:n_first + n_rest] == [4] * n_rest
+    assert ro.versions[:n_first].tolist() == [3] * n_first
+    assert ro.versions[n_first:n_first + n_rest].tolist() == [4] * n_rest
     assert ro.searches[0].query == "capital of France"
     last = ro.segments[-1]
-    assert ro.versions[last.start:last.start + 2] == [4, 4] and set(ro.versions[last.start + 2:last.end]) == {5}
+    assert ro.versions[last.start:last.start + 2].tolist() == [4, 4] and set(ro.versions[last.start + 2:last.end]) == {5}
     check_alignment(ro, chat)
 
 
@@ -186,6 +189,17 @@ async def test_search_failure_is_a_rollout_error(chat: ChatTokenizer) -> None:
     with pytest.raises(RolloutError, match="retriever down"):
         await runner.run([1, 2, 3], SOLVER, affinity="a")
     await batcher.close()
+
+
+def test_information_block_encoding_is_cached_and_exact(chat: ChatTokenizer) -> None:
+    docs = [Doc("a", "Ed Wood", "Edward Davis Wood Jr. was an American filmmaker.", 1.0),
+            Doc("b", "Galați", "Galați is a city in Romania — on the Danube.", 2.0)]
+    first = chat.encode_information(docs)
+    assert chat.decode(first) == information_block(docs)
+    assert chat.encode_information(docs) == first  # the cached path gives the same ids
+    assert chat.decode(chat.encode_information([])) == information_block([])
+    changed = [Doc("a", "Ed Wood", "Different text, same id.", 1.0)]
+    assert chat.decode(chat.encode_information(changed)) == information_block(changed)
 
 
 async def test_verifier_spec_does_not_search(chat: ChatTokenizer) -> None:

@@ -1,0 +1,229 @@
+"""`ssp bench engine`: can one engine process (one core) keep thousands of SSP rollouts in flight without stalling?
+
+Against the simulated server (`ssp model serve --sim`, its own process, 7B/H100 latency model) and the real Tantivy
+demo index, in one run:
+  (1) scale: max_inflight episodes (default 2,000) launched at once, measured over --duration seconds once the
+      ramp is done: rollouts in flight, per-turn engine overhead p50/p99, event-loop lag p50/p99/max and the number
+      of stalls over 50 ms, server slot occupancy, search batch sizes, episodes/s and tokens/s;
+  (2) schedule: the same episode budget in "async" and in "sync" (the reference's phases) side by side, at a small
+      scale, printing the episodes/s ratio async / sync.
+The engine process is pinned to one CPU core (when the OS allows) and the simulated server to another, so the engine
+numbers are those of one core. Writes artifacts/bench/engine.json and engine.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ssp.paths import artifacts_dir, default_index_dir, default_model_dir
+
+STALL_S = 0.050
+
+
+class SimServer:
+    """`ssp model serve --sim` as a child process on its own core; stopped by `stop()`."""
+
+    def __init__(self, time_scale: float, log_path: Path, cpu: int | None) -> None:
+        from serving.server import READY_LINE
+
+        cmd = [sys.executable, "-m", "ssp.cli", "model", "serve", "--sim", "--port", "0",
+               "--sim-time-scale", str(time_scale)]
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        if cpu is not None:
+            _pin(self.proc.pid, cpu)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(READY_LINE):
+                self.url = line[len(READY_LINE):].strip()
+                return
+        raise RuntimeError(f"the simulated server exited before listening; see {log_path}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def _pin(pid: int, cpu: int) -> bool:
+    try:
+        os.sched_setaffinity(pid, {cpu})
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+def _config(url: str, *, mode: str, max_inflight: int, seed: int) -> Any:
+    from ssp.config import load_config
+    from ssp.run_config import SSPConfig
+
+    return load_config(SSPConfig, None, [
+        f'inference.server_urls=["{url}"]',
+        "inference.capacity_per_server=4096",
+        f"scheduler.mode=\"{mode}\"",
+        f"scheduler.max_inflight={max_inflight}",
+        f"scheduler.episodes_per_step={max_inflight}",
+        f"scheduler.seed={seed}",
+        "search.max_batch=64",
+        "search.window_ms=5",
+    ])
+
+
+async def _measure(cfg: Any, *, duration_s: float, ramp_s: float, episodes: int | None) -> dict[str, Any]:
+    """Run the engine (eta unbounded) for ramp + duration seconds, or until `episodes` are done; sample gauges."""
+    from engine.aio import freeze_startup_objects
+    from engine.assemble import pool_summary
+    from engine.chat import ChatTokenizer
+    from engine.game import Game
+    from engine.judge import Judge
+    from engine.pool import InferencePool
+    from engine.rollout import RolloutRunner
+    from engine.scheduler import Scheduler
+    from engine.search_batcher import SearchBatcher
+    from engine.seeds import load_seed_answers, seed_stream
+    from engine.stream import FileSink, TrajectoryStream
+    from engine.telemetry import Samples
+    from retriever.registry import make_retriever
+
+    sched_cfg = dataclasses.replace(cfg.scheduler, eta=None)
+    chat = ChatTokenizer.load(cfg.rollout.tokenizer_dir or default_model_dir())
+    seeds = seed_stream(load_seed_answers(sched_cfg.seeds_file), hops_min=sched_cfg.hops_min,
+                        hops_max=sched_cfg.hops_max, seed=sched_cfg.seed)
+    out = artifacts_dir() / "bench" / f"engine-{sched_cfg.mode}.frames"
+    out.unlink(missing_ok=True)
+    stream = TrajectoryStream(FileSink(out), max_frame_bytes=cfg.stream.max_frame_bytes, queue_groups=4096,
+                              spill_path=out.with_suffix(".spill"))
+    retriever = make_retriever(cfg.retriever)
+    batcher = SearchBatcher(retriever, cfg.search, k=cfg.retriever.topk)
+    active, occupancy = Samples(), Samples()
+    try:
+        async with InferencePool(cfg.inference) as pool, Judge(cfg.game.judge) as judge:
+            runner = RolloutRunner(pool, chat, batcher, cfg.rollout)
+            game = Game(runner, chat, judge, cfg.game, random.Random(sched_cfg.seed))
+            sched = Scheduler(game, seeds, stream, sched_cfg, capacity=4096,
+                              solver_group_size=cfg.game.solver_group_size)
+            freeze_startup_objects()
+            run = asyncio.create_task(sched.run(episodes), name="bench-engine")
+            await asyncio.sleep(ramp_s)
+            # Measure only the steady state: reset the samples the ramp filled.
+            sched.overhead, sched.lag.lag = Samples(), Samples()
+            start, finished0, tokens0 = time.perf_counter(), sched.counters.finished, sched.counters.generated_tokens
+            while time.perf_counter() - start < duration_s and not run.done():
+                await asyncio.sleep(0.1)
+                active.add(runner.active)
+                occupancy.add(pool_summary(pool)["slot_occupancy"])
+            elapsed = time.perf_counter() - start
+            summary = sched.summary()
+            finished = sched.counters.finished - finished0
+            tokens = sched.counters.generated_tokens - tokens0
+            if run.done():
+                run.result()
+            else:
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+            lags = sched.lag.lag.values()
+            return {
+                "mode": sched_cfg.mode,
+                "max_inflight": sched_cfg.max_inflight,
+                "measured_s": round(elapsed, 2),
+                "rollouts_in_flight_p50": active.percentile(50),
+                "rollouts_in_flight_min": min(active.values(), default=0),
+                "episodes_finished": finished,
+                "episodes_per_s": round(finished / elapsed, 3),
+                "tokens_per_s": round(tokens / elapsed, 1),
+                "turn_overhead_p50_ms": summary["turn_overhead_p50_ms"],
+                "turn_overhead_p99_ms": summary["turn_overhead_p99_ms"],
+                "loop_lag_p50_ms": summary["loop_lag_p50_ms"],
+                "loop_lag_p99_ms": summary["loop_lag_p99_ms"],
+                "loop_lag_max_ms": summary["loop_lag_max_ms"],
+                "stalls_over_50ms": sum(1 for v in lags if v > STALL_S),
+                "slot_occupancy_mean": round(occupancy.mean(), 4),
+                "search_batch_mean": batcher.stats.summary()["search_batch_mean"],
+                "episodes_failed": summary["episodes_failed"],
+            }
+    finally:
+        await batcher.close()
+        await retriever.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    out_json = args.out or artifacts_dir() / "bench" / "engine.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    if not default_index_dir().exists():
+        print(f"the demo index {default_index_dir()} is missing; build it with `ssp index build --corpus "
+              "data/corpus/*.jsonl --out artifacts/index/demo`", file=sys.stderr)
+        return 2
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    engine_cpu = cpus[0] if cpus else None
+    sim_cpu = cpus[1] if len(cpus) > 1 else None
+    pinned = engine_cpu is not None and _pin(0, engine_cpu)
+    print(f"engine pinned to CPU {engine_cpu if pinned else '(not pinned)'}; simulated server on CPU {sim_cpu}")
+    results: dict[str, Any] = {"cpus": len(cpus), "engine_pinned": pinned}
+    sim = SimServer(args.time_scale, out_json.with_suffix(".sim.log"), sim_cpu)
+    try:
+        cfg = _config(sim.url, mode="async", max_inflight=args.rollouts, seed=1)
+        print(f"(1) scale: {args.rollouts} episodes in flight, ramp {args.ramp}s, measured {args.duration}s ...")
+        results["scale"] = uvloop.run(_measure(cfg, duration_s=args.duration, ramp_s=args.ramp, episodes=None))
+        if args.compare_episodes > 0:
+            for mode in ("async", "sync"):
+                print(f"(2) schedule: {args.compare_episodes} episodes, mode {mode} ...")
+                cfg = _config(sim.url, mode=mode, max_inflight=args.compare_inflight, seed=2)
+                results[mode] = uvloop.run(_measure(cfg, duration_s=1e9, ramp_s=0.0, episodes=args.compare_episodes))
+            results["async_over_sync_episodes_per_s"] = round(
+                results["async"]["episodes_per_s"] / max(1e-9, results["sync"]["episodes_per_s"]), 3)
+    finally:
+        sim.stop()
+    out_json.write_text(json.dumps(results, indent=2))
+    report = _report(results, args)
+    out_json.with_suffix(".md").write_text(report)
+    print(report)
+    scale = results["scale"]
+    ok = scale["stalls_over_50ms"] == 0 and scale["rollouts_in_flight_min"] >= args.rollouts
+    print("PASS" if ok else "FAIL", f": {scale['rollouts_in_flight_min']} rollouts in flight at least "
+          f"(goal {args.rollouts}), {scale['stalls_over_50ms']} event-loop stalls over 50 ms (goal 0)")
+    return 0 if ok else 1
+
+
+def _report(r: dict[str, Any], args: argparse.Namespace) -> str:
+    s = r["scale"]
+    lines = [
+        "# ssp bench engine",
+        "",
+        f"Simulated server: 7B/H100 profile at time scale {args.time_scale}; real Tantivy demo index; "
+        f"engine pinned to one core: {r['engine_pinned']} ({r['cpus']} cores visible).",
+        "",
+        "## (1) scale",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in s.items()),
+    ]
+    if "sync" in r:
+        lines += [
+            "",
+            f"## (2) async vs sync, {args.compare_episodes} episodes, {args.compare_inflight} at a time",
+            "",
+            "| mode | episodes/s | tokens/s | slot occupancy | loop lag p99 ms |",
+            "|---|---|---|---|---|",
+            *(f"| {m} | {r[m]['episodes_per_s']} | {r[m]['tokens_per_s']} | {r[m]['slot_occupancy_mean']} | "
+              f"{r[m]['loop_lag_p99_ms']} |" for m in ("async", "sync")),
+            "",
+            f"async / sync episodes per second: **{r['async_over_sync_episodes_per_s']}**",
+        ]
+    return "\n".join(lines) + "\n"
