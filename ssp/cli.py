@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "bench.cli",
     "learner.cli",
     "engine.cli",
+    "engine.eval_cli",
 )
 
 

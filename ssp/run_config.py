@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from engine.config import GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig, StreamConfig
+from engine.eval_config import EvalConfig
 from engine.inference_config import InferenceConfig
 from learner.config import LearnerConfig
 from retriever.config import RetrievalServerConfig, RetrieverConfig
@@ -29,5 +30,7 @@ class SSPConfig:
     """Episode scheduling: async or sync, episodes in flight, staleness bound eta, seeds."""
     stream: StreamConfig = field(default_factory=StreamConfig)
     """The trajectory stream to the learner: address, frame limit, buffer size, spill file."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """`ssp eval`: the Search-R1 evaluation protocol (turns, tokens per turn, top-k, greedy), concurrency, subset."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     """The Megatron learner: model, TP x DP, batching, losses, optimizer, checkpoints, weight push."""

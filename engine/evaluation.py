@@ -1,0 +1,471 @@
+"""Evaluation on QA benchmarks with the Search-R1 protocol: EM, token F1, answer rate and searches per question.
+
+    dataset files ({id, question, golden_answers} JSONL)      load_dataset: every line checked, errors name file:line
+      └─ pick(limit, seed): the same seeded subset every run, so before/after scores compare like with like
+    evaluate(cfg, datasets, model=DIR|URL|None)
+      ├─ DIR: start `ssp model serve --model DIR` on a free port (stopped at the end; its death stops the eval)
+      ├─ InferencePool([inference] or the URL), make_retriever([retriever]) + SearchBatcher(k = eval.topk)
+      ├─ run_questions: eval.concurrency workers, each takes the next question and runs one solver rollout
+      │    (solver prompt, greedy, eval.max_turns turns of eval.max_new_tokens_per_turn tokens) → QuestionRecord,
+      │    appended to records.jsonl at once, so a killed run keeps every finished question
+      └─ score per dataset and their unweighted mean (the "Avg" column of the paper's Table 1) → summary.json
+
+A question's prediction is the last <answer>...</answer> of the model's own text (the block SSP grades). EM is true
+when the SQuAD-normalised prediction equals any normalised golden answer; F1 is the best token F1 over the golden
+answers; no answer scores 0 on both. A question whose rollout failed for infrastructure reasons (server or
+retriever) is recorded with its error, scored 0 (fail closed) and counted in `errors`.
+
+`evaluate` is synchronous and owns its event loop; from async code call it with `asyncio.to_thread(evaluate, ...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from engine.chat import ChatTokenizer
+from engine.checks import extract_answer
+from engine.eval_config import EvalConfig
+from engine.judge import exact_match, token_f1
+from engine.pool import InferencePool
+from engine.prompts import ANSWER_CLOSE, ANSWER_OPEN, solver_messages
+from engine.rollout import RolloutError, RolloutRunner, RolloutSpec
+from engine.search_batcher import SearchBatcher
+from launcher.processes import ManagedProcess, free_port
+from retriever.registry import make_retriever
+from ssp.config import to_toml
+from ssp.metrics import MetricsLog
+from ssp.paths import artifacts_dir, default_model_dir
+from ssp.run_config import SSPConfig
+
+
+T = TypeVar("T")
+
+
+class EvalDataError(ValueError):
+    """An evaluation file is missing or has a malformed line; the message names the file, the line and the fix."""
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalQuestion:
+    """One benchmark question, as read from its file."""
+
+    id: str
+    question: str
+    golden_answers: tuple[str, ...]
+    """Every accepted answer (aliases); a prediction matching any of them is correct."""
+    line: int
+    """1-based line number in its file, for messages."""
+
+
+def load_dataset(path: Path) -> list[EvalQuestion]:
+    """All questions of a `{id, question, golden_answers}` JSONL file. Blank lines are skipped; anything else that
+    is not such an object (bad JSON, a missing or empty field, answers that are not a list of strings, a repeated
+    id) raises EvalDataError naming the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EvalDataError(f"dataset file {path} does not exist; pass an existing JSONL file to --dataset") from None
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{path}: not UTF-8 text ({e}); eval files are JSONL, one JSON object per line") from None
+    questions: list[EvalQuestion] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+                                'object like {"id": "q1", "question": "...", "golden_answers": ["..."]}') from None
+        if not isinstance(obj, dict):
+            raise EvalDataError(f"{where}: expected a JSON object with id, question and golden_answers, got "
+                                f"{type(obj).__name__}")
+        qid, question, answers = obj.get("id"), obj.get("question"), obj.get("golden_answers")
+        if isinstance(qid, bool) or not isinstance(qid, str | int) or str(qid).strip() == "":
+            raise EvalDataError(f"{where}: 'id' is {qid!r}; every question needs a non-empty string (or integer) id")
+        if not isinstance(question, str) or not question.strip():
+            raise EvalDataError(f"{where}: 'question' is {question!r}; it must be a non-empty string")
+        if (not isinstance(answers, list) or not answers
+                or not all(isinstance(a, str) and a.strip() for a in answers)):
+            raise EvalDataError(f"{where}: 'golden_answers' is {answers!r}; it must be a non-empty list of "
+                                'non-empty strings, e.g. ["Paris"] (a bare string is not accepted)')
+        qid = str(qid)
+        if qid in seen:
+            raise EvalDataError(f"{where}: id {qid!r} already used on line {seen[qid]}; ids must be unique in a file")
+        seen[qid] = number
+        questions.append(EvalQuestion(id=qid, question=question.strip(), golden_answers=tuple(answers), line=number))
+    if not questions:
+        raise EvalDataError(f"{path}: no questions (the file is empty); pass a JSONL file with at least one line")
+    return questions
+
+
+def pick(questions: Sequence[EvalQuestion], limit: int, seed: int) -> list[EvalQuestion]:
+    """A seeded random subset of `limit` questions in file order (all of them when limit is 0 or covers the file)."""
+    if limit == 0 or limit >= len(questions):
+        return list(questions)
+    chosen = sorted(random.Random(seed).sample(range(len(questions)), limit))
+    return [questions[i] for i in chosen]
+
+
+def dataset_name(path: Path) -> str:
+    """A dataset's name in tables and JSON: its file name without the extension."""
+    return path.name.removesuffix(".jsonl")
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QuestionRecord:
+    """What happened on one question: the prediction, its scores, the searches, and the full response text."""
+
+    dataset: str
+    id: str
+    question: str
+    golden_answers: tuple[str, ...]
+    prediction: str | None
+    """The last <answer> block, stripped; None when the model gave none."""
+    em: bool
+    f1: float
+    searches: int
+    """Searches executed (a search asked for in the last allowed turn is not executed, so not counted)."""
+    queries: tuple[str, ...]
+    turns: int
+    end: str
+    """Why the rollout ended (engine.rollout.EndReason), or "error"."""
+    generated_tokens: int
+    elapsed_s: float
+    response: str
+    """The whole response as the model saw it: its own turns and the <information> blocks, decoded."""
+    error: str | None = None
+    """The infrastructure failure that cut this question short (it then scores 0)."""
+
+    @property
+    def answered(self) -> bool:
+        return self.prediction is not None and self.prediction.strip() != ""
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["answered"] = self.answered
+        return out
+
+
+def score(prediction: str | None, golden_answers: Sequence[str]) -> tuple[bool, float]:
+    """(EM, F1) of a prediction against any golden answer; no answer (None or blank) scores (False, 0.0)."""
+    if prediction is None or not prediction.strip():
+        return False, 0.0
+    return exact_match(prediction, golden_answers), token_f1(prediction, golden_answers)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DatasetScore:
+    """Scores of one dataset (or their average). Rates are fractions in [0, 1]; tables show them as percentages."""
+
+    name: str
+    questions: int
+    em: float
+    """Share of questions whose prediction exactly matches a golden answer (after normalisation)."""
+    f1: float
+    """Mean over questions of the best token F1 against the golden answers."""
+    answered: float
+    """Share of questions with a non-empty <answer>."""
+    searches_per_question: float
+    errors: int
+    """Questions cut short by an infrastructure failure (scored 0)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def summarize(name: str, records: Sequence[QuestionRecord]) -> DatasetScore:
+    """The scores of one dataset's records."""
+    n = len(records)
+    if n == 0:
+        raise ValueError(f"dataset {name!r} has no records to score")
+    return DatasetScore(
+        name=name,
+        questions=n,
+        em=sum(r.em for r in records) / n,
+        f1=sum(r.f1 for r in records) / n,
+        answered=sum(r.answered for r in records) / n,
+        searches_per_question=sum(r.searches for r in records) / n,
+        errors=sum(r.error is not None for r in records),
+    )
+
+
+def average(scores: Sequence[DatasetScore]) -> DatasetScore:
+    """Unweighted mean over datasets (each dataset counts once, whatever its size), as in the paper's Avg column.
+    `questions` and `errors` are totals."""
+    if not scores:
+        raise ValueError("no dataset scores to average")
+    n = len(scores)
+    return DatasetScore(
+        name="average",
+        questions=sum(s.questions for s in scores),
+        em=sum(s.em for s in scores) / n,
+        f1=sum(s.f1 for s in scores) / n,
+        answered=sum(s.answered for s in scores) / n,
+        searches_per_question=sum(s.searches_per_question for s in scores) / n,
+        errors=sum(s.errors for s in scores),
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalResult:
+    """The outcome of `evaluate`: per-dataset scores in the order the files were given, their average, and where
+    the files went."""
+
+    model: str
+    """The model directory or server URL(s) evaluated."""
+    datasets: tuple[DatasetScore, ...]
+    average: DatasetScore
+    wall_s: float
+    out_dir: Path
+    """Holds summary.json, records.jsonl, config.toml (and logs/server.log when a server was started)."""
+
+    def score(self, name: str) -> DatasetScore:
+        """The scores of the dataset called `name` (its file name without .jsonl)."""
+        for s in self.datasets:
+            if s.name == name:
+                return s
+        raise KeyError(f"no dataset {name!r} in this result; it has {[s.name for s in self.datasets]}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "datasets": [s.to_json() for s in self.datasets],
+                "average": self.average.to_json(), "wall_s": round(self.wall_s, 3), "out_dir": str(self.out_dir)}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def solver_spec(cfg: EvalConfig) -> RolloutSpec:
+    """The Search-R1 solver rollout: searches run, </answer> ends it, eval.temperature (0 = greedy)."""
+    return RolloutSpec(final_open=ANSWER_OPEN, final_close=ANSWER_CLOSE, search=True, temperature=cfg.temperature)
+
+
+async def answer_one(runner: RolloutRunner, chat: ChatTokenizer, spec: RolloutSpec, dataset: str,
+                     q: EvalQuestion) -> QuestionRecord:
+    """One solver rollout on one question, scored."""
+    started = time.perf_counter()
+    prompt = chat.render(solver_messages(q.question))
+    common: dict[str, Any] = {"dataset": dataset, "id": q.id, "question": q.question,
+                              "golden_answers": q.golden_answers}
+    try:
+        ro = await runner.run(prompt, spec, affinity=f"eval/{dataset}/{q.id}")
+    except RolloutError as e:
+        return QuestionRecord(**common, prediction=None, em=False, f1=0.0, searches=0, queries=(), turns=0,
+                              end="error", generated_tokens=0, elapsed_s=round(time.perf_counter() - started, 3),
+                              response="", error=str(e))
+    prediction = extract_answer(ro.generated_text)
+    em, f1 = score(prediction, q.golden_answers)
+    return QuestionRecord(**common, prediction=prediction, em=em, f1=f1, searches=len(ro.searches),
+                          queries=tuple(s.query for s in ro.searches), turns=ro.turns, end=str(ro.end),
+                          generated_tokens=ro.generated_tokens, elapsed_s=round(time.perf_counter() - started, 3),
+                          response=chat.decode(ro.response_ids))
+
+
+async def run_questions(runner: RolloutRunner, chat: ChatTokenizer, work: Sequence[tuple[str, EvalQuestion]],
+                        cfg: EvalConfig, on_done: Callable[[QuestionRecord], None]) -> list[QuestionRecord]:
+    """Answer every (dataset, question) with at most cfg.concurrency in flight; records come back in input order
+    and each is passed to `on_done` as soon as it is finished."""
+    spec = solver_spec(cfg)
+    records: list[QuestionRecord | None] = [None] * len(work)
+    todo = iter(range(len(work)))  # shared by the workers: each index is taken exactly once
+
+    async def worker() -> None:
+        for i in todo:
+            dataset, question = work[i]
+            record = await answer_one(runner, chat, spec, dataset, question)
+            records[i] = record
+            on_done(record)
+
+    async with asyncio.TaskGroup() as tg:
+        for w in range(min(cfg.concurrency, len(work))):
+            tg.create_task(worker(), name=f"eval-worker-{w}")
+    assert all(r is not None for r in records), "every question is answered once the workers finish"
+    return [r for r in records if r is not None]
+
+
+async def _unless_dead(work: Coroutine[Any, Any, T], process: ManagedProcess) -> T:
+    """Run `work`, but fail with ProcessFailed (naming the log) as soon as `process` dies, instead of letting every
+    remaining question fail slowly against a dead server."""
+
+    async def watch() -> None:
+        while process.alive():
+            await asyncio.sleep(0.5)
+        raise process.failure()
+
+    work_task = asyncio.create_task(work, name="eval-work")
+    watch_task = asyncio.create_task(watch(), name="eval-watch-server")
+    try:
+        done, _ = await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        if watch_task in done:
+            watch_task.result()  # raises ProcessFailed
+        return work_task.result()
+    finally:
+        for task in (work_task, watch_task):
+            task.cancel()
+        await asyncio.gather(work_task, watch_task, return_exceptions=True)
+
+
+async def _run_all(cfg: SSPConfig, work: Sequence[tuple[str, EvalQuestion]], *, urls: tuple[str, ...] | None,
+                   chat: ChatTokenizer, server: ManagedProcess | None, on_done: Callable[[QuestionRecord], None]
+                   ) -> tuple[list[QuestionRecord], dict[str, Any]]:
+    """The async part of `evaluate`: pool, retriever and batcher around `run_questions`."""
+    inference = cfg.inference if urls is None else dataclasses.replace(cfg.inference, server_urls=urls,
+                                                                       router_url=None)
+    rollout = dataclasses.replace(cfg.rollout, max_turns=cfg.eval.max_turns,
+                                  max_new_tokens_per_turn=cfg.eval.max_new_tokens_per_turn)
+    retriever = make_retriever(cfg.retriever)
+    batcher = SearchBatcher(retriever, cfg.search, k=cfg.eval.topk)
+    try:
+        async with InferencePool(inference) as pool:
+            runner = RolloutRunner(pool, chat, batcher, rollout)
+            job = run_questions(runner, chat, work, cfg.eval, on_done)
+            records = await (job if server is None else _unless_dead(job, server))
+            return records, {"pool": pool.metrics().to_json(), "search": batcher.stats.summary()}
+    finally:
+        await batcher.close()
+        await retriever.close()
+
+
+@contextlib.contextmanager
+def reference_server(model_dir: Path, *, config_path: Path, log_path: Path, timeout_s: float) -> Iterator[
+        tuple[str, ManagedProcess]]:
+    """`ssp model serve --model DIR` on a free local port, with the evaluation's resolved config; yields its base
+    URL and process, and stops it on exit."""
+    if not (model_dir / "config.json").exists():
+        raise EvalDataError(f"--model {model_dir}: no config.json there; pass a Hugging Face model directory (e.g. "
+                            "the one `ssp model prepare` prints) or a server URL http://host:port")
+    port = free_port()
+    argv = [sys.executable, "-m", "ssp.cli", "model", "serve", "--config", str(config_path), "--model",
+            str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+    with ManagedProcess("reference server", argv, log_path=log_path) as process:
+        url = f"http://127.0.0.1:{port}"
+        process.wait_ready(url=f"{url}/health", timeout_s=timeout_s)
+        yield url, process
+
+
+def evaluate(cfg: SSPConfig, datasets: Sequence[Path], *, model: Path | str | None = None, limit: int | None = None,
+             out_dir: Path | None = None, progress: bool = True) -> EvalResult:
+    """Score a model on QA files with the Search-R1 protocol (see the module docstring) and write the results.
+
+    model: a Hugging Face directory (a reference server is started for it and stopped at the end), a server base
+    URL "http://host:port", or None for the servers of cfg.inference (e.g. the ones `ssp train` runs). The tokenizer
+    is the model directory's, else cfg.rollout.tokenizer_dir, else the prepared default model.
+    limit: questions per file, overriding cfg.eval.limit (0 = all). out_dir overrides cfg.eval.out_dir.
+    """
+    if not datasets:
+        raise EvalDataError("no dataset files given; pass at least one {id, question, golden_answers} JSONL file")
+    names = [dataset_name(p) for p in datasets]
+    if len(set(names)) != len(names):
+        raise EvalDataError(f"dataset files {[str(p) for p in datasets]} share a file name; each dataset is named "
+                            "after its file, so give them distinct names")
+    limit = cfg.eval.limit if limit is None else limit
+    if limit < 0:
+        raise EvalDataError(f"limit = {limit}: must be >= 0 (0 = every question)")
+    # Read every file before starting anything, so a bad line fails in a second, not after a server start.
+    work = [(name, q) for name, path in zip(names, datasets)
+            for q in pick(load_dataset(path), limit, cfg.eval.seed)]
+    out = out_dir or cfg.eval.out_dir or artifacts_dir() / "eval" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.toml"
+    config_path.write_text(to_toml(cfg), encoding="utf-8")
+
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        server: ManagedProcess | None = None
+        urls: tuple[str, ...] | None = None
+        tokenizer_dir = cfg.rollout.tokenizer_dir or default_model_dir()
+        if model is None:
+            label = cfg.inference.router_url or ", ".join(cfg.inference.server_urls)
+        elif str(model).startswith(("http://", "https://")):
+            urls, label = (str(model).rstrip("/"),), str(model)
+        else:
+            tokenizer_dir, label = Path(model), str(model)
+            url, server = stack.enter_context(reference_server(
+                Path(model), config_path=config_path, log_path=out / "logs" / "server.log",
+                timeout_s=cfg.eval.server_start_timeout_s))
+            urls = (url,)
+        chat = ChatTokenizer.load(tokenizer_dir)
+        log = stack.enter_context(MetricsLog(out / "records.jsonl"))
+        bar = stack.enter_context(tqdm(total=len(work), desc="eval", unit="q", disable=not progress))
+        done = correct = 0
+
+        def on_done(record: QuestionRecord) -> None:
+            nonlocal done, correct
+            log.write(record.to_json())
+            done += 1
+            correct += record.em
+            bar.update(1)
+            bar.set_postfix(em=f"{100 * correct / done:.1f}%", refresh=False)
+
+        records, stats = asyncio.run(_run_all(cfg, work, urls=urls, chat=chat, server=server, on_done=on_done))
+    scores = tuple(summarize(name, [r for r in records if r.dataset == name]) for name in names)
+    result = EvalResult(model=label, datasets=scores, average=average(scores), wall_s=time.perf_counter() - started,
+                        out_dir=out)
+    summary = {
+        **result.to_json(),
+        "protocol": {"max_turns": cfg.eval.max_turns, "max_new_tokens_per_turn": cfg.eval.max_new_tokens_per_turn,
+                     "topk": cfg.eval.topk, "temperature": cfg.eval.temperature, "limit": limit,
+                     "seed": cfg.eval.seed, "concurrency": cfg.eval.concurrency},
+        "files": {name: str(path) for name, path in zip(names, datasets)},
+        "end_reasons": dict(sorted(collections.Counter(r.end for r in records).items())),
+        **stats,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+# ---------------------------------------------------------------- tables
+
+
+def format_table(result: EvalResult) -> str:
+    """The scores as a fixed-width table, one row per dataset and the average last (rates in percent)."""
+    rows = [*result.datasets, result.average]
+    width = max(len("dataset"), *(len(s.name) for s in rows))
+    head = f"{'dataset':<{width}}  {'n':>5}  {'EM %':>6}  {'F1 %':>6}  {'answered %':>10}  {'searches/q':>10}  errors"
+    lines = [head, "-" * len(head)]
+    for s in rows:
+        if s is result.average:
+            lines.append("-" * len(head))
+        lines.append(f"{s.name:<{width}}  {s.questions:>5}  {100 * s.em:>6.1f}  {100 * s.f1:>6.1f}  "
+                     f"{100 * s.answered:>10.1f}  {s.searches_per_question:>10.2f}  {s.errors:>6}")
+    return "\n".join(lines)
+
+
+def format_comparison(before: EvalResult, after: EvalResult) -> str:
+    """Before/after table (e.g. around training): EM and F1 per dataset and averaged, with the change in points.
+    Both results must cover the same datasets."""
+    if [s.name for s in before.datasets] != [s.name for s in after.datasets]:
+        raise ValueError(f"cannot compare results over different datasets: {[s.name for s in before.datasets]} vs "
+                         f"{[s.name for s in after.datasets]}; evaluate both on the same files")
+    pairs = [*zip(before.datasets, after.datasets), (before.average, after.average)]
+    width = max(len("dataset"), *(len(b.name) for b, _ in pairs))
+    head = (f"{'dataset':<{width}}  {'EM before':>9}  {'EM after':>8}  {'Δ EM':>6}  {'F1 before':>9}  "
+            f"{'F1 after':>8}  {'Δ F1':>6}  {'searches/q':>12}")
+    lines = [head, "-" * len(head)]
+    for b, a in pairs:
+        if b is before.average:
+            lines.append("-" * len(head))
+        lines.append(f"{b.name:<{width}}  {100 * b.em:>9.1f}  {100 * a.em:>8.1f}  {100 * (a.em - b.em):>+6.1f}  "
+                     f"{100 * b.f1:>9.1f}  {100 * a.f1:>8.1f}  {100 * (a.f1 - b.f1):>+6.1f}  "
+                     f"{b.searches_per_question:>5.2f}→{a.searches_per_question:<5.2f}")
+    return "\n".join(lines)
