@@ -46,3 +46,4 @@ demo: setup
 # throughput benchmarks (quick versions); each writes JSON and a markdown report under artifacts/bench/
 bench: setup
     "{{ssp}}" bench retrieval
+    "{{ssp}}" bench inference --requests 1000
