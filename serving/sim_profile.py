@@ -54,7 +54,8 @@ class PrefixCacheSpec:
     enabled: bool = True
     """Reuse cached prompt prefixes (radix cache): cached tokens cost no prefill."""
     flush_on_weight_update: bool = True
-    """Clear the cache after every weight update (slime does; KV from old weights is stale)."""
+    """Whether weight pushes ask for a cache flush (slime does; KV from old weights is stale). A policy for the
+    client side (benches pass it as flush_cache); the sim server flushes whenever it is asked, like SGLang."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
