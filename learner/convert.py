@@ -142,6 +142,15 @@ def canonical_name(model_name: str) -> str:
     return model_name
 
 
+def is_tp_sharded(name: str) -> bool:
+    """Whether a parameter (local-layer name) is split over TP ranks: all but the norms, which are replicated.
+
+    NOTE: decided by name because megatron marks split parameters (`tensor_model_parallel`) only when it
+    initialises them, and the learner builds with `perform_initialization=False` before loading a checkpoint.
+    """
+    return not name.endswith("layernorm.weight")
+
+
 def canonical_params(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """(local-layer name, parameter) for every parameter of a GPTModel, in module order."""
     for name, param in model.named_parameters():

@@ -11,13 +11,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from learner.convert import canonical_params, megatron_to_hf
+from learner.convert import canonical_params, is_tp_sharded, megatron_to_hf
 from learner.model import ModelShape
-
-# Parameters TP does not split (megatron marks split ones with tensor_model_parallel = True).
-def _is_sharded(param: torch.nn.Parameter) -> bool:
-    return bool(getattr(param, "tensor_model_parallel", False))
-
 
 @torch.no_grad()
 def iter_hf_weights(model: torch.nn.Module, shape: ModelShape, *, tp_group: dist.ProcessGroup | None,
@@ -25,7 +20,7 @@ def iter_hf_weights(model: torch.nn.Module, shape: ModelShape, *, tp_group: dist
     """(HF name, full tensor) for every weight, in module order; tied models yield no lm_head."""
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     for name, param in canonical_params(model):
-        if tp > 1 and _is_sharded(param):
+        if tp > 1 and is_tp_sharded(name):
             shards = [torch.empty_like(param) for _ in range(tp)]
             dist.all_gather(shards, param.detach().contiguous(), group=tp_group)
         else:

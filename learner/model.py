@@ -55,7 +55,8 @@ class ModelShape:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ModelConfigError(f"{source}: architectures = {archs!r}; the learner builds "
                                    f"{' or '.join(SUPPORTED_ARCHITECTURES)} only")
-        scaling = cfg.get("rope_scaling")
+        # transformers 5 writes RoPE settings under rope_parameters, older versions under rope_scaling/rope_theta.
+        scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
         if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
             raise ModelConfigError(f"{source}: rope_scaling = {scaling!r} is not supported by the learner's "
                                    "converter; use a checkpoint with plain RoPE")

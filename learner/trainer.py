@@ -145,7 +145,10 @@ class Trainer:
     @torch.no_grad()
     def _reduce_and_clip_grads(self) -> float:
         """Sum gradients over DP; global L2 norm over all TP shards (replicated params counted once); clip."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        from learner.convert import canonical_params, is_tp_sharded
+
+        named = [(n, p) for n, p in canonical_params(self.model) if p.requires_grad]
+        params = [p for _, p in named]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -158,8 +161,8 @@ class Trainer:
                 p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
                 offset += n
         sq = torch.zeros(1, dtype=torch.float64, device=self.par.device)
-        for p in params:
-            if getattr(p, "tensor_model_parallel", False) or self.par.tp_rank == 0:
+        for name, p in named:
+            if is_tp_sharded(name) or self.par.tp_rank == 0:
                 sq += p.grad.double().pow(2).sum()
         dist.all_reduce(sq, group=self.tp_group)
         norm = math.sqrt(sq.item())

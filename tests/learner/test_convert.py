@@ -99,3 +99,27 @@ def test_logits_match_transformers_tp1(family: str, request: pytest.FixtureReque
         ours = model(ids, pos, attention_mask(19, torch.device("cpu")))[..., : shape.vocab_size]
         ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits
     assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_smollm2_round_trip_and_logits_tp1(model_dir: Path, par1: object) -> None:
+    """The real model: HF -> Megatron -> HF bit-exact, and logits equal transformers' within 1e-4 (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    from learner.convert import load_hf_into_model
+    from learner.gather import iter_hf_weights
+    from learner.model import attention_mask, build_model
+
+    shape = ModelShape.from_dir(model_dir)
+    assert shape.tie_word_embeddings and shape.rope_theta == 100000.0
+    model = build_model(shape, par1)  # type: ignore[arg-type]
+    load_hf_into_model(model, model_dir, shape, tp=1, tp_rank=0, vocab_divisor=128)
+    with HfTensors(model_dir) as hf:
+        back = dict(iter_hf_weights(model, shape, tp_group=None, keep=True))
+        assert set(back) == set(hf.names()) - {"lm_head.weight"}
+        for name, t in back.items():
+            assert torch.equal(t, hf.get(name)), name
+    ids = torch.randint(0, shape.vocab_size, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(ids, torch.arange(24)[None], attention_mask(24, torch.device("cpu")))
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits
+    assert (ours[..., : shape.vocab_size] - ref).abs().max().item() < 1e-4
