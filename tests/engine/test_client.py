@@ -12,7 +12,14 @@ import aiohttp
 import pytest
 
 from engine.client import ServerClient, parse_generate_response
-from engine.errors import BadRequest, ConnectionFailed, FatalError, ProtocolError, RetryableError
+from engine.errors import (
+    BadRequest,
+    ConnectionFailed,
+    FatalError,
+    ProtocolError,
+    RetryableError,
+    ServerOverloaded,
+)
 from engine.generation import GenerateResult, SamplingParams
 from engine.ids import RID_LENGTH, RequestIds
 
@@ -133,6 +140,16 @@ async def test_errors_carry_server_message_and_url(client: ServerClient) -> None
         await client.generate(PROMPT, SamplingParams(max_new_tokens=4), rid)
     await client.abort(rid)
     assert (await first).finish.type == "abort"
+
+
+async def test_queue_full_is_a_retryable_503(sim_launcher) -> None:  # type: ignore[no-untyped-def]
+    full = sim_launcher(extra_args=("--set", "serving.max_queued_requests=0"))  # every generate: queue full
+    async with aiohttp.ClientSession() as session:
+        client = ServerClient(full.url, session)
+        with pytest.raises(ServerOverloaded, match="The request queue is full") as e:
+            await client.generate(PROMPT, SamplingParams(max_new_tokens=4), IDS.next())
+        assert isinstance(e.value, RetryableError) and e.value.status == 503 and not e.value.may_be_running
+    full.stop()
 
 
 async def test_unreachable_server_is_a_retryable_connection_error() -> None:
