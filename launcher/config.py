@@ -84,14 +84,8 @@ class ClusterConfig:
     """Smallest KV cache per GPU that makes a server worth running; below it the plan is rejected."""
     train_tp: int = 8
     """Megatron tensor-parallel size (must divide attention heads and KV heads; keep it within a node)."""
-    train_pp: int = 2
+    train_pp: int = 1
     """Megatron pipeline-parallel size (must divide the layer count). DP is derived: train GPUs / (TP x PP)."""
-    micro_batch_tokens: int = 8192
-    """Tokens per micro-batch per pipeline stage (sets activation memory)."""
-    distributed_optimizer: bool = True
-    """Shard fp32 master weights and Adam states across data-parallel ranks (Megatron's distributed optimizer)."""
-    kl_reference: bool = True
-    """Keep a frozen bf16 reference copy of the model on the trainer GPUs for the KL term."""
     memory_headroom_gib: float = 6.0
     """Per-GPU allowance for CUDA context, NCCL buffers and fragmentation, added to every estimate."""
     base_port: int = 30000

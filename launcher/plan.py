@@ -1,9 +1,10 @@
 """The placement plan of a multi-node run: which process runs on which node and GPUs, on which port, and whether
 it fits in memory. Pure arithmetic on the [cluster] section, so `--dry-run` checks a 32-GPU plan on a laptop.
 
-Memory model (per GPU, bytes; P = parameters of the worst pipeline stage on one tensor-parallel rank):
-- trainer: bf16 weights 2P + fp32 gradients 4P + fp32 master weights and Adam moments 12P (divided by DP with the
-  distributed optimizer) + a frozen bf16 reference 2P when the KL term is on + activations + logits + headroom.
+Memory model (per GPU, bytes; P = parameters of the worst pipeline stage on one tensor-parallel rank, b = bytes of
+the learner's parameter dtype):
+- trainer, as learner/trainer.py trains: weights bP + gradients bP + AdamW moments 2bP (kept in the parameter
+  dtype, not sharded) + a frozen reference bP when the KL term is on + activations + logits + headroom.
   Activations follow Korthikanti et al. (2022) with selective recomputation and sequence parallelism:
   34·s·h bytes per layer / TP, for `pp` micro-batches in flight on the first stage under the 1F1B schedule.
 - SGLang server: bf16 weights 2·params/TP inside `mem_fraction_static` of the GPU; the rest of that share is KV
@@ -21,6 +22,18 @@ GIB = 1024**3
 
 class PlanError(ValueError):
     """The plan violates a constraint; the message lists every violation with the numbers and the key to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class LearnerFootprint:
+    """What the learner's own config ([learner]) contributes to its memory; the launcher derives it."""
+
+    param_bytes: int = 2
+    """Bytes per parameter of the training dtype (bf16 on GPU)."""
+    micro_batch_tokens: int = 8192
+    """learner.micro_batch_tokens: tokens per micro-batch, which set the activation memory."""
+    kl_reference: bool = True
+    """Whether a frozen reference copy is kept for the KL term (learner.loss.kl_coef > 0)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +68,15 @@ def node_names(cfg: ClusterConfig) -> list[str]:
     return [f"node{i}" for i in range(total)]
 
 
-def trainer_memory_bytes(cfg: ClusterConfig, train_dp: int) -> float:
+def trainer_memory_bytes(cfg: ClusterConfig, learner: LearnerFootprint) -> float:
     m, tp, pp = cfg.model, cfg.train_tp, cfg.train_pp
     per_layer = (m.param_count - m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)) / m.num_layers
     embedding_share = m.vocab_size * m.hidden_size * (2 if pp == 1 and not m.tie_word_embeddings else 1)
     stage_params = (m.num_layers // pp * per_layer + embedding_share) / tp
-    optimizer_bytes = 12 / (train_dp if cfg.distributed_optimizer else 1)
-    weights = stage_params * (2 + 4 + optimizer_bytes + (2 if cfg.kl_reference else 0))
-    activations = 34 * cfg.micro_batch_tokens * m.hidden_size * (m.num_layers // pp) / tp * pp
-    logits = cfg.micro_batch_tokens * m.vocab_size / tp * 4
+    copies = 4 + (1 if learner.kl_reference else 0)  # weights, gradients, two AdamW moments (+ reference)
+    weights = stage_params * learner.param_bytes * copies
+    activations = 34 * learner.micro_batch_tokens * m.hidden_size * (m.num_layers // pp) / tp * pp
+    logits = learner.micro_batch_tokens * m.vocab_size / tp * 4
     return weights + activations + logits + cfg.memory_headroom_gib * GIB
 
 
@@ -77,7 +90,7 @@ def server_memory(cfg: ClusterConfig) -> tuple[float, float, int]:
     return weights / GIB, kv_cache / GIB, max(0, int(kv_cache // bytes_per_token))
 
 
-def make_plan(cfg: ClusterConfig) -> Plan:
+def make_plan(cfg: ClusterConfig, learner: LearnerFootprint = LearnerFootprint()) -> Plan:
     """Place every process and check every constraint; raise PlanError listing all violations."""
     m = cfg.model
     errors: list[str] = []
@@ -111,12 +124,12 @@ def make_plan(cfg: ClusterConfig) -> Plan:
         raise PlanError("invalid cluster plan:\n  - " + "\n  - ".join(errors))
 
     train_dp = train_gpus // model_parallel
-    trainer_gib = trainer_memory_bytes(cfg, train_dp) / GIB
+    trainer_gib = trainer_memory_bytes(cfg, learner) / GIB
     weights_gib, kv_gib, kv_tokens = server_memory(cfg)
     if trainer_gib > cfg.gpu_memory_gib:
         errors.append(f"trainer needs ~{trainer_gib:.1f} GiB per GPU at TP {cfg.train_tp} x PP {cfg.train_pp} x DP "
                       f"{train_dp}, more than gpu_memory_gib = {cfg.gpu_memory_gib:g}; raise train_tp/train_pp, "
-                      "give training more nodes, or lower micro_batch_tokens")
+                      "or lower learner.micro_batch_tokens")
     if kv_gib < cfg.min_kv_cache_gib:
         errors.append(f"SGLang TP {cfg.sglang_tp} holds {weights_gib:.1f} GiB of weights per GPU, leaving "
                       f"{kv_gib:.1f} GiB of KV cache inside sglang_mem_fraction = {cfg.sglang_mem_fraction} "

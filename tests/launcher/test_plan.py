@@ -19,13 +19,13 @@ def test_32b_on_4_nodes_of_8_gpus() -> None:
     plan = make_plan(cfg)
     roles = [p.role for p in plan.processes]
     assert roles.count("sglang") == 4 and roles.count("learner") == 2 and roles.count("retriever") == 1
-    assert plan.train_dp == 1
+    assert plan.train_dp == 2
     used = {(p.node, g) for p in plan.processes for g in p.gpus}
     assert len(used) == 32, "every GPU is used exactly once"
     assert 0 < plan.trainer_memory_gib < cfg.gpu_memory_gib
     assert plan.servers == ("http://node0:30000", "http://node0:30001", "http://node1:30000", "http://node1:30001")
     text = render_plan(cfg, plan)
-    assert "TP 8 x PP 2 x DP 1" in text and text.endswith("plan OK")
+    assert "TP 8 x PP 1 x DP 2" in text and text.endswith("plan OK")
 
 
 def test_7b_on_2_nodes_with_a_cpu_node_and_hosts() -> None:
@@ -45,7 +45,7 @@ def test_7b_on_2_nodes_with_a_cpu_node_and_hosts() -> None:
         ({"train_tp": 16, "gpus_per_node": 8}, "train_tp = 16 exceeds gpus_per_node = 8"),
         ({"train_pp": 3}, "train_pp = 3 does not divide the 64 layers"),
         ({"gpu_nodes": 3, "rollout_nodes": 1, "train_tp": 8, "train_pp": 4}, "16 training GPUs are not a multiple"),
-        ({"gpu_nodes": 3, "rollout_nodes": 2, "train_pp": 1}, r"trainer needs ~\d+\.\d GiB per GPU"),
+        ({"gpu_nodes": 3, "rollout_nodes": 2, "train_tp": 2, "train_pp": 4}, r"trainer needs ~\d+\.\d GiB per GPU"),
         ({"sglang_tp": 1}, r"leaving -?\d+\.\d GiB of KV cache"),
         ({"launcher": "hosts", "hosts": ("a", "b")}, "needs gpu_nodes \\+ cpu_nodes = 4 hosts, got 2"),
     ],

@@ -1,0 +1,72 @@
+"""The command line of every process in a cluster plan, and how each is started on its node.
+
+Kept apart from the plan (pure placement arithmetic) because the commands depend on the tools a cluster has:
+SLURM's `srun`, or `ssh` to a host list. Each process becomes one `Launch`: the node, the environment (which GPUs it
+sees) and the argv to run there. The learner's ranks start with torchrun's static rendezvous on the first training
+node; SGLang servers are started with sglang's own launcher (the `gpu` extra).
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.config import ClusterConfig
+from launcher.plan import Plan, Process
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    name: str
+    node: str
+    env: dict[str, str]
+    argv: list[str]
+
+    def shell(self) -> str:
+        """The process as one shell line (environment assignments, then the command)."""
+        assignments = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
+        return " ".join(assignments + [shlex.quote(a) for a in self.argv])
+
+    def wrapped(self, cfg: ClusterConfig, workdir: Path) -> list[str]:
+        """The argv that starts this process on its node from the launching host."""
+        remote = f"cd {shlex.quote(str(workdir))} && exec env {self.shell()}"
+        if cfg.launcher == "slurm":
+            return ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={self.node}", "--kill-on-bad-exit=1",
+                    "bash", "-c", remote]
+        return ["ssh", "-o", "BatchMode=yes", self.node, remote]
+
+
+def render_launches(cfg: ClusterConfig, plan: Plan, *, index_dir: Path, learner_config_json: Path,
+                    engine_argv: list[str]) -> list[Launch]:
+    """Every process of the plan, in start order: retriever, SGLang servers, learner ranks, then the engine."""
+    launches = []
+    for process in plan.processes:
+        if process.role == "retriever":
+            argv = ["ssp", "retriever", "serve", "--index", str(index_dir), "--host", "0.0.0.0",
+                    "--port", str(process.port)]
+            launches.append(Launch("retriever", process.node, {}, argv))
+    for i, process in enumerate(p for p in plan.processes if p.role == "sglang"):
+        argv = ["python", "-m", "sglang.launch_server", "--model-path", cfg.model_path,
+                "--tp-size", str(cfg.sglang_tp), "--host", "0.0.0.0", "--port", str(process.port),
+                "--mem-fraction-static", str(cfg.sglang_mem_fraction)]
+        launches.append(Launch(f"sglang-{i}", process.node, _gpu_env(process), argv))
+    training = [p for p in plan.processes if p.role == "learner"]
+    for rank, process in enumerate(training):
+        argv = [
+            "python", "-m", "torch.distributed.run",
+            f"--nnodes={len(training)}", f"--node-rank={rank}", f"--nproc-per-node={cfg.gpus_per_node}",
+            f"--master-addr={training[0].node}", f"--master-port={cfg.rendezvous_port}",
+            "-m", "learner.trainer", "--config-json", str(learner_config_json),
+            "--trajectories", f"tcp://0.0.0.0:{cfg.trajectory_port}",
+        ]
+        for url in plan.servers:
+            argv += ["--server", url]
+        launches.append(Launch(f"learner-{rank}", process.node, _gpu_env(process), argv))
+    engine = next(p for p in plan.processes if p.role == "engine")
+    launches.append(Launch("engine", engine.node, {}, engine_argv))
+    return launches
+
+
+def _gpu_env(process: Process) -> dict[str, str]:
+    return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, process.gpus))} if process.gpus else {}

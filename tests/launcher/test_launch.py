@@ -1,0 +1,56 @@
+"""`ssp launch --dry-run` on the shipped cluster configs, and the errors of an impossible or unallocated launch."""
+
+from pathlib import Path
+
+import pytest
+
+from launcher.cluster_run import prepare_launch, slurm_allocation_nodes
+from launcher.plan import PlanError
+from ssp.cli import main
+from ssp.config import load_config
+from ssp.paths import CONFIGS_DIR
+from ssp.run_config import SSPConfig
+
+CONFIG_32B = CONFIGS_DIR / "train-32b.toml"
+
+
+def test_dry_run_32b_prints_a_valid_plan_and_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["launch", "--config", str(CONFIG_32B), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 GPU nodes x 8 GPUs" in out and "plan OK" in out
+    assert out.count("sglang.launch_server") == 4 and out.count("--nnodes=2") == 2
+    assert "--tp-size 4" in out and "CUDA_VISIBLE_DEVICES=4,5,6,7" in out
+    engine_line = next(line for line in out.splitlines() if line.strip().startswith("[engine"))
+    assert "train.learner_address=\"node2:29600\"" in engine_line and "http://node1:30001" in engine_line
+
+
+def test_engine_and_learner_agree_on_addresses() -> None:
+    root = load_config(SSPConfig, CONFIG_32B)
+    prepared = prepare_launch(root, config_path=CONFIG_32B, overrides=[], use_allocation=False)
+    learners = [launch for launch in prepared.launches if launch.name.startswith("learner")]
+    assert all("tcp://0.0.0.0:29600" in launch.argv for launch in learners)
+    assert prepared.learner_config["tensor_parallel"] == 8 and prepared.learner_config["data_parallel"] == 2
+    assert prepared.learner_config["max_steps"] == root.train.steps
+
+
+def test_impossible_plan_exits_2_naming_the_constraint(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["launch", "--config", str(CONFIG_32B), "--dry-run", "--set", "cluster.train_tp=2"])
+    assert code == 2
+    assert "trainer needs ~" in capsys.readouterr().err
+
+
+def test_launch_outside_an_allocation_says_how_to_get_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    with pytest.raises(PlanError, match="not inside a SLURM allocation.*salloc --nodes=N"):
+        slurm_allocation_nodes()
+
+
+def test_hosts_launcher_uses_ssh_on_each_host(tmp_path: Path) -> None:
+    root = load_config(SSPConfig, CONFIG_32B, [
+        'cluster.launcher="hosts"', 'cluster.hosts=["g0", "g1", "g2", "g3"]',
+    ])
+    prepared = prepare_launch(root, config_path=CONFIG_32B, overrides=[], use_allocation=True)
+    sglang = next(launch for launch in prepared.launches if launch.name == "sglang-3")
+    wrapped = sglang.wrapped(root.cluster, tmp_path)
+    assert wrapped[:3] == ["ssh", "-o", "BatchMode=yes"] and wrapped[3] == "g1"
+    assert "CUDA_VISIBLE_DEVICES=4,5,6,7" in wrapped[4]
