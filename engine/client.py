@@ -255,13 +255,17 @@ class ServerClient:
                                              headers=headers if headers is not None else self._headers) as resp:
                 raw = await resp.read()
                 status = resp.status
+        # NOTE: order matters: aiohttp's timeout errors are also connection errors and TimeoutErrors.
+        except aiohttp.ConnectionTimeoutError as e:  # never connected: nothing reached the server
+            raise ConnectionFailed(f"no connection within {timeout.sock_connect or timeout.total} s", url=self.url,
+                                   may_be_running=False) from e
+        except asyncio.TimeoutError as e:
+            raise RequestTimeout(f"{method} {path} got no answer within {timeout.total} s", url=self.url) from e
         except aiohttp.ClientConnectorError as e:  # never connected: nothing reached the server
             raise ConnectionFailed(f"cannot connect: {e.os_error or e}", url=self.url, may_be_running=False) from e
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise ConnectionFailed(f"connection lost during {method} {path}: {type(e).__name__}: {e}",
                                    url=self.url, may_be_running=in_flight) from e
-        except asyncio.TimeoutError as e:
-            raise RequestTimeout(f"{method} {path} got no answer within {timeout.total:g} s", url=self.url) from e
         return status, _decode(raw)
 
 

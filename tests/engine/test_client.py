@@ -17,6 +17,7 @@ from engine.errors import (
     ConnectionFailed,
     FatalError,
     ProtocolError,
+    RequestTimeout,
     RetryableError,
     ServerOverloaded,
 )
@@ -140,6 +141,16 @@ async def test_errors_carry_server_message_and_url(client: ServerClient) -> None
         await client.generate(PROMPT, SamplingParams(max_new_tokens=4), rid)
     await client.abort(rid)
     assert (await first).finish.type == "abort"
+
+
+async def test_timeout_is_retryable_and_may_still_run(sim_server: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        impatient = ServerClient(sim_server, session, request_timeout_s=0.3)
+        rid = IDS.next()
+        with pytest.raises(RequestTimeout, match="no answer within 0.3 s") as e:
+            await impatient.generate(PROMPT, SamplingParams(max_new_tokens=8000, ignore_eos=True), rid)
+        assert e.value.may_be_running and isinstance(e.value, RetryableError)
+        await impatient.abort(rid)  # what the pool does before re-sending
 
 
 async def test_queue_full_is_a_retryable_503(sim_launcher) -> None:  # type: ignore[no-untyped-def]
