@@ -349,9 +349,6 @@ def reference_server(model_dir: Path, *, config_path: Path, log_path: Path, time
         tuple[str, ManagedProcess]]:
     """`ssp model serve --model DIR` on a free local port, with the evaluation's resolved config; yields its base
     URL and process, and stops it on exit."""
-    if not (model_dir / "config.json").exists():
-        raise EvalDataError(f"--model {model_dir}: no config.json there; pass a Hugging Face model directory (e.g. "
-                            "the one `ssp model prepare` prints) or a server URL http://host:port")
     port = free_port()
     argv = [sys.executable, "-m", "ssp.cli", "model", "serve", "--config", str(config_path), "--model",
             str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
@@ -382,6 +379,11 @@ def evaluate(cfg: SSPConfig, datasets: Sequence[Path], *, model: Path | str | No
     # Read every file before starting anything, so a bad line fails in a second, not after a server start.
     work = [(name, q) for name, path in zip(names, datasets)
             for q in pick(load_dataset(path), limit, cfg.eval.seed)]
+    is_url = model is not None and str(model).startswith(("http://", "https://"))
+    model_dir = Path(model) if model is not None and not is_url else None
+    if model_dir is not None and not (model_dir / "config.json").exists():
+        raise EvalDataError(f"--model {model_dir}: no config.json there; pass a Hugging Face model directory (e.g. "
+                            "the one `ssp model prepare` prints) or a server URL http://host:port")
     out = out_dir or cfg.eval.out_dir or artifacts_dir() / "eval" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.toml"
@@ -390,21 +392,21 @@ def evaluate(cfg: SSPConfig, datasets: Sequence[Path], *, model: Path | str | No
     from tqdm import tqdm
 
     started = time.perf_counter()
+    chat = ChatTokenizer.load(model_dir or cfg.rollout.tokenizer_dir or default_model_dir())
+    (out / "records.jsonl").unlink(missing_ok=True)  # this run's records only, even in a reused out_dir
     with contextlib.ExitStack() as stack:
         server: ManagedProcess | None = None
         urls: tuple[str, ...] | None = None
-        tokenizer_dir = cfg.rollout.tokenizer_dir or default_model_dir()
         if model is None:
             label = cfg.inference.router_url or ", ".join(cfg.inference.server_urls)
-        elif str(model).startswith(("http://", "https://")):
+        elif model_dir is None:
             urls, label = (str(model).rstrip("/"),), str(model)
         else:
-            tokenizer_dir, label = Path(model), str(model)
+            label = str(model_dir)
             url, server = stack.enter_context(reference_server(
-                Path(model), config_path=config_path, log_path=out / "logs" / "server.log",
+                model_dir, config_path=config_path, log_path=out / "logs" / "server.log",
                 timeout_s=cfg.eval.server_start_timeout_s))
             urls = (url,)
-        chat = ChatTokenizer.load(tokenizer_dir)
         log = stack.enter_context(MetricsLog(out / "records.jsonl"))
         bar = stack.enter_context(tqdm(total=len(work), desc="eval", unit="q", disable=not progress))
         done = correct = 0
