@@ -75,18 +75,19 @@ class ServerProcess:
 @pytest.fixture(scope="session")
 def sim_launcher(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """Start simulated servers (`ssp model serve --sim`) as processes: launch(time_scale=20.0, port=0,
-    profile_toml="") -> ServerProcess. `profile_toml` is appended to the 7B profile (e.g. "[sim]\\nseed = 3").
+    profile_toml="", base_profile=True, extra_args=()) -> ServerProcess. `profile_toml` is appended to the 7B
+    profile (e.g. "[sim]\\nseed = 3"), or is the whole profile with base_profile=False (unset keys: defaults).
     Every server started is stopped at the end of the session."""
     from serving.sim_profile import DEFAULT_PROFILE
 
     started: list[ServerProcess] = []
     root = tmp_path_factory.mktemp("sim")
 
-    def launch(*, time_scale: float = 20.0, port: int = 0, profile_toml: str = "",
+    def launch(*, time_scale: float = 20.0, port: int = 0, profile_toml: str = "", base_profile: bool = True,
                extra_args: tuple[str, ...] = ()) -> ServerProcess:
         n = len(started)
         profile = root / f"profile{n}.toml"
-        profile.write_text(DEFAULT_PROFILE.read_text() + "\n" + profile_toml)
+        profile.write_text((DEFAULT_PROFILE.read_text() if base_profile else "") + "\n" + profile_toml)
         server = ServerProcess(["--sim", "--sim-profile", str(profile), "--sim-time-scale", str(time_scale),
                                 "--port", str(port), *extra_args], root / f"server{n}.log")
         started.append(server)

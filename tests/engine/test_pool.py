@@ -136,6 +136,24 @@ async def test_retries_exhausted_and_no_server_left(sim_launcher) -> None:  # ty
     server.stop()
 
 
+async def test_503_is_retried_on_another_server_without_ejection(sim_launcher, pair) -> None:  # type: ignore[no-untyped-def]
+    # One running request, one queued, and the next is refused with 503 "The request queue is full."
+    full = sim_launcher(profile_toml="[server]\nmax_running_requests = 1\n", base_profile=False,
+                        extra_args=("--set", "serving.max_queued_requests=1"))
+    cfg = _cfg((full.url, pair[0]), capacity_per_server=8, health_check_interval_s=60.0)
+    async with InferencePool(cfg) as pool:
+        running = asyncio.create_task(pool.generate(PROMPT, LONG, affinity="x"))
+        await asyncio.sleep(0.2)
+        queued = asyncio.create_task(pool.generate(PROMPT, LONG, affinity="x"))
+        await asyncio.sleep(0.2)
+        refused = await pool.generate(PROMPT, SHORT, affinity="x")
+        assert refused.server == pair[0]
+        assert {(await running).server, (await queued).server} == {full.url}
+        metrics = pool.metrics()
+        assert metrics.retries == 1 and metrics.ejections == 0 and metrics.servers[0].failures == 1
+    full.stop()
+
+
 async def test_abort_by_rid_and_by_cancellation(pair: tuple[str, str]) -> None:
     async with InferencePool(_cfg(pair, capacity_per_server=8)) as pool:
         task = asyncio.create_task(pool.generate(PROMPT, SamplingParams(max_new_tokens=8000, ignore_eos=True),
