@@ -28,6 +28,7 @@ class ServerProcess:
     """A server started as its own process (`ssp model serve ...`), for tests that must kill or restart it."""
 
     def __init__(self, args: list[str], log_path: Path, *, timeout_s: float = 120.0) -> None:
+        import select
         import subprocess
         import sys
         import time
@@ -40,15 +41,18 @@ class ServerProcess:
                                      stdout=subprocess.PIPE, stderr=self._log, text=True)
         deadline = time.monotonic() + timeout_s
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:  # the server prints its URL once the port is open
+        while True:  # the server prints its URL once the port is open
+            remaining = deadline - time.monotonic()
+            ready = select.select([self.proc.stdout], [], [], max(remaining, 0))[0] if remaining > 0 else []
+            line = self.proc.stdout.readline() if ready else ""
             if line.startswith(READY_LINE):
                 self.url = line[len(READY_LINE):].strip()
                 break
-            if time.monotonic() > deadline:
-                break
-        else:
-            self.proc.kill()
-            raise RuntimeError(f"server {args} exited before listening; log: {log_path.read_text()[-2000:]}")
+            if not line:  # end of output (it exited) or the deadline passed
+                self.proc.kill()
+                self.proc.wait()
+                raise RuntimeError(f"server {args} did not start listening within {timeout_s:g} s; "
+                                   f"log: {log_path.read_text()[-2000:]}")
 
     @property
     def port(self) -> int:
