@@ -86,7 +86,6 @@ class _Req:
     cached_tokens: int = 0
     retractions: int = 0
     ran: bool = False
-    abort_pending: bool = False
     finish: Finish | None = None
     emitted: int = 0
     """Final output length, set when done."""
@@ -197,6 +196,8 @@ class SimBackend(Backend):
         self._prefilling: deque[_Req] = deque()
         self._running: dict[str, _Req] = {}
         """Insertion order = join order; the newest is retracted first when KV runs out."""
+        self._abort_pending: list[_Req] = []
+        """Running or prefilling requests to finish with ABORTED at the end of the current step."""
         self._heap: list[tuple[int, int, int, _Req]] = []
         """(finish step, seq, stint, request) for running requests."""
         self._ctx0_sum = 0
@@ -267,7 +268,7 @@ class SimBackend(Backend):
             if r.state is _State.WAITING or self._paused or self._task is None:
                 self._finalize(r, ABORTED if r.ran else ABORTED_QUEUED)
             elif r.state is not _State.DONE:
-                r.abort_pending = True  # finished at the end of the step in progress
+                self._abort_pending.append(r)  # finished at the end of the step in progress
 
     async def pause(self, mode: PauseMode) -> None:
         self._pause_applied.clear()
@@ -461,8 +462,9 @@ class SimBackend(Backend):
             _, _, stint, r = heapq.heappop(self._heap)
             if r.state is _State.RUNNING and r.stint == stint:
                 self._finalize(r, r.plan.finish)
-        for r in [r for r in self._live.values() if r.abort_pending and r.state is not _State.DONE]:
-            self._finalize(r, ABORTED)
+        pending, self._abort_pending = self._abort_pending, []
+        for r in pending:
+            self._finalize(r, ABORTED)  # a no-op for requests that finished meanwhile
         kv_capacity = self.profile.server.kv_capacity_tokens
         while len(self._running) > 1 and self._kv_running() + self._prefill_ctx_sum > kv_capacity:
             self._retract(self._running[next(reversed(self._running))])
