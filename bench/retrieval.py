@@ -9,7 +9,8 @@ On one index and one query set, side by side in one run:
   (c) `ssp retriever serve` in a separate process under --clients concurrent `HttpRetriever` callers, one query per
       request (the worst case for per-request overhead).
 Goal (issue 2): (c)/(a) >= 0.8 on the 2-core dev machine. Each measurement runs REPEATS times; the best counts
-(other processes share the machine). Writes artifacts/bench/retrieval.json and retrieval.md.
+(other processes share the machine; the load average is reported). Writes artifacts/bench/retrieval.json and
+retrieval.md.
 
 Corpus: --corpus, else the shared 211k-passage enwiki corpus when present, else a generated one. Queries: the
 shipped HotpotQA/2Wiki questions (natural-language, like an agent's), or generated ones for a generated corpus.
@@ -33,7 +34,10 @@ from typing import NamedTuple
 from ssp.paths import DATA_DIR, PROJECT_ROOT, artifacts_dir
 
 SHARED_CORPUS = PROJECT_ROOT.parent / "shared" / "data" / "corpus" / "enwiki2015_core_p10.jsonl.gz"
-QA_FILES = (DATA_DIR / "qa" / "hotpotqa_dev300_questions.jsonl", DATA_DIR / "qa" / "2wikimultihopqa_dev_subset_questions.jsonl")
+QA_FILES = (
+    DATA_DIR / "qa" / "hotpotqa_dev300_questions.jsonl",
+    DATA_DIR / "qa" / "2wikimultihopqa_dev_subset_questions.jsonl",
+)
 BATCH = 64
 REPEATS = 2
 GENERATED_DOCS = 100_000
@@ -54,12 +58,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"index {index_dir} over {', '.join(map(str, corpora))}")
     build_index(corpora, index_dir, if_missing=True)
     queries = _queries(args.queries, generated)
-    print(f"{len(queries)} queries, k={args.k}, {os.cpu_count()} CPU cores; best of {REPEATS} runs each")
+    load_before = os.getloadavg()[0]
+    print(f"{len(queries)} queries, k={args.k}, load {load_before:.1f}; best of {REPEATS} runs each")
 
     measures: dict[str, tuple[str, Callable[[], Measurement]]] = {
         "raw_1thread": ("(a) raw tantivy-py, 1 thread", lambda: _raw(index_dir, queries, args.k, threads=1)),
         "raw_2threads": ("raw tantivy-py, 2 threads (GIL check)", lambda: _raw(index_dir, queries, args.k, threads=2)),
-        "retriever_batched": (f"(b) TantivyRetriever, batches of {BATCH}", lambda: _batched(index_dir, queries, args.k)),
+        "retriever_batched": (
+            f"(b) TantivyRetriever, batches of {BATCH}",
+            lambda: _batched(index_dir, queries, args.k),
+        ),
         "http_server": (
             f"(c) HTTP server, {args.clients} concurrent clients",
             lambda: _http(index_dir, queries, args.k, args.clients),
@@ -73,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     best = {name: max(runs[name]) for name in measures}
     raw, http = best["raw_1thread"].qps, best["http_server"].qps
     search_ms, stall_ms = _gil_stall(index_dir)
+    load = f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores"
     table = "| measurement | queries/s | x (a) | CPU ms/query (all processes) |\n|---|---:|---:|---:|\n" + "".join(
         f"| {label} | {best[name].qps:,.1f} | {best[name].qps / raw:.2f} | {best[name].cpu_ms_per_query:.2f} |\n"
         for name, (label, _) in measures.items()
@@ -82,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         f"(released: {'yes' if stall_ms < search_ms / 2 else 'NO'})"
     )
     verdict = f"(c)/(a) = {http / raw:.2f} (goal >= 0.8: {'met' if http / raw >= 0.8 else 'NOT met'})"
-    print("\n" + table + "\n" + gil + "\n" + verdict)
+    print("\n" + table + "\n" + gil + "\n" + load + "\n" + verdict)
     report = {
         "corpus": [str(p) for p in corpora],
         "generated_corpus": generated,
@@ -92,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         "clients": args.clients,
         "batch": BATCH,
         "cpu_cores": os.cpu_count(),
+        "load_average": load,
         "runs": {name: [m._asdict() for m in ms] for name, ms in runs.items()},
         "best": {name: m._asdict() for name, m in best.items()},
         "ratios": {
@@ -103,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     out_json.write_text(json.dumps(report, indent=2) + "\n")
-    out_json.with_suffix(".md").write_text(f"# ssp bench retrieval\n\n{table}\n{gil}\n\n{verdict}\n\n```json\n{json.dumps(report, indent=2)}\n```\n")
+    details = f"```json\n{json.dumps(report, indent=2)}\n```\n"
+    markdown = f"# ssp bench retrieval\n\n{table}\n{gil}\n\n{load}\n\n{verdict}\n\n{details}"
+    out_json.with_suffix(".md").write_text(markdown)
     print(f"wrote {out_json} and {out_json.with_suffix('.md')}")
     return 0
 

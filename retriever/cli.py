@@ -20,7 +20,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         help="index JSONL(.gz) corpora into a directory",
         description="Stream corpora ({id, title, text} or Search-R1 {id, contents} lines, plain or .gz) into a new "
         "Tantivy index. The index appears at --out only when complete: a failed or interrupted build leaves "
-        "nothing there. Analyzer: Unicode words, lowercased, ASCII-folded, English-stemmed (retriever/index_format.py).",
+        "nothing there. Analyzer: Unicode words, lowercased, ASCII-folded, English-stemmed "
+        "(retriever/index_format.py).",
     )
     build.add_argument("--corpus", type=Path, nargs="+", required=True, metavar="FILE", help="corpus files, in order")
     build.add_argument("--out", type=Path, required=True, metavar="DIR", help="index directory to create")
@@ -87,6 +88,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_search(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import asdict
 
     from retriever.errors import RetrieverError
     from retriever.tantivy_index import TantivySearcher, check_k
@@ -98,7 +100,7 @@ def run_search(args: argparse.Namespace) -> int:
         print(f"ssp index search: {e}", file=sys.stderr)
         return 1
     out = [
-        {"query": q, "results": [{"id": d.id, "title": d.title, "text": d.text, "score": round(d.score, 4)} for d in docs]}
+        {"query": q, "results": [{**asdict(d), "score": round(d.score, 4)} for d in docs]}
         for q, docs in zip(args.queries, searcher.search_many(args.queries, args.k))
     ]
     print(json.dumps(out, indent=2, ensure_ascii=False))

@@ -81,7 +81,9 @@ class HttpRetriever:
                     last = f"HTTP {resp.status}: {text}"
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            log.warning("retrieval attempt %d/%d at %s failed: %s", attempt + 1, self._max_retries + 1, self.endpoint, last)
+            log.warning(
+                "retrieval attempt %d/%d at %s failed: %s", attempt + 1, self._max_retries + 1, self.endpoint, last
+            )
         raise RetrieverUnavailableError(
             f"{self.endpoint} failed {self._max_retries + 1} times (last: {last}); check that the server runs there "
             "(`ssp retriever serve`) and retriever.url; retriever.max_retries and retriever.timeout_s set the patience"

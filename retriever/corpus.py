@@ -100,7 +100,9 @@ class CorpusReader:
         try:
             f = _open_text(path)
         except OSError as e:
-            raise CorpusError(f"cannot open corpus {path}: {e.strerror or e}; pass an existing JSONL(.gz) file") from None
+            raise CorpusError(
+                f"cannot open corpus {path}: {e.strerror or e}; pass an existing JSONL(.gz) file"
+            ) from None
         lineno = 0
         try:
             with f:

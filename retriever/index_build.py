@@ -1,7 +1,7 @@
 """`ssp index build`: stream corpora into a multi-threaded Tantivy writer, atomically.
 
-The index is written into a hidden sibling `.<name>.partial-<pid>-<random>` and renamed to the output directory only after
-the commit, the merges and the manifest are done. So the output path either does not exist or holds a complete
+The index is written into a hidden sibling `.<name>.partial-<pid>-<random>` and renamed to the output directory only
+after the commit, the merges and the manifest are done. So the output path either does not exist or holds a complete
 index; a failed or interrupted build removes its partial directory (a killed one leaves it, and the next build
 beside it deletes it once its process is gone). Python only parses JSON and hands documents over; tokenizing,
 stemming and segment writing run on the writer's Rust threads.

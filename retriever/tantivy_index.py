@@ -126,7 +126,10 @@ class TantivyRetriever:
         return [self._searcher.search(q, k) for q, k in items]
 
     def _finish(
-        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Call, int, str, int]], work: "asyncio.Future[list[list[Doc]]]"
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[_Call, int, str, int]],
+        work: "asyncio.Future[list[list[Doc]]]",
     ) -> None:
         self._running -= 1
         error = work.exception()

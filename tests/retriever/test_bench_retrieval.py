@@ -9,7 +9,9 @@ from ssp.cli import main
 from ssp.paths import DEMO_CORPORA
 
 
-def test_bench_runs_and_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_runs_and_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("SSP_ARTIFACTS", str(tmp_path))
     args = ["bench", "retrieval", "--corpus", str(DEMO_CORPORA[0]), "--queries", "40", "--clients", "4"]
     assert main(args) == 0

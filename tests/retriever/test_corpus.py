@@ -23,7 +23,11 @@ def _write(path: Path, lines: list[str]) -> Path:
 def test_reads_both_shapes_and_gzip(tmp_path: Path) -> None:
     plain = _write(
         tmp_path / "a.jsonl",
-        [json.dumps({"id": "a1", "title": "Ed Wood", "text": "A director.", "extra": 1}), "", json.dumps({"id": 7, "text": "t"})],
+        [
+            json.dumps({"id": "a1", "title": "Ed Wood", "text": "A director.", "extra": 1}),
+            "",
+            json.dumps({"id": 7, "text": "t"}),
+        ],
     )
     r1 = _write(tmp_path / "b.jsonl.gz", [json.dumps({"id": "b1", "contents": '"Galați"\nA city in Romania.\nMore.'})])
     passages = list(CorpusReader([plain, r1]))

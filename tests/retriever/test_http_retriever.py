@@ -73,7 +73,9 @@ def faults(faulty_server: tuple[str, Faults]) -> Faults:
     return f
 
 
-async def test_same_answers_as_in_process(faulty_server: tuple[str, Faults], tantivy: TantivyRetriever, faults: Faults) -> None:
+async def test_same_answers_as_in_process(
+    faulty_server: tuple[str, Faults], tantivy: TantivyRetriever, faults: Faults
+) -> None:
     queries = ["Scott Derrickson", " ", "Ed Wood", 'title:"x" AND (', ""]
     http = HttpRetriever(faulty_server[0])
     try:
@@ -101,7 +103,8 @@ async def test_retries_5xx_then_succeeds(faulty_server: tuple[str, Faults], faul
 async def test_gives_up_after_retries(faulty_server: tuple[str, Faults], faults: Faults) -> None:
     faults.fail_next = 100
     http = HttpRetriever(faulty_server[0], max_retries=2, backoff_s=0.01)
-    with pytest.raises(RetrieverUnavailableError, match=r"/retrieve failed 3 times \(last: HTTP 503: injected failure\)") as err:
+    expected = r"/retrieve failed 3 times \(last: HTTP 503: injected failure\)"
+    with pytest.raises(RetrieverUnavailableError, match=expected) as err:
         await http.search(["x"], 1)
     assert err.value.retryable and faults.seen == 3
     await http.close()
@@ -120,14 +123,16 @@ async def test_connection_refused() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     http = HttpRetriever(f"http://127.0.0.1:{port}", max_retries=1, backoff_s=0.01)
-    with pytest.raises(RetrieverUnavailableError, match=r"failed 2 times \(last: ClientConnectorError.*`ssp retriever serve`"):
+    expected = r"failed 2 times \(last: ClientConnectorError.*`ssp retriever serve`"
+    with pytest.raises(RetrieverUnavailableError, match=expected):
         await http.search(["x"], 1)
     await http.close()
 
 
 async def test_4xx_is_fatal_and_quotes_the_server(faulty_server: tuple[str, Faults], faults: Faults) -> None:
     http = HttpRetriever(faulty_server[0], backoff_s=0.01)
-    with pytest.raises(RetrieverRequestError, match=r"rejected the request: HTTP 400: .*topk=11 exceeds the limit max_topk=10") as err:
+    expected = r"rejected the request: HTTP 400: .*topk=11 exceeds the limit max_topk=10"
+    with pytest.raises(RetrieverRequestError, match=expected) as err:
         await http.search(["x"], 11)
     assert not err.value.retryable and faults.seen == 1
     await http.close()

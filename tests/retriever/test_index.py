@@ -203,5 +203,6 @@ async def test_concurrent_calls_are_coalesced_correctly(demo_index: Path) -> Non
     await retriever.close()
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     failed = [o for o in outcomes if isinstance(o, BaseException)]
-    assert failed and all(isinstance(e, RetrieverClosedError) and "closed while this search was queued" in str(e) for e in failed)
+    assert failed
+    assert all(isinstance(e, RetrieverClosedError) and "closed while this search was queued" in str(e) for e in failed)
     assert all(o == searcher.search_many([t], 3) for o, t in zip(outcomes, titles) if not isinstance(o, BaseException))

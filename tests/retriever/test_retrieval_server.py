@@ -32,7 +32,9 @@ async def server(demo_index: Path) -> AsyncIterator[str]:
     await retriever.close()
 
 
-async def _post(url: str, body: Any, *, raw: bytes | None = None, content_type: str = "application/json") -> tuple[int, Any]:
+async def _post(
+    url: str, body: Any, *, raw: bytes | None = None, content_type: str = "application/json"
+) -> tuple[int, Any]:
     data = raw if raw is not None else (msgpack.packb(body) if "msgpack" in content_type else json.dumps(body).encode())
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{url}/retrieve", data=data, headers={"Content-Type": content_type}) as resp:
@@ -71,7 +73,10 @@ async def test_msgpack_bodies(server: str) -> None:
 @pytest.mark.parametrize(
     ("body", "error"),
     [
-        ({"queries": ["a"] * 5}, "5 queries in one request exceeds the limit max_queries=4 (retrieval_server.max_queries)"),
+        (
+            {"queries": ["a"] * 5},
+            "5 queries in one request exceeds the limit max_queries=4 (retrieval_server.max_queries)",
+        ),
         ({"queries": ["ok", "x" * 51]}, "queries[1] has 51 characters, over the limit max_query_chars=50"),
         ({"queries": ["a"], "topk": 11}, "topk=11 exceeds the limit max_topk=10 (retrieval_server.max_topk)"),
         ({"queries": ["a"], "topk": -1}, "'topk' must be null or an integer >= 0, got -1"),
