@@ -215,11 +215,17 @@ def _init_custom_group(init_method: str, world_size: int, group_name: str, backe
                        timeout: timedelta) -> dist.ProcessGroup:
     """Rank 0 of a process group separate from the training group, built like SGLang's server side:
     TCP rendezvous (we host the store) -> PrefixStore(group_name) -> a new process group of that name."""
-    store, _, _ = next(dist.rendezvous(init_method, 0, world_size, timeout=timeout))
+    # The store is hosted here explicitly: under torchrun, dist.rendezvous() sees TORCHELASTIC_USE_AGENT_STORE and
+    # would only open a client to a store nobody hosts, and the servers' join would hang.
+    host, _, port = init_method.removeprefix("tcp://").rpartition(":")
+    store = dist.TCPStore(host, int(port), world_size, is_master=True, timeout=timeout, multi_tenant=True)
     store.set_timeout(timeout)
     prefixed = dist.PrefixStore(group_name, store)
     group, _ = c10d._new_process_group_helper(world_size, 0, [], backend, prefixed, group_name=group_name,
                                                timeout=timeout)
+    # NOTE: the helper does not record the group's rank map, which broadcast/destroy look up. Only this process
+    # (group rank 0) uses the group here, so the identity map is exact for it.
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
 
 
