@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from types import FrameType
 from pathlib import Path
 
 from ssp.cli import add_config_args
@@ -53,6 +55,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from ssp.run_config import SSPConfig
 
     cfg = load_config(SSPConfig, args.config, args.overrides)
+    # SIGTERM (a scheduler or `timeout` stopping us) unwinds like Ctrl-C, so the server started for --model DIR is
+    # stopped too: it runs in its own process group and would otherwise outlive this command.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = evaluate(cfg, args.dataset, model=args.model, limit=args.limit, progress=not args.no_progress)
     except (EvalDataError, FileNotFoundError) as e:
@@ -69,3 +74,7 @@ def run_eval(args: argparse.Namespace) -> int:
               f"the 'error' field in {result.out_dir}/records.jsonl", file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

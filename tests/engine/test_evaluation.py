@@ -202,10 +202,10 @@ def test_eval_against_a_server_counts_searches(sim_server: str, demo_index: Path
 @pytest.mark.slow
 def test_eval_of_smollm2_on_the_reference_server(ref_server: str, demo_index: Path, tmp_path: Path) -> None:
     datasets = _small_sets(tmp_path)
-    cfg = _cfg(demo_index, "eval.max_turns=2", "eval.max_new_tokens_per_turn=24")
+    cfg = _cfg(demo_index, "eval.max_turns=2", "eval.max_new_tokens_per_turn=16")
     result = evaluate(cfg, datasets, model=ref_server, out_dir=tmp_path / "out", progress=False)
     summary, records = _check_outputs(result, datasets)
-    assert all(r["generated_tokens"] <= 2 * 24 and r["turns"] <= 2 for r in records)
+    assert all(r["generated_tokens"] <= 2 * 16 and r["turns"] <= 2 for r in records)
     assert sum(summary["end_reasons"].values()) == 4
 
 
