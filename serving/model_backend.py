@@ -61,6 +61,8 @@ class ModelBackend(Backend):
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json); pass --model "
                                     "DIR or run `ssp model prepare` for the default")
         self.model_path = path
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
         device = self.cfg.device if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.runner = ModelRunner(path, device=device, dtype=getattr(torch, self.cfg.dtype))
         config = self.runner.config

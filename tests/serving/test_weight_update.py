@@ -1,0 +1,96 @@
+"""Weight updates reach the reference server: a second process joins /init_weights_update_group (gloo), pushes
+modified weights with /update_weights_from_distributed (per-tensor and flattened_bucket, mixed dtypes), and the
+server's next outputs equal transformers' greedy decode under the same modified weights, with the new version.
+The original weights are restored with /update_weights_from_disk (which is tested by that, too)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))
+from push_weights import modified_weights  # noqa: E402
+
+PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+NEW_TOKENS = 6
+
+
+def post(url: str, path: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+def get(url: str, path: str) -> Any:
+    with urllib.request.urlopen(url + path, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def greedy_server(url: str) -> dict[str, Any]:
+    return post(url, "/generate", {"input_ids": PROMPT, "return_logprob": True,
+                                   "sampling_params": {"temperature": 0, "max_new_tokens": NEW_TOKENS}})
+
+
+def greedy_hf(model: Any) -> list[int]:
+    out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[0, len(PROMPT):].tolist()
+
+
+def test_distributed_push_changes_outputs_and_version(ref_server: str, model_dir: Path) -> None:
+    before = greedy_server(ref_server)
+    old_version = get(ref_server, "/model_info")["weight_version"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like the server: multi-threaded small matmuls crawl on a busy shared CPU
+    try:
+        push = subprocess.run([sys.executable, str(Path(__file__).parent / "push_weights.py"), ref_server,
+                               str(model_dir), "7"], capture_output=True, text=True, timeout=300)
+        assert push.returncode == 0, push.stdout + push.stderr
+        assert get(ref_server, "/model_info")["weight_version"] == "7"
+
+        first, second = modified_weights(model_dir)
+        params = dict(model.state_dict())
+        with torch.no_grad():
+            for name, w in first + second:
+                params[name].copy_(w)
+        norm = post(ref_server, "/get_weights_by_name", {"name": "model.norm.weight", "truncate_size": 576})
+        assert torch.equal(torch.tensor(norm), first[0][1])
+        after = greedy_server(ref_server)
+        assert after["output_ids"] == greedy_hf(model)
+        assert after["output_ids"] != before["output_ids"], "the pushed weights must change the greedy answer"
+        assert after["meta_info"]["weight_version"] == "7"
+        assert after["meta_info"]["weight_versions"] == [{"version": "7", "start": 0,
+                                                         "end": len(after["output_ids"])}]
+    finally:
+        torch.set_num_threads(threads)
+        restored = post(ref_server, "/update_weights_from_disk", {"model_path": str(model_dir),
+                                                                   "weight_version": old_version})
+    assert restored["success"], restored
+    again = greedy_server(ref_server)
+    assert again["output_ids"] == before["output_ids"]
+    assert again["meta_info"]["weight_version"] == old_version
+
+
+def test_bad_push_is_refused_without_changing_weights(ref_server: str) -> None:
+    """A call naming an unknown group fails cleanly (no receive was posted, so no trainer could hang on it)."""
+    post(ref_server, "/begin_weight_update", {})
+    try:
+        req = urllib.request.Request(ref_server + "/update_weights_from_distributed", method="POST",
+                                     data=json.dumps({"names": ["model.norm.weight"], "dtypes": ["float32"],
+                                                      "shapes": [[576]], "group_name": "nope"}).encode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        assert err.value.code == 400
+        reply = json.loads(err.value.read())
+        assert reply["success"] is False and "no weight-update group 'nope'" in reply["message"]
+    finally:
+        post(ref_server, "/end_weight_update", {})
