@@ -12,6 +12,10 @@ Goal (issue 2): (c)/(a) >= 0.8 on the 2-core dev machine. Each measurement runs 
 (other processes share the machine; the load average is reported). Writes artifacts/bench/retrieval.json and
 retrieval.md.
 
+Reading it on a busy machine: Linux schedules by session (autogroup), and the server and its clients run in the
+bench's session, so when other work saturates the cores every variant gets the same CPU share and (c)/(a) tends to
+the ratio of their "CPU ms/query" columns (the HTTP layers' overhead) instead of showing the second core's gain.
+
 Corpus: --corpus, else the shared 211k-passage enwiki corpus when present, else a generated one. Queries: the
 shipped HotpotQA/2Wiki questions (natural-language, like an agent's), or generated ones for a generated corpus.
 """
