@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tqdm import tqdm
+
 from engine.chat import ChatTokenizer
 from engine.checks import extract_answer
 from engine.eval_config import EvalConfig
@@ -388,8 +390,6 @@ def evaluate(cfg: SSPConfig, datasets: Sequence[Path], *, model: Path | str | No
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.toml"
     config_path.write_text(to_toml(cfg), encoding="utf-8")
-
-    from tqdm import tqdm
 
     started = time.perf_counter()
     chat = ChatTokenizer.load(model_dir or cfg.rollout.tokenizer_dir or default_model_dir())
