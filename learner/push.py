@@ -77,7 +77,7 @@ class WeightPusher:
 
     def __init__(self, server_urls: list[str], *, backend: str, master_address: str = "127.0.0.1",
                  master_port: int = 0, group_name: str = "weight_update_group", bytes_per_bucket: int = 512 << 20,
-                 timeout_s: float = 600.0, pause_mode: str = "retract") -> None:
+                 timeout_s: float = 600.0, pause_mode: str = "retract", flatten: bool | None = None) -> None:
         if not server_urls:
             raise ValueError("WeightPusher needs at least one server URL")
         self.urls = [u.rstrip("/") for u in server_urls]
@@ -88,6 +88,10 @@ class WeightPusher:
         self.bytes_per_bucket = bytes_per_bucket
         self.timeout_s = timeout_s
         self.pause_mode = pause_mode
+        # NOTE: flattening a bucket is one memcpy of all its bytes. On GPUs (nccl) that copy is cheap and saves one
+        # collective per tensor; on CPU (gloo) it was the largest cost of a push (`ssp bench push`: ~6x the
+        # broadcast itself), so gloo sends each tensor as it is, in order, as async broadcasts.
+        self.flatten = backend == "nccl" if flatten is None else flatten
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.state = PushState.NEW
         self._group: dist.ProcessGroup | None = None
@@ -179,16 +183,25 @@ class WeightPusher:
         return stats
 
     def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], *, last: bool, version: str) -> int:
-        flat = _flatten(bucket, self.device)
         calls = [self._submit(c.update_weights_from_distributed(
             names=[n for n, _ in bucket], dtypes=[_dtype_name(t.dtype) for _, t in bucket],
             shapes=[list(t.shape) for _, t in bucket], group_name=self.group_name,
-            load_format="flattened_bucket", flush_cache=last, weight_version=version if last else None,
+            load_format="flattened_bucket" if self.flatten else None, flush_cache=last,
+            weight_version=version if last else None,
         )) for c in self._clients]
         # NOTE: if a server rejects the body it never posts its receive; the group timeout bounds our wait.
-        dist.broadcast(flat, src=0, group=self._group)
+        if self.flatten:
+            flat = _flatten(bucket, self.device)
+            dist.broadcast(flat, src=0, group=self._group)
+            sent = flat.numel()
+        else:
+            tensors = [t.detach().contiguous().to(self.device) for _, t in bucket]
+            works = [dist.broadcast(t, src=0, group=self._group, async_op=True) for t in tensors]
+            for w in works:
+                w.wait()
+            sent = sum(t.numel() * t.element_size() for t in tensors)
         self._check([c.result(timeout=self.timeout_s) for c in calls], "update_weights_from_distributed")
-        return flat.numel()
+        return sent
 
     def close(self) -> None:
         """Destroy the group on the servers and here, close the HTTP session, stop the helper thread."""
