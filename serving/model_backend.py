@@ -209,6 +209,16 @@ class ModelBackend(Backend):
             return UpdateResult(False, f"Failed to receive weights: load_format {load_format!r} is not supported "
                                        "(use null or 'flattened_bucket').")
         runner = self._runner
+        params = runner.parameters_by_name()
+        if load_format is None and weight_sync.fits_in_place(params, names, dtypes, shapes):
+            # NOTE: straight into the parameters, on the scheduler thread: no staging buffer and no second copy (on
+            # CPU that copy cost about as much as the broadcast itself, `ssp bench push`). Updates run while the
+            # server is paused or holds the writer lock, so no step reads the weights meanwhile.
+            try:
+                await self._call(lambda: weight_sync.receive_into(group, [params[n] for n in names]))
+            except Exception as e:  # noqa: BLE001 - reported to the trainer
+                return UpdateResult(False, f"Failed to receive weights: {e}")
+            return UpdateResult(True, "Succeeded to update parameter online.")
         try:
             tensors = await asyncio.to_thread(weight_sync.receive, group, dtypes=dtypes, shapes=shapes,
                                               flattened=load_format == "flattened_bucket", device=runner.device)

@@ -68,6 +68,23 @@ def receive(group: dist.ProcessGroup, *, dtypes: list[str], shapes: list[list[in
     return tensors
 
 
+def fits_in_place(params: dict[str, torch.Tensor], names: list[str], dtypes: list[str],
+                  shapes: list[list[int]]) -> bool:
+    """Every tensor of an update call is a contiguous parameter of exactly its shape and dtype (so a broadcast can
+    land in it directly)."""
+    return all(name in params and list(params[name].shape) == list(shape) and params[name].is_contiguous()
+               and str(params[name].dtype).removeprefix("torch.") == dtype
+               for name, dtype, shape in zip(names, dtypes, shapes))
+
+
+@torch.no_grad()
+def receive_into(group: dist.ProcessGroup, targets: list[torch.Tensor]) -> None:
+    """Receive one update call's per-tensor broadcasts straight into `targets` (the parameters), in order."""
+    works = [dist.broadcast(t, src=0, group=group, async_op=True) for t in targets]
+    for w in works:
+        w.wait()
+
+
 def check_fits(params: dict[str, torch.Tensor], names: list[str], shapes: list[list[int]]) -> None:
     """Every name must be a model parameter of exactly that shape; checked before anything is copied."""
     for name, shape in zip(names, shapes):
