@@ -19,6 +19,13 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     _add_retrieval(bench_sub)
     _add_engine(bench_sub)
     _add_inference(bench_sub)
+    _add_async_vs_sync(bench_sub)
+    _add_module(bench_sub, "scale", "per-turn overhead p50/p99, loop lag, memory per rollout at 1k/5k/10k rollouts")
+    _add_module(bench_sub, "report", "build artifacts/bench/REPORT.md (tables, PNG plots, ratio lines) from the parts' results")
+    _add_module(bench_sub, "search", "searches/s through the SearchBatcher: coalesced vs one retriever call per query")
+    _add_module(bench_sub, "push", "weight push (WeightPusher into a real server) vs raw broadcast, GB/s and ratio")
+    _add_module(bench_sub, "serving", "continuous batching: N concurrent requests vs the same N one by one, ratio")
+    _add_module(bench_sub, "learner", "learner training step tokens/s at TP=1 vs TP=2 (megatron, gloo/NCCL)")
 
 
 def _add_retrieval(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -93,3 +100,33 @@ def _add_engine(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
         return run_engine_bench(args)
 
     p.set_defaults(run=run)
+
+
+def _add_async_vs_sync(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from bench.async_vs_sync import __doc__ as doc, add_arguments
+
+    p = bench_sub.add_parser(
+        "async-vs-sync",
+        help="trained trajectories/s: async (g serve, G-g train, eta) vs sync (all G serve, then all G train)",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from bench.async_vs_sync import run as run_async_vs_sync
+
+        return run_async_vs_sync(args)
+
+    p.set_defaults(run=run)
+
+
+def _add_module(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str, help_text: str) -> None:
+    """A bench whose module `bench/<name>.py` documents itself and declares its flags (`add_arguments`, `run`)."""
+    import importlib
+
+    module = importlib.import_module(f"bench.{name}")
+    p = bench_sub.add_parser(name, help=help_text, description=module.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(p)
+    p.set_defaults(run=lambda args: importlib.import_module(f"bench.{name}").run(args))

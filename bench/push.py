@@ -1,0 +1,135 @@
+"""`ssp bench push`: is the weight push as fast as the wire? learner.push.WeightPusher into a real server against a
+raw torch.distributed broadcast of the same bytes on the same backend.
+
+Side by side, rounds interleaved (the best round of each counts: the machine is shared):
+  (a) raw: this process and one receiver process in a plain 2-rank gloo group; the same buckets (flat uint8 tensors
+      of the push's bucket sizes) are broadcast from rank 0 and received by rank 1. The floor: bytes on the wire.
+  (b) push: a real reference server (`ssp model serve`, the prepared SmolLM2-135M-Instruct, so names and shapes
+      match) receives a full WeightPusher.push of the model's own weights: pause, begin, per bucket an HTTP call
+      plus the broadcast, the load into the model's parameters, end, continue.
+Prints seconds and GB/s of each and the ratio push / raw (goal >= 0.8). Writes artifacts/bench/push.json (+ .md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ssp.paths import artifacts_dir, default_model_dir
+
+GOAL = 0.8
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a) and (b); best counts (default: 3)")
+    p.add_argument("--bucket-mb", type=int, default=512, help="bucket size of the push, MiB (default: 512)")
+    p.add_argument("--model", type=Path, help="HF model directory pushed and served (default: the prepared SmolLM2)")
+    p.add_argument("--out", type=Path, help="JSON report (default: artifacts/bench/push.json)")
+
+
+def _receiver(init_method: str, sizes: list[int], rounds: int) -> None:
+    """Rank 1 of the raw measurement: receive `rounds` x the buckets of `sizes` bytes."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init_method, rank=1, world_size=2)
+    bufs = [torch.empty(n, dtype=torch.uint8) for n in sizes]
+    for _ in range(rounds):
+        dist.barrier()
+        for b in bufs:
+            dist.broadcast(b, src=0)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def _bucket_sizes(named: list[tuple[str, Any]], bucket_bytes: int) -> list[int]:
+    from learner.convert import buckets
+
+    return [sum(t.numel() * t.element_size() for _, t in b) for b in buckets(iter(named), bucket_bytes)]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from launcher.processes import ManagedProcess, free_port
+    from learner.push import WeightPusher
+
+    out_json = args.out or artifacts_dir() / "bench" / "push.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model or default_model_dir()
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file():
+        print(f"ssp bench push: {weights} is missing; run `ssp model prepare` (or pass --model DIR with a "
+              "model.safetensors)", file=sys.stderr)
+        return 2
+    named = list(load_file(str(weights)).items())
+    bucket_bytes = args.bucket_mb << 20
+    sizes = _bucket_sizes(named, bucket_bytes)
+    total = sum(sizes)
+    torch.set_num_threads(1)
+    print(f"push bench: {total / 1e6:.1f} MB in {len(sizes)} bucket(s) of <= {args.bucket_mb} MiB, gloo, "
+          f"{args.rounds} interleaved rounds", flush=True)
+
+    # (a) raw: a plain 2-rank group; the receiver is its own process.
+    port = free_port()
+    init = f"tcp://127.0.0.1:{port}"
+    recv = subprocess.Popen([sys.executable, "-c", "from bench.push import _receiver; "
+                             f"_receiver({init!r}, {sizes!r}, {args.rounds})"])
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=2)
+    # The same bytes as the push sends: the flattened buckets, built once (the push builds them per call).
+    flats = [torch.randint(0, 255, (n,), dtype=torch.uint8) for n in sizes]
+    raw_s: list[float] = []
+    push_s: list[float] = []
+    server_log = out_json.parent / "push-server.log"
+    sport = free_port()
+    url = f"http://127.0.0.1:{sport}"
+    with ManagedProcess("push-server", [sys.executable, "-m", "ssp.cli", "model", "serve", "--model", str(model_dir),
+                                        "--host", "127.0.0.1", "--port", str(sport)], log_path=server_log) as server:
+        server.wait_ready(url=f"{url}/health", timeout_s=300)
+        pusher = WeightPusher([url], backend="gloo", bytes_per_bucket=bucket_bytes)
+        try:
+            pusher.connect()
+            for i in range(args.rounds):
+                dist.barrier()
+                t0 = time.perf_counter()
+                for f in flats:
+                    dist.broadcast(f, src=0)
+                dist.barrier()
+                raw_s.append(time.perf_counter() - t0)
+                stats = pusher.push(iter(named), version=str(i + 1))
+                push_s.append(stats.seconds)
+                print(f"  round {i + 1}: raw {raw_s[-1]:.3f} s, push {push_s[-1]:.3f} s", flush=True)
+        finally:
+            pusher.close()
+    dist.destroy_process_group()
+    recv.wait(timeout=60)
+    raw, push = min(raw_s), min(push_s)
+    result = {"bytes": total, "buckets": len(sizes), "bucket_mb": args.bucket_mb, "backend": "gloo",
+              "raw_s": round(raw, 4), "push_s": round(push, 4), "raw_gb_per_s": round(total / 1e9 / raw, 3),
+              "push_gb_per_s": round(total / 1e9 / push, 3), "ratio": round(raw / push, 3),
+              "raw_rounds_s": [round(x, 4) for x in raw_s], "push_rounds_s": [round(x, 4) for x in push_s]}
+    out_json.write_text(json.dumps(result, indent=2))
+    report = markdown(result)
+    out_json.with_suffix(".md").write_text(report)
+    print(report)
+    ok = result["ratio"] >= GOAL
+    print("PASS" if ok else "FAIL", f": push / raw bandwidth {result['ratio']} (goal >= {GOAL})")
+    return 0 if ok else 1
+
+
+def markdown(r: dict[str, Any]) -> str:
+    return "\n".join([
+        "## Weight push vs raw broadcast", "",
+        f"{r['bytes'] / 1e6:.1f} MB in {r['buckets']} bucket(s) of <= {r['bucket_mb']} MiB over {r['backend']}, "
+        "best of the interleaved rounds.", "",
+        "| path | seconds | GB/s |", "|---|---|---|",
+        f"| raw torch.distributed broadcast | {r['raw_s']} | {r['raw_gb_per_s']} |",
+        f"| WeightPusher into `ssp model serve` | {r['push_s']} | {r['push_gb_per_s']} |", "",
+        f"push/raw bandwidth ratio: {r['ratio']}", ""])
