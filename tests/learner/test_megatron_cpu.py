@@ -1,0 +1,79 @@
+"""Each CPU stand-in of learner/megatron_cpu.py does what megatron's CUDA original does, and the [learner] config
+rejects bad values with the key, the rule and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from learner.config import LearnerConfig
+
+
+def test_rng_tracker_forks_and_restores_the_cpu_generator(par1: Any) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from learner.megatron_cpu import CpuRNGStatesTracker
+
+    tracker = get_cuda_rng_tracker()
+    assert isinstance(tracker, CpuRNGStatesTracker)
+    torch.manual_seed(0)
+    outside = torch.rand(3)
+    torch.manual_seed(0)
+    with tracker.fork():
+        inside = torch.rand(3)
+    assert torch.equal(torch.rand(3), outside)  # the default stream did not move
+    assert not torch.equal(inside, outside)  # the model-parallel stream is its own
+    with pytest.raises(ValueError, match="never added"):
+        with tracker.fork("nope"):
+            pass
+
+
+def test_global_memory_buffer_is_on_cpu_and_reused(par1: Any) -> None:
+    from megatron.core import parallel_state
+
+    buf = parallel_state.get_global_memory_buffer()
+    a = buf.get_tensor((4, 5), torch.float32, "mpu")
+    b = buf.get_tensor((2, 3), torch.float32, "mpu")
+    assert a.device.type == "cpu" and a.shape == (4, 5) and b.data_ptr() == a.data_ptr()
+
+
+def test_rope_table_matches_the_hf_formula(par1: Any) -> None:
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from learner.megatron_cpu import install_cpu_rope
+
+    holder = torch.nn.Module()
+    holder.rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, rotary_base=500, use_cpu_initialization=True)
+    install_cpu_rope(holder)
+    emb = holder.rope(6)  # (S, 1, 1, D)
+    inv_freq = 1.0 / (500 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
+    freqs = torch.outer(torch.arange(6, dtype=torch.float32), inv_freq)
+    assert torch.allclose(emb[:, 0, 0], torch.cat([freqs, freqs], dim=-1))
+
+
+def test_causal_mask_masks_the_future() -> None:
+    from learner.megatron_cpu import causal_mask
+
+    m = causal_mask(3)
+    assert m.shape == (1, 1, 3, 3) and m[0, 0].tolist() == [[False, True, True], [False, False, True],
+                                                            [False, False, False]]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"tensor_parallel": 0}, "tensor_parallel = 0: must be >= 1"),
+    ({"train_roles": ("verifier",)}, "train_roles = \\['verifier'\\]"),
+    ({"role_loss_weights": {"judge": 1.0}}, "unknown roles \\['judge'\\]"),
+    ({"lr": 0.0}, "lr = 0.0"),
+])
+def test_learner_config_errors_name_the_key(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LearnerConfig(**kwargs)
+
+
+def test_pipeline_parallel_is_refused_with_the_fix() -> None:
+    from learner.model import ModelConfigError, init_parallel
+
+    with pytest.raises(ModelConfigError, match="set learner.pipeline_parallel = 1"):
+        init_parallel(tp=1, pp=2)
