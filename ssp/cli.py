@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "learner.cli",
     "engine.cli",
     "engine.eval_cli",
+    "launcher.train_cli",
 )
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from engine.config import GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig, StreamConfig
 from engine.eval_config import EvalConfig
 from engine.inference_config import InferenceConfig
+from launcher.train_config import TrainConfig
 from learner.config import LearnerConfig
 from retriever.config import RetrievalServerConfig, RetrieverConfig
 from serving.config import ServingConfig
@@ -34,3 +35,5 @@ class SSPConfig:
     """`ssp eval`: the Search-R1 evaluation protocol (turns, tokens per turn, top-k, greedy), concurrency, subset."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     """The Megatron learner: model, TP x DP, batching, losses, optimizer, checkpoints, weight push."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """`ssp train`: the run folder and length, and which pieces it starts or attaches to (servers, learner)."""

@@ -1,0 +1,594 @@
+"""`ssp train`: one run of Search Self-Play, every piece started (or attached to) and watched by one command.
+
+    ssp train --config configs/demo.toml [--resume] [--set key=value ...]
+
+    ┌ processes (launcher.processes.ProcessSet, logs in <run>/logs/) ──────────────────────────────────────────┐
+    │ server-0..N-1   `ssp model serve` on free ports            (or attach: train.server_urls)                │
+    │ retriever       `ssp retriever serve` (kind = "http" with train.start_retriever; "tantivy" is in-process)│
+    │ learner         `ssp learner train` → torchrun, TP x DP ranks, listens on tcp://127.0.0.1:<free port>    │
+    │                 (or attach: train.learner_address)                                                       │
+    └──────────────────────────────────────────────────────────────────────────────────────────────────────────┘
+    this process:  [eval before] → engine (Scheduler → TrajectoryStream → TCP → learner)  → [eval after]
+                                     ▲                                        │ train step k, checkpoint,
+                                     └── policy version k: the servers' weight version ◄── push "k" to servers
+
+Staleness: the scheduler's gate needs the learner's policy version. The learner pushes weights after every step with
+weight_version = str(step), so the version the engine may count on is the smallest weight version over its servers
+(minus the step the run resumed from: the gate counts this run's episodes). The monitor polls it every
+train.poll_interval_s, together with the processes' liveness and the learner's metrics (for the step table).
+
+Ends: (1) the learner has pushed train.steps → the engine is stopped (episodes still in flight would train a step the
+run does not take, so they are cancelled), the learner exits after its final checkpoint; (2) a process dies → its
+name, exit code and log in one message, everything stopped, the last checkpoint stays resumable; (3) Ctrl-C or
+SIGTERM → everything stopped, the same. `--resume` restarts every piece; the learner restores its latest checkpoint
+(weights, optimizer, consumed group ids) and pushes those weights before the engine's new episodes count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import random
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+from launcher.processes import ManagedProcess, ProcessFailed, ProcessSet, free_port
+from launcher.progress import PLOT_KEYS, ProgressDisplay, Snapshot, format_summary, step_row
+from ssp.config import to_toml
+from ssp.metrics import MetricsLog, plot_metrics, read_metrics
+from ssp.paths import artifacts_dir
+from ssp.run_config import SSPConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class TrainError(RuntimeError):
+    """The run cannot start as configured (the message names the key or file and the fix)."""
+
+
+class ComponentFailed(RuntimeError):
+    """A piece of the run died or broke; `component` names it and `log_path` is where to look."""
+
+    def __init__(self, component: str, message: str, log_path: Path | None) -> None:
+        where = f"; its log is {log_path}" if log_path is not None and str(log_path) not in message else ""
+        super().__init__(f"{component} failed: {message}{where}")
+        self.component = component
+        self.log_path = log_path
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C or SIGTERM stopped the run."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainResult:
+    """What a finished run did: the steps, the engine's totals, the evaluations and where everything is."""
+
+    run_dir: Path
+    start_step: int
+    steps: int
+    rows: list[dict[str, Any]]
+    engine: dict[str, Any]
+    before: Any
+    """engine.evaluation.EvalResult before the first step (None without train.eval_datasets)."""
+    after: Any
+    """engine.evaluation.EvalResult after the last step."""
+    wall_s: float
+
+
+def run_dir_of(cfg: SSPConfig) -> Path:
+    return cfg.train.run_dir or artifacts_dir() / "runs" / cfg.train.name
+
+
+def learner_dir_of(cfg: SSPConfig) -> Path:
+    """The learner's out_dir: inside the run folder when ssp train starts it; the configured one when attached."""
+    return run_dir_of(cfg) / "learner" if cfg.train.learner_address is None else cfg.learner.out_dir
+
+
+def checkpoint_step(learner_dir: Path) -> int | None:
+    """Step of the learner's latest complete checkpoint, None when there is none."""
+    from learner import checkpoint
+
+    path = checkpoint.latest(learner_dir / "checkpoints")
+    if path is None:
+        return None
+    return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def check_config(cfg: SSPConfig) -> None:
+    """Rules that tie sections together (each section checks its own keys)."""
+    if cfg.scheduler.episodes_per_step != cfg.learner.groups_per_step:
+        raise TrainError(f"scheduler.episodes_per_step = {cfg.scheduler.episodes_per_step} but learner."
+                         f"groups_per_step = {cfg.learner.groups_per_step}: the engine's staleness gate counts "
+                         "episodes per policy version, the learner consumes groups per step; set both to the same "
+                         "number")
+    if cfg.learner.checkpoint_every != 1:
+        log.warning("learner.checkpoint_every = %d: a run stopped between checkpoints resumes from the last one and "
+                    "retrains nothing, but loses the steps since", cfg.learner.checkpoint_every)
+
+
+# ------------------------------------------------------------------------------------------------ the processes
+
+
+def start_retriever(procs: ProcessSet, cfg: SSPConfig, *, logs: Path, timeout_s: float) -> str:
+    port = free_port()
+    argv = [sys.executable, "-m", "ssp.cli", "retriever", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if cfg.retrieval_server.index_dir is not None:
+        argv += ["--index", str(cfg.retrieval_server.index_dir)]
+    process = procs.start("retriever", argv, log_path=logs / "retriever.log")
+    url = f"http://127.0.0.1:{port}"
+    process.wait_ready(url=f"{url}/health", timeout_s=timeout_s)
+    return url
+
+
+def learner_argv(config_path: Path, trajectories: str, server_urls: list[str]) -> list[str]:
+    """The learner as `ssp learner train` runs it (torchrun with TP x DP ranks from [learner])."""
+    argv = [sys.executable, "-m", "ssp.cli", "learner", "train", "--config", str(config_path), "--trajectories",
+            trajectories]
+    for url in server_urls:
+        argv += ["--server", url]
+    return argv
+
+
+# ------------------------------------------------------------------------------------------------ the engine
+
+
+class SampleSink:
+    """A FrameSink that forwards every frame to the learner and keeps a copy of every `every`-th one in a file
+    (the run's trajectory samples, readable with `ssp inspect`)."""
+
+    def __init__(self, inner: Any, samples: Any, every: int) -> None:
+        self._inner = inner
+        self._samples = samples
+        self._every = every
+        self._n = 0
+
+    async def write(self, frame: bytes) -> None:
+        await self._inner.write(frame)
+        if self._every and self._n % self._every == 0:
+            await self._samples.write(frame)
+        self._n += 1
+
+    async def close(self) -> None:
+        try:
+            await self._inner.close()
+        finally:
+            await self._samples.close()
+
+
+class Monitor:
+    """The run's watchdog and clock: process deaths, a broken trajectory stream, the servers' weight version (fed to
+    the scheduler's staleness gate), and the learner's step records (turned into step rows)."""
+
+    def __init__(self, cfg: SSPConfig, *, procs: ProcessSet, learner: ManagedProcess | None, urls: list[str],
+                 start_step: int, learner_metrics: Path, display: ProgressDisplay, metrics: MetricsLog) -> None:
+        self.cfg = cfg
+        self.procs = procs
+        self.learner = learner
+        self.urls = urls
+        self.start_step = start_step
+        self.learner_metrics = learner_metrics
+        self.display = display
+        self.metrics = metrics
+        self.engine_log = run_dir_of(cfg) / "logs" / "engine.log"
+        self.rows: list[dict[str, Any]] = []
+        self.version = start_step
+        self.last_step = start_step
+        self.stream: Any = None
+        self.scheduler: Any = None
+        self._snapshot: Snapshot | None = None
+
+    def check_processes(self) -> None:
+        """Raise ComponentFailed for a dead process; a learner that exited 0 is done, not failed."""
+        for process in self.procs.processes:
+            if process.alive() or (process is self.learner and process.proc.returncode == 0):
+                continue
+            raise ComponentFailed(process.name, str(process.failure()), process.log_path)
+        if self.learner is not None and not self.learner.alive() and self.last_step < self.cfg.train.steps:
+            self._read_learner_steps()
+            if self.last_step < self.cfg.train.steps:
+                raise ComponentFailed("learner", f"exited at step {self.last_step}, before train.steps = "
+                                      f"{self.cfg.train.steps}", self.learner.log_path)
+
+    def check_stream(self) -> None:
+        if self.stream is not None and self.stream.stats.error is not None:
+            log_path = self.learner.log_path if self.learner is not None else None
+            raise ComponentFailed("learner", f"the trajectory stream to {self.cfg.stream.host}:{self.cfg.stream.port}"
+                                  f" broke ({self.stream.stats.error}); unsent groups are in "
+                                  f"{self.stream.stats.spill_path}", log_path)
+
+    async def guard(self, work: Awaitable[T]) -> T:
+        """Await `work`, failing as soon as a process dies (e.g. while waiting for the learner to listen)."""
+        task = asyncio.ensure_future(work)
+        try:
+            while not task.done():
+                self.check_processes()
+                await asyncio.wait({task}, timeout=self.cfg.train.poll_interval_s)
+            return task.result()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def server_version(self, clients: list[Any]) -> int | None:
+        """The policy version every server holds (the smallest); None while a server does not answer."""
+        from engine.rollout import parse_version
+
+        try:
+            infos = await asyncio.gather(*(c.model_info() for c in clients))
+        except Exception as e:  # a dying server: the process check or the pool reports it
+            log.debug("weight version poll failed: %s", e)
+            return None
+        return min(parse_version(str(info.get("weight_version", "default"))) for info in infos)
+
+    def _read_learner_steps(self) -> None:
+        """Turn the learner's new step records into rows (shown, logged)."""
+        if self.scheduler is None or not self.learner_metrics.is_file():
+            return
+        for record in read_metrics(self.learner_metrics):
+            if not record.get("trained") or int(record["step"]) <= self.last_step:
+                continue
+            self._add_row(int(record["step"]), record)
+
+    def _add_row(self, step: int, learner: dict[str, Any] | None) -> None:
+        now = Snapshot.of(self.scheduler.counters)
+        row = step_row(step, self._snapshot or now, now, learner)
+        self._snapshot = now
+        self.last_step = step
+        self.rows.append(row)
+        self.metrics.write(row)
+        self.display.add(row)
+
+    async def run(self, clients: list[Any]) -> None:
+        """Until the learner has pushed train.steps: check, feed the gate, show steps. Raises on a failure."""
+        steps = self.cfg.train.steps
+        self._snapshot = Snapshot.of(self.scheduler.counters)
+        while True:
+            self.check_processes()
+            self.check_stream()
+            version = await self.server_version(clients)
+            if version is not None and version > self.version:
+                self.version = version
+                await self.scheduler.set_policy_version(version - self.start_step)
+            self._read_learner_steps()
+            if not self.learner_metrics.is_file():  # attached learner, metrics not visible: steps = versions
+                while self.last_step < min(self.version, steps):
+                    self._add_row(self.last_step + 1, None)
+            c = self.scheduler.counters
+            self.display.status(version=self.version, episodes=c.finished, inflight=self.scheduler.gate.inflight,
+                                failed=c.failed)
+            if self.last_step >= steps and self.version >= steps:
+                return
+            await asyncio.sleep(self.cfg.train.poll_interval_s)
+
+
+async def run_engine(cfg: SSPConfig, monitor: Monitor, run_dir: Path) -> dict[str, Any]:
+    """The engine of a training run: the same pieces as `ssp rollout` (engine.assemble), streaming to the learner,
+    with the monitor feeding the scheduler the learner's policy version. Returns the scheduler's summary."""
+    import aiohttp
+
+    from engine.assemble import pool_summary
+    from engine.chat import ChatTokenizer
+    from engine.client import ServerClient
+    from engine.game import Game
+    from engine.judge import Judge
+    from engine.pool import InferencePool
+    from engine.rollout import RolloutRunner
+    from engine.scheduler import Scheduler
+    from engine.search_batcher import SearchBatcher
+    from engine.seeds import load_seed_answers, seed_stream
+    from engine.stream import FileSink, TcpSink, TrajectoryStream
+    from retriever.registry import make_retriever
+    from ssp.paths import default_model_dir
+
+    chat = ChatTokenizer.load(cfg.rollout.tokenizer_dir or default_model_dir())
+    seeds = seed_stream(load_seed_answers(cfg.scheduler.seeds_file), hops_min=cfg.scheduler.hops_min,
+                        hops_max=cfg.scheduler.hops_max, seed=cfg.scheduler.seed + monitor.start_step)
+    tcp = await monitor.guard(TcpSink.connect(cfg.stream.host, cfg.stream.port, cfg.train.learner_start_timeout_s))
+    sink = SampleSink(tcp, FileSink(run_dir / "samples.frames"), cfg.train.sample_every)
+    stream = TrajectoryStream(sink, max_frame_bytes=cfg.stream.max_frame_bytes, queue_groups=cfg.stream.queue_groups,
+                              spill_path=cfg.stream.spill_path or run_dir / "spill.frames")
+    monitor.stream = stream
+    retriever = make_retriever(cfg.retriever)
+    batcher = SearchBatcher(retriever, cfg.search, k=cfg.retriever.topk)
+    engine_metrics = MetricsLog(run_dir / "engine.jsonl")
+    try:
+        async with (InferencePool(cfg.inference) as pool, Judge(cfg.game.judge) as judge,
+                    aiohttp.ClientSession() as session):
+            runner = RolloutRunner(pool, chat, batcher, cfg.rollout)
+            game = Game(runner, chat, judge, cfg.game, random.Random(cfg.scheduler.seed + monitor.start_step))
+            capacity = sum(s.capacity for s in pool.metrics().servers)
+            scheduler = Scheduler(game, seeds, stream, cfg.scheduler, capacity=capacity,
+                                  solver_group_size=cfg.game.solver_group_size, metrics=engine_metrics,
+                                  pool_stats=lambda: pool_summary(pool), search_stats=batcher.stats.summary)
+            monitor.scheduler = scheduler
+            clients = [ServerClient(u, session, admin_timeout_s=10.0, api_key=cfg.inference.api_key)
+                       for u in monitor.urls]
+            engine = asyncio.create_task(scheduler.run(None), name="engine")
+            watch = asyncio.create_task(monitor.run(clients), name="monitor")
+            try:
+                done, _ = await asyncio.wait({engine, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if engine in done:
+                    error = engine.exception()
+                    message = (f"{type(error).__name__}: {error}" if error is not None else
+                               "the scheduler returned before the learner reached train.steps")
+                    if error is not None:
+                        log.error("engine failed", exc_info=error)
+                    raise ComponentFailed("engine", message, monitor.engine_log)
+                watch.result()  # raises the monitor's ComponentFailed
+            finally:
+                for task in (engine, watch):
+                    task.cancel()
+                await asyncio.wait({engine, watch}, timeout=cfg.train.stop_timeout_s)
+            summary = scheduler.summary()
+            summary["judge"] = dict(judge.counts)
+            return summary
+    finally:
+        await batcher.close()
+        await retriever.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await sink.close()
+        engine_metrics.close()
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the run like Ctrl-C (KeyboardInterrupt), so every child is stopped and the message printed."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    """Every log record of the run goes to `path`; the console keeps only errors (the step table owns it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    console = [(h, h.level) for h in root.handlers]
+    for h, _ in console:
+        h.setLevel(logging.ERROR)
+    old_level = root.level
+    root.setLevel(min(old_level, logging.INFO) if old_level else logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(old_level)
+        for h, level in console:
+            h.setLevel(level)
+
+
+def _run_async(coro: Awaitable[T]) -> T:
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)  # type: ignore[arg-type]
+
+
+def train(cfg: SSPConfig, *, resume: bool, progress: bool = True, out: Any = None,
+          evaluate_fn: Callable[..., Any] | None = None) -> TrainResult:
+    """Run (or with `resume`, continue) the training run described by `cfg`; see the module docstring.
+
+    Raises TrainError (bad setup), ComponentFailed (a piece died; names it and its log) or Interrupted."""
+    started = time.perf_counter()
+    out = out or sys.stderr
+    tc = cfg.train
+    check_config(cfg)
+    run_dir = run_dir_of(cfg)
+    learner_dir = learner_dir_of(cfg)
+    start_step = checkpoint_step(learner_dir) or 0
+    if tc.learner_address is None:
+        if start_step and not resume:
+            raise TrainError(f"{run_dir} already holds a run at step {start_step}; continue it with --resume, or "
+                             "start a new one under another name (--set train.name=NAME)")
+        if resume and not run_dir.is_dir():
+            raise TrainError(f"nothing to resume: {run_dir} does not exist; start the run without --resume")
+    if start_step >= tc.steps:
+        raise TrainError(f"the run in {run_dir} is already at step {start_step} >= train.steps = {tc.steps}; "
+                         f"raise it (--set train.steps={start_step + tc.steps}) to train further")
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with _signals_as_interrupt(), _log_to(logs / "engine.log"), ProcessSet() as procs:
+        try:
+            return _train(cfg, procs, run_dir=run_dir, learner_dir=learner_dir, start_step=start_step,
+                          progress=progress, out=out, started=started, evaluate_fn=evaluate_fn)
+        except ProcessFailed as e:  # a process that died or never answered while starting
+            name = next((p.name for p in procs.processes if str(e).startswith(p.name)), "a process")
+            raise ComponentFailed(name, str(e), None) from None
+        except KeyboardInterrupt as e:
+            raise Interrupted(f"stopped by {e.args[0] if e.args else 'SIGINT'}") from None
+        finally:
+            procs.stop_all(timeout_s=10.0)
+
+
+def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Path, start_step: int,
+           progress: bool, out: Any, started: float, evaluate_fn: Callable[..., Any] | None) -> TrainResult:
+    tc = cfg.train
+    logs = run_dir / "logs"
+    config_path = run_dir / "config.toml"
+    # Resolve every address before anything starts, so every process reads the same config file.
+    if tc.server_urls:
+        urls = list(tc.server_urls)
+        ports: list[int] = []
+    else:
+        ports = [free_port() for _ in range(tc.servers)]
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+    if tc.learner_address is None:
+        stream_host, stream_port = "127.0.0.1", free_port()
+    else:
+        host, _, port = tc.learner_address.rpartition(":")
+        stream_host, stream_port = host, int(port)
+    cfg = dataclasses.replace(
+        cfg,
+        inference=dataclasses.replace(cfg.inference, server_urls=tuple(urls)),
+        stream=dataclasses.replace(cfg.stream, host=stream_host, port=stream_port,
+                                   spill_path=cfg.stream.spill_path or run_dir / "spill.frames"),
+        learner=dataclasses.replace(cfg.learner, out_dir=learner_dir, max_steps=tc.steps),
+    )
+    if cfg.retriever.kind == "http" and tc.start_retriever:
+        url = start_retriever(procs, cfg, logs=logs, timeout_s=tc.server_start_timeout_s)
+        cfg = dataclasses.replace(cfg, retriever=dataclasses.replace(cfg.retriever, url=url))
+    config_path.write_text(to_toml(cfg), encoding="utf-8")
+    print(f"ssp train: run folder {run_dir} ({'resuming at step ' + str(start_step) if start_step else 'new run'}, "
+          f"{tc.steps} steps of {cfg.scheduler.episodes_per_step} episodes)", file=out)
+    if not tc.server_urls:
+        print(f"ssp train: starting {tc.servers} reference server(s); logs in {logs}", file=out)
+        _start_known_ports(procs, ports, config_path=config_path, logs=logs, timeout_s=tc.server_start_timeout_s)
+    _write_processes(run_dir, procs, urls, cfg)
+
+    evaluate_fn = evaluate_fn or _evaluate
+    before = None
+    if tc.eval_datasets:
+        print(f"ssp train: evaluating the initial policy on {len(tc.eval_datasets)} dataset(s)", file=out)
+        before = evaluate_fn(cfg, run_dir / "eval-before", progress)
+        _check_alive(procs)
+
+    learner: ManagedProcess | None = None
+    if tc.learner_address is None:
+        learner = procs.start("learner", learner_argv(config_path, f"tcp://{stream_host}:{stream_port}", urls),
+                              log_path=logs / "learner.log")
+        _write_processes(run_dir, procs, urls, cfg)
+    print(f"ssp train: learner {'started' if learner else 'attached at ' + str(tc.learner_address)}, "
+          f"{cfg.learner.tensor_parallel} x {cfg.learner.data_parallel} rank(s); engine streaming to "
+          f"{stream_host}:{stream_port}", file=out)
+    display = ProgressDisplay(total_steps=tc.steps, start_step=start_step, enabled=progress, out=out)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    monitor = Monitor(cfg, procs=procs, learner=learner, urls=urls, start_step=start_step,
+                      learner_metrics=learner_dir / "metrics.jsonl", display=display, metrics=metrics)
+    try:
+        engine = _run_async(run_engine(cfg, monitor, run_dir))
+    finally:
+        display.close()
+        metrics.close()
+    if learner is not None:  # it exits by itself after its last checkpoint
+        with contextlib.suppress(Exception):
+            learner.proc.wait(tc.stop_timeout_s)
+        if learner.proc.returncode not in (0, None):
+            raise ComponentFailed("learner", f"exited with code {learner.proc.returncode} after the last step",
+                                  learner.log_path)
+
+    after = None
+    if tc.eval_datasets:
+        print("ssp train: evaluating the trained policy", file=out)
+        after = evaluate_fn(cfg, run_dir / "eval-after", progress)
+        _check_alive(procs)
+    result = TrainResult(run_dir=run_dir, start_step=start_step, steps=monitor.last_step, rows=monitor.rows,
+                         engine=engine, before=before, after=after, wall_s=time.perf_counter() - started)
+    _finish(result)
+    return result
+
+
+def _start_known_ports(procs: ProcessSet, ports: list[int], *, config_path: Path, logs: Path,
+                       timeout_s: float) -> None:
+    started = []
+    for i, port in enumerate(ports):
+        argv = [sys.executable, "-m", "ssp.cli", "model", "serve", "--config", str(config_path), "--host",
+                "127.0.0.1", "--port", str(port)]
+        started.append((procs.start(f"server-{i}", argv, log_path=logs / f"server-{i}.log"), port))
+    for process, port in started:  # they load in parallel; wait for each
+        process.wait_ready(url=f"http://127.0.0.1:{port}/health", timeout_s=timeout_s)
+
+
+def _check_alive(procs: ProcessSet) -> None:
+    for process in procs.processes:
+        if not process.alive():
+            raise ComponentFailed(process.name, str(process.failure()), process.log_path)
+
+
+def _write_processes(run_dir: Path, procs: ProcessSet, urls: list[str], cfg: SSPConfig) -> None:
+    """<run>/processes.json: what runs where (pids, logs, URLs), for a person debugging the run."""
+    (run_dir / "processes.json").write_text(json.dumps({
+        "processes": [{"name": p.name, "pid": p.pid, "log": str(p.log_path), "argv": p.argv}
+                      for p in procs.processes],
+        "server_urls": urls, "stream": f"{cfg.stream.host}:{cfg.stream.port}", "retriever": cfg.retriever.kind,
+    }, indent=1) + "\n")
+
+
+def _evaluate(cfg: SSPConfig, out_dir: Path, progress: bool) -> Any:
+    from engine.evaluation import evaluate
+
+    return evaluate(cfg, list(cfg.train.eval_datasets), model=None, out_dir=out_dir, progress=progress)
+
+
+def summary_items(result: TrainResult) -> list[tuple[str, Any]]:
+    """The end-of-run numbers (the rows are this run's steps; a resumed run's earlier steps are in metrics.jsonl)."""
+    rows = result.rows
+    e = result.engine
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        return sum(values) / len(values) if values else None
+
+    items: list[tuple[str, Any]] = [
+        ("steps", f"{result.start_step} -> {result.steps}"),
+        ("episodes finished", e.get("episodes_finished")),
+        ("episodes failed", e.get("episodes_failed")),
+        ("valid-question rate", e.get("validity_rate")),
+        ("solver accuracy", e.get("solver_accuracy")),
+        ("proposer reward", e.get("proposer_reward_mean")),
+        ("episodes/s", e.get("episodes_per_s")),
+        ("tokens/s (generated)", e.get("tokens_per_s")),
+        ("logprob mismatch (mean)", mean("logprob_mismatch_mean")),
+        ("staleness (max)", max((r["staleness_max"] for r in rows if "staleness_max" in r), default=None)),
+        ("learner step (s, mean)", mean("step_s")),
+        ("weight push (s, mean)", mean("push_s")),
+        ("wall time (s)", round(result.wall_s, 1)),
+    ]
+    return items
+
+
+def _finish(result: TrainResult) -> None:
+    """Plots and summary.json in the run folder."""
+    run_dir = result.run_dir
+    steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "step"]
+    if steps:
+        plot_metrics(steps, PLOT_KEYS, run_dir / "train.png", title=f"ssp train: {run_dir.name}")
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "start_step": result.start_step, "steps": result.steps,
+                               "wall_s": round(result.wall_s, 3), "engine": result.engine}
+    for name in ("before", "after"):
+        value = getattr(result, name)
+        if value is not None:
+            summary[f"eval_{name}"] = value.to_json()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+
+
+def format_result(result: TrainResult) -> str:
+    """The final screen: the before/after table (when evaluated) and the run's numbers."""
+    parts = []
+    if result.before is not None and result.after is not None:
+        from engine.evaluation import format_comparison
+
+        parts.append(format_comparison(result.before, result.after))
+    parts.append(format_summary(summary_items(result)))
+    files = [f"{result.run_dir}/{name}" for name in ("metrics.jsonl", "train.png", "summary.json", "samples.frames")]
+    parts.append("files: " + ", ".join(files) + f", {result.run_dir}/learner/ (checkpoints, learner metrics)")
+    return "\n\n".join(parts)
+
+
+def failure_hint(run_dir: Path, resume_cmd: str) -> str:
+    """Where the run stands after a failure, and how to continue it."""
+    step = checkpoint_step(run_dir / "learner") if (run_dir / "learner").is_dir() else None
+    where = f"the latest checkpoint is step {step}" if step else "no checkpoint was written yet"
+    return f"{where} ({run_dir}/learner/checkpoints); continue with `{resume_cmd}`"
+
