@@ -108,7 +108,7 @@ async def _direct(urls: list[str], args: argparse.Namespace) -> float:
 
         start = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(args.requests)))
-        return args.requests / (time.perf_counter() - start)
+        return float(args.requests / (time.perf_counter() - start))
 
 
 async def _pool(urls: list[str], args: argparse.Namespace) -> float:
@@ -120,7 +120,7 @@ async def _pool(urls: list[str], args: argparse.Namespace) -> float:
     async with InferencePool(cfg) as pool:
         start = time.perf_counter()
         await asyncio.gather(*(pool.generate(prompt, sampling, affinity=f"r{i}") for i in range(args.requests)))
-        return args.requests / (time.perf_counter() - start)
+        return float(args.requests / (time.perf_counter() - start))
 
 
 async def _sim_cost(n_requests: int, n_tokens: int) -> dict[str, float]:

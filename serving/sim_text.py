@@ -164,9 +164,8 @@ class SimText:
         role = facts.role
         budget = sampling.max_new_tokens
         if role == "verifier":
-            shape = self._shapes.rag_verify
             body = self._answer_body(facts.remembered_answer)
-            ids = self._compose(self._lognormal(shape.gen), "<answer>", body, " </answer>")
+            ids = self._compose(self._lognormal(self._shapes.rag_verify.gen), "<answer>", body, " </answer>")
             return self._finish(role, ids, " </answer>", sampling, budget)
         shape = self._shapes.proposer if role == "proposer" else self._shapes.solver
         if self._rng.random() < shape.runaway_p_per_turn:

@@ -106,8 +106,8 @@ async def test_info_health_flush_and_version(client: ServerClient) -> None:
 
 
 async def test_weight_update_calls_return_success_and_message(client: ServerClient) -> None:
-    bucket = dict(names=["model.embed_tokens.weight"], dtypes=["bfloat16"], shapes=[[16, 8]])
-    outside = await client.update_weights_from_distributed(**bucket)
+    names, dtypes, shapes = ["model.embed_tokens.weight"], ["bfloat16"], [[16, 8]]
+    outside = await client.update_weights_from_distributed(names=names, dtypes=dtypes, shapes=shapes)
     assert not outside.success and "begin_weight_update" in outside.message
     assert (await client.init_weights_update_group(master_address="127.0.0.1", master_port=1, rank_offset=1,
                                                    world_size=2, backend="gloo")).success
@@ -116,7 +116,8 @@ async def test_weight_update_calls_return_success_and_message(client: ServerClie
         assert (await client.begin_weight_update()).success
         again = await client.begin_weight_update()
         assert not again.success and "already open" in again.message
-        inside = await client.update_weights_from_distributed(**bucket, weight_version="3")
+        inside = await client.update_weights_from_distributed(names=names, dtypes=dtypes, shapes=shapes,
+                                                              weight_version="3")
         assert inside.success and "3" in inside.message, inside.message
         assert (await client.end_weight_update()).success
     finally:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from serving.backend import GenerateOutput, GenerateRequest, SamplingOptions
+from serving.backend import ABORTED, ABORTED_QUEUED, Finish, GenerateOutput, GenerateRequest, SamplingOptions
 from serving.sim import SimBackend
 from serving.sim_profile import DEFAULT_PROFILE, PROFILES_DIR, SimProfile, load_profile
 from serving.sim_text import SimText, TokenizerFile
@@ -80,7 +80,7 @@ async def test_single_request_steps_follow_the_formula(make: Factory) -> None:
     backend = make()
     await backend.start()
     out = await _run(backend, _req(_prompt(300), 20))
-    assert len(out.output_ids) == len(out.output_logprobs) == 20 and out.finish.type == "length"
+    assert len(out.output_ids) == len(out.output_logprobs) == 20 and out.finish == Finish("length", length=20)
     steps = list(backend.stats.recent)
     d, p = backend.profile.decode, backend.profile.prefill
     # Step 0 prefills the 300-token prompt (and yields the first token); then 19 decode steps, K growing by one.
@@ -144,7 +144,7 @@ async def test_kv_capacity_retracts_and_recomputes(make: Factory) -> None:
     backend = make(server={"kv_capacity_tokens": 2500})
     await backend.start()
     outs = await _run_all(backend, [_req(_prompt(500, i), 400) for i in range(4)])
-    assert all(len(o.output_ids) == 400 and o.finish.type == "length" for o in outs)
+    assert all(len(o.output_ids) == 400 and o.finish == Finish("length", length=400) for o in outs)
     assert backend.stats.retractions > 0 and sum(o.num_retractions for o in outs) == backend.stats.retractions
     assert all(s.kv_tokens <= 2500 for s in backend.stats.recent)
 
@@ -174,8 +174,8 @@ async def test_abort_running_and_queued(make: Factory) -> None:
     await asyncio.sleep(0.2)
     await backend.abort("", abort_all=True)
     r, q = await asyncio.gather(running, queued)
-    assert r.finish.type == "abort" and r.finish.message == "Aborted" and 0 < len(r.output_ids) < 5000 and r.ran
-    assert q.finish.queued and not q.ran and q.output_ids == []
+    assert r.finish == ABORTED and 0 < len(r.output_ids) < 5000 and r.ran
+    assert q.finish == ABORTED_QUEUED and not q.ran and q.output_ids == []
     assert backend.is_idle(ignore_queued=False)
 
 
