@@ -101,8 +101,9 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         # Sums over this rank's micro-batches; reduced over DP below. Loss parts are already batch-normalised.
-        sums = torch.zeros(9, dtype=torch.float64)
-        mismatch_max = torch.zeros(1, dtype=torch.float64)
+        # On the training device: NCCL reduces only GPU tensors.
+        sums = torch.zeros(9, dtype=torch.float64, device=par.device)
+        mismatch_max = torch.zeros(1, dtype=torch.float64, device=par.device)
         for samples in micro_batches:
             mb = collate(samples, cfg.role_loss_weights, par.device)
             logits = self._logits(self.model, mb.input_ids, mb.position_ids)  # (B, L, V/tp)
@@ -127,7 +128,7 @@ class Trainer:
                 mismatch_max = torch.maximum(mismatch_max, diff.max().double().reshape(1))
                 sums += torch.stack([parts.loss.detach(), parts.pg_loss, parts.kl, parts.entropy, parts.clip_frac,
                                      parts.dual_clip_frac, diff.sum(), mb.loss_mask.sum(),
-                                     torch.tensor(float(mb.n_tokens))]).double()
+                                     torch.tensor(float(mb.n_tokens), device=par.device)]).double()
         grad_norm = self._reduce_and_clip_grads()
         self.optimizer.step()
         self.scheduler.step()
