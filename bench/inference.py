@@ -145,9 +145,10 @@ async def _sim_cost(n_requests: int, n_tokens: int) -> dict[str, float]:
     cpu = time.process_time() - cpu0
     await backend.close()
     stats = backend.stats
-    return {"requests": n_requests, "tokens": stats.output_tokens + n_requests, "steps": stats.steps,
-            "cpu_s": cpu, "us_per_token": 1e6 * cpu / (stats.output_tokens + n_requests),
-            "us_per_step": 1e6 * cpu / stats.steps, "sim_time_s": stats.sim_time_s}
+    tokens = n_requests * n_tokens  # every request runs to its budget (ignore_eos)
+    return {"requests": n_requests, "tokens": tokens, "steps": stats.steps, "retractions": stats.retractions,
+            "cpu_s": cpu, "us_per_token": 1e6 * cpu / tokens, "us_per_step": 1e6 * cpu / stats.steps,
+            "sim_time_s": stats.sim_time_s}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
