@@ -55,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="simulated seconds per wall second, servers and learner alike (default: 4)")
     p.add_argument("--run-timeout", type=float, default=600.0,
                    help="wall seconds one run may take before it is reported as stuck (default: 600)")
+    p.add_argument("--index", type=Path, help="Tantivy index searched (default: the demo index, artifacts/index/demo)")
     p.add_argument("--out", type=Path, help="JSON report (default: artifacts/bench/async_vs_sync.json)")
 
 
@@ -164,9 +165,10 @@ def server_seconds_per_episode(profile: Any, shape: dict[str, float], batch: int
     return decode_s + prefill_s
 
 
-async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: int = 1,
-                       timeout_s: float = 600.0) -> dict[str, Any]:
-    """Play `spec` with the real engine against `urls` and a SimLearner; return rates, occupancy and the bound."""
+async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: int = 1, timeout_s: float = 600.0,
+                       index_dir: Path | None = None) -> dict[str, Any]:
+    """Play `spec` with the real engine against `urls` and a SimLearner; return rates, occupancy and the bound.
+    `index_dir`: the Tantivy index searched (default: the demo index)."""
     from bench.sim_learner import SimClock, SimLearner, push_s, steady_rate
     from engine.aio import freeze_startup_objects
     from engine.assemble import pool_summary
@@ -195,6 +197,7 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
         f"scheduler.seed={seed}",
         "scheduler.metrics_interval_s=3600",
         "stream.queue_groups=100000",
+        *([f'retriever.index_dir="{index_dir}"'] if index_dir is not None else []),
     ])
     chat = ChatTokenizer.load(cfg.rollout.tokenizer_dir or default_model_dir())
     seeds = seed_stream(load_seed_answers(cfg.scheduler.seeds_file), hops_min=cfg.scheduler.hops_min,
@@ -338,7 +341,7 @@ def bench_profile(profile_path: Path, args: argparse.Namespace, log_dir: Path) -
         urls = servers.urls[: s.serve_gpus // per_server]
         label = f"{s.mode} serve={s.serve_gpus} learn={s.learn_gpus} eta={s.eta}"
         print(f"  [{profile.profile.name}] {label} ...", flush=True)
-        r = uvloop.run(run_schedule(profile, urls, s, timeout_s=args.run_timeout))
+        r = uvloop.run(run_schedule(profile, urls, s, timeout_s=args.run_timeout, index_dir=args.index))
         eff = f", {100 * r['efficiency']:.0f}% of bound ({r['bound_by']})" if "efficiency" in r else ""
         print(f"    {r['trained_trajectories_per_s']:.3f} trained traj/s, occupancy {r['slot_occupancy_mean']:.2f}"
               f"{eff}; {r['wall_seconds']:.0f} s wall", flush=True)
@@ -362,7 +365,7 @@ def bench_profile(profile_path: Path, args: argparse.Namespace, log_dir: Path) -
 def run(args: argparse.Namespace) -> int:
     out_json = args.out or artifacts_dir() / "bench" / "async_vs_sync.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    if not default_index_dir().exists():
+    if args.index is None and not default_index_dir().exists():
         print(f"the demo index {default_index_dir()} is missing; build it with `ssp index build --corpus "
               "data/corpus/*.jsonl --out artifacts/index/demo`", file=sys.stderr)
         return 2

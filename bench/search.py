@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queries", type=int, default=2000, help="searches per measurement (default: 2000)")
     p.add_argument("--clients", type=int, default=256, help="concurrent searching rollouts (default: 256)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best counts (default: 2)")
+    p.add_argument("--index", type=Path, help="Tantivy index searched (default: the demo index, artifacts/index/demo)")
     p.add_argument("--out", type=Path, help="JSON report (default: artifacts/bench/search.json)")
 
 
@@ -41,14 +42,15 @@ def _queries(n: int) -> list[str]:
     return [rng.choice(answers) + rng.choice(suffixes) for _ in range(n)]
 
 
-async def measure(queries: list[str], clients: int, *, max_batch: int, window_ms: float) -> dict[str, Any]:
+async def measure(queries: list[str], clients: int, *, max_batch: int, window_ms: float,
+                  index_dir: Path | None = None) -> dict[str, Any]:
     """queries/s and batch sizes of `clients` coroutines searching through one SearchBatcher."""
     from engine.config import SearchBatcherConfig
     from engine.search_batcher import SearchBatcher, SearchStats
     from retriever.config import RetrieverConfig
     from retriever.registry import make_retriever
 
-    rcfg = RetrieverConfig()
+    rcfg = RetrieverConfig(index_dir=index_dir)
     retriever = make_retriever(rcfg)
     batcher = SearchBatcher(retriever, SearchBatcherConfig(max_batch=max_batch, window_ms=window_ms), k=rcfg.topk)
     try:
@@ -80,9 +82,10 @@ def run(args: argparse.Namespace) -> int:
     default = SearchBatcherConfig()
     runs: dict[str, list[dict[str, Any]]] = {"per_query": [], "coalesced": []}
     for _ in range(args.rounds):
-        runs["per_query"].append(uvloop.run(measure(queries, args.clients, max_batch=1, window_ms=0.0)))
+        runs["per_query"].append(uvloop.run(measure(queries, args.clients, max_batch=1, window_ms=0.0,
+                                                    index_dir=args.index)))
         runs["coalesced"].append(uvloop.run(measure(queries, args.clients, max_batch=default.max_batch,
-                                                    window_ms=default.window_ms)))
+                                                    window_ms=default.window_ms, index_dir=args.index)))
     best = {k: max(v, key=lambda r: r["queries_per_s"]) for k, v in runs.items()}
     result = {"queries": args.queries, "clients": args.clients, "max_batch": default.max_batch,
               "window_ms": default.window_ms, **best,
