@@ -43,7 +43,23 @@ demo: setup
     "{{ssp}}" index build --corpus data/corpus/*.jsonl --out artifacts/index/demo --if-missing
     "{{ssp}}" index search --index artifacts/index/demo -k 3 "Scott Derrickson" "Where was Ioan Nenitescu born?" "Ed Wood film director"
 
-# throughput benchmarks (quick versions); each writes JSON and a markdown report under artifacts/bench/
+# throughput benchmarks, quick versions (< 10 min on 2 cores): every part, then artifacts/bench/REPORT.md with plots.
+# Each part alone, with more load: `ssp bench <part> --help`. A part that misses its goal (or fails) is reported at
+# the end and makes the recipe exit 1, after the report is written.
 bench: setup
-    "{{ssp}}" bench retrieval
-    "{{ssp}}" bench inference --requests 1000
+    #!/usr/bin/env bash
+    set -uo pipefail
+    ssp="{{ssp}}"
+    "$ssp" index build --corpus data/corpus/*.jsonl --out artifacts/index/demo --if-missing || exit 1
+    failed=()
+    part() { echo "== ssp bench $*"; "$ssp" bench "$@" || failed+=("$1 (exit $?)"); }
+    part async-vs-sync --splits 2 4 --etas 0 4 --episodes-per-step 32 --steps 4 --warmup 2 --time-scale 4
+    part scale --sizes 1000 5000 10000 --ramp 6 --duration 8
+    part search --queries 1000
+    part retrieval --queries 300 --clients 16
+    part push --rounds 2
+    part learner --steps 2
+    part inference --requests 1000
+    part serving
+    "$ssp" bench report || exit 1
+    if [ ${#failed[@]} -gt 0 ]; then echo "just bench: parts that missed their goal or failed: ${failed[*]}" >&2; exit 1; fi
