@@ -237,6 +237,8 @@ class Scheduler:
         if n >= opts.max_new_tokens or len(seq.tokens) >= self.context_length:
             self._finish(seq, Finish("length", length=opts.max_new_tokens))
             return
+        if any(decoded.endswith(s[:k]) for s in opts.stop for k in range(1, len(s))):
+            return  # hold the chunk back: the tail may be the start of a stop string (SGLang does the same)
         seq.emit(self._snapshot(seq))
 
     def _finish(self, seq: Seq, finish: Finish) -> None:
