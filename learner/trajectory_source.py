@@ -52,8 +52,9 @@ class FrameSource(Protocol):
 class _ReaderFrames:
     """Frames read from a binary stream (a file object or a socket's makefile)."""
 
-    def __init__(self, stream: BinaryIO, name: str, offset: int = 0) -> None:
+    def __init__(self, stream: BinaryIO, name: str, offset: int = 0, sock: socket.socket | None = None) -> None:
         self._stream = stream
+        self._sock = sock
         self._name = name
         self.offset = offset
 
@@ -84,6 +85,8 @@ class _ReaderFrames:
 
     def close(self) -> None:
         self._stream.close()
+        if self._sock is not None:  # closing a socket's makefile leaves the socket itself open
+            self._sock.close()
 
 
 def open_file_source(path: Path, offset: int = 0) -> FrameSource:
@@ -112,7 +115,7 @@ def open_tcp_source(host: str, port: int, accept_timeout_s: float = 600.0) -> Fr
             raise TimeoutError(f"no engine connected to tcp://{host}:{port} within {accept_timeout_s} s; start "
                                "the engine with stream.host/stream.port pointing here") from None
     conn.settimeout(None)
-    return _ReaderFrames(conn.makefile("rb"), f"tcp://{host}:{port}")
+    return _ReaderFrames(conn.makefile("rb"), f"tcp://{host}:{port}", sock=conn)
 
 
 def open_source(spec: str, offset: int = 0) -> FrameSource:

@@ -141,3 +141,45 @@ def test_sigkill_mid_run_resumes_to_the_same_weights(tiny_llama: Path, tmp_path:
     assert ours.keys() == ref.keys()
     for name in ref:
         assert torch.equal(ours[name], ref[name]), name
+
+
+def test_tcp_source_listens_for_the_engine(tmp_path: Path) -> None:
+    """Over TCP the learner listens and the engine connects (engine/stream.py); frames arrive whole and in order."""
+    import socket
+    import threading
+
+    from engine.trajectory import pack_group
+    from learner.trajectory_source import encode_frame
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    groups = make_groups(3, seed=9)
+
+    def engine() -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        with conn:
+            for g in groups:
+                frame = encode_frame(pack_group(g))
+                conn.sendall(frame[:3])  # a frame split across writes still arrives whole
+                conn.sendall(frame[3:])
+
+    sender = threading.Thread(target=engine)
+    sender.start()
+    src = open_source(f"tcp://127.0.0.1:{port}")
+    got = []
+    while (payload := src.next_frame()) is not None:
+        got.append(unpack_group(payload)[0].group_id)
+    src.close()
+    sender.join()
+    assert got == [g[0].group_id for g in groups]
+    with pytest.raises(ValueError, match="expected tcp://HOST:PORT"):
+        open_source("tcp://nohost")
