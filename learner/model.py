@@ -182,14 +182,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def layer_spec(ffn_hidden_size: int, use_te: bool | None = None) -> Any:
-    """transformer-engine layers when installed and on GPU (fused, fast), megatron's local layers otherwise."""
+def layer_spec(ffn_hidden_size: int, use_te: bool) -> Any:
+    """transformer-engine layers (fused, fast; GPU only) or megatron's local layers (any device)."""
     import dataclasses
 
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if use_te is None:
-        use_te = torch.cuda.is_available() and _have_te()
     if use_te:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
@@ -222,6 +220,9 @@ def build_model(shape: ModelShape, par: Parallel, *, vocab_divisor: int = 128, i
 
     shape.check_tp(par.tp)
     on_cpu = par.device.type == "cpu"
+    use_te = not on_cpu and _have_te()
+    log.info("building %s: %d layers, hidden %d, TP %d, %s layers, %s on %s", shape.architecture, shape.num_layers,
+             shape.hidden_size, par.tp, "transformer-engine" if use_te else "local", par.dtype, par.device)
     config = TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -257,7 +258,7 @@ def build_model(shape: ModelShape, par: Parallel, *, vocab_divisor: int = 128, i
     )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(shape.ffn_hidden_size, None if not on_cpu else False),
+        transformer_layer_spec=layer_spec(shape.ffn_hidden_size, use_te),
         vocab_size=shape.padded_vocab(par.tp, vocab_divisor),
         max_sequence_length=shape.max_position_embeddings,
         share_embeddings_and_output_weights=shape.tie_word_embeddings,
