@@ -94,15 +94,31 @@ def run(args: argparse.Namespace) -> int:
         proc.wait(timeout=30)
     seq, con = min(times["sequential"]), min(times["concurrent"])
     tokens = args.requests * args.new_tokens
-    ratio = seq / con
-    print(f"{args.requests} requests x {args.new_tokens} new tokens, reference server at {url}")
-    print(f"  (a) one after another : {seq:8.2f} s  {tokens / seq:7.1f} tok/s")
-    print(f"  (b) all at once       : {con:8.2f} s  {tokens / con:7.1f} tok/s")
-    print(f"  ratio (a)/(b)         : {ratio:8.2f}x  (goal >= {GOAL:.0f}x: {'met' if ratio >= GOAL else 'NOT met'})")
+    result = {"requests": args.requests, "new_tokens": args.new_tokens, "rounds": args.rounds,
+              "sequential_s": round(seq, 3), "concurrent_s": round(con, 3),
+              "sequential_tok_per_s": round(tokens / seq, 2), "concurrent_tok_per_s": round(tokens / con, 2),
+              "ratio": round(seq / con, 2), "goal": GOAL,
+              "sequential_rounds_s": [round(x, 3) for x in times["sequential"]],
+              "concurrent_rounds_s": [round(x, 3) for x in times["concurrent"]]}
     out = args.out or artifacts_dir() / "bench" / "serving.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"requests": args.requests, "new_tokens": args.new_tokens, "rounds": args.rounds,
-              "sequential_s": times["sequential"], "concurrent_s": times["concurrent"], "ratio": ratio, "goal": GOAL}
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    report = markdown(result)
+    out.with_suffix(".md").write_text(report)
+    print(report)
+    ok = result["ratio"] >= GOAL
+    print("PASS" if ok else "FAIL", f": sequential / concurrent time {result['ratio']}x (goal >= {GOAL:.0f}x)")
     print(f"report: {out}")
-    return 0
+    return 0 if ok else 1
+
+
+def markdown(r: dict[str, Any]) -> str:
+    return "\n".join([
+        "# serving (`ssp bench serving`)", "",
+        f"{r['requests']} requests x {r['new_tokens']} new tokens (greedy, ignore_eos) on the reference server; "
+        f"best of {r['rounds']} round(s).", "",
+        "| mode | total s | tokens/s |", "|---|---|---|",
+        f"| (a) one after another | {r['sequential_s']} | {r['sequential_tok_per_s']} |",
+        f"| (b) all at once (continuous batching) | {r['concurrent_s']} | {r['concurrent_tok_per_s']} |", "",
+        f"Ratio (a)/(b): **{r['ratio']}x** (goal >= {r['goal']:.0f}x).", "",
+    ])
