@@ -393,7 +393,7 @@ async def test_pause_retract_then_version_splits_spans(http: aiohttp.ClientSessi
                                                       is_reference: bool) -> None:
     _, info = await call(http, url, "/model_info", method="GET")
     before = info["weight_version"]
-    n = 8 if is_reference else 1000  # long enough to still be running when the pause lands
+    n = 12 if is_reference else 1000  # long enough to still be running when the pause lands
     body = {"input_ids": PROMPT, "return_logprob": True,
             "sampling_params": {"max_new_tokens": n, "ignore_eos": True, "temperature": 0}}
     chunks: list[Any] = []
