@@ -1,6 +1,7 @@
 """Weight push to the real reference server (SmolLM2, fp32 CPU): rollouts from the server train the learner with a
 logprob mismatch of ~0, and after one step and a push the server scores a fixed continuation exactly as the learner
 recomputes it. The server's original weights and version are restored at the end (it is shared by the session)."""
+# NOTE: the WeightPusher itself is used through learner.trainer.run, as a training run uses it.
 
 from __future__ import annotations
 
@@ -46,15 +47,17 @@ def _score(url: str, prompt: list[int], continuation: list[int]) -> list[float]:
 
 
 @pytest.mark.slow
-def test_push_makes_server_logprobs_equal_learners(model_dir: Path, ref_server: str, par1: Any) -> None:
+def test_push_makes_server_logprobs_equal_learners(model_dir: Path, ref_server: str, par1: Any,
+                                                   tmp_path: Path) -> None:
+    """The whole trainer path: run() pushes the initial weights, trains one step on the server's own rollouts
+    (mismatch ~0), checkpoints, and pushes version "1"; the server then scores like the checkpointed weights."""
     from transformers import AutoTokenizer
 
-    from learner.convert import HfTensors, load_hf_into_model
-    from learner.gather import iter_hf_weights
-    from learner.logprobs import mask_padded_vocab, token_logprobs
     from learner.model import ModelShape, attention_mask, build_model
-    from learner.push import PushState, WeightPusher
-    from learner.trainer import Trainer
+    from learner.logprobs import mask_padded_vocab, token_logprobs
+    from learner.trainer import run
+    from learner_tiny import write_frames
+    from ssp.metrics import read_metrics
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
@@ -69,31 +72,32 @@ def test_push_makes_server_logprobs_equal_learners(model_dir: Path, ref_server: 
         group.append(Trajectory(role="solver", group_id="push-test", prompt_ids=prompt, response_ids=ids,
                                 loss_mask=[1] * len(ids), rollout_logprobs=lps, policy_versions=[0] * len(ids),
                                 reward=reward))
+    frames = write_frames(tmp_path / "t.frames", [group])
+    cfg = replace(LearnerConfig(), model_dir=model_dir, out_dir=tmp_path / "run", groups_per_step=1, lr=3e-4,
+                  warmup_steps=0, keep_checkpoints=1, push_bytes_per_bucket=64 << 20, push_timeout_s=120)
+    try:
+        assert run(cfg, str(frames), [ref_server]) == 0
+        initial, step = read_metrics(cfg.out_dir / "metrics.jsonl")
+        assert initial["initial_push"] and initial["push_bytes"] > 500e6
+        assert step["step"] == 1 and step["push_gb_per_s"] > 0
+        assert step["logprob_mismatch_max"] < 1e-4  # the learner recomputes exactly what the server sampled with
+        assert _get(ref_server, "/model_info")["weight_version"] == "1"
+        after = _score(ref_server, prompt, continuation)
+    finally:  # restore the session-shared server's weights and version
+        restored = _post(ref_server, "/update_weights_from_disk", {"model_path": str(model_dir),
+                                                                   "weight_version": original_version})
+        assert restored["success"], restored
 
     shape = ModelShape.from_dir(model_dir)
     model = build_model(shape, par1)
-    load_hf_into_model(model, model_dir, shape, tp=1, tp_rank=0, vocab_divisor=128)
-    cfg = replace(LearnerConfig(), lr=3e-4, warmup_steps=0)
-    step = Trainer(cfg, par1, shape, model, None).train_step([group], policy_version=0)
-    assert step.metrics["logprob_mismatch_max"] < 1e-4  # the learner recomputes exactly what the server sampled with
-
-    pusher = WeightPusher([ref_server], backend="gloo", bytes_per_bucket=64 << 20, timeout_s=120)
-    try:
-        pusher.connect()
-        stats = pusher.push(iter_hf_weights(model, shape, tp_group=None, keep=True), version="1")
-        assert stats.buckets > 1 and stats.bytes > 500e6 and stats.gb_per_s > 0
-        assert _get(ref_server, "/model_info")["weight_version"] == "1"
-        after = _score(ref_server, prompt, continuation)
-        with torch.no_grad():
-            ids = torch.tensor([prompt + continuation])
-            logits = mask_padded_vocab(model(ids[:, :-1], torch.arange(ids.shape[1] - 1)[None],
-                                             attention_mask(ids.shape[1] - 1, torch.device("cpu"))), shape.vocab_size)
-            ours = token_logprobs(logits, ids[:, 1:])[0, len(prompt) - 1:].tolist()
-        assert max(abs(a - b) for a, b in zip(after, ours)) < 1e-4
-        assert max(abs(a - b) for a, b in zip(after, before)) > 1e-3  # the step really changed the server's model
-    finally:
-        if pusher.state is PushState.CONNECTED:  # restore the session-shared server
-            with HfTensors(model_dir) as hf:
-                pusher.push(((n, hf.get(n)) for n in hf.names()), version=original_version)
-        pusher.close()
+    trained = torch.load(cfg.out_dir / "checkpoints" / "step-000001" / "tp0.pt", weights_only=True)["model"]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(trained[name])
+        ids = torch.tensor([prompt + continuation])
+        logits = mask_padded_vocab(model(ids[:, :-1], torch.arange(ids.shape[1] - 1)[None],
+                                         attention_mask(ids.shape[1] - 1, torch.device("cpu"))), shape.vocab_size)
+        ours = token_logprobs(logits, ids[:, 1:])[0, len(prompt) - 1:].tolist()
+    assert max(abs(a - b) for a, b in zip(after, ours)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(after, before)) > 1e-3  # the step really changed the server's model
     assert max(abs(a - b) for a, b in zip(_score(ref_server, prompt, continuation), before)) < 1e-5
