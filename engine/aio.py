@@ -20,7 +20,7 @@ async def gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
         first = group.exceptions[0]
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
-        raise first from None
+        raise first  # NOTE: not `from None`, which would erase the failure's own __cause__
     return [t.result() for t in tasks]
 
 

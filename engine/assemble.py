@@ -10,9 +10,12 @@ Each component still gets only its own section; this module is the composition r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from engine.scheduler import Scheduler
 from engine.search_batcher import SearchBatcher
 from engine.seeds import load_seed_answers, seed_stream
 from engine.stream import FileSink, FrameSink, TcpSink, TrajectoryStream
+from retriever.protocol import Retriever
 from retriever.registry import make_retriever
 from ssp.metrics import MetricsLog
 from ssp.paths import artifacts_dir, default_model_dir
@@ -47,6 +51,34 @@ def pool_summary(pool: InferencePool) -> dict[str, Any]:
     }
 
 
+@dataclass(slots=True)
+class EngineParts:
+    """The engine's components, built from one config (see `open_engine`)."""
+
+    chat: ChatTokenizer
+    pool: InferencePool
+    retriever: Retriever
+    batcher: SearchBatcher
+    judge: Judge
+    game: Game
+
+
+@contextlib.asynccontextmanager
+async def open_engine(cfg: SSPConfig) -> AsyncIterator[EngineParts]:
+    """Open the pool, retriever, search batcher and judge, and build the game on them; closes them all on exit."""
+    chat = ChatTokenizer.load(cfg.rollout.tokenizer_dir or default_model_dir())
+    retriever = make_retriever(cfg.retriever)
+    batcher = SearchBatcher(retriever, cfg.search, k=cfg.retriever.topk)
+    try:
+        async with InferencePool(cfg.inference) as pool, Judge(cfg.game.judge) as judge:
+            runner = RolloutRunner(pool, chat, batcher, cfg.rollout)
+            game = Game(runner, chat, judge, cfg.game, random.Random(cfg.scheduler.seed))
+            yield EngineParts(chat, pool, retriever, batcher, judge, game)
+    finally:
+        await batcher.close()
+        await retriever.close()
+
+
 async def run_engine(cfg: SSPConfig, *, episodes: int | None, out: Path | None = None,
                      metrics_path: Path | None = None) -> dict[str, Any]:
     """Play `episodes` episodes (None: until stopped) and stream the groups to `out` (a frames file) or, when
@@ -58,34 +90,28 @@ async def run_engine(cfg: SSPConfig, *, episodes: int | None, out: Path | None =
     if out is not None:
         # No learner reads a file while it is written: there is no policy version to be stale against.
         sched_cfg = dataclasses.replace(sched_cfg, eta=None)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    spill = cfg.stream.spill_path or artifacts_dir() / "runs" / f"spill-{stamp}.frames"
-    chat = ChatTokenizer.load(cfg.rollout.tokenizer_dir or default_model_dir())
-    answers = load_seed_answers(cfg.scheduler.seeds_file)
-    seeds = seed_stream(answers, hops_min=cfg.scheduler.hops_min, hops_max=cfg.scheduler.hops_max,
-                        seed=cfg.scheduler.seed)
-    sink: FrameSink = (FileSink(out) if out is not None else
-                       await TcpSink.connect(cfg.stream.host, cfg.stream.port, cfg.stream.connect_timeout_s))
-    stream = TrajectoryStream(sink, max_frame_bytes=cfg.stream.max_frame_bytes, queue_groups=cfg.stream.queue_groups,
-                              spill_path=spill)
-    retriever = make_retriever(cfg.retriever)
-    batcher = SearchBatcher(retriever, cfg.search, k=cfg.retriever.topk)
+    answers = load_seed_answers(sched_cfg.seeds_file)
+    seeds = seed_stream(answers, hops_min=sched_cfg.hops_min, hops_max=sched_cfg.hops_max, seed=sched_cfg.seed)
+    spill = cfg.stream.spill_path or artifacts_dir() / "runs" / f"spill-{time.strftime('%Y%m%d-%H%M%S')}.frames"
     metrics = MetricsLog(metrics_path) if metrics_path is not None else None
     try:
-        async with InferencePool(cfg.inference) as pool, Judge(cfg.game.judge) as judge:
-            runner = RolloutRunner(pool, chat, batcher, cfg.rollout)
-            game = Game(runner, chat, judge, cfg.game, random.Random(cfg.scheduler.seed))
-            capacity = sum(s.capacity for s in pool.metrics().servers)
-            scheduler = Scheduler(game, seeds, stream, sched_cfg, capacity=capacity,
-                                  solver_group_size=cfg.game.solver_group_size, metrics=metrics,
-                                  pool_stats=lambda: pool_summary(pool), search_stats=batcher.stats.summary)
-            freeze_startup_objects()
-            summary = await scheduler.run(episodes)
-            summary["judge"] = dict(judge.counts)
+        async with open_engine(cfg) as parts:
+            sink: FrameSink = (FileSink(out) if out is not None else
+                               await TcpSink.connect(cfg.stream.host, cfg.stream.port, cfg.stream.connect_timeout_s))
+            stream = TrajectoryStream(sink, max_frame_bytes=cfg.stream.max_frame_bytes,
+                                      queue_groups=cfg.stream.queue_groups, spill_path=spill)
+            try:
+                capacity = sum(s.capacity for s in parts.pool.metrics().servers)
+                scheduler = Scheduler(parts.game, seeds, stream, sched_cfg, capacity=capacity,
+                                      solver_group_size=cfg.game.solver_group_size, metrics=metrics,
+                                      pool_stats=lambda: pool_summary(parts.pool),
+                                      search_stats=parts.batcher.stats.summary)
+                freeze_startup_objects()
+                summary = await scheduler.run(episodes)
+            finally:
+                await sink.close()  # already closed by the stream after a normal run; closing again is harmless
+            summary["judge"] = dict(parts.judge.counts)
             return summary
     finally:
-        await batcher.close()
-        await retriever.close()
-        await sink.close()  # already closed by the stream after a normal run; closing again is harmless
         if metrics is not None:
             metrics.close()

@@ -7,6 +7,7 @@ ids the server returned.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,12 +33,10 @@ class ChatTokenizer:
 
     @classmethod
     def load(cls, model_dir: Path) -> ChatTokenizer:
-        from transformers import AutoTokenizer
-
         if not (model_dir / "tokenizer_config.json").exists():
             raise FileNotFoundError(f"{model_dir} has no tokenizer_config.json; point rollout.tokenizer_dir at the "
                                     "served model's Hugging Face directory (or run `ssp model prepare`)")
-        return cls(AutoTokenizer.from_pretrained(str(model_dir)))
+        return cls(_hf_tokenizer(str(model_dir.resolve())))
 
     def render(self, messages: list[Message]) -> list[int]:
         """Token ids of the chat up to and including the assistant's generation prompt."""
@@ -77,3 +76,12 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids, special tokens kept (for parsing and inspection only; never re-encoded)."""
         return str(self._tok.decode(list(ids), skip_special_tokens=False))
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_tokenizer(model_dir: str) -> Any:
+    """One Hugging Face tokenizer per directory and process: loading one takes seconds (transformers imports torch),
+    and engines, evaluations and tests in one process share it (it is only read)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

@@ -329,6 +329,7 @@ class Scheduler:
             "stream_error": self.stream.stats.error,
             **self.overhead.summary_ms("turn_overhead"),
             **self.lag.lag.summary_ms("loop_lag"),
+            **self.lag.busy.summary_ms("loop_busy"),
         }
         if self._pool_stats is not None:
             out.update(self._pool_stats())

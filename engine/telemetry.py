@@ -1,7 +1,9 @@
 """Measurements the engine keeps about itself: bounded samples with percentiles, and event-loop lag.
 
 Event-loop lag is how late a timer fires: a coroutine that hogs the loop (a long decode, a blocking call) delays
-every rollout by that much, so its p99 and max are the engine's own stall measure.
+every rollout by that much. On a shared machine the operating system also delays the loop (other processes hold the
+core), so the monitor records, per tick, the CPU time the loop's own thread used as well: wall-clock lag with little
+CPU is the host's doing; CPU time far above the tick interval is the engine's.
 """
 
 from __future__ import annotations
@@ -49,14 +51,20 @@ class Samples:
 
 
 class LoopLagMonitor:
-    """Sleeps `interval_s` in a loop and records how much later than asked it woke up."""
+    """Sleeps `interval_s` in a loop and records how much later than asked it woke up (`lag`), and how much CPU
+    time the loop thread spent in that tick (`busy`: callbacks run between two ticks)."""
 
     def __init__(self, interval_s: float = 0.01) -> None:
         self.interval_s = interval_s
         self.lag = Samples()
+        self.busy = Samples()
+
+    def reset(self) -> None:
+        self.lag, self.busy = Samples(), Samples()
 
     async def run(self) -> None:
         while True:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             await asyncio.sleep(self.interval_s)
             self.lag.add(max(0.0, time.perf_counter() - start - self.interval_s))
+            self.busy.add(time.thread_time() - cpu)
