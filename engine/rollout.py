@@ -31,6 +31,7 @@ from engine.errors import InferenceError
 from engine.generation import FinishReason, GenerateResult, Generator, SamplingParams
 from engine.prompts import SEARCH_CLOSE, SEARCH_OPEN
 from engine.search_batcher import SearchBatcher, SearchError
+from engine.telemetry import Samples
 from engine.trajectory import Role, Trajectory
 from retriever.protocol import Doc
 
@@ -185,6 +186,9 @@ class RolloutRunner:
         self._cfg = cfg
         self.active = 0
         """Rollouts running now (a gauge for metrics and benches)."""
+        self.turn_overhead = Samples()
+        """Engine-side seconds of every turn as it happens (the per-rollout lists reach the scheduler only when an
+        episode ends, which at 10k rollouts in flight may be minutes later; benches read this one live)."""
 
     async def run(self, prompt_ids: list[int], spec: RolloutSpec, *, affinity: str) -> Rollout:
         self.active += 1
@@ -210,7 +214,9 @@ class RolloutRunner:
             sampling = SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=budget,
                                       stop=spec.stop)
             if mark is not None:
-                ro.overhead_s.append(time.perf_counter() - mark)
+                overhead = time.perf_counter() - mark
+                ro.overhead_s.append(overhead)
+                self.turn_overhead.add(overhead)
             ids, logprobs, versions, finish, text = await self._generate_turn(ro, sampling, affinity)
             mark = time.perf_counter()
             ro.turns += 1
