@@ -38,10 +38,15 @@ test *ARGS: setup
     if [ $rc -eq 5 ]; then echo "just test: pytest collected no tests; that is a failure" >&2; exit 1; fi
     exit $rc
 
-# the main job on the embedded default: build the demo index and search it
-demo: setup
+# the main job on the embedded default: build the demo index, then `ssp train` on configs/demo.toml (evaluation
+# before, a few SSP steps with SmolLM2-135M on a reference server and the Megatron learner on CPU, evaluation after)
+demo *ARGS: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    start=$SECONDS
     "{{ssp}}" index build --corpus data/corpus/*.jsonl --out artifacts/index/demo --if-missing
-    "{{ssp}}" index search --index artifacts/index/demo -k 3 "Scott Derrickson" "Where was Ioan Nenitescu born?" "Ed Wood film director"
+    "{{ssp}}" train --config configs/demo.toml --set "train.name=demo-$(date +%Y%m%d-%H%M%S)" {{ARGS}}
+    echo "just demo: $((SECONDS - start)) s wall time (index + evaluation + training + evaluation)"
 
 # throughput benchmarks, quick versions (< 10 min on 2 cores): every part, then artifacts/bench/REPORT.md with plots.
 # Each part alone, with more load: `ssp bench <part> --help`. A part that misses its goal (or fails) is reported at

@@ -112,6 +112,10 @@ def check_config(cfg: SSPConfig) -> None:
                          f"groups_per_step = {cfg.learner.groups_per_step}: the engine's staleness gate counts "
                          "episodes per policy version, the learner consumes groups per step; set both to the same "
                          "number")
+    missing = [str(p) for p in cfg.train.eval_datasets if not p.is_file()]
+    if missing:
+        raise TrainError(f"train.eval_datasets: {', '.join(missing)} not found (relative paths are read from the "
+                         "current directory); run from the checkout or give absolute paths")
     if cfg.learner.checkpoint_every != 1:
         log.warning("learner.checkpoint_every = %d: a run stopped between checkpoints resumes from the last one and "
                     "retrains nothing, but loses the steps since", cfg.learner.checkpoint_every)
@@ -492,7 +496,7 @@ def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Pat
     if tc.eval_datasets:
         print("ssp train: evaluating the trained policy", file=out)
         after = evaluate_fn(cfg, run_dir / "eval-after", progress)
-        _check_alive(procs)
+        _check_alive(procs, finished=learner)
     result = TrainResult(run_dir=run_dir, start_step=start_step, steps=monitor.last_step, rows=monitor.rows,
                          engine=engine, before=before, after=after, wall_s=time.perf_counter() - started)
     _finish(result)
@@ -510,9 +514,11 @@ def _start_known_ports(procs: ProcessSet, ports: list[int], *, config_path: Path
         process.wait_ready(url=f"http://127.0.0.1:{port}/health", timeout_s=timeout_s)
 
 
-def _check_alive(procs: ProcessSet) -> None:
+def _check_alive(procs: ProcessSet, finished: ManagedProcess | None = None) -> None:
+    """Raise ComponentFailed for a process that has exited, except `finished` (the learner, done after its last
+    step)."""
     for process in procs.processes:
-        if not process.alive():
+        if process is not finished and not process.alive():
             raise ComponentFailed(process.name, str(process.failure()), process.log_path)
 
 

@@ -21,7 +21,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         "and log; the last checkpoint stays resumable.",
         epilog="What is started vs attached to: [train] server_urls (empty = start train.servers reference servers), "
         "learner_address (unset = start torchrun here), start_retriever (with retriever.kind = \"http\"); see "
-        "`ssp config show`. Examples: `ssp train --config configs/demo.toml`; `ssp train --config configs/demo.toml "
+        "`ssp config`. Examples: `ssp train --config configs/demo.toml`; `ssp train --config configs/demo.toml "
         "--resume --set train.steps=6`.",
     )
     add_config_args(p)

@@ -83,16 +83,19 @@ TINY = [
 ]
 
 
-def _start(run_dir: Path, model_dir: Path, index: Path, *extra: str) -> tuple[subprocess.Popen[str], Path]:
+def _start(run_dir: Path, model_dir: Path, index: Path, *extra: str, resume: bool = False
+           ) -> tuple[subprocess.Popen[str], Path]:
     sets = [*TINY, f"train.run_dir='{run_dir}'", f"retriever.index_dir='{index}'", f"serving.model='{model_dir}'",
             f"learner.model_dir='{model_dir}'", f"rollout.tokenizer_dir='{model_dir}'", *extra]
-    argv = [sys.executable, "-m", "ssp.cli", "train", "--config", "configs/demo.toml", "--no-progress"]
+    argv = [sys.executable, "-m", "ssp.cli", "train", "--config", "configs/demo.toml", "--no-progress",
+            *(["--resume"] if resume else [])]
     for s in sets:
         argv += ["--set", s]
     run_dir.mkdir(parents=True, exist_ok=True)
     err = run_dir.parent / f"{run_dir.name}-{int(time.time() * 1000)}.stderr"
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err.open("w"), text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                cwd=Path(__file__).resolve().parents[2])
     return proc, err
 
 
@@ -147,7 +150,7 @@ def test_killed_server_is_named_and_resume_continues(tmp_path: Path, model_dir: 
     # --resume: the step counter goes on from the checkpoint, and no group is trained twice.
     proc, err = _start(run_dir, model_dir, demo_index, f"train.steps={killed_at + 1}", "train.eval_datasets="
                        "['data/qa/hotpotqa_dev300_questions.jsonl']", "eval.limit=1", "eval.max_turns=1",
-                       "eval.max_new_tokens_per_turn=8")
+                       "eval.max_new_tokens_per_turn=8", resume=True)
     out, _ = proc.communicate(timeout=900)
     stderr = err.read_text()
     assert proc.returncode == 0, stderr
@@ -180,3 +183,19 @@ def test_killed_learner_is_named_with_its_log(tmp_path: Path, model_dir: Path, d
     assert proc.returncode == 1, stderr
     assert "learner failed" in stderr and str(run_dir / "logs" / "learner.log") in stderr, stderr
     assert not _alive(server), "the server outlived ssp train"
+
+
+def test_sigterm_stops_every_process(tmp_path: Path, model_dir: Path, demo_index: Path) -> None:
+    """SIGTERM (or Ctrl-C) to `ssp train`, the engine's process, while the learner starts: all children stopped."""
+    run_dir = tmp_path / "run"
+    proc, err = _start(run_dir, model_dir, demo_index, "train.steps=5")
+    listing = run_dir / "processes.json"
+    _wait_for(lambda: listing.is_file() and '"learner"' in listing.read_text(), proc, err, 600,
+              "the learner's start")
+    children = [_pid_of(run_dir, "server-0"), _pid_of(run_dir, "learner")]
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    stderr = err.read_text()
+    assert proc.returncode == 130, stderr
+    assert "stopped by SIGTERM; every process was stopped" in stderr and "--resume" in stderr, stderr
+    assert not any(_alive(pid) for pid in children), "a child outlived ssp train"
