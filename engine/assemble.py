@@ -24,7 +24,7 @@ from engine.chat import ChatTokenizer
 from engine.game import Game
 from engine.judge import Judge
 from engine.pool import InferencePool
-from engine.rollout import RolloutRunner
+from engine.rollout import RolloutRunner, parse_version
 from engine.scheduler import Scheduler
 from engine.search_batcher import SearchBatcher
 from engine.seeds import load_seed_answers, seed_stream
@@ -49,6 +49,12 @@ def pool_summary(pool: InferencePool) -> dict[str, Any]:
         "pool_retries": m.retries,
         "servers_healthy": sum(s.healthy for s in m.servers),
     }
+
+
+async def served_version(pool: InferencePool) -> int:
+    """The policy version every server has: the lowest weight version among them (SGLang "default" = 0)."""
+    infos = await pool.server_infos()
+    return min(parse_version(str(info["weight_version"])) for info in infos.values())
 
 
 @dataclass(slots=True)
@@ -105,7 +111,8 @@ async def run_engine(cfg: SSPConfig, *, episodes: int | None, out: Path | None =
                 scheduler = Scheduler(parts.game, seeds, stream, sched_cfg, capacity=capacity,
                                       solver_group_size=cfg.game.solver_group_size, metrics=metrics,
                                       pool_stats=lambda: pool_summary(parts.pool),
-                                      search_stats=parts.batcher.stats.summary)
+                                      search_stats=parts.batcher.stats.summary,
+                                      policy_version=None if out is not None else lambda: served_version(parts.pool))
                 freeze_startup_objects()
                 summary = await scheduler.run(episodes)
             finally:

@@ -187,6 +187,9 @@ class SchedulerConfig:
     """Shuffle seed of the seed answers and of the hop counts and distractor draws."""
     metrics_interval_s: float = 5.0
     """How often a metrics line (rates, occupancy, queue depths, validity) is written."""
+    version_poll_s: float = 1.0
+    """When streaming to a learner: how often the servers' weight version is read; the lowest one is the policy
+    version the staleness gate counts from (the learner labels each weight push str(policy_version))."""
 
     def __post_init__(self) -> None:
         if self.max_inflight < 0:
@@ -199,6 +202,8 @@ class SchedulerConfig:
             raise ValueError(f"hops_min = {self.hops_min}, hops_max = {self.hops_max}: need 1 <= min <= max")
         if self.metrics_interval_s <= 0:
             raise ValueError(f"metrics_interval_s = {self.metrics_interval_s}: must be > 0")
+        if self.version_poll_s <= 0:
+            raise ValueError(f"version_poll_s = {self.version_poll_s}: must be > 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -8,7 +8,8 @@ Loops and buffers ("async" mode; every task is named, every buffer bounded):
     launcher loop ── waits on: a free episode slot (≤ max_inflight episodes in flight)
       │                        the staleness gate  (delivered + in flight < (version + eta + 1) · episodes_per_step)
       │                        the pause flag       (cleared by pause_launches() during a weight update)
-      │              unblocked by: an episode finishing, set_policy_version(), resume_launches()
+      │              unblocked by: an episode finishing, set_policy_version() (called by the policy-version loop,
+      │              which polls the servers' weight version), resume_launches()
       ▼
     episode tasks ×≤max_inflight ── propose → check → verify → solve → judge → rewards (engine.game.Game)
       │   each generate() waits for a server slot in the InferencePool (≤ its capacity per server: the pool
@@ -20,6 +21,7 @@ Loops and buffers ("async" mode; every task is named, every buffer bounded):
     sender loop ─► TCP to the learner, or a frames file (spill file when the connection breaks)
 
     metrics loop ── every metrics_interval_s: one JSONL line (rates, occupancy, queue depths, validity, rewards)
+    policy-version loop ── every version_poll_s: the lowest weight version on the servers -> set_policy_version
     lag monitor  ── event-loop lag (how late a 10 ms timer fires)
 
 "sync" mode replaces the launcher and episode tasks with the reference's phases: per step, all
@@ -42,7 +44,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,7 +134,8 @@ class Scheduler:
     def __init__(self, game: Game, seeds: Iterator[Seed], stream: TrajectoryStream, cfg: SchedulerConfig, *,
                  capacity: int, solver_group_size: int, metrics: MetricsLog | None = None,
                  pool_stats: Callable[[], dict[str, Any]] | None = None,
-                 search_stats: Callable[[], dict[str, Any]] | None = None, run_id: str | None = None) -> None:
+                 search_stats: Callable[[], dict[str, Any]] | None = None,
+                 policy_version: Callable[[], Awaitable[int]] | None = None, run_id: str | None = None) -> None:
         self.game = game
         self._seeds = seeds
         self.stream = stream
@@ -147,6 +150,7 @@ class Scheduler:
         self._metrics = metrics
         self._pool_stats = pool_stats
         self._search_stats = search_stats
+        self._policy_version = policy_version
         self._run_id = run_id or os.urandom(4).hex()
         self._ids = itertools.count()
         self.counters = Counters()
@@ -183,6 +187,8 @@ class Scheduler:
             asyncio.create_task(self.lag.run(), name="loop-lag"),
             asyncio.create_task(self._metrics_loop(), name="metrics"),
         }
+        if self._policy_version is not None:
+            tasks.add(asyncio.create_task(self._version_loop(self._policy_version), name="policy-version"))
         launcher = next(t for t in tasks if t.get_name() == "launcher")
         sender = next(t for t in tasks if t.get_name() == "stream-sender")
         try:
@@ -336,6 +342,18 @@ class Scheduler:
         if self._search_stats is not None:
             out.update(self._search_stats())
         return out
+
+    async def _version_loop(self, read: Callable[[], Awaitable[int]]) -> None:
+        """Follow the learner: its weight pushes label the servers with the policy version."""
+        while True:
+            try:
+                version = await read()
+            except Exception as e:  # a server briefly unreachable must not stop the run; the gate just waits
+                log.warning("could not read the policy version from the servers: %s", e)
+            else:
+                if version > self.gate.version:
+                    await self.gate.set_version(version)
+            await asyncio.sleep(self.cfg.version_poll_s)
 
     async def _metrics_loop(self) -> None:
         while True:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.assemble import open_engine, run_engine
+from engine.assemble import open_engine, run_engine, served_version
 from engine.chat import ChatTokenizer
 from engine.game import Proposal
 from engine.rollout import Rollout
@@ -87,6 +87,7 @@ async def test_verifier_and_solvers_on_the_reference_server_line_up(ref_server: 
                                                                     model_dir: Path) -> None:
     cfg = config(ref_server, demo_index, model_dir)
     async with open_engine(cfg) as parts:
+        assert await served_version(parts.pool) == 0  # a server never updated reports "default": version 0
         game = parts.game
         # A proposal with a given question and real search results from the index as its documents.
         (docs,) = await parts.retriever.search(["Scott Derrickson director"], 2)

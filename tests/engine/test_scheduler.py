@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -32,14 +33,16 @@ def chat(model_dir: Path) -> ChatTokenizer:
 
 def build(chat: ChatTokenizer, policy: ScriptedPolicy, cfg: SchedulerConfig, tmp_path: Path, judge: Judge,
           game_cfg: GameConfig = GameConfig(solver_group_size=2, verify_samples=2),
-          metrics: MetricsLog | None = None) -> tuple[Scheduler, SearchBatcher, Path]:
+          metrics: MetricsLog | None = None,
+          policy_version: Callable[[], Awaitable[int]] | None = None) -> tuple[Scheduler, SearchBatcher, Path]:
     batcher = SearchBatcher(TinyRetriever(), SearchBatcherConfig(window_ms=1), k=2)
     game = Game(RolloutRunner(policy, chat, batcher, RolloutConfig()), chat, judge, game_cfg, random.Random(0))
     out = tmp_path / "out.frames"
     stream = TrajectoryStream(FileSink(out), max_frame_bytes=1 << 24, queue_groups=4, spill_path=tmp_path / "spill")
     seeds = seed_stream(SEEDS, hops_min=2, hops_max=3, seed=0)
     sched = Scheduler(game, seeds, stream, cfg, capacity=8, solver_group_size=game_cfg.solver_group_size,
-                      metrics=metrics, search_stats=batcher.stats.summary, run_id="t")
+                      metrics=metrics, search_stats=batcher.stats.summary, policy_version=policy_version,
+                      run_id="t")
     return sched, batcher, out
 
 
@@ -128,3 +131,22 @@ async def test_sync_mode_runs_phase_by_phase(chat: ChatTokenizer, tmp_path: Path
     # Step 1 (3 episodes): every proposer call comes before any verifier call, and those before any solver call.
     first_step = roles[:roles.index("proposer", roles.index("solver"))]
     assert first_step == sorted(first_step, key=["proposer", "verifier", "solver"].index)
+
+
+async def test_policy_version_is_followed_from_the_servers(chat: ChatTokenizer, tmp_path: Path) -> None:
+    served = {"version": 0}
+
+    async def read_version() -> int:
+        return served["version"]
+
+    async with Judge(GameConfig().judge) as judge:
+        sched, batcher, out = build(chat, ScriptedPolicy(chat), SchedulerConfig(
+            max_inflight=8, eta=0, episodes_per_step=2, version_poll_s=0.05), tmp_path, judge,
+            policy_version=read_version)
+        run = asyncio.create_task(sched.run(episodes=4))
+        await asyncio.sleep(0.8)
+        assert sched.counters.launched == 2  # lock-step: waits for the learner's push
+        served["version"] = 1  # the learner pushed weights labelled "1"
+        summary = await asyncio.wait_for(run, 10)
+        await batcher.close()
+    assert summary["episodes_finished"] == 4 and summary["policy_version"] == 1
