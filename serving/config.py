@@ -28,6 +28,10 @@ class ServingConfig:
     """Waiting-queue bound; a request beyond it gets 503 "The request queue is full." (unset: unbounded)."""
     context_length: int | None = None
     """Longest prompt + output in tokens; unset means the model's max_position_embeddings."""
+    prefix_cache_tokens: int = 16384
+    """Tokens of finished requests' KV kept for requests that extend them (the next turn of a rollout, a prompt's
+    other samples); 0 disables. Costs 2 x layers x kv_heads x head_dim x 4 bytes per token in fp32 (46 KB for
+    SmolLM2-135M). Flushed on every weight update."""
     max_total_num_tokens: int = 65536
     """KV capacity reported in /server_info and /v1/loads, and the cap on tokens held by running requests."""
     weight_version: str = "default"
@@ -45,6 +49,8 @@ class ServingConfig:
     def __post_init__(self) -> None:
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests = {self.max_running_requests}: must be >= 1")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens = {self.prefix_cache_tokens}: must be >= 0 (0 disables it)")
         if self.threads < 0:
             raise ValueError(f"threads = {self.threads}: must be >= 0 (0 = torch's default)")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:

@@ -70,7 +70,7 @@ class ModelBackend(Backend):
         self.scheduler = Scheduler(
             self.runner, max_running=self.cfg.max_running_requests, max_queued=self.cfg.max_queued_requests,
             max_total_tokens=self.cfg.max_total_num_tokens, context_length=context,
-            weight_version=self.cfg.weight_version)
+            weight_version=self.cfg.weight_version, prefix_cache_tokens=self.cfg.prefix_cache_tokens)
         self._describe(path, context, device)
         log.info("loaded %s on %s (%s), context %d", path, device, self.cfg.dtype, context)
 
@@ -160,7 +160,8 @@ class ModelBackend(Backend):
         return not sched.running and (ignore_queued or not sched.waiting)
 
     async def flush_cache(self) -> None:
-        """There is no prefix cache to drop; KV of finished requests is freed as they finish."""
+        sched = self._sched
+        await self._call(sched.prefix.clear)
 
     def load(self) -> LoadStats:
         return self._sched.load()

@@ -72,10 +72,13 @@ class ModelRunner:
     # ---- forward passes --------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int], *, keep_logits: int = 1) -> Prefilled:
-        """Run a whole sequence alone; keep the logits of its last `keep_logits` positions."""
-        cache = DynamicCache(config=self.config)
-        input_1L = torch.tensor([ids], dtype=torch.long, device=self.device)
+    def prefill(self, ids: list[int], *, keep_logits: int = 1,
+                past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Prefilled:
+        """Run a sequence alone; keep the logits of its last `keep_logits` positions. With `past` (the KV of
+        ids[:T], T = its length, from the prefix cache) only ids[T:] run."""
+        cache = self._rebuild(past) if past else DynamicCache(config=self.config)
+        done = int(past[0][0].shape[2]) if past else 0
+        input_1L = torch.tensor([ids[done:]], dtype=torch.long, device=self.device)
         out = self.model(input_ids=input_1L, cache=cache, use_cache=True, logits_to_keep=keep_logits)
         return Prefilled(cache=out.cache, length=len(ids), logits_NV=out.logits[0].float())
 
@@ -133,6 +136,15 @@ class ModelRunner:
         self.mask_BT = mask_BT[:, first:]
         self.cache = self._rebuild([(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
                                     for k, v in self._layers(self.cache)])  # type: ignore[arg-type]
+
+    def row_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The KV of one running row without its padding (for the prefix cache)."""
+        assert self.cache is not None
+        first = int(self.mask_BT[row].nonzero()[0].item())
+        return [(k[row:row + 1, :, first:], v[row:row + 1, :, first:]) for k, v in self._layers(self.cache)]
+
+    def kv_of(self, p: Prefilled) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self._layers(p.cache)
 
     def clear(self) -> None:
         self.cache = None

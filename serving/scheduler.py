@@ -32,6 +32,7 @@ import torch
 
 from serving.backend import ABORTED, ABORTED_QUEUED, BackendError, Finish, GenerateOutput, GenerateRequest, LoadStats
 from serving.model_runner import ModelRunner
+from serving.prefix_cache import PrefixCache
 from serving.sampling import clamp_logprob, make_generator, sample, suppress, top_logprobs
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Seq:
     spans: list[list[Any]] = field(default_factory=list)
     """[version, start, end] per weight version that produced tokens."""
     text: str = ""
+    cached_tokens: int = 0
     ran: bool = False
     num_retractions: int = 0
     finish: Finish | None = None
@@ -69,7 +71,7 @@ class Scheduler:
     """The batching loop and the request table; runs on its own thread (`start()`), driven through `call()`."""
 
     def __init__(self, runner: ModelRunner, *, max_running: int, max_queued: int | None, max_total_tokens: int,
-                 context_length: int, weight_version: str) -> None:
+                 context_length: int, weight_version: str, prefix_cache_tokens: int) -> None:
         self.runner = runner
         self.max_running = max_running
         self.max_queued = max_queued
@@ -77,6 +79,7 @@ class Scheduler:
         self.context_length = context_length
         self.version = weight_version
         self.eos_ids = runner.eos_ids()
+        self.prefix = PrefixCache(prefix_cache_tokens)
         self.waiting: collections.deque[Seq] = collections.deque()
         self.running: list[Seq] = []
         self.paused: str | None = None
@@ -154,16 +157,24 @@ class Scheduler:
         seq.ran = True
         want_input = first_run and req.return_logprob and req.logprob_start_len >= 0
         keep = len(seq.tokens) - req.logprob_start_len if want_input else 1
-        pre = self.runner.prefill(seq.tokens, keep_logits=max(1, keep))
+        # Prompt logprobs need logits at every prompt position, so such requests run their whole prompt.
+        cached, past = (0, None) if want_input else self.prefix.lookup(seq.tokens)
+        if first_run:
+            seq.cached_tokens = cached
+        pre = self.runner.prefill(seq.tokens, keep_logits=max(1, keep), past=past)
         if want_input:
             self._input_logprobs(seq, pre.logits_NV)
         if req.sampling.max_new_tokens == 0:
+            self.prefix.insert(seq.tokens, self.runner.kv_of(pre))  # also SGLang's n > 1 prompt warm-up
             self._finish(seq, Finish("length", length=0))
             return
+        covered = list(seq.tokens)
         self._accept(seq, pre.logits_NV[-1])
         if seq.finish is None:
             self.runner.add(pre)
             self.running.append(seq)
+        else:
+            self.prefix.insert(covered, self.runner.kv_of(pre))
 
     def _input_logprobs(self, seq: Seq, logits_NV: torch.Tensor) -> None:
         """Prompt positions start..L-1: the first is None (SGLang), position p uses the logits at p-1."""
@@ -192,6 +203,8 @@ class Scheduler:
             self._accept(seq, logits_BV[row])
             if seq.finish is None:
                 keep.append(row)
+            else:  # its KV covers every token but the last sampled one
+                self.prefix.insert(seq.tokens[:-1], self.runner.row_kv(row))
         if len(keep) != len(self.running):
             self.running = [self.running[i] for i in keep]
             self.runner.keep(keep)
@@ -248,7 +261,7 @@ class Scheduler:
     def _snapshot(self, seq: Seq) -> GenerateOutput:
         return GenerateOutput(
             rid=seq.req.rid, output_ids=list(seq.output_ids), text=seq.text, prompt_tokens=len(seq.req.input_ids),
-            cached_tokens=0, finish=seq.finish, output_logprobs=list(seq.output_logprobs),
+            cached_tokens=seq.cached_tokens, finish=seq.finish, output_logprobs=list(seq.output_logprobs),
             input_logprobs=seq.input_logprobs, output_top_logprobs=list(seq.output_top),
             input_top_logprobs=seq.input_top, output_token_ids_logprobs=list(seq.output_ids_lp),
             input_token_ids_logprobs=seq.input_ids_lp,

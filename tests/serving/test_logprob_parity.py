@@ -88,3 +88,18 @@ async def test_sampled_logprobs_are_temperature_scaled(ref_server: str, hf: tupl
     assert served_logprobs(out) == pytest.approx(ref, abs=TOL)
     unscaled = reference_logprobs(model, prompts[1], out["output_ids"], 1.0)
     assert served_logprobs(out) != pytest.approx(unscaled, abs=TOL), "logprobs must use the temperature"
+
+
+async def test_prefix_cache_reuse_computes_the_same(ref_server: str, hf: tuple[Any, list[list[int]]]) -> None:
+    """A second turn that extends a finished request reuses its KV (cached_tokens) and still matches transformers."""
+    model, prompts = hf
+    async with aiohttp.ClientSession() as session:
+        first = await generate(session, ref_server, prompts[2], {"temperature": 0, "max_new_tokens": 3,
+                                                                 "ignore_eos": True})
+        turn2 = prompts[2] + first["output_ids"] + prompts[0][-4:]
+        second = await generate(session, ref_server, turn2, {"temperature": 0, "max_new_tokens": 3})
+    assert second["meta_info"]["cached_tokens"] >= len(prompts[2]) + 2
+    expected = model.generate(torch.tensor([turn2]), max_new_tokens=3, do_sample=False)
+    assert second["output_ids"] == expected[0, len(turn2):].tolist()
+    assert served_logprobs(second) == pytest.approx(
+        reference_logprobs(model, turn2, second["output_ids"], 1.0), abs=TOL)
