@@ -62,6 +62,12 @@ async def _one(session: Any, url: str, text: str, new_tokens: int) -> int:
     return len(out["output_ids"])
 
 
+async def _flush(session: Any, url: str) -> None:
+    async with session.post(url + "/flush_cache") as r:
+        if r.status != 200:
+            raise RuntimeError(f"/flush_cache answered {r.status}: {await r.text()}")
+
+
 async def _measure(url: str, args: argparse.Namespace) -> dict[str, list[float]]:
     import aiohttp
     from tqdm import tqdm
@@ -72,11 +78,13 @@ async def _measure(url: str, args: argparse.Namespace) -> dict[str, list[float]]
     async with aiohttp.ClientSession(timeout=timeout) as session:
         await _one(session, url, "Hello", 2)  # warm-up: first-call allocations
         for _ in tqdm(range(args.rounds), desc="rounds", disable=args.rounds < 2):
+            await _flush(session, url)  # no phase may reuse the other's prompt KV
             start = time.perf_counter()
             tokens = 0
             for p in prompts:
                 tokens += await _one(session, url, p, args.new_tokens)
             times["sequential"].append(time.perf_counter() - start)
+            await _flush(session, url)
             start = time.perf_counter()
             counts = await asyncio.gather(*(_one(session, url, p, args.new_tokens) for p in prompts))
             times["concurrent"].append(time.perf_counter() - start)
