@@ -229,7 +229,7 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str]) -> int:
             initial = _push(trainer, pusher, par, str(state.step))
             if metrics is not None:
                 metrics.write({"step": state.step, "initial_push": True, **initial})
-        saved_step = state.step
+        saved_step = state.step if resume_from is not None else -1  # the step the newest checkpoint holds
         while not cfg.max_steps or state.step < cfg.max_steps:
             payloads, ids = read_batch(source, cfg.groups_per_step, seen) if source is not None else ([], [])
             box: list[Any] = [(payloads, ids, source.offset if source is not None else 0)]
@@ -258,7 +258,7 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str]) -> int:
                 log.info("step %d: loss %.4g, mismatch %.2e, grad norm %.3g, %.0f tok/s", state.step,
                          record.get("loss", float("nan")), record.get("logprob_mismatch_mean", float("nan")),
                          record.get("grad_norm", float("nan")), record["tokens_per_s"])
-        if state.step != saved_step or resume_from is None:
+        if state.step != saved_step:
             checkpoint.save(ckpt_root, state, model, trainer.optimizer, trainer.scheduler, tp_rank=par.tp_rank,
                             dp_rank=par.dp_rank, keep=cfg.keep_checkpoints)
     finally:
