@@ -189,6 +189,9 @@ class RolloutRunner:
         self.turn_overhead = Samples()
         """Engine-side seconds of every turn as it happens (the per-rollout lists reach the scheduler only when an
         episode ends, which at 10k rollouts in flight may be minutes later; benches read this one live)."""
+        self.turn_overhead_cpu = Samples()
+        """The same sections in CPU time of the loop thread: the engine's own cost, without the time the host gave
+        other processes (on a shared machine the wall-clock figure includes it)."""
 
     async def run(self, prompt_ids: list[int], spec: RolloutSpec, *, affinity: str) -> Rollout:
         self.active += 1
@@ -202,6 +205,7 @@ class RolloutRunner:
         ro = Rollout(prompt_ids=array("l", prompt_ids))
         turn_cap = spec.max_new_tokens or cfg.max_new_tokens_per_turn
         mark: float | None = None  # when engine-side work of this turn started (None before the first turn)
+        cpu_mark = 0.0  # the loop thread's CPU clock at `mark` (other coroutines only run while this one awaits)
         while True:
             left_response = cfg.max_response_tokens - len(ro.response_ids)
             left_context = cfg.max_context_tokens - len(ro.prompt_ids) - len(ro.response_ids)
@@ -217,8 +221,9 @@ class RolloutRunner:
                 overhead = time.perf_counter() - mark
                 ro.overhead_s.append(overhead)
                 self.turn_overhead.add(overhead)
+                self.turn_overhead_cpu.add(time.thread_time() - cpu_mark)
             ids, logprobs, versions, finish, text = await self._generate_turn(ro, sampling, affinity)
-            mark = time.perf_counter()
+            mark, cpu_mark = time.perf_counter(), time.thread_time()
             ro.turns += 1
             ro.append(ids, logprobs, versions, generated=True)
             ro.generated_text += text
@@ -244,12 +249,13 @@ class RolloutRunner:
                 ro.end = EndReason.TURN_LIMIT
                 return ro
             assert self._batcher is not None, "a spec with search=True needs a SearchBatcher"
-            search_started = time.perf_counter()
+            search_started, search_cpu = time.perf_counter(), time.thread_time()
             try:
                 docs = await self._batcher.search(query)
             except SearchError as e:
                 raise RolloutError(f"search {query!r} failed: {e}") from e
             mark += time.perf_counter() - search_started  # waiting for the retriever is not engine overhead
+            cpu_mark += time.thread_time() - search_cpu  # nor is what other coroutines did meanwhile
             block = self._chat.encode_information(docs)
             if len(ro.response_ids) + len(block) > cfg.max_response_tokens:
                 ro.end = EndReason.RESPONSE_BUDGET
