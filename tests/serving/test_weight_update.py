@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -92,5 +93,20 @@ def test_bad_push_is_refused_without_changing_weights(ref_server: str) -> None:
         assert err.value.code == 400
         reply = json.loads(err.value.read())
         assert reply["success"] is False and "no weight-update group 'nope'" in reply["message"]
+    finally:
+        post(ref_server, "/end_weight_update", {})
+
+
+def test_update_from_tensor_is_refused_on_cpu(ref_server: str) -> None:
+    """CUDA-IPC tensor passing has no CPU meaning: success false with a message naming the alternatives."""
+    post(ref_server, "/begin_weight_update", {})
+    try:
+        req = urllib.request.Request(ref_server + "/update_weights_from_tensor", method="POST",
+                                     data=json.dumps({"serialized_named_tensors": ["AAAA"]}).encode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        reply = json.loads(err.value.read())
+        assert err.value.code == 400 and reply["success"] is False
+        assert "update_weights_from_distributed" in reply["message"]
     finally:
         post(ref_server, "/end_weight_update", {})
