@@ -82,6 +82,8 @@ def _config(url: str, *, mode: str, max_inflight: int, seed: int) -> Any:
         f"scheduler.seed={seed}",
         "search.max_batch=64",
         "search.window_ms=5",
+        # Thousands of rollouts open their connections at once: give the accept queue time.
+        "inference.connect_timeout_s=60",
     ])
 
 
@@ -109,7 +111,7 @@ async def _measure(cfg: Any, *, duration_s: float, ramp_s: float, episodes: int 
         run = asyncio.create_task(sched.run(episodes), name="bench-engine")
         await asyncio.sleep(ramp_s)
         # Measure only the steady state: reset the samples the ramp filled.
-        sched.overhead = Samples()
+        parts.game.runner.turn_overhead = Samples()
         sched.lag.reset()
         start, finished0, tokens0 = time.perf_counter(), sched.counters.finished, sched.counters.generated_tokens
         cpu0 = time.process_time()

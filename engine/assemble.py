@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,8 @@ async def open_engine(cfg: SSPConfig) -> AsyncIterator[EngineParts]:
 
 
 async def run_engine(cfg: SSPConfig, *, episodes: int | None, out: Path | None = None,
-                     metrics_path: Path | None = None) -> dict[str, Any]:
+                     metrics_path: Path | None = None,
+                     on_episode: Callable[[bool], None] | None = None) -> dict[str, Any]:
     """Play `episodes` episodes (None: until stopped) and stream the groups to `out` (a frames file) or, when
     `out` is None, to the learner at stream.host:stream.port. Returns the run summary."""
     if out is None and cfg.stream.port == 0:
@@ -111,8 +112,9 @@ async def run_engine(cfg: SSPConfig, *, episodes: int | None, out: Path | None =
                 scheduler = Scheduler(parts.game, seeds, stream, sched_cfg, capacity=capacity,
                                       solver_group_size=cfg.game.solver_group_size, metrics=metrics,
                                       pool_stats=lambda: pool_summary(parts.pool),
-                                      search_stats=parts.batcher.stats.summary,
-                                      policy_version=None if out is not None else lambda: served_version(parts.pool))
+                                      search_stats=parts.batcher.summary,
+                                      policy_version=None if out is not None else lambda: served_version(parts.pool),
+                                      on_episode=on_episode)
                 freeze_startup_objects()
                 summary = await scheduler.run(episodes)
             finally:

@@ -64,13 +64,28 @@ def run_rollout(args: argparse.Namespace) -> int:
 
     cfg = load_config(SSPConfig, args.config, args.overrides)
     metrics = args.metrics or args.out.with_suffix(".metrics.jsonl")
-    try:
-        summary = uvloop.run(run_engine(cfg, episodes=args.episodes, out=args.out, metrics_path=metrics))
-    except (InferenceError, RetrieverError, SeedError, FileNotFoundError, ConnectionError, ValueError) as e:
-        print(f"ssp rollout: {e}", file=sys.stderr)
-        return 2
+    from tqdm import tqdm
+
+    from ssp.metrics import plot_metrics, read_metrics
+
+    with tqdm(total=args.episodes, desc="episodes", unit="ep") as bar:
+        def on_episode(finished: bool) -> None:
+            bar.update(1)
+            if not finished:
+                bar.set_postfix_str("some failed, see the log")
+
+        try:
+            summary = uvloop.run(run_engine(cfg, episodes=args.episodes, out=args.out, metrics_path=metrics,
+                                            on_episode=on_episode))
+        except (InferenceError, RetrieverError, SeedError, FileNotFoundError, ConnectionError, ValueError) as e:
+            print(f"ssp rollout: {e}", file=sys.stderr)
+            return 2
     print(format_summary(summary))
-    print(f"frames: {args.out}   metrics: {metrics}")
+    plot = metrics.with_suffix(".png")
+    plot_metrics(read_metrics(metrics), ["episodes_per_s", "tokens_per_s", "validity_rate", "solver_accuracy",
+                                         "slot_occupancy", "loop_lag_p99_ms"], plot, x_key="time_s",
+                 title=f"ssp rollout {args.out.name}")
+    print(f"frames: {args.out}   metrics: {metrics}   plot: {plot}")
     return 0 if summary["episodes_finished"] > 0 else 1
 
 

@@ -13,7 +13,7 @@ Group layout (one msgpack frame per episode, all records share group_id):
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engine.aio import gather_or_cancel
@@ -57,7 +57,6 @@ class EpisodeResult:
     proposer_reward: float
     zero_variance_dropped: bool
     generated_tokens: int
-    turn_overheads_s: list[float] = field(default_factory=list)
 
 
 class Game:
@@ -138,5 +137,4 @@ class Game:
         return EpisodeResult(
             group_id=p.group_id, trajectories=group, valid=valid, reasons=list(p.reasons), solver_accuracy=accuracy,
             proposer_reward=r_p, zero_variance_dropped=dropped,
-            generated_tokens=sum(r.generated_tokens for r in rollouts),
-            turn_overheads_s=[o for r in rollouts for o in r.overhead_s])
+            generated_tokens=sum(r.generated_tokens for r in rollouts))

@@ -53,7 +53,7 @@ from engine.game import EpisodeResult, Game
 from engine.rollout import RolloutError
 from engine.seeds import Seed
 from engine.stream import TrajectoryStream
-from engine.telemetry import LoopLagMonitor, Samples
+from engine.telemetry import LoopLagMonitor
 from ssp.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -127,15 +127,17 @@ class Counters:
 class Scheduler:
     """Runs episodes of `game` from `seeds` and sends their groups to `stream`.
 
-    `capacity` is the inference pool's total request capacity (slots over all servers); `pool_stats` returns the
-    pool's occupancy and queue depths for the metrics lines.
+    `capacity` is the inference pool's total request capacity (slots over all servers); `pool_stats` and
+    `search_stats` return occupancy and queue depths for the metrics lines; `policy_version` reads the learner's
+    policy version (from the servers); `on_episode(finished)` is called once per episode (a progress bar).
     """
 
     def __init__(self, game: Game, seeds: Iterator[Seed], stream: TrajectoryStream, cfg: SchedulerConfig, *,
                  capacity: int, solver_group_size: int, metrics: MetricsLog | None = None,
                  pool_stats: Callable[[], dict[str, Any]] | None = None,
                  search_stats: Callable[[], dict[str, Any]] | None = None,
-                 policy_version: Callable[[], Awaitable[int]] | None = None, run_id: str | None = None) -> None:
+                 policy_version: Callable[[], Awaitable[int]] | None = None,
+                 on_episode: Callable[[bool], None] | None = None, run_id: str | None = None) -> None:
         self.game = game
         self._seeds = seeds
         self.stream = stream
@@ -151,10 +153,10 @@ class Scheduler:
         self._pool_stats = pool_stats
         self._search_stats = search_stats
         self._policy_version = policy_version
+        self._on_episode = on_episode
         self._run_id = run_id or os.urandom(4).hex()
         self._ids = itertools.count()
         self.counters = Counters()
-        self.overhead = Samples()
         self.lag = LoopLagMonitor()
         self._t0 = time.perf_counter()
 
@@ -295,13 +297,16 @@ class Scheduler:
         if result.valid:
             c.valid += 1
             c.accuracy_sum += result.solver_accuracy or 0.0
-        self.overhead.extend(result.turn_overheads_s)
+        if self._on_episode is not None:
+            self._on_episode(True)
 
     def _record_failure(self, gid: str, err: Exception) -> None:
         self.counters.failed += 1
         cause = err.__cause__ or err
         self.counters.failure_reasons[type(cause).__name__] += 1
         log.warning("episode %s failed and is dropped: %s", gid, err)
+        if self._on_episode is not None:
+            self._on_episode(False)
 
     # -- metrics ----------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -333,7 +338,7 @@ class Scheduler:
             "frames_spilled": self.stream.stats.frames_spilled,
             "spill_path": self.stream.stats.spill_path,
             "stream_error": self.stream.stats.error,
-            **self.overhead.summary_ms("turn_overhead"),
+            **self.game.runner.turn_overhead.summary_ms("turn_overhead"),
             **self.lag.lag.summary_ms("loop_lag"),
             **self.lag.busy.summary_ms("loop_busy"),
         }

@@ -69,6 +69,10 @@ class SearchBatcher:
         """Queries waiting to be put in a batch."""
         return len(self._pending)
 
+    def summary(self) -> dict[str, float | int]:
+        """Batch statistics plus the current queue depth, for a metrics line."""
+        return {**self.stats.summary(), "search_queue_depth": self.queue_depth}
+
     async def search(self, query: str) -> list[Doc]:
         if self._closed:
             raise SearchError("the search batcher is closed")
