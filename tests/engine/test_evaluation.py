@@ -191,7 +191,7 @@ def test_eval_against_a_server_counts_searches(sim_server: str, demo_index: Path
     """The simulated server's solver outputs search (real tokenizer ids); every executed search reaches the real
     Tantivy index through the batcher and is counted per question."""
     datasets = _small_sets(tmp_path)
-    result = evaluate(_cfg(demo_index, "eval.max_turns=4"), datasets, model=sim_server, out_dir=tmp_path / "out",
+    result = evaluate(_cfg(demo_index, "eval.max_turns=2"), datasets, model=sim_server, out_dir=tmp_path / "out",
                       progress=False)
     summary, records = _check_outputs(result, datasets)
     searches = sum(r["searches"] for r in records)
