@@ -87,6 +87,9 @@ class Scheduler:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="ssp-scheduler", daemon=True)
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
+        # Snapshots are delivered after the loop's state is consistent: a client that sees its request finish and
+        # calls /flush_cache must find it gone from `running`.
+        self._outbox: list[tuple[Seq, GenerateOutput]] = []
 
     # ---- driving it from other threads -----------------------------------------------------------------------------
 
@@ -110,6 +113,7 @@ class Scheduler:
         while not self._stop:
             idle = self.paused is not None or (not self.running and not self.waiting)
             self._run_commands(block=idle)
+            self._deliver()
             if self._stop or self.paused is not None:
                 continue
             try:
@@ -123,8 +127,15 @@ class Scheduler:
                                              err_type="InternalServerError"))
                 self.running = []
                 self.runner.clear()
+            self._deliver()
         for seq in [*self.running, *self.waiting]:
             self._finish(seq, ABORTED if seq.ran else ABORTED_QUEUED)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for seq, out in outbox:
+            seq.emit(out)
 
     def _run_commands(self, *, block: bool) -> None:
         try:
@@ -252,11 +263,11 @@ class Scheduler:
             return
         if any(decoded.endswith(s[:k]) for s in opts.stop for k in range(1, len(s))):
             return  # hold the chunk back: the tail may be the start of a stop string (SGLang does the same)
-        seq.emit(self._snapshot(seq))
+        self._outbox.append((seq, self._snapshot(seq)))
 
     def _finish(self, seq: Seq, finish: Finish) -> None:
         seq.finish = finish
-        seq.emit(self._snapshot(seq))
+        self._outbox.append((seq, self._snapshot(seq)))
 
     def _snapshot(self, seq: Seq) -> GenerateOutput:
         return GenerateOutput(
