@@ -222,6 +222,10 @@ class SimSpec:
     benches); `ssp model serve --sim-time-scale` overrides it."""
     prefix_block_tokens: int = 64
     """Granularity of the simulated prefix cache: prompts share cached KV in whole blocks of this many tokens."""
+    shared_memory_file: Path | None = None
+    """A file several sim servers share: each appends the question -> answer pairs it writes and reads the others'
+    when a question is not its own, so the solvers and verifiers of an episode are answered like on one server
+    whichever server they land on (benches with many sim servers). Unset: each server remembers only its own."""
 
     def __post_init__(self) -> None:
         if self.time_scale <= 0:

@@ -111,6 +111,9 @@ class SimText:
         self._prompt_facts: OrderedDict[bytes, _PromptFacts] = OrderedDict()
         self._memory: OrderedDict[str, str] = OrderedDict()
         """Question text (normalised) -> the answer the proposer was given."""
+        self._shared = spec.shared_memory_file
+        self._shared_offset = 0
+        """Bytes of the shared memory file already read."""
 
     def _snippet(self, text: str) -> list[int]:
         ids = self._snippets.get(text)
@@ -152,7 +155,7 @@ class SimText:
             m = self._proposer_answer.search(text)
             return _PromptFacts("proposer", m.group(1).strip() if m else None, None)
         questions = self._question.findall(text)  # the last one: a verifier prompt puts documents first
-        remembered = self._memory.get(_normalise(questions[-1])) if questions else None
+        remembered = self._recall(_normalise(questions[-1])) if questions else None
         marker = self._spec.verifier_marker.lower()
         return _PromptFacts("verifier" if marker and marker in text.lower() else "solver", None, remembered)
 
@@ -224,8 +227,35 @@ class SimText:
         return [t for _ in range(self._rng.randint(1, 3)) for t in self._rng.choice(self._names)]
 
     def _remember(self, question_text: str, answer: str) -> None:
-        self._memory[_normalise(question_text)] = answer
+        question = _normalise(question_text)
+        self._memory[question] = answer
         if len(self._memory) > _MEMORY_ENTRIES:
+            self._memory.popitem(last=False)
+        if self._shared is not None:
+            with self._shared.open("a", encoding="utf-8") as f:  # one small O_APPEND write: lines do not interleave
+                f.write(json.dumps([question, answer]) + "\n")
+
+    def _recall(self, question: str) -> str | None:
+        answer = self._memory.get(question)
+        if answer is None and self._shared is not None:
+            self._read_shared()
+            answer = self._memory.get(question)
+        return answer
+
+    def _read_shared(self) -> None:
+        """Take in the lines other servers appended since the last read (a line still being written waits)."""
+        try:
+            with self._shared.open("rb") as f:  # type: ignore[union-attr]
+                f.seek(self._shared_offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1
+        self._shared_offset += end
+        for line in data[:end].splitlines():
+            question, answer = json.loads(line)
+            self._memory[question] = answer
+        while len(self._memory) > _MEMORY_ENTRIES:
             self._memory.popitem(last=False)
 
     def _finish(self, role: Role, ids: list[int], close_tag: str | None, sampling: SamplingOptions,
