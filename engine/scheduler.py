@@ -230,6 +230,9 @@ class Scheduler:
             self._episodes.add(task)
             task.add_done_callback(self._episodes.discard)
             self.counters.launched += 1
+            # NOTE: yield, so that a burst of launches (thousands at start-up) is spread over loop iterations
+            # instead of running every new episode's first step (a prompt render) in one long stall.
+            await asyncio.sleep(0)
         if self._episodes:
             await asyncio.gather(*list(self._episodes))
 
