@@ -118,7 +118,7 @@ class ProgressDisplay:
         self._bar.update(1)
 
     def status(self, **fields: Any) -> None:
-        self._bar.set_postfix(fields, refresh=True)
+        self._bar.set_postfix(fields, refresh=False)
 
     def close(self) -> None:
         self._bar.close()

@@ -35,7 +35,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -390,8 +390,7 @@ def _run_async(coro: Awaitable[T]) -> T:
         return runner.run(coro)  # type: ignore[arg-type]
 
 
-def train(cfg: SSPConfig, *, resume: bool, progress: bool = True, out: Any = None,
-          evaluate_fn: Callable[..., Any] | None = None) -> TrainResult:
+def train(cfg: SSPConfig, *, resume: bool, progress: bool = True, out: Any = None) -> TrainResult:
     """Run (or with `resume`, continue) the training run described by `cfg`; see the module docstring.
 
     Raises TrainError (bad setup), ComponentFailed (a piece died; names it and its log) or Interrupted."""
@@ -416,7 +415,7 @@ def train(cfg: SSPConfig, *, resume: bool, progress: bool = True, out: Any = Non
     with _signals_as_interrupt(), _log_to(logs / "engine.log"), ProcessSet() as procs:
         try:
             return _train(cfg, procs, run_dir=run_dir, learner_dir=learner_dir, start_step=start_step,
-                          progress=progress, out=out, started=started, evaluate_fn=evaluate_fn)
+                          progress=progress, out=out, started=started)
         except ProcessFailed as e:  # a process that died or never answered while starting
             name = next((p.name for p in procs.processes if str(e).startswith(p.name)), "a process")
             raise ComponentFailed(name, str(e), None) from None
@@ -427,7 +426,7 @@ def train(cfg: SSPConfig, *, resume: bool, progress: bool = True, out: Any = Non
 
 
 def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Path, start_step: int,
-           progress: bool, out: Any, started: float, evaluate_fn: Callable[..., Any] | None) -> TrainResult:
+           progress: bool, out: Any, started: float) -> TrainResult:
     tc = cfg.train
     logs = run_dir / "logs"
     config_path = run_dir / "config.toml"
@@ -461,11 +460,10 @@ def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Pat
         _start_known_ports(procs, ports, config_path=config_path, logs=logs, timeout_s=tc.server_start_timeout_s)
     _write_processes(run_dir, procs, urls, cfg)
 
-    evaluate_fn = evaluate_fn or _evaluate
     before = None
     if tc.eval_datasets:
         print(f"ssp train: evaluating the initial policy on {len(tc.eval_datasets)} dataset(s)", file=out)
-        before = evaluate_fn(cfg, run_dir / "eval-before", progress)
+        before = _evaluate(cfg, run_dir / "eval-before", progress)
         _check_alive(procs)
 
     learner: ManagedProcess | None = None
@@ -495,7 +493,7 @@ def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Pat
     after = None
     if tc.eval_datasets:
         print("ssp train: evaluating the trained policy", file=out)
-        after = evaluate_fn(cfg, run_dir / "eval-after", progress)
+        after = _evaluate(cfg, run_dir / "eval-after", progress)
         _check_alive(procs, finished=learner)
     result = TrainResult(run_dir=run_dir, start_step=start_step, steps=monitor.last_step, rows=monitor.rows,
                          engine=engine, before=before, after=after, wall_s=time.perf_counter() - started)

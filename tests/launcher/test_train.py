@@ -79,7 +79,7 @@ TINY = [
     "rollout.max_turns=2", "rollout.max_new_tokens_per_turn=24", "rollout.max_response_tokens=96",
     "rollout.max_context_tokens=1024", "game.solver_group_size=2", "game.verify_samples=1",
     "game.verify_max_new_tokens=8", "serving.context_length=1024", "train.poll_interval_s=0.25",
-    "learner.warmup_steps=0", "learner.lr=1e-5",
+    "learner.warmup_steps=0", "learner.lr=1e-5", "learner.checkpoint_every=1",
 ]
 
 
