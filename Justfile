@@ -68,3 +68,8 @@ bench: setup
     part serving
     "$ssp" bench report || exit 1
     if [ ${#failed[@]} -gt 0 ]; then echo "just bench: parts that missed their goal or failed: ${failed[*]}" >&2; exit 1; fi
+
+# Qwen2.5-32B-Instruct self-play on a multi-node GPU cluster (inside a SLURM allocation of 4 x 8 GPUs, or with
+# cluster.launcher = "hosts"). `just train-32b --dry-run` prints and checks the placement plan anywhere.
+train-32b *ARGS: setup
+    "{{ssp}}" launch --config configs/train-32b.toml {{ARGS}}

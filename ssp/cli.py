@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "engine.cli",
     "engine.eval_cli",
     "launcher.train_cli",
+    "launcher.cli",
 )
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from engine.config import GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig, StreamConfig
 from engine.eval_config import EvalConfig
 from engine.inference_config import InferenceConfig
+from launcher.config import ClusterConfig
 from launcher.train_config import TrainConfig
 from learner.config import LearnerConfig
 from retriever.config import RetrievalServerConfig, RetrieverConfig
@@ -37,3 +38,5 @@ class SSPConfig:
     """The Megatron learner: model, TP x DP, batching, losses, optimizer, checkpoints, weight push."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """`ssp train`: the run folder and length, and which pieces it starts or attaches to (servers, learner)."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """`ssp launch` / `just train-32b`: nodes, GPUs, model shape and how SGLang and Megatron are split across them."""
