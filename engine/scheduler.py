@@ -204,7 +204,7 @@ class Scheduler:
             await sender
         finally:
             self._stop.set()
-            await self.stream.finish()
+            self.stream.close_nowait()
             for task in [*tasks, *self._episodes]:
                 task.cancel()
             await asyncio.gather(*tasks, *self._episodes, return_exceptions=True)

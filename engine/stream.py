@@ -188,6 +188,8 @@ class TrajectoryStream:
         self._window_bytes = 0
         self._resend_window_bytes = resend_window_bytes
         self._closed = False
+        self._current: bytes | None = None
+        """The payload being sent now (spilled too if the stream is cancelled mid-write)."""
         self.stats = StreamStats()
 
     @property
@@ -207,22 +209,54 @@ class TrajectoryStream:
             self._closed = True
             await self._queue.put(None)
 
+    def close_nowait(self) -> None:
+        """Shutdown path: refuse further groups without waiting for room in the queue (the sender may be gone)."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._queue.put_nowait(None)
+            except asyncio.QueueFull:
+                pass  # the sender is being cancelled; what it still holds is reported by the caller's summary
+
     async def run(self) -> StreamStats:
         """The sender loop: runs until `finish()`; then closes the sinks."""
         try:
             while (payload := await self._queue.get()) is not None:
+                self._current = payload
                 await self._send(payload)
+                self._current = None
             if self._sink is not None:
                 try:
                     await self._sink.close()
                 except (ConnectionError, OSError) as e:
                     await self._broken(e)
+        except asyncio.CancelledError:
+            self._spill_queued_now()
+            raise
         finally:
             if self._sink is not None:
                 await self._sink.close()
             if self._spill is not None:
                 await self._spill.close()
         return self.stats
+
+    def _spill_queued_now(self) -> None:
+        """Cancelled (shutdown after an error): groups still queued are finished work; write them to the spill file
+        at once (blocking: the loop is shutting down) rather than lose them."""
+        payloads = [self._current] if self._current is not None else []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None:
+                payloads.append(item)
+        if not payloads:
+            return
+        self._spill_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._spill_path.open("ab") as f:
+            for payload in payloads:
+                f.write(HEADER.pack(len(payload)) + payload)
+        self.stats.frames_spilled += len(payloads)
+        self.stats.spill_path = str(self._spill_path)
+        log.error("stream cancelled with %d finished groups queued; they are in %s", len(payloads), self._spill_path)
 
     async def _send(self, payload: bytes) -> None:
         frame = None

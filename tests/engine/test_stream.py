@@ -120,3 +120,24 @@ async def test_tcp_clean_end_of_stream(tmp_path: Path) -> None:
     await server.wait_closed()
     assert received == list(range(5)) and stats.frames_sent == 5 and stats.error is None
     assert not (tmp_path / "spill").exists()
+
+
+async def test_cancelled_stream_spills_what_it_still_holds(tmp_path: Path) -> None:
+    class Stuck:
+        async def write(self, frame: bytes) -> None:
+            await asyncio.sleep(3600)  # a learner that never reads
+
+        async def close(self) -> None:
+            pass
+
+    spill = tmp_path / "spill.frames"
+    stream = TrajectoryStream(Stuck(), max_frame_bytes=1 << 20, queue_groups=8, spill_path=spill)
+    sender = asyncio.create_task(stream.run())
+    for i in range(4):
+        await stream.put(group(i))
+    await asyncio.sleep(0.05)
+    sender.cancel()
+    await asyncio.gather(sender, return_exceptions=True)
+    # The group being written when the stream was cancelled and the queued ones are all kept.
+    assert [unpack_group(p)[0].meta["i"] for p in read_frames(spill)] == [0, 1, 2, 3]
+    assert stream.stats.frames_spilled == 4
