@@ -117,8 +117,9 @@ def check_config(cfg: SSPConfig) -> None:
         raise TrainError(f"train.eval_datasets: {', '.join(missing)} not found (relative paths are read from the "
                          "current directory); run from the checkout or give absolute paths")
     if cfg.learner.checkpoint_every != 1:
-        log.warning("learner.checkpoint_every = %d: a run stopped between checkpoints resumes from the last one and "
-                    "retrains nothing, but loses the steps since", cfg.learner.checkpoint_every)
+        log.warning("learner.checkpoint_every = %d: not every step is checkpointed (0: only the last one); a run "
+                    "stopped in between resumes from its last checkpoint and redoes the steps since on new episodes",
+                    cfg.learner.checkpoint_every)
 
 
 # ------------------------------------------------------------------------------------------------ the processes

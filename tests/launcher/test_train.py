@@ -79,7 +79,7 @@ TINY = [
     "rollout.max_turns=2", "rollout.max_new_tokens_per_turn=24", "rollout.max_response_tokens=96",
     "rollout.max_context_tokens=1024", "game.solver_group_size=2", "game.verify_samples=1",
     "game.verify_max_new_tokens=8", "serving.context_length=1024", "train.poll_interval_s=0.25",
-    "learner.warmup_steps=0", "learner.lr=1e-5", "learner.checkpoint_every=1",
+    "learner.warmup_steps=0", "learner.lr=1e-5", "learner.checkpoint_every=1", "train.eval_datasets=[]",
 ]
 
 
@@ -105,7 +105,8 @@ def _wait_for(predicate, proc: subprocess.Popen[str], err: Path, timeout_s: floa
         if proc.poll() is not None:
             pytest.fail(f"ssp train exited ({proc.returncode}) before {what}:\n{err.read_text()[-3000:]}")
         if time.monotonic() > deadline:
-            proc.kill()
+            proc.terminate()  # SIGTERM: ssp train stops its children (SIGKILL would orphan them)
+            proc.communicate(timeout=60)
             pytest.fail(f"timed out waiting for {what}:\n{err.read_text()[-3000:]}")
         time.sleep(0.25)
 
