@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests in flight per server (the pool's slots; default: 256)")
     p.add_argument("--time-scale", type=float, default=4.0,
                    help="simulated seconds per wall second, servers and learner alike (default: 4)")
+    p.add_argument("--sync-time-scale", type=float,
+                   help="time scale of the sync run (default: --time-scale). Sync spends most of its time in idle "
+                        "phase tails, so it tolerates a faster clock; the engine's CPU time then counts more, "
+                        "against sync. Run it at two scales to see that its rate does not depend on it")
     p.add_argument("--run-timeout", type=float, default=600.0,
                    help="wall seconds one run may take before it is reported as stuck (default: 600)")
     p.add_argument("--index", type=Path, help="Tantivy index searched (default: the demo index, artifacts/index/demo)")
@@ -84,6 +88,15 @@ class SimServers:
         self.procs = ProcessSet()
         self.urls: list[str] = []
         log_dir.mkdir(parents=True, exist_ok=True)
+        # The servers share what the proposers were told: an episode's solvers and verifiers land on other servers
+        # than its proposer, and a sim server answers only questions it knows (sim_profile.SimSpec).
+        text = profile.read_text()
+        if "[sim]" in text:
+            raise ValueError(f"{profile}: has a [sim] table; the bench adds its own (shared_memory_file)")
+        memory = log_dir / "questions.jsonl"
+        memory.unlink(missing_ok=True)
+        profile = log_dir / profile.name
+        profile.write_text(f"{text}\n[sim]\nshared_memory_file = {json.dumps(str(memory))}\n")
         started = []
         for i in range(n):
             port = free_port()
@@ -329,31 +342,43 @@ def bench_profile(profile_path: Path, args: argparse.Namespace, log_dir: Path) -
         raise ValueError(f"--splits {bad}: serving GPUs must be multiples of {per_server} in [{per_server}, "
                          f"{gpus - 1}] so the learner keeps at least one GPU")
 
+    sync_scale = args.sync_time_scale or args.time_scale
+
     def spec(mode: str, serve: int, eta: int) -> RunSpec:
         return RunSpec(mode=mode, serve_gpus=serve, learn_gpus=gpus if mode == "sync" else gpus - serve, eta=eta,
                        episodes_per_step=args.episodes_per_step, steps=args.steps, warmup=args.warmup,
-                       capacity=args.capacity, time_scale=args.time_scale)
+                       capacity=args.capacity, time_scale=sync_scale if mode == "sync" else args.time_scale)
 
-    servers = SimServers(gpus // per_server, profile_path, args.time_scale, log_dir / profile.profile.name)
     runs: list[dict[str, Any]] = []
 
-    def play(s: RunSpec) -> dict[str, Any]:
+    def play(s: RunSpec, servers: SimServers) -> dict[str, Any]:
         urls = servers.urls[: s.serve_gpus // per_server]
-        label = f"{s.mode} serve={s.serve_gpus} learn={s.learn_gpus} eta={s.eta}"
+        label = f"{s.mode} serve={s.serve_gpus} learn={s.learn_gpus} eta={s.eta} x{s.time_scale}"
         print(f"  [{profile.profile.name}] {label} ...", flush=True)
         r = uvloop.run(run_schedule(profile, urls, s, timeout_s=args.run_timeout, index_dir=args.index))
         eff = f", {100 * r['efficiency']:.0f}% of bound ({r['bound_by']})" if "efficiency" in r else ""
         print(f"    {r['trained_trajectories_per_s']:.3f} trained traj/s, occupancy {r['slot_occupancy_mean']:.2f}"
-              f"{eff}; {r['wall_seconds']:.0f} s wall", flush=True)
+              f"{eff}; engine CPU {100 * r['engine_cpu_fraction']:.0f}%, {r['wall_seconds']:.0f} s wall", flush=True)
         runs.append(r)
         return r
 
+    logs = log_dir / profile.profile.name
+    servers = SimServers(gpus // per_server, profile_path, sync_scale, logs / "sync")
     try:
-        sync = play(spec("sync", gpus, 0))
+        sync = play(spec("sync", gpus, 0), servers)
+    finally:
+        servers.stop()
+    servers = SimServers(max(args.splits) // per_server, profile_path, args.time_scale, logs / "async")
+    try:
         top_eta = max(args.etas)
-        sweep = [play(spec("async", g, top_eta)) for g in args.splits]
+        sweep = [play(spec("async", g, top_eta), servers) for g in args.splits]
         best = max(sweep, key=lambda r: r["trained_trajectories_per_s"])
-        etas = [play(spec("async", best["serve_gpus"], eta)) for eta in sorted(set(args.etas) - {top_eta})]
+        etas = []
+        for eta in sorted(set(args.etas) - {top_eta}):
+            try:
+                etas.append(play(spec("async", best["serve_gpus"], eta), servers))
+            except TimeoutError as e:  # a small eta can take very long per step; the rest of the curve stands
+                print(f"    {e}", flush=True)
     finally:
         servers.stop()
     ratio = best["trained_trajectories_per_s"] / max(1e-9, sync["trained_trajectories_per_s"])
@@ -398,13 +423,15 @@ def markdown(results: dict[str, Any]) -> str:
     """The tables of one async-vs-sync result (also embedded in REPORT.md)."""
     lines = ["## Async vs sync at equal hardware", ""]
     a = results["args"]
-    lines.append(f"Real engine against `--sim` servers and a simulated learner; time scale {a['time_scale']}, "
+    lines.append(f"Real engine against `--sim` servers and a simulated learner; time scale {a['time_scale']} "
+                 f"(sync: {a.get('sync_time_scale') or a['time_scale']}), "
                  f"{a['episodes_per_step']} episodes per learner step, {a['steps']} steps ({a['warmup']} warm-up), "
                  f"{a['capacity']} slots per server. Rates are trained (proposer + solver) trajectories per "
                  "simulated second.")
     for p in results["profiles"]:
         lines += ["", f"### {p['profile']}, G = {p['gpus']}", "",
-                  "| mode | serve GPUs | learn GPUs | eta | trained traj/s | slot occupancy | bound traj/s | bound by | "
+                  "| mode | serve GPUs | learn GPUs | eta | trained traj/s | slot occupancy | bound traj/s | "
+                  "bound by | "
                   "efficiency | learner idle | engine CPU |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         rows = [p["sync"], *p["async_sweep"], *[r for r in p["async_etas"] if r is not p["best"]

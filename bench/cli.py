@@ -21,7 +21,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     _add_inference(bench_sub)
     _add_async_vs_sync(bench_sub)
     _add_module(bench_sub, "scale", "per-turn overhead p50/p99, loop lag, memory per rollout at 1k/5k/10k rollouts")
-    _add_module(bench_sub, "report", "build artifacts/bench/REPORT.md (tables, PNG plots, ratio lines) from the parts' results")
+    _add_module(bench_sub, "report", "artifacts/bench/REPORT.md (tables, PNG plots, ratio lines) from the parts' results")
     _add_module(bench_sub, "search", "searches/s through the SearchBatcher: coalesced vs one retriever call per query")
     _add_module(bench_sub, "push", "weight push (WeightPusher into a real server) vs raw broadcast, GB/s and ratio")
     _add_module(bench_sub, "serving", "continuous batching: N concurrent requests vs the same N one by one, ratio")

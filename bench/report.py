@@ -81,9 +81,10 @@ def plot_scale(scale: dict[str, Any], out: Path) -> Path:
     plt = _plt()
     rows = scale["sizes"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    xs = [r["max_inflight"] for r in rows]
-    left.plot(xs, [r["turn_overhead_p50_ms"] for r in rows], marker="o", label="turn overhead p50")
-    left.plot(xs, [r["turn_overhead_p99_ms"] for r in rows], marker="o", label="turn overhead p99")
+    xs = [r["episodes_in_flight"] for r in rows]
+    left.plot(xs, [r["turn_overhead_p50_ms"] or float("nan") for r in rows], marker="o", label="turn overhead p50")
+    left.plot(xs, [r["turn_overhead_p99_ms"] or float("nan") for r in rows], marker="o", label="turn overhead p99")
+    left.plot(xs, [r["turn_cpu_p99_ms"] or float("nan") for r in rows], marker="o", label="turn CPU p99")
     left.plot(xs, [r["loop_lag_p99_ms"] for r in rows], marker="o", label="event-loop lag p99")
     left.axhline(1.0, color="gray", linestyle=":", label="1 ms goal (turn p99)")
     left.set_yscale("log")
@@ -91,9 +92,9 @@ def plot_scale(scale: dict[str, Any], out: Path) -> Path:
     left.set_ylabel("ms")
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
-    right.plot(xs, [r["peak_rss_mb"] for r in rows], marker="o", label="peak RSS MB")
+    right.plot(xs, [r["memory_per_rollout_kb"] for r in rows], marker="o")
     right.set_xlabel("episodes in flight")
-    right.set_ylabel("MB")
+    right.set_ylabel("KB per rollout in flight")
     right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -139,9 +140,11 @@ def build(d: Path, out: Path) -> str:
         body.insert(0, async_vs_sync.markdown(r))
     if (r := found["scale"]) is not None:
         last = r["sizes"][-1]
-        summary.append(f"- scale: per-turn overhead p99 {last['turn_overhead_p99_ms']} ms at {last['max_inflight']} "
-                       f"episodes in flight ({last['rollouts_in_flight_p50']} rollouts) - goal < 1 ms; memory per "
-                       f"rollout {r['memory_per_rollout_kb']} KB")
+        summary.append(f"- scale: per-turn overhead p99 {last['turn_overhead_p99_ms']} ms wall-clock over "
+                       f"{last['turns_measured']} turns at {last['episodes_in_flight']} episodes in flight "
+                       f"({last['rollouts_in_flight_p50']} rollouts; engine CPU per turn p99 "
+                       f"{last['turn_cpu_p99_ms']} ms), loop lag p99 {last['loop_lag_p99_ms']} ms - goal < 1 ms; "
+                       f"memory {last['memory_per_rollout_kb']} KB per rollout")
         body += ["", scale.markdown(r), f"![scale]({plot_scale(r, d / 'scale.png').name})"]
     if (r := found["search"]) is not None:
         summary.append(f"- search: coalesced/per-query throughput ratio {r['ratio']} (mean batch "

@@ -16,7 +16,8 @@ def test_unknown_profile_names_the_known_ones() -> None:
 
 def test_tiny_sweep_runs_both_schedules(demo_index: Path, tmp_path: Path) -> None:
     args = argparse.Namespace(gpus=2, splits=[1], etas=[1], episodes_per_step=2, steps=2, warmup=1, capacity=16,
-                              time_scale=20.0, run_timeout=240.0, index=demo_index)
+                              time_scale=20.0, sync_time_scale=None, run_timeout=240.0,
+                              index=demo_index)
     r = bench_profile(resolve_profile("qwen2.5-7b-h100-tp1"), args, tmp_path)
     sync, best = r["sync"], r["best"]
     assert (sync["mode"], sync["serve_gpus"], sync["learn_gpus"], sync["eta"]) == ("sync", 2, 2, 0)

@@ -6,7 +6,7 @@ import pytest
 
 from bench.sim_learner import SimClock, SimLearner, learner_step_s, push_s, steady_rate
 from engine.stream import encode_frame
-from engine.trajectory import Trajectory, pack_group
+from engine.trajectory import Role, Trajectory, pack_group
 from serving.sim_profile import load_profile
 
 
@@ -36,8 +36,8 @@ def test_push_time_is_the_sim_servers_model() -> None:
     assert push_s(load_profile()) == pytest.approx(0.05 + 15.23 / 20 + 29 * 0.010 + 0.05, rel=1e-6)
 
 
-def _traj(role: str, gid: str, n_prompt: int, n_resp: int) -> Trajectory:
-    return Trajectory(role=role, group_id=gid, prompt_ids=[1] * n_prompt, response_ids=[2] * n_resp,  # type: ignore[arg-type]
+def _traj(role: Role, gid: str, n_prompt: int, n_resp: int) -> Trajectory:
+    return Trajectory(role=role, group_id=gid, prompt_ids=[1] * n_prompt, response_ids=[2] * n_resp,
                       loss_mask=[1] * n_resp, rollout_logprobs=[0.0] * n_resp, policy_versions=[0] * n_resp,
                       reward=1.0)
 
