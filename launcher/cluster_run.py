@@ -69,19 +69,19 @@ def prepare_launch(root: SSPConfig, *, config_path: Path | None, overrides: list
         learner = dataclasses.replace(
             root.learner, model_dir=Path(cluster.model_path), out_dir=run_dir / "learner",
             tensor_parallel=cluster.train_tp, pipeline_parallel=cluster.train_pp, data_parallel=plan.train_dp,
-            max_steps=root.train.steps,
+            max_steps=root.train.steps, push_master_address=_trainer0(plan),
+            push_master_port=cluster.weight_update_port,
         )
     except ValueError as e:
         raise PlanError(f"the learner cannot run this plan: {e}") from None
 
-    nodes_by_role = {p.role: p for p in plan.processes}
-    retriever = nodes_by_role["retriever"]
-    trainer0 = next(p for p in plan.processes if p.role == "learner")
+    retriever = next(p for p in plan.processes if p.role == "retriever")
     engine_argv = ["ssp", "train"] + (["--config", str(config_path)] if config_path else [])
     for override in [
         *overrides,
         f"train.server_urls={json.dumps(list(plan.servers))}",
-        f'train.learner_address="{trainer0.node}:{cluster.trajectory_port}"',
+        f'train.learner_address="{_trainer0(plan)}:{cluster.trajectory_port}"',
+        f'learner.out_dir="{run_dir / "learner"}"',
         'retriever.kind="http"',
         f'retriever.url="http://{retriever.node}:{retriever.port}"',
     ]:
@@ -90,6 +90,11 @@ def prepare_launch(root: SSPConfig, *, config_path: Path | None, overrides: list
     launches = render_launches(cluster, plan, index_dir=index_dir,
                                learner_config_json=run_dir / "learner_config.json", engine_argv=engine_argv)
     return PreparedLaunch(cluster, plan, launches, run_dir, to_dict(learner))
+
+
+def _trainer0(plan: Plan) -> str:
+    """The node of learner rank 0: it listens for trajectories and hosts the weight-update group."""
+    return next(p.node for p in plan.processes if p.role == "learner")
 
 
 def launch_run(prepared: PreparedLaunch, *, server_timeout_s: float = 1800.0) -> int:

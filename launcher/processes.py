@@ -11,6 +11,7 @@ either healthy or reported with the path of its log, and none may outlive the co
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -42,6 +43,21 @@ def tail(path: Path, lines: int = 15) -> str:
         return "(no log written)"
 
 
+_PR_SET_PDEATHSIG = 1  # prctl(2) option: signal to receive when the parent dies
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when its parent dies (Linux), so a SIGKILLed `ssp train` or
+    `ssp eval` leaves no server behind even though children run in their own sessions.
+
+    NOTE: Linux sends it when the *thread* that started the child ends, so start long-lived children from the main
+    thread (as ssp train and ssp eval do), never from a short-lived worker thread."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the parent's own cleanup is all there is
+        pass
+
+
 class ManagedProcess:
     """One child process in its own process group, its stdout and stderr appended to `log_path`."""
 
@@ -54,7 +70,7 @@ class ManagedProcess:
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             self.argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+            env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent,
         )
 
     @property

@@ -104,6 +104,11 @@ class LearnerConfig:
     """Weight push: tensors per update_weights_from_distributed call are grouped up to this many bytes."""
     push_timeout_s: float = 600.0
     """Weight push: timeout of each HTTP call and of the weight-update process group."""
+    push_master_address: str = "127.0.0.1"
+    """Weight push: the address of learner rank 0 as the inference servers reach it (they join its weight-update
+    group there). Local runs use loopback; on a cluster it is the first training node (`ssp launch` sets it)."""
+    push_master_port: int = 0
+    """Weight push: the port of that group's rendezvous on rank 0; 0 picks a free one (fine on one machine)."""
     logprob_temperature: float = 1.0
     """Logits are divided by this before log-softmax, to match the rollout's sampling temperature."""
 
@@ -124,5 +129,10 @@ class LearnerConfig:
         unknown = sorted(set(self.role_loss_weights) - {"proposer", "solver", "verifier"})
         if unknown:
             raise ValueError(f"role_loss_weights has unknown roles {unknown}; roles are proposer, solver, verifier")
+        if self.pipeline_parallel != 1:
+            raise ValueError(f"pipeline_parallel = {self.pipeline_parallel}: this learner runs PP = 1 only (TP x DP); "
+                             "set pipeline_parallel = 1 and raise tensor_parallel (or add data-parallel replicas)")
+        if not 0 <= self.push_master_port < 65536:
+            raise ValueError(f"push_master_port = {self.push_master_port}: must be a TCP port, or 0 for a free one")
         if self.push_bytes_per_bucket < 1:
             raise ValueError(f"push_bytes_per_bucket = {self.push_bytes_per_bucket}: must be >= 1")

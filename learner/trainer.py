@@ -278,6 +278,7 @@ def _connect_pusher(cfg: LearnerConfig, server_urls: list[str], par: Parallel) -
     from learner.push import WeightPusher
 
     pusher = WeightPusher(server_urls, backend="nccl" if par.device.type == "cuda" else "gloo",
+                          master_address=cfg.push_master_address, master_port=cfg.push_master_port,
                           bytes_per_bucket=cfg.push_bytes_per_bucket, timeout_s=cfg.push_timeout_s)
     pusher.connect()
     return pusher

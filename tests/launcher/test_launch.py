@@ -31,6 +31,14 @@ def test_engine_and_learner_agree_on_addresses() -> None:
     assert all("tcp://0.0.0.0:29600" in launch.argv for launch in learners)
     assert prepared.learner_config["tensor_parallel"] == 8 and prepared.learner_config["data_parallel"] == 2
     assert prepared.learner_config["max_steps"] == root.train.steps
+    assert prepared.learner_config["push_master_address"] == "node2"
+    engine = next(launch for launch in prepared.launches if launch.name == "engine")
+    assert any(arg.startswith('learner.out_dir="') and arg.endswith('/learner"') for arg in engine.argv)
+
+
+def test_pipeline_parallel_is_refused_until_the_learner_runs_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["launch", "--config", str(CONFIG_32B), "--dry-run", "--set", "cluster.train_pp=2"]) == 2
+    assert "this learner runs PP = 1 only" in capsys.readouterr().err
 
 
 def test_impossible_plan_exits_2_naming_the_constraint(capsys: pytest.CaptureFixture[str]) -> None:

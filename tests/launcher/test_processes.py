@@ -37,3 +37,38 @@ def test_not_ready_in_time_is_stopped(tmp_path: Path) -> None:
     with pytest.raises(ProcessFailed, match="did not answer .* within 1 s"):
         proc.wait_ready(url=f"http://127.0.0.1:{free_port()}/health", timeout_s=1)
     assert not proc.alive()
+
+
+def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
+    """A parent SIGKILLed (no cleanup runs) still takes its child server down: no orphans."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    parent_code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from launcher.processes import ManagedProcess\n"
+        f"p = ManagedProcess('child', [sys.executable, '-c', 'import time; time.sleep(60)'], "
+        f"log_path=Path({str(tmp_path / 'c.log')!r}))\n"
+        f"Path({str(pid_file)!r}).write_text(str(p.pid))\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code])
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the child outlived its SIGKILLed parent")
