@@ -6,8 +6,11 @@ from ssp.cli import add_config_args
 
 
 def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    show = sub.add_parser(
-        "config",
+    config = sub.add_parser("config", help="inspect configs: `ssp config show` prints one with every key documented",
+                            description="Inspect ssp configs.")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    show = config_sub.add_parser(
+        "show",
         help="print the resolved config with every key documented",
         description="Print the config that a command would run with (defaults < --config file < --set), as TOML "
         "with each key's documentation as a comment. Save it, edit it, pass it back with --config.",

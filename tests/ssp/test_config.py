@@ -94,3 +94,14 @@ def test_config_classes_are_frozen_kw_only_slotted(cls: type) -> None:
     assert cls.__dataclass_params__.frozen, f"{cls.__name__} must be frozen"  # type: ignore[attr-defined]
     assert all(f.kw_only for f in dataclasses.fields(cls)), f"{cls.__name__} must be kw_only"
     assert "__slots__" in cls.__dict__, f"{cls.__name__} must be slotted"
+
+
+def test_config_show_prints_documented_toml_that_loads_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ssp.cli import main
+
+    assert main(["config", "show", "--set", "retriever.topk=4"]) == 0
+    out = capsys.readouterr().out
+    assert "# Documents returned per search query" in out
+    path = tmp_path / "shown.toml"
+    path.write_text(out)
+    assert load_config(SSPConfig, path).retriever.topk == 4
