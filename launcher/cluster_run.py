@@ -82,6 +82,7 @@ def prepare_launch(root: SSPConfig, *, config_path: Path | None, overrides: list
         f"train.server_urls={json.dumps(list(plan.servers))}",
         f'train.learner_address="{_trainer0(plan)}:{cluster.trajectory_port}"',
         f'learner.out_dir="{run_dir / "learner"}"',
+        f'rollout.tokenizer_dir="{cluster.model_path}"',  # the servers' model, not the demo's SmolLM2
         'retriever.kind="http"',
         f'retriever.url="http://{retriever.node}:{retriever.port}"',
     ]:

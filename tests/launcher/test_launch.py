@@ -24,6 +24,13 @@ def test_dry_run_32b_prints_a_valid_plan_and_every_command(capsys: pytest.Captur
     assert "train.learner_address=\"node2:29600\"" in engine_line and "http://node1:30001" in engine_line
 
 
+def test_dry_run_7b_is_a_valid_two_node_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["launch", "--config", str(CONFIGS_DIR / "train-7b.toml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen2.5-7B-Instruct: 7.62 B parameters" in out and "TP 4 x PP 1 x DP 2" in out
+    assert out.count("sglang.launch_server") == 8 and out.endswith("\n") and "plan OK" in out
+
+
 def test_engine_and_learner_agree_on_addresses() -> None:
     root = load_config(SSPConfig, CONFIG_32B)
     prepared = prepare_launch(root, config_path=CONFIG_32B, overrides=[], use_allocation=False)
@@ -34,6 +41,7 @@ def test_engine_and_learner_agree_on_addresses() -> None:
     assert prepared.learner_config["push_master_address"] == "node2"
     engine = next(launch for launch in prepared.launches if launch.name == "engine")
     assert any(arg.startswith('learner.out_dir="') and arg.endswith('/learner"') for arg in engine.argv)
+    assert 'rollout.tokenizer_dir="/models/Qwen2.5-32B-Instruct"' in engine.argv
 
 
 def test_pipeline_parallel_is_refused_until_the_learner_runs_it(capsys: pytest.CaptureFixture[str]) -> None:
