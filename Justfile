@@ -40,6 +40,7 @@ test *ARGS: setup
 
 # the main job on the embedded default: build the demo index, then `ssp train` on configs/demo.toml (evaluation
 # before, a few SSP steps with SmolLM2-135M on a reference server and the Megatron learner on CPU, evaluation after)
+# main job: build the demo index, then evaluate, train a few SSP steps and evaluate again (see above)
 demo *ARGS: setup
     #!/usr/bin/env bash
     set -euo pipefail
@@ -51,6 +52,7 @@ demo *ARGS: setup
 # throughput benchmarks, quick versions (< 10 min on 2 cores): every part, then artifacts/bench/REPORT.md with plots.
 # Each part alone, with more load: `ssp bench <part> --help`. A part that misses its goal (or fails) is reported at
 # the end and makes the recipe exit 1, after the report is written.
+# run every throughput benchmark (quick versions) and write artifacts/bench/REPORT.md (see above)
 bench: setup
     #!/usr/bin/env bash
     set -uo pipefail
@@ -71,5 +73,6 @@ bench: setup
 
 # Qwen2.5-32B-Instruct self-play on a multi-node GPU cluster (inside a SLURM allocation of 4 x 8 GPUs, or with
 # cluster.launcher = "hosts"). `just train-32b --dry-run` prints and checks the placement plan anywhere.
+# Qwen2.5-32B self-play on a GPU cluster via ssp launch; add --dry-run to only check the plan
 train-32b *ARGS: setup
     "{{ssp}}" launch --config configs/train-32b.toml {{ARGS}}
