@@ -1,8 +1,8 @@
 """`ssp bench <name>`: throughput benchmarks, one subcommand and one function per bench.
 
 Each bench lives in its own module `bench/<name>.py` with a `run(args) -> int`, imported only when its subcommand
-runs, and writes a JSON report under artifacts/bench/. To add one: a `_add_<name>(bench_sub)` here that declares
-its flags and sets `run=`, plus its line in `add_commands`.
+runs, and writes a JSON report under artifacts/bench/. To add one: give the module a docstring, `add_arguments(p)`
+and `run(args)`, and add its `_add_module` line in `add_commands`.
 """
 
 import argparse
@@ -18,8 +18,10 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     _add_retrieval(bench_sub)
     _add_engine(bench_sub)
-    _add_inference(bench_sub)
-    _add_async_vs_sync(bench_sub)
+    _add_module(bench_sub, "inference",
+                "requests/s: InferencePool vs direct clients over sim servers; the sim loop's CPU cost per token")
+    _add_module(bench_sub, "async-vs-sync",
+                "trained trajectories/s: async (g serve, G-g train, eta) vs sync (all G serve, then all G train)")
     _add_module(bench_sub, "scale", "per-turn overhead p50/p99, loop lag, memory per rollout at 1k/5k/10k rollouts")
     _add_module(bench_sub, "report", "artifacts/bench/REPORT.md (tables, PNG plots, ratio lines) from the parts' results")
     _add_module(bench_sub, "search", "searches/s through the SearchBatcher: coalesced vs one retriever call per query")
@@ -56,25 +58,6 @@ def _add_retrieval(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParse
     p.set_defaults(run=run)
 
 
-def _add_inference(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from bench.inference import __doc__ as doc, add_arguments
-
-    p = bench_sub.add_parser(
-        "inference",
-        help="requests/s: InferencePool vs direct clients over sim servers; the sim loop's CPU cost per token",
-        description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)
-
-    def run(args: argparse.Namespace) -> int:
-        from bench.inference import run as run_inference
-
-        return run_inference(args)
-
-    p.set_defaults(run=run)
-
-
 def _add_engine(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = bench_sub.add_parser(
         "engine",
@@ -102,31 +85,14 @@ def _add_engine(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.set_defaults(run=run)
 
 
-def _add_async_vs_sync(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from bench.async_vs_sync import __doc__ as doc, add_arguments
-
-    p = bench_sub.add_parser(
-        "async-vs-sync",
-        help="trained trajectories/s: async (g serve, G-g train, eta) vs sync (all G serve, then all G train)",
-        description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)
-
-    def run(args: argparse.Namespace) -> int:
-        from bench.async_vs_sync import run as run_async_vs_sync
-
-        return run_async_vs_sync(args)
-
-    p.set_defaults(run=run)
-
-
 def _add_module(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str, help_text: str) -> None:
-    """A bench whose module `bench/<name>.py` documents itself and declares its flags (`add_arguments`, `run`)."""
+    """A bench whose module `bench/<name>.py` (dashes in `name` become underscores) documents itself and declares
+    its flags (`add_arguments`, `run`)."""
     import importlib
 
-    module = importlib.import_module(f"bench.{name}")
+    module_name = f"bench.{name.replace('-', '_')}"
+    module = importlib.import_module(module_name)
     p = bench_sub.add_parser(name, help=help_text, description=module.__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(p)
-    p.set_defaults(run=lambda args: importlib.import_module(f"bench.{name}").run(args))
+    p.set_defaults(run=lambda args: importlib.import_module(module_name).run(args))
