@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from launcher.processes import free_port
 from ssp.paths import PROJECT_ROOT, artifacts_dir
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -50,16 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="JSON report path (default: artifacts/bench/learner.json)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run_tp(args: argparse.Namespace, tp: int, out_dir: Path) -> dict[str, Any]:
     result = out_dir / f"learner_tp{tp}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", str(PROJECT_ROOT / "bench" / "learner_worker.py"),
+           f"--master-port={free_port()}", str(PROJECT_ROOT / "bench" / "learner_worker.py"),
            "--shape-json", json.dumps(SHAPES[args.shape]), "--steps", str(args.steps), "--groups", str(args.groups),
            "--seq-len", str(args.seq_len), "--micro-batch-tokens", str(args.micro_batch_tokens),
            "--out", str(result)]

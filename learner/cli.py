@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+from launcher.processes import free_port
 from ssp.cli import add_config_args
 
 
@@ -44,7 +45,7 @@ def run_train(args: argparse.Namespace) -> int:
     section.write_text(json.dumps(to_dict(cfg), indent=1))
     nproc = cfg.tensor_parallel * cfg.data_parallel * cfg.pipeline_parallel
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "-m", "learner.trainer", "--config-json", str(section),
+           f"--master-port={free_port()}", "-m", "learner.trainer", "--config-json", str(section),
            "--trajectories", args.trajectories]
     for url in args.server:
         cmd += ["--server", url]
@@ -62,11 +63,3 @@ def run_train(args: argparse.Namespace) -> int:
                   f"logprob mismatch {last['logprob_mismatch_mean']:.2e}, {last['tokens_per_s']:.0f} tok/s; "
                   f"metrics in {metrics_path}", file=sys.stderr)
     return rc
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from launcher.processes import free_port
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
@@ -135,7 +137,7 @@ def init_parallel(*, tp: int, pp: int = 1, device: str = "auto", dtype: str = "a
                                "set learner.pipeline_parallel = 1 and raise tensor_parallel instead")
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a single process outside torchrun
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
@@ -172,14 +174,6 @@ def destroy_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def layer_spec(ffn_hidden_size: int, use_te: bool) -> Any:

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
+from launcher.processes import free_port
 from learner.convert import buckets
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class WeightPusher:
         infos = self._run(self._all("server_info"))
         tp_sizes = [int(info.get("tp_size", 1)) for info in infos]
         world_size = 1 + sum(tp_sizes)
-        port = self.master_port or _free_port(self.master_address)
+        port = self.master_port or free_port(self.master_address)
         offsets = [1 + sum(tp_sizes[:k]) for k in range(len(tp_sizes))]
         joins = [self._submit(c.init_weights_update_group(
             master_address=self.master_address, master_port=port, rank_offset=off, world_size=world_size,
@@ -240,11 +241,3 @@ def _init_custom_group(init_method: str, world_size: int, group_name: str, backe
     # (group rank 0) uses the group here, so the identity map is exact for it.
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
-
-
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])

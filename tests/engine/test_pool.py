@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import socket
 
 import pytest
 
@@ -15,6 +14,7 @@ from engine.errors import BadRequest, ConnectionFailed, NoServerAvailable
 from engine.generation import SamplingParams
 from engine.inference_config import InferenceConfig
 from engine.pool import InferencePool
+from launcher.processes import free_port
 from ssp.config import ConfigError, load_config
 from ssp.run_config import SSPConfig
 
@@ -32,12 +32,6 @@ def _cfg(urls: tuple[str, ...], **kw: object) -> InferenceConfig:
     base: dict[str, object] = dict(server_urls=urls, health_check_interval_s=0.2, health_timeout_s=2.0,
                                    retry_backoff_s=0.05, request_timeout_s=60, admin_timeout_s=60)
     return InferenceConfig(**{**base, **kw})  # type: ignore[arg-type]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_affinity_sticks_and_new_affinities_spread(pair: tuple[str, str]) -> None:
@@ -198,7 +192,7 @@ async def test_pause_continue_fan_out(pair: tuple[str, str]) -> None:
 
 
 async def test_fan_out_reports_a_dead_server_per_url(pair: tuple[str, str]) -> None:
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     async with InferencePool(_cfg((pair[0], dead), capacity_per_server=4)) as pool:
         assert [s.healthy for s in pool.metrics().servers] == [True, False]  # the first health round ejected it
         results = await pool.begin_weight_update()

@@ -15,17 +15,10 @@ import torch
 
 from engine.trajectory import pack_group
 from learner.config import LearnerConfig
+from launcher.processes import free_port
 from learner_tiny import make_groups
 from ssp.config import to_dict
 from ssp.paths import PROJECT_ROOT
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow
@@ -60,7 +53,7 @@ def test_tp2_and_dp2_match_one_process(tiny_llama: Path, tiny_qwen: Path, tmp_pa
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-         f"--master-port={_free_port()}", str(Path(__file__).parent / "tp_worker.py"), "--case", str(case), "--out", str(out)],
+         f"--master-port={free_port()}", str(Path(__file__).parent / "tp_worker.py"), "--case", str(case), "--out", str(out)],
         cwd=PROJECT_ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(out.read_text())
