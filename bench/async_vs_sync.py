@@ -183,7 +183,6 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
     """Play `spec` with the real engine against `urls` and a SimLearner; return rates, occupancy and the bound.
     `index_dir`: the Tantivy index searched (default: the demo index)."""
     from bench.sim_learner import SimClock, SimLearner, push_s, steady_rate
-    from engine.aio import freeze_startup_objects
     from engine.assemble import pool_summary
     from engine.chat import ChatTokenizer
     from engine.game import Game
@@ -248,7 +247,6 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
             sched = Scheduler(game, seeds, stream, cfg.scheduler, capacity=spec.capacity * len(urls),
                               solver_group_size=cfg.game.solver_group_size)
             sched_holder.append(sched)
-            freeze_startup_objects()
             engine_task = asyncio.create_task(sched.run(None), name="bench-engine")
 
             async def sample() -> None:

@@ -68,7 +68,6 @@ class _Discard:
 
 
 async def measure_size(n: int, urls: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    from engine.aio import freeze_startup_objects
     from engine.assemble import pool_summary
     from engine.chat import ChatTokenizer
     from engine.game import Game
@@ -107,7 +106,6 @@ async def measure_size(n: int, urls: list[str], args: argparse.Namespace) -> dic
             game = Game(runner, chat, judge, cfg.game, random.Random(sched_cfg.seed))
             sched = Scheduler(game, seeds, stream, sched_cfg, capacity=args.capacity * len(urls),
                               solver_group_size=cfg.game.solver_group_size)
-            freeze_startup_objects()
             rss0 = _rss_bytes()  # everything but the episodes: imports, tokenizer, index, pool
             task = asyncio.create_task(sched.run(None), name="bench-scale")
             launch_started = time.perf_counter()

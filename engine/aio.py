@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -22,14 +21,3 @@ async def gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
             first = first.exceptions[0]
         raise first  # NOTE: not `from None`, which would erase the failure's own __cause__
     return [t.result() for t in tasks]
-
-
-def freeze_startup_objects() -> None:
-    """Exclude everything alive now (imported modules: transformers pulls in torch, sympy, ...) from the garbage
-    collector's future full collections.
-
-    NOTE: without it a full (generation 2) collection walks those millions of long-lived objects and stalls the event
-    loop for about a second (measured by `ssp bench engine`); call it once, after set-up and before the run.
-    """
-    gc.collect()
-    gc.freeze()

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.aio import freeze_startup_objects
 from engine.chat import ChatTokenizer
 from engine.game import Game
 from engine.judge import Judge
@@ -115,7 +114,6 @@ async def run_engine(cfg: SSPConfig, *, episodes: int | None, out: Path | None =
                                       search_stats=parts.batcher.summary,
                                       policy_version=None if out is not None else lambda: served_version(parts.pool),
                                       on_episode=on_episode)
-                freeze_startup_objects()
                 summary = await scheduler.run(episodes)
             finally:
                 await sink.close()  # already closed by the stream after a normal run; closing again is harmless

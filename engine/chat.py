@@ -8,6 +8,7 @@ ids the server returned.
 from __future__ import annotations
 
 import functools
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,12 @@ DOC_CACHE_ENTRIES = 65536
 
 
 class ChatTokenizer:
-    """Wraps a Hugging Face tokenizer. Build it with `ChatTokenizer.load(model_dir)`."""
+    """Wraps a Hugging Face tokenizer. Build it with `ChatTokenizer.load(model_dir)`.
+
+    NOTE: ids that live long (a rendered prompt for a whole rollout, the document cache for the whole run) are kept
+    in `array`s: the garbage collector walks every element of a list on each pass over it, and with thousands of
+    rollouts in flight those walks stalled the event loop by tens of ms (`ssp bench engine`).
+    """
 
     def __init__(self, tokenizer: Any) -> None:
         if getattr(tokenizer, "chat_template", None) is None:
@@ -29,7 +35,7 @@ class ChatTokenizer:
                              "renders prompts with the model's own template, so use an instruct/chat model")
         self._tok = tokenizer
         self._fixed = {text: self.encode_tool(text) for text in (INFO_HEADER, INFO_FOOTER, DOC_SEPARATOR, NO_RESULTS)}
-        self._docs: OrderedDict[tuple[int, str, str, str], list[int]] = OrderedDict()
+        self._docs: OrderedDict[tuple[int, str, str, str], array[int]] = OrderedDict()
 
     @classmethod
     def load(cls, model_dir: Path) -> ChatTokenizer:
@@ -38,12 +44,12 @@ class ChatTokenizer:
                                     "served model's Hugging Face directory (or run `ssp model prepare`)")
         return cls(_hf_tokenizer(str(model_dir.resolve())))
 
-    def render(self, messages: list[Message]) -> list[int]:
+    def render(self, messages: list[Message]) -> array[int]:
         """Token ids of the chat up to and including the assistant's generation prompt."""
         ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
             ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return array("l", ids)
 
     def encode_tool(self, text: str) -> list[int]:
         """Token ids of tool output inserted into the assistant turn (no BOS or other special tokens added)."""
@@ -65,7 +71,7 @@ class ChatTokenizer:
             key = (k, doc.id, doc.title, doc.text)
             cached = self._docs.get(key)
             if cached is None:
-                cached = self._docs[key] = self.encode_tool(render_doc(k, doc))
+                cached = self._docs[key] = array("l", self.encode_tool(render_doc(k, doc)))
                 if len(self._docs) > DOC_CACHE_ENTRIES:
                     self._docs.popitem(last=False)
             else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,16 +68,22 @@ class ServerClient:
     # ---------------------------------------------------------------- generation
 
     async def generate(
-        self, input_ids: list[int], sampling: SamplingParams, rid: str, *, affinity: str | None = None
+        self, input_ids: Sequence[int], sampling: SamplingParams, rid: str, *, affinity: str | None = None
     ) -> GenerateResult:
-        """One sample for `input_ids` under request id `rid` (unique among live requests, see engine.ids).
+        """One sample for `input_ids` (a list or an `array`) under request id `rid` (unique among live requests, see
+        engine.ids).
 
         Returns also for aborted requests (finish type "abort", partial output). Raises RetryableError subclasses when
         the request may succeed if re-sent, FatalError subclasses otherwise.
+
+        NOTE: the body is encoded to bytes here, before the wait: a list of thousands of ints held by every in-flight
+        request is what the garbage collector's young-generation passes walked (tens of ms per pass at 2,000
+        rollouts, `ssp bench engine`); bytes are not walked.
         """
         if not input_ids:
             raise BadRequest("input_ids is empty; a prompt needs at least one token", url=self.url)
-        body = {"rid": rid, "input_ids": input_ids, "sampling_params": sampling.to_json(), "return_logprob": True}
+        body = json.dumps({"rid": rid, "input_ids": list(input_ids), "sampling_params": sampling.to_json(),
+                           "return_logprob": True}).encode()
         headers = self._headers
         if self._routing_header and affinity is not None:
             headers = {**headers, "x-smg-routing-key": affinity}
@@ -84,7 +91,7 @@ class ServerClient:
                                               in_flight=True)
         if status != 200:
             raise _http_error(status, payload, self.url)
-        return parse_generate_response(payload, input_ids=input_ids, url=self.url)
+        return parse_generate_response(payload, prompt_len=len(input_ids), url=self.url)
 
     # ---------------------------------------------------------------- control
 
@@ -238,21 +245,27 @@ class ServerClient:
         self,
         method: str,
         path: str,
-        body: dict[str, Any] | None,
+        body: dict[str, Any] | bytes | None,
         timeout: aiohttp.ClientTimeout,
         *,
         headers: dict[str, str] | None = None,
         in_flight: bool = False,
     ) -> tuple[int, Any]:
         """Send one request; return (status, parsed JSON or text). Transport failures become retryable errors.
+        `body` is a JSON-able object, or JSON already encoded to bytes.
 
         `in_flight` says whether the server could have started work once the request was sent (generate): then a
         failure after connecting means the request may still be running there.
         """
         url = self.url + path
         try:
-            async with self._session.request(method, url, json=body, timeout=timeout,
-                                             headers=headers if headers is not None else self._headers) as resp:
+            headers = headers if headers is not None else self._headers
+            if isinstance(body, bytes):
+                request = self._session.request(method, url, data=body, timeout=timeout,
+                                                headers={**headers, "Content-Type": "application/json"})
+            else:
+                request = self._session.request(method, url, json=body, timeout=timeout, headers=headers)
+            async with request as resp:
                 raw = await resp.read()
                 status = resp.status
         # NOTE: order matters: aiohttp's timeout errors are also connection errors and TimeoutErrors.
@@ -269,7 +282,7 @@ class ServerClient:
         return status, _decode(raw)
 
 
-def parse_generate_response(payload: Any, *, input_ids: list[int], url: str) -> GenerateResult:
+def parse_generate_response(payload: Any, *, prompt_len: int, url: str) -> GenerateResult:
     """Turn one non-streaming `/generate` answer (sglang-api.md §1.5) into a GenerateResult, checking invariants."""
     try:
         output_ids = payload["output_ids"]
@@ -307,7 +320,7 @@ def parse_generate_response(payload: Any, *, input_ids: list[int], url: str) -> 
         weight_version=weight_version,
         weight_versions=spans,
         # prompt_tokens is missing on a request aborted while still queued (§1.5).
-        prompt_tokens=int(meta.get("prompt_tokens", len(input_ids))),
+        prompt_tokens=int(meta.get("prompt_tokens", prompt_len)),
         cached_tokens=int(meta.get("cached_tokens", 0)),
         text=str(payload.get("text", "")),
         server=url,

@@ -190,6 +190,10 @@ class SchedulerConfig:
     version_poll_s: float = 1.0
     """When streaming to a learner: how often the servers' weight version is read; the lowest one is the policy
     version the staleness gate counts from (the learner labels each weight push str(policy_version))."""
+    gc_full_every_s: float = 300.0
+    """Seconds between full garbage collections during a run (0 = none until the run ends). CPython would start
+    them by itself every few seconds at thousands of rollouts, each a ~250 ms stop of every rollout; the engine
+    runs them on this clock instead and reports the pause (gc_full_max_ms). See engine/collector.py."""
 
     def __post_init__(self) -> None:
         if self.max_inflight < 0:
@@ -204,6 +208,9 @@ class SchedulerConfig:
             raise ValueError(f"metrics_interval_s = {self.metrics_interval_s}: must be > 0")
         if self.version_poll_s <= 0:
             raise ValueError(f"version_poll_s = {self.version_poll_s}: must be > 0")
+        if self.gc_full_every_s < 0:
+            raise ValueError(f"gc_full_every_s = {self.gc_full_every_s}: must be >= 0 (0 = no full collection "
+                             "during the run)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

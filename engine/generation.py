@@ -4,6 +4,7 @@ These mirror SGLang's native /generate request and response (shared/docs/sglang-
 rollout needs. Model output is never re-tokenized: `output_ids` and `logprobs` are appended to trajectories as is.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -81,7 +82,7 @@ class GenerateResult:
 class Generator(Protocol):
     """What the rollout loop needs from inference: one sample per call, routed with prefix-cache affinity."""
 
-    async def generate(self, input_ids: list[int], sampling: SamplingParams, *, affinity: str) -> GenerateResult:
+    async def generate(self, input_ids: Sequence[int], sampling: SamplingParams, *, affinity: str) -> GenerateResult:
         """Generate one continuation of `input_ids`. Calls sharing `affinity` go to the same server when it is
         healthy (all turns of one rollout, all samples of one prompt), so its prefix cache is reused."""
         ...

@@ -38,7 +38,7 @@ import enum
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,7 +275,7 @@ class InferencePool:
 
     # ---------------------------------------------------------------- generate
 
-    async def generate(self, input_ids: list[int], sampling: SamplingParams, *, affinity: str) -> GenerateResult:
+    async def generate(self, input_ids: Sequence[int], sampling: SamplingParams, *, affinity: str) -> GenerateResult:
         """One sample, routed with prefix-cache affinity; retried elsewhere after retryable failures.
 
         Raises NoServerAvailable when no slot frees up within queue_timeout_s, the last RetryableError after

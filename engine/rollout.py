@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from array import array
 import time
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,14 +194,14 @@ class RolloutRunner:
         """The same sections in CPU time of the loop thread: the engine's own cost, without the time the host gave
         other processes (on a shared machine the wall-clock figure includes it)."""
 
-    async def run(self, prompt_ids: list[int], spec: RolloutSpec, *, affinity: str) -> Rollout:
+    async def run(self, prompt_ids: Sequence[int], spec: RolloutSpec, *, affinity: str) -> Rollout:
         self.active += 1
         try:
             return await self._run(prompt_ids, spec, affinity)
         finally:
             self.active -= 1
 
-    async def _run(self, prompt_ids: list[int], spec: RolloutSpec, affinity: str) -> Rollout:
+    async def _run(self, prompt_ids: Sequence[int], spec: RolloutSpec, affinity: str) -> Rollout:
         cfg = self._cfg
         ro = Rollout(prompt_ids=array("l", prompt_ids))
         turn_cap = spec.max_new_tokens or cfg.max_new_tokens_per_turn
@@ -270,7 +271,7 @@ class RolloutRunner:
     async def _generate_turn(self, ro: Rollout, sampling: SamplingParams, affinity: str
                              ) -> tuple[list[int], list[float], list[int], FinishReason, str]:
         """One turn; an aborted generation is re-sent with its partial output until it finishes."""
-        context = ro.prompt_ids.tolist() + ro.response_ids.tolist()
+        context = ro.prompt_ids + ro.response_ids  # an array: in-flight requests hold no int lists (engine.client)
         ids: list[int] = []
         logprobs: list[float] = []
         versions: list[int] = []
@@ -278,7 +279,7 @@ class RolloutRunner:
         for attempt in range(self._cfg.max_resumes + 1):
             left = sampling.max_new_tokens - len(ids)
             try:
-                res = await self._gen.generate(context + ids, dataclasses.replace(sampling, max_new_tokens=left),
+                res = await self._gen.generate(context + array("l", ids), dataclasses.replace(sampling, max_new_tokens=left),
                                                affinity=affinity)
             except InferenceError as e:
                 raise RolloutError(f"generation failed: {e}") from e

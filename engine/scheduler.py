@@ -23,6 +23,7 @@ Loops and buffers ("async" mode; every task is named, every buffer bounded):
     metrics loop ── every metrics_interval_s: one JSONL line (rates, occupancy, queue depths, validity, rewards)
     policy-version loop ── every version_poll_s: the lowest weight version on the servers -> set_policy_version
     lag monitor  ── event-loop lag (how late a 10 ms timer fires)
+    collector    ── a full garbage collection every gc_full_every_s (engine.collector: none starts by itself)
 
 "sync" mode replaces the launcher and episode tasks with the reference's phases: per step, all
 `episodes_per_step` proposers, then all verifications, then all solver groups, then the groups are sent; the same
@@ -48,6 +49,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.collector import CollectorSchedule
 from engine.config import SchedulerConfig
 from engine.game import EpisodeResult, Game
 from engine.rollout import RolloutError
@@ -158,6 +160,7 @@ class Scheduler:
         self._ids = itertools.count()
         self.counters = Counters()
         self.lag = LoopLagMonitor()
+        self.collector = CollectorSchedule(cfg.gc_full_every_s)
         self._t0 = time.perf_counter()
 
     # -- control from outside (the learner side of a training run) --------------------------------------------
@@ -181,6 +184,14 @@ class Scheduler:
     # -- the run ----------------------------------------------------------------------------------------------
     async def run(self, episodes: int | None = None) -> dict[str, Any]:
         """Run until `episodes` episodes have finished or failed (None: until `stop()`); returns the summary."""
+        with self.collector:
+            await self._run(episodes)
+        summary = self.summary()
+        if self._metrics is not None:
+            self._metrics.write({"event": "summary", **summary})
+        return summary
+
+    async def _run(self, episodes: int | None) -> None:
         self._t0 = time.perf_counter()
         producer = self._launch_loop(episodes) if self.cfg.mode == "async" else self._sync_loop(episodes)
         tasks = {
@@ -189,6 +200,8 @@ class Scheduler:
             asyncio.create_task(self.lag.run(), name="loop-lag"),
             asyncio.create_task(self._metrics_loop(), name="metrics"),
         }
+        if self.cfg.gc_full_every_s > 0:
+            tasks.add(asyncio.create_task(self.collector.run(), name="collector"))
         if self._policy_version is not None:
             tasks.add(asyncio.create_task(self._version_loop(self._policy_version), name="policy-version"))
         launcher = next(t for t in tasks if t.get_name() == "launcher")
@@ -208,10 +221,6 @@ class Scheduler:
             for task in [*tasks, *self._episodes]:
                 task.cancel()
             await asyncio.gather(*tasks, *self._episodes, return_exceptions=True)
-        summary = self.summary()
-        if self._metrics is not None:
-            self._metrics.write({"event": "summary", **summary})
-        return summary
 
     async def _launch_loop(self, episodes: int | None) -> None:
         for n in itertools.count():
@@ -344,6 +353,7 @@ class Scheduler:
             **self.game.runner.turn_overhead.summary_ms("turn_overhead"),
             **self.lag.lag.summary_ms("loop_lag"),
             **self.lag.busy.summary_ms("loop_busy"),
+            **self.collector.summary(),
         }
         if self._pool_stats is not None:
             out.update(self._pool_stats())

@@ -187,7 +187,7 @@ def _payload(**meta: object) -> dict[str, object]:
 
 
 def test_parse_defaults_and_null_logprob() -> None:
-    result = parse_generate_response(_payload(), input_ids=[1, 2, 3], url="u")
+    result = parse_generate_response(_payload(), prompt_len=3, url="u")
     assert result.logprobs == [-0.5, float("-inf")]  # orjson writes -inf as null
     assert result.prompt_tokens == 3 and result.cached_tokens == 0  # missing on an abort while queued
     assert [(s.version, s.start, s.end) for s in result.weight_versions] == [("5", 0, 2)]  # older servers
@@ -196,19 +196,19 @@ def test_parse_defaults_and_null_logprob() -> None:
 def test_parse_truncates_extra_logprob_and_rejects_misalignment() -> None:
     empty = {"text": "", "output_ids": [], "meta_info": {"id": "r", "finish_reason": {"type": "abort",
              "message": "Aborted"}, "output_token_logprobs": [[-1.0, 5, None]]}}
-    result = parse_generate_response(empty, input_ids=[1], url="u")
+    result = parse_generate_response(empty, prompt_len=1, url="u")
     assert result.logprobs == [] and result.weight_versions == () and result.finish.message == "Aborted"
     with pytest.raises(ProtocolError, match="only 1 logprobs"):
-        parse_generate_response(_payload(output_token_logprobs=[[-1.0, 7, None]]), input_ids=[1], url="u")
+        parse_generate_response(_payload(output_token_logprobs=[[-1.0, 7, None]]), prompt_len=1, url="u")
     with pytest.raises(ProtocolError, match="is for token 9"):
-        parse_generate_response(_payload(output_token_logprobs=[[-1.0, 7, None], [-1.0, 9, None]]), input_ids=[1],
+        parse_generate_response(_payload(output_token_logprobs=[[-1.0, 7, None], [-1.0, 9, None]]), prompt_len=1,
                                 url="u")
     with pytest.raises(ProtocolError, match="not contiguous"):
         parse_generate_response(_payload(weight_versions=[{"version": "1", "start": 0, "end": 1},
                                                           {"version": "2", "start": 0, "end": 2}]),
-                                input_ids=[1], url="u")
+                                prompt_len=1, url="u")
     with pytest.raises(ProtocolError, match="finish_reason"):
-        parse_generate_response(_payload(finish_reason={"type": "weird"}), input_ids=[1], url="u")
+        parse_generate_response(_payload(finish_reason={"type": "weird"}), prompt_len=1, url="u")
 
 
 def test_request_ids_fixed_width_and_never_prefixes() -> None:
