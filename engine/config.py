@@ -132,9 +132,6 @@ class GameConfig:
     """A solver response with more <answer> (or </answer>) tags than this is tag spam ..."""
     answer_tag_penalty_reward: float = 0.25
     """... and a correct answer then earns this instead of 1.0 (SSP's rule)."""
-    drop_zero_variance_groups: bool = True
-    """Drop solver groups whose rewards are all equal (no GRPO signal); counted as "zero_variance_groups". The
-    episode's proposer and verifier records are kept."""
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     """Rule checks on an extracted question."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)

@@ -6,8 +6,10 @@ phase over a whole step, as the reference does ("sync" mode).
 Group layout (one msgpack frame per episode, all records share group_id):
     proposer  ×1       reward = 1 - solver accuracy (valid) or game.invalid_reward
     verifier  ×0..V    reward = 1/0 judged answer from the documents (only for questions that passed the checks)
-    solver    ×0..G    reward = 1 / answer_tag_penalty_reward / 0 (only for valid questions; dropped when all equal
-                       and game.drop_zero_variance_groups)
+    solver    ×0..G    reward = 1 / answer_tag_penalty_reward / 0 (only for valid questions)
+A solver group whose rewards are all equal carries no GRPO signal; the engine sends it anyway and counts it
+("zero_variance_groups"): dropping it is the learner's rule alone (learner.drop_zero_variance_groups), so that
+one switch decides what is trained.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class EpisodeResult:
     reasons: list[str]
     solver_accuracy: float | None
     proposer_reward: float
-    zero_variance_dropped: bool
+    zero_variance: bool
+    """The solver group's rewards are all equal (counted; the learner decides whether it is trained)."""
     generated_tokens: int
 
 
@@ -127,14 +130,12 @@ class Game:
         for ro, verdict in v.samples if v is not None else []:
             group.append(ro.trajectory(role="verifier", group_id=p.group_id, reward=float(verdict.correct), meta={
                 **common, "prediction": extract_answer(ro.generated_text), "judge": verdict.method.value}))
-        dropped = bool(solvers) and self._cfg.drop_zero_variance_groups and zero_variance(rewards)
-        if not dropped:
-            for s in solvers:
-                group.append(s.rollout.trajectory(role="solver", group_id=p.group_id, reward=s.reward, meta={
-                    **common, "prediction": extract_answer(s.rollout.generated_text), "judge": s.verdict.method.value,
-                    "answer_tags": s.answer_tags}))
+        for s in solvers:
+            group.append(s.rollout.trajectory(role="solver", group_id=p.group_id, reward=s.reward, meta={
+                **common, "prediction": extract_answer(s.rollout.generated_text), "judge": s.verdict.method.value,
+                "answer_tags": s.answer_tags}))
         rollouts = [p.rollout, *(ro for ro, _ in (v.samples if v else [])), *(s.rollout for s in solvers)]
         return EpisodeResult(
             group_id=p.group_id, trajectories=group, valid=valid, reasons=list(p.reasons), solver_accuracy=accuracy,
-            proposer_reward=r_p, zero_variance_dropped=dropped,
+            proposer_reward=r_p, zero_variance=bool(solvers) and zero_variance(rewards),
             generated_tokens=sum(r.generated_tokens for r in rollouts))

@@ -279,8 +279,8 @@ class RolloutRunner:
         for attempt in range(self._cfg.max_resumes + 1):
             left = sampling.max_new_tokens - len(ids)
             try:
-                res = await self._gen.generate(context + array("l", ids), dataclasses.replace(sampling, max_new_tokens=left),
-                                               affinity=affinity)
+                res = await self._gen.generate(context + array("l", ids),
+                                               dataclasses.replace(sampling, max_new_tokens=left), affinity=affinity)
             except InferenceError as e:
                 raise RolloutError(f"generation failed: {e}") from e
             ids.extend(res.output_ids)

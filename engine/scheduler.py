@@ -117,7 +117,7 @@ class Counters:
     questions: int = 0
     valid: int = 0
     groups: int = 0
-    zero_variance_dropped: int = 0
+    zero_variance_groups: int = 0
     generated_tokens: int = 0
     accuracy_sum: float = 0.0
     proposer_reward_sum: float = 0.0
@@ -303,7 +303,7 @@ class Scheduler:
         c.questions += "no_question" not in result.reasons
         c.generated_tokens += result.generated_tokens
         c.proposer_reward_sum += result.proposer_reward
-        c.zero_variance_dropped += result.zero_variance_dropped
+        c.zero_variance_groups += result.zero_variance
         c.invalid_reasons.update(result.reasons)
         c.roles.update(t.role for t in result.trajectories)
         if result.valid:
@@ -341,7 +341,7 @@ class Scheduler:
             "invalid_reasons": dict(c.invalid_reasons),
             "solver_accuracy": round(c.accuracy_sum / c.valid, 4) if c.valid else None,
             "proposer_reward_mean": round(c.proposer_reward_sum / proposals, 4) if proposals else None,
-            "zero_variance_groups": c.zero_variance_dropped,
+            "zero_variance_groups": c.zero_variance_groups,
             "trajectories": dict(c.roles),
             "policy_version": self.gate.version,
             "max_inflight": self.max_inflight,

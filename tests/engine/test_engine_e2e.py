@@ -110,11 +110,7 @@ async def test_verifier_and_solvers_on_the_reference_server_line_up(ref_server: 
             await check_logprobs(ref_server, t)
     finally:
         await retriever.close()
-    solver_records = [t for t in result.trajectories if t.role == "solver"]
-    if result.zero_variance_dropped:
-        assert not solver_records
-    else:
-        assert len(solver_records) == 2
+    assert len([t for t in result.trajectories if t.role == "solver"]) == 2
 
 
 async def test_killed_server_loses_no_finished_group(sim_launcher, demo_index: Path, model_dir: Path,  # type: ignore[no-untyped-def]
