@@ -44,12 +44,20 @@ class ChatTokenizer:
                                     "served model's Hugging Face directory (or run `ssp model prepare`)")
         return cls(_hf_tokenizer(str(model_dir.resolve())))
 
-    def render(self, messages: list[Message]) -> array[int]:
-        """Token ids of the chat up to and including the assistant's generation prompt."""
+    def render(self, messages: list[Message], *, prefill: str = "") -> array[int]:
+        """Token ids of the chat up to and including the assistant's generation prompt, then `prefill`.
+
+        The prefill (an opening tag such as "<search>", see `engine.prompts.PROPOSER_PREFILLS`) starts the
+        assistant turn as part of the prompt: it is encoded once like tool text, carries no loss and no logprobs,
+        and the model continues after it. The rollout's tag parsing reads it as the start of the first turn
+        (`engine.rollout.RolloutSpec.prefill`)."""
         ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
             ids = ids["input_ids"]
-        return array("l", ids)
+        out = array("l", ids)
+        if prefill:
+            out.extend(self.encode_tool(prefill))
+        return out
 
     def encode_tool(self, text: str) -> list[int]:
         """Token ids of tool output inserted into the assistant turn (no BOS or other special tokens added)."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from engine.prompts import PROPOSER_PREFILLS, SOLVER_PREFILLS, VERIFIER_PREFILLS
 from ssp.paths import DATA_DIR
 
 
@@ -128,6 +129,14 @@ class GameConfig:
     """Sampling temperature of the verification samples."""
     top_p: float = 1.0
     """Nucleus sampling for every role (1.0 = off)."""
+    proposer_prefill: str = ""
+    """Opening tag that starts the proposer's turn as part of its prompt (loss mask 0, never sampled): "" (SSP),
+    "<think>", "<search>" or "<question>". A small model that never writes a tag on its own (SmolLM2-135M) writes
+    a query after a prefilled "<search>"; a capable model that would have opened with it is unaffected."""
+    solver_prefill: str = ""
+    """Opening tag of the solver's turn, likewise: "", "<think>", "<search>" or "<answer>"."""
+    verifier_prefill: str = ""
+    """Opening tag of each verification answer, likewise: "", "<think>" or "<answer>"."""
     answer_tag_limit: int = 10
     """A solver response with more <answer> (or </answer>) tags than this is tag spam ..."""
     answer_tag_penalty_reward: float = 0.25
@@ -156,6 +165,11 @@ class GameConfig:
             raise ValueError(f"top_p = {self.top_p}: must be in (0, 1]")
         if self.answer_tag_limit < 1:
             raise ValueError(f"answer_tag_limit = {self.answer_tag_limit}: must be >= 1")
+        for name, allowed in (("proposer_prefill", PROPOSER_PREFILLS), ("solver_prefill", SOLVER_PREFILLS),
+                              ("verifier_prefill", VERIFIER_PREFILLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} = {getattr(self, name)!r}: must be one of {allowed} (an opening tag of "
+                                 "that role's protocol, or \"\" for none)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

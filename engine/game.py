@@ -75,9 +75,10 @@ class Game:
         self.distractors = DistractorPool(cfg.distractor_pool_size, rng)
         self.verifier = Verifier(runner, chat, judge, cfg)
         self.proposer_spec = RolloutSpec(final_open=QUESTION_OPEN, final_close=QUESTION_CLOSE, search=True,
-                                         temperature=cfg.proposer_temperature, top_p=cfg.top_p)
+                                         temperature=cfg.proposer_temperature, top_p=cfg.top_p,
+                                         prefill=cfg.proposer_prefill)
         self.solver_spec = RolloutSpec(final_open=ANSWER_OPEN, final_close=ANSWER_CLOSE, search=True,
-                                       temperature=cfg.solver_temperature, top_p=cfg.top_p)
+                                       temperature=cfg.solver_temperature, top_p=cfg.top_p, prefill=cfg.solver_prefill)
 
     async def play(self, group_id: str, seed: Seed) -> EpisodeResult:
         proposal = await self.propose(group_id, seed)
@@ -86,7 +87,7 @@ class Game:
         return self.assemble(proposal, verification, solvers)
 
     async def propose(self, group_id: str, seed: Seed) -> Proposal:
-        prompt = self._chat.render(proposer_messages(seed.answer, seed.hops))
+        prompt = self._chat.render(proposer_messages(seed.answer, seed.hops), prefill=self.proposer_spec.prefill)
         ro = await self.runner.run(prompt, self.proposer_spec, affinity=f"{group_id}-p")
         question = extract_question(ro.generated_text)
         reasons = (["no_question"] if question is None else
@@ -108,7 +109,7 @@ class Game:
 
     async def solve(self, p: Proposal) -> list[SolverRun]:
         assert p.question is not None and not p.reasons, "solve() runs only on valid questions"
-        prompt = self._chat.render(solver_messages(p.question))
+        prompt = self._chat.render(solver_messages(p.question), prefill=self.solver_spec.prefill)
         rollouts = await gather_or_cancel([self.runner.run(prompt, self.solver_spec, affinity=f"{p.group_id}-s")
                                            for _ in range(self._cfg.solver_group_size)])
         runs = []

@@ -19,6 +19,15 @@ SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 QUESTION_OPEN, QUESTION_CLOSE = "<question>", "</question>"
 INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
+THINK_OPEN = "<think>"
+
+# Prefills: text that opens the assistant turn as part of the prompt (`ChatTokenizer.render(..., prefill=)`, loss mask
+# 0, never sampled). Only an opening tag of the role's own protocol is allowed, so a model that follows the prompts
+# (and would have written that tag itself) sees the turn it would have produced anyway, while a small model that
+# never starts a tag on its own is put on the protocol's track. "" (no prefill) is SSP's behaviour.
+PROPOSER_PREFILLS = ("", THINK_OPEN, SEARCH_OPEN, QUESTION_OPEN)
+SOLVER_PREFILLS = ("", THINK_OPEN, SEARCH_OPEN, ANSWER_OPEN)
+VERIFIER_PREFILLS = ("", THINK_OPEN, ANSWER_OPEN)
 
 _TOOL_PROTOCOL = (
     "Think step by step inside <think> and </think> whenever you receive new information. To look something up, "

@@ -69,6 +69,10 @@ class RolloutSpec:
     top_p: float = 1.0
     max_new_tokens: int | None = None
     """Per-turn cap overriding rollout.max_new_tokens_per_turn (e.g. the short verification answers)."""
+    prefill: str = ""
+    """Opening text the prompt already ends with (`ChatTokenizer.render(..., prefill=)`, e.g. "<search>"). It is
+    prompt, not response, but tag parsing reads it as the start of the first turn, so "<search>" + " q </search>"
+    is a search and "<answer>" + " x </answer>" an answer."""
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -106,7 +110,8 @@ class Rollout:
     docs: list[list[Doc]] = field(default_factory=list)
     """Documents of each executed search, in order (the proposer's verification materials)."""
     generated_text: str = ""
-    """Text of the generated turns only (tool blocks excluded), as the server decoded it; used for tag parsing."""
+    """The spec's prefill, then the text of the generated turns (tool blocks excluded) as the server decoded it;
+    used for tag parsing."""
     turns: int = 0
     resumes: int = 0
     end: EndReason = EndReason.EOS
@@ -203,7 +208,7 @@ class RolloutRunner:
 
     async def _run(self, prompt_ids: Sequence[int], spec: RolloutSpec, affinity: str) -> Rollout:
         cfg = self._cfg
-        ro = Rollout(prompt_ids=array("l", prompt_ids))
+        ro = Rollout(prompt_ids=array("l", prompt_ids), generated_text=spec.prefill)
         turn_cap = spec.max_new_tokens or cfg.max_new_tokens_per_turn
         mark: float | None = None  # when engine-side work of this turn started (None before the first turn)
         cpu_mark = 0.0  # the loop thread's CPU clock at `mark` (other coroutines only run while this one awaits)
@@ -225,6 +230,7 @@ class RolloutRunner:
                 self.turn_overhead_cpu.add(time.thread_time() - cpu_mark)
             ids, logprobs, versions, finish, text = await self._generate_turn(ro, sampling, affinity)
             mark, cpu_mark = time.perf_counter(), time.thread_time()
+            turn_text = spec.prefill + text if ro.turns == 0 else text  # the tag the prefill opened belongs to it
             ro.turns += 1
             ro.append(ids, logprobs, versions, generated=True)
             ro.generated_text += text
@@ -241,8 +247,9 @@ class RolloutRunner:
                     ro.end = EndReason.EOS
                 return ro
             # The turn ended with </search>.
-            opener = text.rfind(SEARCH_OPEN)
-            query = text[opener + len(SEARCH_OPEN): text.rfind(SEARCH_CLOSE)].strip() if opener >= 0 else ""
+            opener = turn_text.rfind(SEARCH_OPEN)
+            query = (turn_text[opener + len(SEARCH_OPEN): turn_text.rfind(SEARCH_CLOSE)].strip() if opener >= 0
+                     else "")
             if not query:
                 ro.end = EndReason.MALFORMED_SEARCH
                 return ro

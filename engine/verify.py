@@ -69,10 +69,10 @@ class Verifier:
         self._cfg = cfg
         self.spec = RolloutSpec(final_open=ANSWER_OPEN, final_close=ANSWER_CLOSE, search=False,
                                 temperature=cfg.verifier_temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.verify_max_new_tokens)
+                                max_new_tokens=cfg.verify_max_new_tokens, prefill=cfg.verifier_prefill)
 
     async def verify(self, question: str, aliases: Sequence[str], documents: str, *, affinity: str) -> Verification:
-        prompt = self._chat.render(verifier_messages(question, documents))
+        prompt = self._chat.render(verifier_messages(question, documents), prefill=self.spec.prefill)
         rollouts = await gather_or_cancel([self._runner.run(prompt, self.spec, affinity=affinity)
                                            for _ in range(self._cfg.verify_samples)])
         verdicts = [await self._judge.judge(question, extract_answer(r.generated_text), aliases) for r in rollouts]

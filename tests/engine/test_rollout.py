@@ -7,13 +7,15 @@ spans); every test checks that the rollout appends exactly those ids, masks tool
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from engine.chat import ChatTokenizer
-from engine.config import RolloutConfig, SearchBatcherConfig
+from engine.checks import extract_answer
+from engine.config import GameConfig, RolloutConfig, SearchBatcherConfig
 from engine.generation import FinishReason, GenerateResult, SamplingParams, WeightSpan
 from engine.prompts import information_block, solver_messages
 from engine.rollout import EndReason, Rollout, RolloutError, RolloutRunner, RolloutSpec
@@ -209,3 +211,41 @@ async def test_verifier_spec_does_not_search(chat: ChatTokenizer) -> None:
     assert gen.calls[0][1].stop == ("</answer>",) and gen.calls[0][1].max_new_tokens == 9
     assert gen.calls[0][1].temperature == 0.0 and ro.end is EndReason.ANSWER
     await asyncio.sleep(0)
+
+
+async def test_prefilled_opening_tag_is_prompt_and_opens_the_first_turn(chat: ChatTokenizer) -> None:
+    spec = dataclasses.replace(SOLVER, prefill="<search>")
+    messages = solver_messages("What is the capital of France?")
+    prompt = chat.render(messages, prefill=spec.prefill)
+    assert prompt.tolist() == chat.render(messages).tolist() + chat.encode_tool("<search>")
+
+    async def run(*turns: Turn, spec: RolloutSpec = spec) -> Rollout:
+        batcher = SearchBatcher(Docs(), SearchBatcherConfig(window_ms=0), k=2)
+        try:
+            return await RolloutRunner(ScriptedGenerator(chat, list(turns)), chat, batcher, RolloutConfig()).run(
+                prompt, spec, affinity="p")
+        finally:
+            await batcher.close()
+
+    ro = await run(Turn(" capital of France </search>", STOP_SEARCH), Turn("<answer> Paris </answer>", STOP_ANSWER))
+    assert [s.query for s in ro.searches] == ["capital of France"] and ro.end is EndReason.ANSWER
+    assert ro.prompt_ids.tolist() == prompt.tolist()  # the prefill is prompt: never in the response, never trained
+    assert chat.decode(ro.response_ids[:ro.segments[0].end]) == " capital of France </search>"
+    assert ro.generated_text.startswith("<search> capital of France </search>")
+    check_alignment(ro, chat)
+    # Only the first turn is opened by the prefill; a later closer without its own opener is still malformed.
+    ro = await run(Turn(" a </search>", STOP_SEARCH), Turn(" b </search>", STOP_SEARCH))
+    assert ro.end is EndReason.MALFORMED_SEARCH and [s.query for s in ro.searches] == ["a"]
+    ro = await run(Turn("<|im_end|>", EOS))
+    assert ro.end is EndReason.MISSING_CLOSER
+    answer = dataclasses.replace(SOLVER, prefill="<answer>")
+    ro = await run(Turn(" Paris </answer>", STOP_ANSWER), spec=answer)
+    assert ro.end is EndReason.ANSWER and extract_answer(ro.generated_text) == "Paris"
+
+
+def test_prefill_must_be_an_opening_tag_of_the_role() -> None:
+    assert GameConfig(proposer_prefill="<search>", solver_prefill="<answer>", verifier_prefill="<answer>")
+    with pytest.raises(ValueError, match="proposer_prefill = '<answer>'"):
+        GameConfig(proposer_prefill="<answer>")
+    with pytest.raises(ValueError, match="verifier_prefill = '<search>'"):
+        GameConfig(verifier_prefill="<search>")
