@@ -3,13 +3,15 @@
 Layout under `root`:
 
     step-000007/            one complete checkpoint (only ever appears complete: built as step-000007.tmp/,
-      tp0.pt, tp1.pt ...    every file fsynced, then renamed)
-      state.json            step, stream offset, consumed group ids
+      tp0.pt, tp1.pt ...    every file fsynced, then renamed); each holds the model shard as the model's dtype,
+                            the optimizer (AdamW state + fp32 master weights) and the LR scheduler
+      state.json            step, stream offset, ids of the recently consumed groups
     latest                  the name of the newest complete checkpoint (replaced by an atomic rename)
 
 Only data-parallel replica 0 writes (replicas hold identical weights and optimizer state). A run killed at any
 moment leaves either the previous checkpoint or the new one as `latest`; a leftover *.tmp is ignored and removed.
-Resuming restores weights, AdamW moments, the LR schedule and the stream position, so no trajectory is trained twice.
+Resuming restores weights, the fp32 master weights of bf16 parameters (learner.optimizer), AdamW moments, the LR
+schedule and the stream position, so no trajectory is trained twice and a resumed run reaches the same bits.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from learner.convert import canonical_params
+from learner.optimizer import MasterWeightAdamW
 
 
 @dataclass(kw_only=True, slots=True)
@@ -35,8 +38,13 @@ class StreamState:
     """Completed optimizer steps (= the policy version of the current weights)."""
     offset: int = 0
     """Byte offset in the trajectory file after the last consumed frame."""
+    groups_consumed: int = 0
+    """Trajectory groups consumed over the whole run (trained or dropped by the batch plan; repeats not counted)."""
     consumed_group_ids: list[str] = field(default_factory=list)
-    """Group ids already trained (a TCP stream cannot seek; repeats are skipped)."""
+    """Ids of the most recently consumed groups, oldest first: those within the last learner.dedup_window_bytes of
+    the stream (learner.dedup says why that is all a resume needs to skip repeats)."""
+    consumed_group_bytes: list[int] = field(default_factory=list)
+    """The frame size of each of consumed_group_ids (the window is measured in stream bytes)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -54,7 +62,7 @@ def _write_durable(path: Path, write: Any) -> None:
         os.fsync(f.fileno())
 
 
-def save(root: Path, state: StreamState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save(root: Path, state: StreamState, model: torch.nn.Module, optimizer: MasterWeightAdamW,
          scheduler: Any, *, tp_rank: int, dp_rank: int, keep: int) -> Path:
     """Collective: every rank calls it; replica 0's TP ranks write their shards, rank 0 publishes."""
     root = Path(root)
@@ -110,7 +118,7 @@ def latest(root: Path) -> Path | None:
 
 
 @torch.no_grad()
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
+def load(path: Path, model: torch.nn.Module, optimizer: MasterWeightAdamW, scheduler: Any, *,
          tp_rank: int) -> StreamState:
     """Restore this rank's shard (saved by replica 0 of the same TP rank) and the stream position."""
     file = Path(path) / f"tp{tp_rank}.pt"
@@ -126,6 +134,6 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
             raise ValueError(f"{file}: {name} has shape {tuple(shard['model'][name].shape)}, the model "
                              f"{tuple(p.shape)}; resume with the tensor_parallel it was saved with")
         p.copy_(shard["model"][name])
-    optimizer.load_state_dict(shard["optimizer"])
+    optimizer.load_state_dict(shard["optimizer"], source=str(file))
     scheduler.load_state_dict(shard["scheduler"])
     return StreamState(**json.loads((Path(path) / "state.json").read_text()))

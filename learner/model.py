@@ -261,12 +261,13 @@ def build_model(shape: ModelShape, par: Parallel, *, vocab_divisor: int = 128, i
         parallel_output=True,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
     )
+    # megatron's local norm layers create their weights in fp32 whatever params_dtype says; as megatron's own
+    # Float16Module does, every parameter takes the model dtype (the fp32 masters live in learner.optimizer).
+    model = model.to(device=par.device, dtype=par.dtype)
     if on_cpu:
         from learner import megatron_cpu
 
         megatron_cpu.install_cpu_rope(model)
-    else:
-        model = model.to(par.device)
     return model
 
 

@@ -5,7 +5,8 @@
 Each step: rank 0 reads `groups_per_step` frames from the trajectory stream and broadcasts them -> every rank plans
 the batch (advantages per role, drops) and takes its data-parallel share -> micro-batches by token budget ->
 forward (logprobs recomputed with the current weights), PPO loss, backward -> gradients summed over DP, clipped
-over all TP shards -> one AdamW step -> checkpoint -> weights pushed to the servers -> one metrics line.
+over all TP shards -> one AdamW step (on fp32 master weights when the parameters are bf16, see
+learner.optimizer) -> checkpoint -> weights pushed to the servers -> one metrics line.
 
 The step counter is the policy version: weights after step k are version k, pushed as weight_version "k".
 Entry points: `run(cfg, source, server_urls)` (per rank, what torchrun runs via `python -m learner.trainer`)
@@ -33,9 +34,12 @@ from engine.trajectory import Trajectory, unpack_group
 from learner import checkpoint
 from learner.batching import collate, pack, plan_batch, shard
 from learner.config import LearnerConfig
+from learner.convert import canonical_params, is_tp_sharded
+from learner.dedup import RecentGroups
 from learner.loss import aggregation_weights, policy_loss
 from learner.model import ModelShape, Parallel, attention_mask, build_model, init_parallel
-from learner.trajectory_source import FrameSource, open_source
+from learner.optimizer import build_optimizer
+from learner.trajectory_source import HEADER, FrameSource, open_source
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +50,6 @@ class StepResult:
 
     trained: bool
     metrics: dict[str, float]
-
-
-def build_optimizer(model: torch.nn.Module, cfg: LearnerConfig) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW (no decay on norms and biases) and a linear warm-up to the peak lr, then constant."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, foreach=False)
-    warmup = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-    return optimizer, scheduler
 
 
 class Trainer:
@@ -73,7 +64,7 @@ class Trainer:
         self.shape = shape
         self.model = model
         self.ref_model = ref_model
-        self.optimizer, self.scheduler = build_optimizer(model, cfg)
+        self.optimizer, self.scheduler = build_optimizer(canonical_params(model), cfg)
         self.dp_group = parallel_state.get_data_parallel_group()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
 
@@ -99,7 +90,7 @@ class Trainer:
         mine = shard(plan.samples, par.dp, par.dp_rank)
         micro_batches = pack(mine, cfg.micro_batch_tokens)
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad()
         # Sums over this rank's micro-batches; reduced over DP below. Loss parts are already batch-normalised.
         # On the training device: NCCL reduces only GPU tensors.
         sums = torch.zeros(9, dtype=torch.float64, device=par.device)
@@ -129,6 +120,7 @@ class Trainer:
                 sums += torch.stack([parts.loss.detach(), parts.pg_loss, parts.kl, parts.entropy, parts.clip_frac,
                                      parts.dual_clip_frac, diff.sum(), mb.loss_mask.sum(),
                                      torch.tensor(float(mb.n_tokens), device=par.device)]).double()
+        self.optimizer.collect_grads()
         grad_norm = self._reduce_and_clip_grads()
         self.optimizer.step()
         self.scheduler.step()
@@ -145,14 +137,10 @@ class Trainer:
 
     @torch.no_grad()
     def _reduce_and_clip_grads(self) -> float:
-        """Sum gradients over DP; global L2 norm over all TP shards (replicated params counted once); clip."""
-        from learner.convert import canonical_params, is_tp_sharded
-
-        named = [(n, p) for n, p in canonical_params(self.model) if p.requires_grad]
+        """On the fp32 main gradients: sum over DP; global L2 norm over all TP shards (replicated params counted
+        once); clip."""
+        named = self.optimizer.named_main()
         params = [p for _, p in named]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
         if self.par.dp > 1:
             flat = torch.cat([p.grad.reshape(-1) for p in params])
             dist.all_reduce(flat, group=self.dp_group)
@@ -174,22 +162,26 @@ class Trainer:
         return norm
 
 
-def read_batch(source: FrameSource, n_groups: int, seen: set[str]) -> tuple[list[bytes], list[str]]:
-    """Up to n_groups new frames (groups already trained are skipped); fewer only at the end of the stream."""
+def read_batch(source: FrameSource, n_groups: int,
+               recent: RecentGroups) -> tuple[list[bytes], list[str], list[int]]:
+    """Up to n_groups new frames, their group ids and frame sizes (groups already trained are skipped); fewer only
+    at the end of the stream."""
     payloads: list[bytes] = []
     ids: list[str] = []
+    sizes: list[int] = []
     while len(payloads) < n_groups:
         payload = source.next_frame()
         if payload is None:
             break
         group = unpack_group(payload)
         gid = group[0].group_id if group else ""
-        if gid in seen:
+        if gid in recent or gid in ids:
             log.warning("group %s was already trained; skipping the repeat", gid)
             continue
         payloads.append(payload)
         ids.append(gid)
-    return payloads, ids
+        sizes.append(HEADER.size + len(payload))
+    return payloads, ids, sizes
 
 
 def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str]) -> int:
@@ -223,7 +215,7 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str]) -> int:
     source = open_source(source_spec, state.offset) if is_root else None
     pusher = _connect_pusher(cfg, server_urls, par) if server_urls else None
     metrics = _open_metrics(cfg) if is_root else None
-    seen = set(state.consumed_group_ids)
+    recent = RecentGroups(cfg.dedup_window_bytes, state.consumed_group_ids, state.consumed_group_bytes)
     try:
         if server_urls:  # the servers start from the learner's weights (also after a resume)
             initial = _push(trainer, pusher, par, str(state.step))
@@ -231,17 +223,20 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str]) -> int:
                 metrics.write({"step": state.step, "initial_push": True, **initial})
         saved_step = state.step if resume_from is not None else -1  # the step the newest checkpoint holds
         while not cfg.max_steps or state.step < cfg.max_steps:
-            payloads, ids = read_batch(source, cfg.groups_per_step, seen) if source is not None else ([], [])
-            box: list[Any] = [(payloads, ids, source.offset if source is not None else 0)]
+            payloads, ids, sizes = (read_batch(source, cfg.groups_per_step, recent) if source is not None
+                                    else ([], [], []))
+            box: list[Any] = [(payloads, ids, sizes, source.offset if source is not None else 0)]
             dist.broadcast_object_list(box, src=0)
-            payloads, ids, offset = box[0]
+            payloads, ids, sizes, offset = box[0]
             if not payloads:
                 break
             started = time.perf_counter()
             result = trainer.train_step([unpack_group(p) for p in payloads], policy_version=state.step)
             state.offset = offset
-            state.consumed_group_ids.extend(ids)
-            seen.update(ids)
+            for gid, size in zip(ids, sizes):
+                recent.add(gid, size)
+            state.groups_consumed += len(ids)
+            state.consumed_group_ids, state.consumed_group_bytes = recent.ids(), recent.sizes()
             if result.trained:
                 state.step += 1
             record: dict[str, Any] = {"step": state.step, "groups": len(ids), "trained": result.trained,
