@@ -100,6 +100,10 @@ class LearnerConfig:
     """Save a checkpoint every this many steps (and at the end); 0 saves only at the end."""
     keep_checkpoints: int = 2
     """How many complete checkpoints to keep (older ones are deleted after a new one is complete)."""
+    dedup_window_bytes: int = 64 * 1024 * 1024
+    """Repeats of trained groups are recognised within this many bytes of the most recently consumed stream; the
+    checkpoint keeps only those groups' ids. Must be at least the engine's resend window (64 MiB: the frames it
+    sends again after a broken connection); see learner/dedup.py."""
     push_bytes_per_bucket: int = 512 * 1024 * 1024
     """Weight push: tensors per update_weights_from_distributed call are grouped up to this many bytes."""
     push_timeout_s: float = 600.0
@@ -114,7 +118,7 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel", "data_parallel", "pipeline_parallel", "vocab_divisor", "groups_per_step",
-                     "micro_batch_tokens", "keep_checkpoints"):
+                     "micro_batch_tokens", "keep_checkpoints", "dedup_window_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
