@@ -12,6 +12,13 @@ Lifecycle of a `WeightPusher` (run on learner rank 0 only; other TP ranks only h
 
 The HTTP calls block on the servers until the matching broadcast arrives, so they run on an asyncio loop in a
 helper thread while the calling thread broadcasts. Backend "gloo" (CPU tensors) or "nccl" (GPU tensors): same code.
+
+Every bucket goes as one `flattened_bucket` broadcast packed into one of two staging buffers that live as long as the
+pusher: bucket k+1 is packed (one copy per tensor, straight from the source, non-contiguous views included) while
+bucket k is on the wire. Why (`ssp bench push`, gloo on 2 CPU cores): one broadcast per tensor ran at ~0.6x the
+bandwidth of the same bytes in large buffers, and packing into a freshly allocated buffer per bucket (torch.cat) cost
+more than the broadcast itself (first-touch page faults); reused, pre-faulted buffers make packing a plain memcpy
+that overlaps the wire.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -63,10 +70,43 @@ class PushStats:
         return self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
 
 
-def _flatten(bucket: list[tuple[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """All tensors' raw bytes, concatenated in order, as one uint8 tensor (SGLang's flattened_bucket format)."""
-    parts = [t.detach().contiguous().view(-1).view(torch.uint8) for _, t in bucket]
-    return torch.cat(parts).to(device)
+def _aligned(bucketed: Iterable[list[tuple[str, torch.Tensor]]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Split buckets so every tensor starts at a byte offset that is a multiple of its element size: the
+    flattened_bucket format has no padding, and a server refuses an unaligned tensor (mixed dtypes can cause one)."""
+    for bucket in bucketed:
+        part: list[tuple[str, torch.Tensor]] = []
+        offset = 0
+        for name, t in bucket:
+            if offset % t.element_size():
+                yield part
+                part, offset = [], 0
+            part.append((name, t))
+            offset += t.numel() * t.element_size()
+        yield part
+
+
+class _Staging:
+    """Two flat byte buffers, reused for every bucket of every push (they grow only for an oversized tensor)."""
+
+    def __init__(self, bytes_per_bucket: int, device: torch.device) -> None:
+        self.bytes_per_bucket = bytes_per_bucket
+        self.device = device
+        self.buffers: list[torch.Tensor | None] = [None, None]
+
+    def pack(self, slot: int, bucket: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """The bucket's raw bytes, in order, without padding (SGLang's flattened_bucket layout) in buffer `slot`."""
+        total = sum(t.numel() * t.element_size() for _, t in bucket)
+        buf = self.buffers[slot]
+        if buf is None or buf.numel() < total:
+            buf = self.buffers[slot] = torch.empty(max(total, self.bytes_per_bucket), dtype=torch.uint8,
+                                                   device=self.device)
+        offset = 0
+        with torch.no_grad():
+            for _, t in bucket:
+                size = t.numel() * t.element_size()
+                buf[offset:offset + size].view(t.dtype).view(t.shape).copy_(t)
+                offset += size
+        return buf[:total]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -78,7 +118,7 @@ class WeightPusher:
 
     def __init__(self, server_urls: list[str], *, backend: str, master_address: str = "127.0.0.1",
                  master_port: int = 0, group_name: str = "weight_update_group", bytes_per_bucket: int = 512 << 20,
-                 timeout_s: float = 600.0, pause_mode: str = "retract", flatten: bool | None = None) -> None:
+                 timeout_s: float = 600.0, pause_mode: str = "retract") -> None:
         if not server_urls:
             raise ValueError("WeightPusher needs at least one server URL")
         self.urls = [u.rstrip("/") for u in server_urls]
@@ -89,11 +129,8 @@ class WeightPusher:
         self.bytes_per_bucket = bytes_per_bucket
         self.timeout_s = timeout_s
         self.pause_mode = pause_mode
-        # NOTE: flattening a bucket is one memcpy of all its bytes. On GPUs (nccl) that copy is cheap and saves one
-        # collective per tensor; on CPU (gloo) it was the largest cost of a push (`ssp bench push`: ~6x the
-        # broadcast itself), so gloo sends each tensor as it is, in order, as async broadcasts.
-        self.flatten = backend == "nccl" if flatten is None else flatten
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self._staging = _Staging(bytes_per_bucket, self.device)
         self.state = PushState.NEW
         self._group: dist.ProcessGroup | None = None
         self._loop = asyncio.new_event_loop()
@@ -155,23 +192,10 @@ class WeightPusher:
             raise RuntimeError(f"push() on a pusher in state {self.state.value}; connect() first "
                                "(a BROKEN pusher means the servers may hold mixed weights: restart them)")
         start = time.perf_counter()
-        total_bytes = n_buckets = n_tensors = 0
         try:
             self._check(self._run(self._all("pause", mode=self.pause_mode)), "pause_generation")
             self._check(self._run(self._all("begin_weight_update")), "begin_weight_update")
-            # Look one bucket ahead so the last one can carry the version and the cache flush.
-            pending: list[tuple[str, torch.Tensor]] | None = None
-            for bucket in buckets(named_tensors, self.bytes_per_bucket):
-                if pending is not None:
-                    total_bytes += self._send_bucket(pending, last=False, version=version)
-                    n_buckets += 1
-                    n_tensors += len(pending)
-                pending = bucket
-            if pending is None:
-                raise PushError("push() got no tensors to send")
-            total_bytes += self._send_bucket(pending, last=True, version=version)
-            n_buckets += 1
-            n_tensors += len(pending)
+            total_bytes, n_buckets, n_tensors = self._stream(named_tensors, version)
             self._check(self._run(self._all("end_weight_update")), "end_weight_update")
             self._check(self._run(self._all("continue_")), "continue_generation")
         except BaseException:
@@ -183,26 +207,39 @@ class WeightPusher:
                  stats.seconds, stats.gb_per_s, stats.buckets)
         return stats
 
-    def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], *, last: bool, version: str) -> int:
-        calls = [self._submit(c.update_weights_from_distributed(
-            names=[n for n, _ in bucket], dtypes=[_dtype_name(t.dtype) for _, t in bucket],
-            shapes=[list(t.shape) for _, t in bucket], group_name=self.group_name,
-            load_format="flattened_bucket" if self.flatten else None, flush_cache=last,
-            weight_version=version if last else None,
-        )) for c in self._clients]
-        # NOTE: if a server rejects the body it never posts its receive; the group timeout bounds our wait.
-        if self.flatten:
-            flat = _flatten(bucket, self.device)
-            dist.broadcast(flat, src=0, group=self._group)
-            sent = flat.numel()
-        else:
-            tensors = [t.detach().contiguous().to(self.device) for _, t in bucket]
-            works = [dist.broadcast(t, src=0, group=self._group, async_op=True) for t in tensors]
-            for w in works:
-                w.wait()
-            sent = sum(t.numel() * t.element_size() for t in tensors)
-        self._check([c.result(timeout=self.timeout_s) for c in calls], "update_weights_from_distributed")
-        return sent
+    def _stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> tuple[int, int, int]:
+        """Send every bucket; returns (bytes, buckets, tensors). The bucket after the one on the wire is already
+        fetched (so the last one is known: it carries the version and the flush) and is packed during the send."""
+        queue = _aligned(buckets(named_tensors, self.bytes_per_bucket))
+        current = next(queue, None)
+        if current is None:
+            raise PushError("push() got no tensors to send")
+        slot = 0
+        flat = self._staging.pack(slot, current)
+        upcoming = next(queue, None)
+        total_bytes = n_buckets = n_tensors = 0
+        while current is not None:
+            calls = [self._submit(c.update_weights_from_distributed(
+                names=[n for n, _ in current], dtypes=[_dtype_name(t.dtype) for _, t in current],
+                shapes=[list(t.shape) for _, t in current], group_name=self.group_name,
+                load_format="flattened_bucket", flush_cache=upcoming is None,
+                weight_version=version if upcoming is None else None,
+            )) for c in self._clients]
+            # NOTE: if a server rejects the body it never posts its receive; the group timeout bounds our wait.
+            work = dist.broadcast(flat, src=0, group=self._group, async_op=True)
+            following = None
+            if upcoming is not None:  # overlaps the broadcast: the other buffer is free (its send was awaited)
+                next_flat = self._staging.pack(1 - slot, upcoming)
+                following = next(queue, None)
+            work.wait()
+            self._check([c.result(timeout=self.timeout_s) for c in calls], "update_weights_from_distributed")
+            total_bytes += flat.numel()
+            n_buckets += 1
+            n_tensors += len(current)
+            current, upcoming = upcoming, following
+            if current is not None:
+                flat, slot = next_flat, 1 - slot
+        return total_bytes, n_buckets, n_tensors
 
     def close(self) -> None:
         """Destroy the group on the servers and here, close the HTTP session, stop the helper thread."""
@@ -219,6 +256,7 @@ class WeightPusher:
                 self._run(self._session.close())
         finally:
             self._group = None
+            self._staging.buffers = [None, None]
             self.state = PushState.CLOSED
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)

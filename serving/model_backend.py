@@ -46,6 +46,7 @@ class ModelBackend(Backend):
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
         self.groups: dict[str, dist.ProcessGroup] = {}
+        self.landings = weight_sync.FlatLandings()
         self._desc: ModelDescription | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
@@ -220,6 +221,14 @@ class ModelBackend(Backend):
             except Exception as e:  # noqa: BLE001 - reported to the trainer
                 return UpdateResult(False, f"Failed to receive weights: {e}")
             return UpdateResult(True, "Succeeded to update parameter online.")
+        if load_format == "flattened_bucket":
+            # NOTE: the same reasoning for the flattened format: the received buffer becomes the parameters' storage.
+            try:
+                if await self._call(lambda: self.landings.receive(group, runner.model, names=names, dtypes=dtypes,
+                                                                  shapes=shapes)):
+                    return UpdateResult(True, "Succeeded to update parameter online.")
+            except Exception as e:  # noqa: BLE001 - reported to the trainer
+                return UpdateResult(False, f"Failed to receive weights: {e}")
         try:
             tensors = await asyncio.to_thread(weight_sync.receive, group, dtypes=dtypes, shapes=shapes,
                                               flattened=load_format == "flattened_bucket", device=runner.device)

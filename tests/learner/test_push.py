@@ -101,3 +101,20 @@ def test_push_makes_server_logprobs_equal_learners(model_dir: Path, ref_server: 
     assert max(abs(a - b) for a, b in zip(after, ours)) < 1e-4
     assert max(abs(a - b) for a, b in zip(after, before)) > 1e-3  # the step really changed the server's model
     assert max(abs(a - b) for a, b in zip(_score(ref_server, prompt, continuation), before)) < 1e-5
+
+
+def test_packing_is_sglangs_flattened_layout_and_splits_unaligned_tensors() -> None:
+    """Pure logic: a packed bucket is the tensors' raw bytes in order (non-contiguous views included), and a tensor
+    whose offset is not a multiple of its element size starts a new bucket (the format has no padding)."""
+    from learner.push import _aligned, _Staging
+
+    a = torch.arange(6, dtype=torch.float32).reshape(2, 3).t()  # a non-contiguous view
+    b = torch.tensor([1, 2, 3], dtype=torch.bfloat16)           # 6 bytes: the next float32 would be unaligned
+    c = torch.tensor([7.0], dtype=torch.float32)
+    parts = list(_aligned([[("a", a), ("b", b), ("c", c)]]))
+    assert [[n for n, _ in p] for p in parts] == [["a", "b"], ["c"]]
+    staging = _Staging(8, torch.device("cpu"))
+    flat = staging.pack(0, parts[0])
+    expected = torch.cat([a.contiguous().view(-1).view(torch.uint8), b.view(torch.uint8)])
+    assert torch.equal(flat, expected)
+    assert staging.pack(0, parts[1]).data_ptr() == flat.data_ptr()  # the buffer is reused, not reallocated

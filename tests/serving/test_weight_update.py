@@ -110,3 +110,42 @@ def test_update_from_tensor_is_refused_on_cpu(ref_server: str) -> None:
         assert "update_weights_from_distributed" in reply["message"]
     finally:
         post(ref_server, "/end_weight_update", {})
+
+
+def test_repeated_flattened_pushes_land_in_place(ref_server: str, model_dir: Path) -> None:
+    """WeightPusher's flattened buckets: the first push re-homes the parameters into the received buffers, the next
+    push with the same layout is broadcast straight into them, and a new layout (other bucket size) re-homes again;
+    every push's values are what the server then holds (checked on tensors at both ends of the layouts)."""
+    from safetensors.torch import load_file
+
+    from learner.push import WeightPusher
+
+    state = load_file(str(model_dir / "model.safetensors"))
+    names = [n for n in state if n.startswith(("model.layers.0.", "model.layers.1.", "model.layers.2."))]
+    probes = [names[0], names[len(names) // 2], names[-1]]
+    old_version = get(ref_server, "/model_info")["weight_version"]
+    try:
+        for versions, bucket_bytes in ((("a", 0.5), ("b", -2.0)), 8 << 20), ((("c", 3.0),), 2 << 20):
+            pusher = WeightPusher([ref_server], backend="gloo", bytes_per_bucket=bucket_bytes, timeout_s=120)
+            try:
+                pusher.connect()
+                for version, scale in versions:
+                    stats = pusher.push(((n, state[n] * scale) for n in names), version)
+                    assert stats.tensors == len(names) and stats.buckets > 1
+                    assert get(ref_server, "/model_info")["weight_version"] == version
+                    for name in probes:
+                        rows = post(ref_server, "/get_weights_by_name", {"name": name, "truncate_size": 4})
+                        assert torch.equal(torch.tensor(rows), (state[name] * scale)[:4]), (version, name)
+            finally:
+                pusher.close()
+        after = greedy_server(ref_server)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            for name, w in model.state_dict().items():
+                if name in names:
+                    w.copy_(state[name] * 3.0)
+        assert after["output_ids"] == greedy_hf(model)  # the forward pass reads the re-homed parameters
+    finally:
+        restored = post(ref_server, "/update_weights_from_disk", {"model_path": str(model_dir),
+                                                                   "weight_version": old_version})
+    assert restored["success"], restored
