@@ -23,7 +23,8 @@ Loops and buffers ("async" mode; every task is named, every buffer bounded):
     metrics loop ── every metrics_interval_s: one JSONL line (rates, occupancy, queue depths, validity, rewards)
     policy-version loop ── every version_poll_s: the lowest weight version on the servers -> set_policy_version
     lag monitor  ── event-loop lag (how late a 10 ms timer fires)
-    collector    ── a full garbage collection every gc_full_every_s (engine.collector: none starts by itself)
+    collector    ── garbage collection on the loop's clock: young passes every 50 ms, a full one every
+                    gc_full_every_s (engine.collector: none starts by itself inside a turn)
 
 "sync" mode replaces the launcher and episode tasks with the reference's phases: per step, all
 `episodes_per_step` proposers, then all verifications, then all solver groups, then the groups are sent; the same
@@ -198,10 +199,9 @@ class Scheduler:
             asyncio.create_task(producer, name="launcher"),
             asyncio.create_task(self.stream.run(), name="stream-sender"),
             asyncio.create_task(self.lag.run(), name="loop-lag"),
+            asyncio.create_task(self.collector.run(), name="collector"),
             asyncio.create_task(self._metrics_loop(), name="metrics"),
         }
-        if self.cfg.gc_full_every_s > 0:
-            tasks.add(asyncio.create_task(self.collector.run(), name="collector"))
         if self._policy_version is not None:
             tasks.add(asyncio.create_task(self._version_loop(self._policy_version), name="policy-version"))
         launcher = next(t for t in tasks if t.get_name() == "launcher")

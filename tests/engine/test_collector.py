@@ -1,44 +1,30 @@
-"""The engine's garbage-collector schedule: no automatic full collection during a run, settings restored after."""
+"""The engine's garbage-collector schedule: no collection starts by itself during a run (none inside a rollout's
+turn), the schedule's passes still free cycles, and the collector is restored after."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 
-from engine.collector import NEVER, CollectorSchedule
+from engine.collector import YOUNG_EVERY_S, CollectorSchedule
 
 
-def test_run_freezes_startup_objects_and_restores_the_collector_after() -> None:
-    before = gc.get_threshold()
-    with CollectorSchedule(full_every_s=0) as schedule:
-        assert gc.get_freeze_count() > 0  # what was alive at start is out of the collector's walks
-        assert gc.get_threshold()[2] == NEVER
-        assert gc.get_threshold()[0] == before[0]
-        pause = schedule.collect_full()
-        assert pause >= 0 and schedule.summary()["gc_full_collections"] == 1
-    assert gc.get_threshold() == before
-    assert gc.get_freeze_count() == 0
+class Node:
+    def __init__(self) -> None:
+        self.other: Node | None = None
 
 
-def test_full_collections_run_on_the_schedule_clock() -> None:
-    async def main() -> int:
-        with CollectorSchedule(full_every_s=0.02) as schedule:
-            task = asyncio.create_task(schedule.run())
-            await asyncio.sleep(0.15)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            return schedule.full_pauses.count
-
-    assert 3 <= asyncio.run(main()) <= 8
+def _nodes() -> int:
+    return sum(isinstance(o, Node) for o in gc.get_objects())
 
 
-def _full_passes_during_churn() -> int:
-    """Allocate and keep 300k containers (as thousands of in-flight rollouts do), count full collections started."""
-    full = []
+def _passes_during_churn() -> int:
+    """Allocate and keep 300k containers (as thousands of in-flight rollouts do); count collections started."""
+    passes = []
 
     def record(phase: str, info: dict[str, int]) -> None:
-        if phase == "start" and info["generation"] == 2:
-            full.append(1)
+        if phase == "start":
+            passes.append(info["generation"])
 
     gc.callbacks.append(record)
     try:
@@ -46,32 +32,52 @@ def _full_passes_during_churn() -> int:
         del kept
     finally:
         gc.callbacks.remove(record)
-    return len(full)
+    return len(passes)
 
 
-def test_no_full_collection_starts_by_itself_during_a_run() -> None:
+def test_no_collection_starts_by_itself_during_a_run_and_the_collector_is_restored_after() -> None:
     gc.collect()
-    assert _full_passes_during_churn() > 0  # CPython's default: full passes while the heap grows
+    assert _passes_during_churn() > 0  # CPython's default: passes fire in whatever code allocates
+    with CollectorSchedule(full_every_s=0):
+        assert gc.get_freeze_count() > 0  # what was alive at start is out of the collector's walks
+        assert _passes_during_churn() == 0
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_scheduled_passes_free_cycles_young_and_old() -> None:
     with CollectorSchedule(full_every_s=0) as schedule:
-        assert _full_passes_during_churn() == 0
-        schedule.collect_full()  # the scheduled one still frees cycles made during the run
+        young = Node()
+        young.other = Node()
+        young.other.other = young
+        del young
+        assert _nodes() == 2
+        schedule.collect_young()
+        assert _nodes() == 0
 
-
-def test_cycles_made_during_a_run_are_freed_by_the_scheduled_collection() -> None:
-    class Node:
-        def __init__(self) -> None:
-            self.other: Node | None = None
-
-    with CollectorSchedule(full_every_s=0) as schedule:
         pairs = []
         for _ in range(1000):
             a, b = Node(), Node()
             a.other, b.other = b, a
             pairs.append(a)
-        gc.collect(1)
-        gc.collect(1)  # the pairs now sit in the oldest generation, which only a full collection walks
+        schedule.collect_young()  # survivors move to the oldest generation, which only a full pass walks
         del pairs, a, b
-        gc.collect(1)
-        assert sum(isinstance(o, Node) for o in gc.get_objects()) == 2000
+        schedule.collect_young()
+        assert _nodes() == 2000
         schedule.collect_full()
-        assert sum(isinstance(o, Node) for o in gc.get_objects()) == 0
+        assert _nodes() == 0
+        summary = schedule.summary()
+        assert summary["gc_full_collections"] == 1 and summary["gc_full_max_ms"] >= 0
+
+
+def test_the_run_task_collects_on_the_loops_clock() -> None:
+    async def main() -> CollectorSchedule:
+        with CollectorSchedule(full_every_s=4 * YOUNG_EVERY_S) as schedule:
+            task = asyncio.create_task(schedule.run())
+            await asyncio.sleep(12 * YOUNG_EVERY_S)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return schedule
+
+    schedule = asyncio.run(main())
+    assert schedule.young_pauses.count >= 5
+    assert 1 <= schedule.full_pauses.count <= 3
