@@ -26,13 +26,12 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from ssp.paths import artifacts_dir, default_index_dir, default_model_dir
+from ssp.paths import artifacts_dir, default_index_dir
 
 DEFAULT_PROFILES = ("qwen2.5-7b-h100-tp1",)
 
@@ -183,18 +182,10 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
     """Play `spec` with the real engine against `urls` and a SimLearner; return rates, occupancy and the bound.
     `index_dir`: the Tantivy index searched (default: the demo index)."""
     from bench.sim_learner import SimClock, SimLearner, push_s, steady_rate
-    from engine.assemble import pool_summary
-    from engine.chat import ChatTokenizer
-    from engine.game import Game
-    from engine.judge import Judge
-    from engine.pool import InferencePool
-    from engine.rollout import RolloutRunner
+    from engine.assemble import open_engine, pool_summary, scheduler_seeds
     from engine.scheduler import Scheduler
-    from engine.search_batcher import SearchBatcher
-    from engine.seeds import load_seed_answers, seed_stream
     from engine.stream import TrajectoryStream
     from engine.telemetry import Samples
-    from retriever.registry import make_retriever
     from ssp.config import load_config
     from ssp.run_config import SSPConfig
 
@@ -211,73 +202,63 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
         "stream.queue_groups=100000",
         *([f'retriever.index_dir="{index_dir}"'] if index_dir is not None else []),
     ])
-    chat = ChatTokenizer.load(cfg.rollout.tokenizer_dir or default_model_dir())
-    seeds = seed_stream(load_seed_answers(cfg.scheduler.seeds_file), hops_min=cfg.scheduler.hops_min,
-                        hops_max=cfg.scheduler.hops_max, seed=seed)
     clock = SimClock(spec.time_scale)
     tally = ShapeTally(profile.sim.prefix_block_tokens)
-    retriever = make_retriever(cfg.retriever)
-    batcher = SearchBatcher(retriever, cfg.search, k=cfg.retriever.topk)
     occupancy = Samples()
-    try:
-        async with InferencePool(cfg.inference) as pool, Judge(cfg.game.judge) as judge:
-            _check(await pool.update_weight_version("0"), "update_weight_version")
-            await pool.flush_cache()
+    async with open_engine(cfg) as parts:
+        pool = parts.pool
+        _check(await pool.update_weight_version("0"), "update_weight_version")
+        await pool.flush_cache()
 
-            async def push(version: int) -> None:
-                _check(await pool.pause("retract"), "pause_generation")
-                results = await pool.update_weights_from_disk("sim", weight_version=str(version))
-                # Flushing is refused while retracted requests wait; the update itself must have succeeded.
-                _check({u: r for u, r in results.items() if "cache was not flushed" not in r.message},
-                       "update_weights_from_disk")
-                _check(await pool.continue_(), "continue_generation")
+        async def push(version: int) -> None:
+            _check(await pool.pause("retract"), "pause_generation")
+            results = await pool.update_weights_from_disk("sim", weight_version=str(version))
+            # Flushing is refused while retracted requests wait; the update itself must have succeeded.
+            _check({u: r for u, r in results.items() if "cache was not flushed" not in r.message},
+                   "update_weights_from_disk")
+            _check(await pool.continue_(), "continue_generation")
 
-            runner = RolloutRunner(pool, chat, batcher, cfg.rollout)
-            game = Game(runner, chat, judge, cfg.game, random.Random(seed))
-            sched_holder: list[Scheduler] = []
+        sched_holder: list[Scheduler] = []
 
-            async def on_version(version: int) -> None:
-                await sched_holder[0].set_policy_version(version)
+        async def on_version(version: int) -> None:
+            await sched_holder[0].set_policy_version(version)
 
-            learner = SimLearner(profile, gpus=spec.learn_gpus, episodes_per_step=spec.episodes_per_step,
-                                 clock=clock, push=push, on_version=on_version, on_group=tally.add)
-            stream = TrajectoryStream(learner, max_frame_bytes=cfg.stream.max_frame_bytes,
-                                      queue_groups=cfg.stream.queue_groups,
-                                      spill_path=artifacts_dir() / "bench" / "async_vs_sync.spill")
-            sched = Scheduler(game, seeds, stream, cfg.scheduler, capacity=spec.capacity * len(urls),
-                              solver_group_size=cfg.game.solver_group_size)
-            sched_holder.append(sched)
-            engine_task = asyncio.create_task(sched.run(None), name="bench-engine")
+        learner = SimLearner(profile, gpus=spec.learn_gpus, episodes_per_step=spec.episodes_per_step,
+                             clock=clock, push=push, on_version=on_version, on_group=tally.add)
+        stream = TrajectoryStream(learner, max_frame_bytes=cfg.stream.max_frame_bytes,
+                                  queue_groups=cfg.stream.queue_groups,
+                                  spill_path=artifacts_dir() / "bench" / "async_vs_sync.spill")
+        sched = Scheduler(parts.game, scheduler_seeds(cfg.scheduler), stream, cfg.scheduler,
+                          capacity=spec.capacity * len(urls), solver_group_size=cfg.game.solver_group_size)
+        sched_holder.append(sched)
+        engine_task = asyncio.create_task(sched.run(None), name="bench-engine")
 
-            async def sample() -> None:
-                while True:
-                    await asyncio.sleep(0.05)
-                    if len(learner.steps) >= spec.warmup:
-                        occupancy.add(pool_summary(pool)["slot_occupancy"])
+        async def sample() -> None:
+            while True:
+                await asyncio.sleep(0.05)
+                if len(learner.steps) >= spec.warmup:
+                    occupancy.add(pool_summary(pool)["slot_occupancy"])
 
-            sampler = asyncio.create_task(sample(), name="occupancy-sampler")
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            learn = asyncio.create_task(learner.run(spec.steps), name="sim-learner")
-            try:
-                done, _ = await asyncio.wait({learn, engine_task}, timeout=timeout_s,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if engine_task in done:
-                    engine_task.result()
-                    raise RuntimeError("the engine stopped before the learner finished its steps")
-                if learn not in done:
-                    raise TimeoutError(f"{spec.mode} g={spec.serve_gpus} eta={spec.eta}: the learner finished "
-                                       f"{len(learner.steps)} of {spec.steps} steps in {timeout_s:.0f} s of wall "
-                                       "time; raise --run-timeout or lower --steps/--episodes-per-step")
-                steps = learn.result()
-            finally:
-                engine_cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
-                for task in (learn, sampler, engine_task):
-                    task.cancel()
-                await asyncio.gather(learn, sampler, engine_task, return_exceptions=True)
-            summary = sched.summary()
-    finally:
-        await batcher.close()
-        await retriever.close()
+        sampler = asyncio.create_task(sample(), name="occupancy-sampler")
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        learn = asyncio.create_task(learner.run(spec.steps), name="sim-learner")
+        try:
+            done, _ = await asyncio.wait({learn, engine_task}, timeout=timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if engine_task in done:
+                engine_task.result()
+                raise RuntimeError("the engine stopped before the learner finished its steps")
+            if learn not in done:
+                raise TimeoutError(f"{spec.mode} g={spec.serve_gpus} eta={spec.eta}: the learner finished "
+                                   f"{len(learner.steps)} of {spec.steps} steps in {timeout_s:.0f} s of wall "
+                                   "time; raise --run-timeout or lower --steps/--episodes-per-step")
+            steps = learn.result()
+        finally:
+            engine_cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
+            for task in (learn, sampler, engine_task):
+                task.cancel()
+            await asyncio.gather(learn, sampler, engine_task, return_exceptions=True)
+        summary = sched.summary()
     rate = steady_rate(steps, spec.warmup)
     window = steps[spec.warmup:]
     shape = tally.per_episode()

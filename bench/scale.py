@@ -22,13 +22,12 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from ssp.paths import artifacts_dir, default_index_dir, default_model_dir
+from ssp.paths import artifacts_dir, default_index_dir
 
 GOAL_P99_MS = 1.0
 
@@ -68,18 +67,10 @@ class _Discard:
 
 
 async def measure_size(n: int, urls: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    from engine.assemble import pool_summary
-    from engine.chat import ChatTokenizer
-    from engine.game import Game
-    from engine.judge import Judge
-    from engine.pool import InferencePool
-    from engine.rollout import RolloutRunner
+    from engine.assemble import open_engine, pool_summary, scheduler_seeds
     from engine.scheduler import Scheduler
-    from engine.search_batcher import SearchBatcher
-    from engine.seeds import load_seed_answers, seed_stream
     from engine.stream import TrajectoryStream
     from engine.telemetry import Samples
-    from retriever.registry import make_retriever
     from ssp.config import load_config
     from ssp.run_config import SSPConfig
 
@@ -91,70 +82,60 @@ async def measure_size(n: int, urls: list[str], args: argparse.Namespace) -> dic
         *([f'retriever.index_dir="{args.index}"'] if args.index is not None else []),
     ])
     sched_cfg = dataclasses.replace(cfg.scheduler, eta=None)  # no learner: nothing to be stale against
-    chat = ChatTokenizer.load(cfg.rollout.tokenizer_dir or default_model_dir())
-    seeds = seed_stream(load_seed_answers(sched_cfg.seeds_file), hops_min=sched_cfg.hops_min,
-                        hops_max=sched_cfg.hops_max, seed=sched_cfg.seed)
     sink = _Discard()
     stream = TrajectoryStream(sink, max_frame_bytes=cfg.stream.max_frame_bytes, queue_groups=cfg.stream.queue_groups,
                               spill_path=artifacts_dir() / "bench" / "scale.spill")
-    retriever = make_retriever(cfg.retriever)
-    batcher = SearchBatcher(retriever, cfg.search, k=cfg.retriever.topk)
     active, occupancy, rss = Samples(), Samples(), Samples()
-    try:
-        async with InferencePool(cfg.inference) as pool, Judge(cfg.game.judge) as judge:
-            runner = RolloutRunner(pool, chat, batcher, cfg.rollout)
-            game = Game(runner, chat, judge, cfg.game, random.Random(sched_cfg.seed))
-            sched = Scheduler(game, seeds, stream, sched_cfg, capacity=args.capacity * len(urls),
-                              solver_group_size=cfg.game.solver_group_size)
-            rss0 = _rss_bytes()  # everything but the episodes: imports, tokenizer, index, pool
-            task = asyncio.create_task(sched.run(None), name="bench-scale")
-            launch_started = time.perf_counter()
-            while sched.counters.launched < n and not task.done():  # the launch burst renders n prompts
-                await asyncio.sleep(0.25)
-            launch_s = time.perf_counter() - launch_started
-            await asyncio.sleep(args.ramp)
-            runner.turn_overhead = Samples(size=200_000)
-            runner.turn_overhead_cpu = Samples(size=200_000)
-            sched.lag.lag = Samples()
-            frames0, start = sink.frames, time.perf_counter()
-            while time.perf_counter() - start < args.duration and not task.done():
-                await asyncio.sleep(0.25)
-                active.add(runner.active)
-                occupancy.add(pool_summary(pool)["slot_occupancy"])
-                rss.add(_rss_bytes())
-            elapsed = time.perf_counter() - start
-            if task.done():
-                task.result()
-                raise RuntimeError("the engine stopped during the measurement")
-            turns, cpu = runner.turn_overhead, runner.turn_overhead_cpu
-            lag = sched.lag.lag
-            result = {
-                "episodes_in_flight": n,
-                "rollouts_in_flight_p50": active.percentile(50),
-                "rollouts_in_flight_min": min(active.values(), default=0),
-                "turns_measured": turns.count,
-                "turns_per_s": round(turns.count / elapsed, 1),
-                "episodes_finished_per_s": round((sink.frames - frames0) / elapsed, 2),
-                "turn_overhead_p50_ms": round(turns.percentile(50) * 1e3, 3) if turns.count else None,
-                "turn_overhead_p99_ms": round(turns.percentile(99) * 1e3, 3) if turns.count else None,
-                "turn_cpu_p50_ms": round(cpu.percentile(50) * 1e3, 3) if cpu.count else None,
-                "turn_cpu_p99_ms": round(cpu.percentile(99) * 1e3, 3) if cpu.count else None,
-                "launch_s": round(launch_s, 1),
-                "loop_lag_p50_ms": round(lag.percentile(50) * 1e3, 2),
-                "loop_lag_p99_ms": round(lag.percentile(99) * 1e3, 2),
-                "loop_lag_max_ms": round(lag.max * 1e3, 2),
-                "slot_occupancy_mean": round(occupancy.mean(), 4),
-                "rss_mb": round(rss.percentile(50) / 2**20, 1),
-                "memory_per_rollout_kb": round((rss.percentile(50) - rss0) / 1024 / max(1.0, active.percentile(50)),
-                                               1),
-            }
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await pool.abort_all()
-            return result
-    finally:
-        await batcher.close()
-        await retriever.close()
+    async with open_engine(cfg) as parts:
+        pool, runner = parts.pool, parts.game.runner
+        sched = Scheduler(parts.game, scheduler_seeds(sched_cfg), stream, sched_cfg,
+                          capacity=args.capacity * len(urls), solver_group_size=cfg.game.solver_group_size)
+        rss0 = _rss_bytes()  # everything but the episodes: imports, tokenizer, index, pool
+        task = asyncio.create_task(sched.run(None), name="bench-scale")
+        launch_started = time.perf_counter()
+        while sched.counters.launched < n and not task.done():  # the launch burst renders n prompts
+            await asyncio.sleep(0.25)
+        launch_s = time.perf_counter() - launch_started
+        await asyncio.sleep(args.ramp)
+        runner.turn_overhead = Samples(size=200_000)
+        runner.turn_overhead_cpu = Samples(size=200_000)
+        sched.lag.lag = Samples()
+        frames0, start = sink.frames, time.perf_counter()
+        while time.perf_counter() - start < args.duration and not task.done():
+            await asyncio.sleep(0.25)
+            active.add(runner.active)
+            occupancy.add(pool_summary(pool)["slot_occupancy"])
+            rss.add(_rss_bytes())
+        elapsed = time.perf_counter() - start
+        if task.done():
+            task.result()
+            raise RuntimeError("the engine stopped during the measurement")
+        turns, cpu = runner.turn_overhead, runner.turn_overhead_cpu
+        lag = sched.lag.lag
+        result = {
+            "episodes_in_flight": n,
+            "rollouts_in_flight_p50": active.percentile(50),
+            "rollouts_in_flight_min": min(active.values(), default=0),
+            "turns_measured": turns.count,
+            "turns_per_s": round(turns.count / elapsed, 1),
+            "episodes_finished_per_s": round((sink.frames - frames0) / elapsed, 2),
+            "turn_overhead_p50_ms": round(turns.percentile(50) * 1e3, 3) if turns.count else None,
+            "turn_overhead_p99_ms": round(turns.percentile(99) * 1e3, 3) if turns.count else None,
+            "turn_cpu_p50_ms": round(cpu.percentile(50) * 1e3, 3) if cpu.count else None,
+            "turn_cpu_p99_ms": round(cpu.percentile(99) * 1e3, 3) if cpu.count else None,
+            "launch_s": round(launch_s, 1),
+            "loop_lag_p50_ms": round(lag.percentile(50) * 1e3, 2),
+            "loop_lag_p99_ms": round(lag.percentile(99) * 1e3, 2),
+            "loop_lag_max_ms": round(lag.max * 1e3, 2),
+            "slot_occupancy_mean": round(occupancy.mean(), 4),
+            "rss_mb": round(rss.percentile(50) / 2**20, 1),
+            "memory_per_rollout_kb": round((rss.percentile(50) - rss0) / 1024 / max(1.0, active.percentile(50)),
+                                           1),
+        }
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pool.abort_all()
+        return result
 
 
 def run(args: argparse.Namespace) -> int:

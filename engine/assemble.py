@@ -14,19 +14,20 @@ import contextlib
 import dataclasses
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.chat import ChatTokenizer
+from engine.config import SchedulerConfig
 from engine.game import Game
 from engine.judge import Judge
 from engine.pool import InferencePool
 from engine.rollout import RolloutRunner, parse_version
 from engine.scheduler import Scheduler
 from engine.search_batcher import SearchBatcher
-from engine.seeds import load_seed_answers, seed_stream
+from engine.seeds import Seed, load_seed_answers, seed_stream
 from engine.stream import FileSink, FrameSink, TcpSink, TrajectoryStream
 from retriever.protocol import Retriever
 from retriever.registry import make_retriever
@@ -52,8 +53,26 @@ def pool_summary(pool: InferencePool) -> dict[str, Any]:
 
 async def served_version(pool: InferencePool) -> int:
     """The policy version every server has: the lowest weight version among them (SGLang "default" = 0)."""
-    infos = await pool.server_infos()
-    return min(parse_version(str(info["weight_version"])) for info in infos.values())
+    infos = await pool.model_infos()
+    return min(parse_version(str(info.get("weight_version", "default"))) for info in infos.values())
+
+
+def scheduler_seeds(cfg: SchedulerConfig) -> Iterator[Seed]:
+    """The endless shuffled seed answers a scheduler with this config plays."""
+    return seed_stream(load_seed_answers(cfg.seeds_file), hops_min=cfg.hops_min, hops_max=cfg.hops_max,
+                       seed=cfg.seed)
+
+
+def build_scheduler(cfg: SSPConfig, parts: EngineParts, stream: TrajectoryStream, *,
+                    metrics: MetricsLog | None = None,
+                    policy_version: Callable[[], Awaitable[int]] | None = None,
+                    on_episode: Callable[[bool], None] | None = None) -> Scheduler:
+    """A Scheduler over the engine's game, sized to the pool's capacity, reporting pool and search statistics."""
+    capacity = sum(s.capacity for s in parts.pool.metrics().servers)
+    return Scheduler(parts.game, scheduler_seeds(cfg.scheduler), stream, cfg.scheduler, capacity=capacity,
+                     solver_group_size=cfg.game.solver_group_size, metrics=metrics,
+                     pool_stats=lambda: pool_summary(parts.pool), search_stats=parts.batcher.summary,
+                     policy_version=policy_version, on_episode=on_episode)
 
 
 @dataclass(slots=True)
@@ -92,12 +111,9 @@ async def run_engine(cfg: SSPConfig, *, episodes: int | None, out: Path | None =
     if out is None and cfg.stream.port == 0:
         raise ValueError("nowhere to send trajectories: pass an output file, or set stream.port to the learner's "
                          "trajectory port")
-    sched_cfg = cfg.scheduler
     if out is not None:
         # No learner reads a file while it is written: there is no policy version to be stale against.
-        sched_cfg = dataclasses.replace(sched_cfg, eta=None)
-    answers = load_seed_answers(sched_cfg.seeds_file)
-    seeds = seed_stream(answers, hops_min=sched_cfg.hops_min, hops_max=sched_cfg.hops_max, seed=sched_cfg.seed)
+        cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, eta=None))
     spill = cfg.stream.spill_path or artifacts_dir() / "runs" / f"spill-{time.strftime('%Y%m%d-%H%M%S')}.frames"
     metrics = MetricsLog(metrics_path) if metrics_path is not None else None
     try:
@@ -107,13 +123,9 @@ async def run_engine(cfg: SSPConfig, *, episodes: int | None, out: Path | None =
             stream = TrajectoryStream(sink, max_frame_bytes=cfg.stream.max_frame_bytes,
                                       queue_groups=cfg.stream.queue_groups, spill_path=spill)
             try:
-                capacity = sum(s.capacity for s in parts.pool.metrics().servers)
-                scheduler = Scheduler(parts.game, seeds, stream, sched_cfg, capacity=capacity,
-                                      solver_group_size=cfg.game.solver_group_size, metrics=metrics,
-                                      pool_stats=lambda: pool_summary(parts.pool),
-                                      search_stats=parts.batcher.summary,
-                                      policy_version=None if out is not None else lambda: served_version(parts.pool),
-                                      on_episode=on_episode)
+                scheduler = build_scheduler(
+                    cfg, parts, stream, metrics=metrics, on_episode=on_episode,
+                    policy_version=None if out is not None else lambda: served_version(parts.pool))
                 summary = await scheduler.run(episodes)
             finally:
                 await sink.close()  # already closed by the stream after a normal run; closing again is harmless

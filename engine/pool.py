@@ -546,6 +546,12 @@ class InferencePool:
         infos = await asyncio.gather(*(c.server_info() for c in self._admin))
         return {c.url: info for c, info in zip(self._admin, infos, strict=True)}
 
+    async def model_infos(self) -> dict[str, dict[str, Any]]:
+        """/model_info of every worker: its `weight_version` is the current one (/server_info's is as launched)."""
+        self._check_open()
+        infos = await asyncio.gather(*(c.model_info() for c in self._admin))
+        return {c.url: info for c, info in zip(self._admin, infos, strict=True)}
+
     async def weight_update_layout(self) -> WeightUpdateLayout:
         """Group ranks for a weight push: the trainer is rank 0, worker k starts at 1 + sum of earlier tp_size."""
         infos = await self.server_infos()

@@ -31,11 +31,10 @@ import contextlib
 import dataclasses
 import json
 import logging
-import random
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -175,12 +174,11 @@ class Monitor:
     """The run's watchdog and clock: process deaths, a broken trajectory stream, the servers' weight version (fed to
     the scheduler's staleness gate), and the learner's step records (turned into step rows)."""
 
-    def __init__(self, cfg: SSPConfig, *, procs: ProcessSet, learner: ManagedProcess | None, urls: list[str],
+    def __init__(self, cfg: SSPConfig, *, procs: ProcessSet, learner: ManagedProcess | None,
                  start_step: int, learner_metrics: Path, display: ProgressDisplay, metrics: MetricsLog) -> None:
         self.cfg = cfg
         self.procs = procs
         self.learner = learner
-        self.urls = urls
         self.start_step = start_step
         self.learner_metrics = learner_metrics
         self.display = display
@@ -224,16 +222,14 @@ class Monitor:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def server_version(self, clients: list[Any]) -> int | None:
+    @staticmethod
+    async def server_version(read: Callable[[], Awaitable[int]]) -> int | None:
         """The policy version every server holds (the smallest); None while a server does not answer."""
-        from engine.rollout import parse_version
-
         try:
-            infos = await asyncio.gather(*(c.model_info() for c in clients))
+            return await read()
         except Exception as e:  # a dying server: the process check or the pool reports it
             log.debug("weight version poll failed: %s", e)
             return None
-        return min(parse_version(str(info.get("weight_version", "default"))) for info in infos)
 
     def _read_learner_steps(self) -> None:
         """Turn the learner's new step records into rows (shown, logged)."""
@@ -253,14 +249,15 @@ class Monitor:
         self.metrics.write(row)
         self.display.add(row)
 
-    async def run(self, clients: list[Any]) -> None:
-        """Until the learner has pushed train.steps: check, feed the gate, show steps. Raises on a failure."""
+    async def run(self, read_version: Callable[[], Awaitable[int]]) -> None:
+        """Until the learner has pushed train.steps: check, feed the gate, show steps. Raises on a failure.
+        `read_version` reads the servers' policy version (engine.assemble.served_version)."""
         steps = self.cfg.train.steps
         self._snapshot = Snapshot.of(self.scheduler.counters)
         while True:
             self.check_processes()
             self.check_stream()
-            version = await self.server_version(clients)
+            version = await self.server_version(read_version)
             if version is not None and version > self.version:
                 self.version = version
                 await self.scheduler.set_policy_version(version - self.start_step)
@@ -279,47 +276,24 @@ class Monitor:
 async def run_engine(cfg: SSPConfig, monitor: Monitor, run_dir: Path) -> dict[str, Any]:
     """The engine of a training run: the same pieces as `ssp rollout` (engine.assemble), streaming to the learner,
     with the monitor feeding the scheduler the learner's policy version. Returns the scheduler's summary."""
-    import aiohttp
-
-    from engine.assemble import pool_summary
-    from engine.chat import ChatTokenizer
-    from engine.client import ServerClient
-    from engine.game import Game
-    from engine.judge import Judge
-    from engine.pool import InferencePool
-    from engine.rollout import RolloutRunner
-    from engine.scheduler import Scheduler
-    from engine.search_batcher import SearchBatcher
-    from engine.seeds import load_seed_answers, seed_stream
+    from engine.assemble import build_scheduler, open_engine, served_version
     from engine.stream import FileSink, TcpSink, TrajectoryStream
-    from retriever.registry import make_retriever
-    from ssp.paths import default_model_dir
 
-    chat = ChatTokenizer.load(cfg.rollout.tokenizer_dir or default_model_dir())
-    seeds = seed_stream(load_seed_answers(cfg.scheduler.seeds_file), hops_min=cfg.scheduler.hops_min,
-                        hops_max=cfg.scheduler.hops_max, seed=cfg.scheduler.seed + monitor.start_step)
+    # A resumed run draws new seeds and distractors instead of replaying the first run's.
+    cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler,
+                                                                 seed=cfg.scheduler.seed + monitor.start_step))
     tcp = await monitor.guard(TcpSink.connect(cfg.stream.host, cfg.stream.port, cfg.train.learner_start_timeout_s))
     sink = SampleSink(tcp, FileSink(run_dir / "samples.frames"), cfg.train.sample_every)
     stream = TrajectoryStream(sink, max_frame_bytes=cfg.stream.max_frame_bytes, queue_groups=cfg.stream.queue_groups,
                               spill_path=cfg.stream.spill_path or run_dir / "spill.frames")
     monitor.stream = stream
-    retriever = make_retriever(cfg.retriever)
-    batcher = SearchBatcher(retriever, cfg.search, k=cfg.retriever.topk)
     engine_metrics = MetricsLog(run_dir / "engine.jsonl")
     try:
-        async with (InferencePool(cfg.inference) as pool, Judge(cfg.game.judge) as judge,
-                    aiohttp.ClientSession() as session):
-            runner = RolloutRunner(pool, chat, batcher, cfg.rollout)
-            game = Game(runner, chat, judge, cfg.game, random.Random(cfg.scheduler.seed + monitor.start_step))
-            capacity = sum(s.capacity for s in pool.metrics().servers)
-            scheduler = Scheduler(game, seeds, stream, cfg.scheduler, capacity=capacity,
-                                  solver_group_size=cfg.game.solver_group_size, metrics=engine_metrics,
-                                  pool_stats=lambda: pool_summary(pool), search_stats=batcher.stats.summary)
+        async with open_engine(cfg) as parts:
+            scheduler = build_scheduler(cfg, parts, stream, metrics=engine_metrics)
             monitor.scheduler = scheduler
-            clients = [ServerClient(u, session, admin_timeout_s=10.0, api_key=cfg.inference.api_key)
-                       for u in monitor.urls]
             engine = asyncio.create_task(scheduler.run(None), name="engine")
-            watch = asyncio.create_task(monitor.run(clients), name="monitor")
+            watch = asyncio.create_task(monitor.run(lambda: served_version(parts.pool)), name="monitor")
             try:
                 done, _ = await asyncio.wait({engine, watch}, return_when=asyncio.FIRST_COMPLETED)
                 if engine in done:
@@ -335,11 +309,9 @@ async def run_engine(cfg: SSPConfig, monitor: Monitor, run_dir: Path) -> dict[st
                     task.cancel()
                 await asyncio.wait({engine, watch}, timeout=cfg.train.stop_timeout_s)
             summary = scheduler.summary()
-            summary["judge"] = dict(judge.counts)
+            summary["judge"] = dict(parts.judge.counts)
             return summary
     finally:
-        await batcher.close()
-        await retriever.close()
         with contextlib.suppress(ConnectionError, OSError):
             await sink.close()
         engine_metrics.close()
@@ -477,7 +449,7 @@ def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Pat
           f"{stream_host}:{stream_port}", file=out)
     display = ProgressDisplay(total_steps=tc.steps, start_step=start_step, enabled=progress, out=out)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    monitor = Monitor(cfg, procs=procs, learner=learner, urls=urls, start_step=start_step,
+    monitor = Monitor(cfg, procs=procs, learner=learner, start_step=start_step,
                       learner_metrics=learner_dir / "metrics.jsonl", display=display, metrics=metrics)
     try:
         engine = _run_async(run_engine(cfg, monitor, run_dir))
