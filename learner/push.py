@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Coroutine, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -57,17 +58,34 @@ class PushState(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PushStats:
-    """One push: wall time, bytes broadcast, throughput, buckets."""
+    """One push: wall time, bytes broadcast, throughput, buckets, and where the time outside the wire went."""
 
     version: str
     seconds: float
     bytes: int
     buckets: int
     tensors: int
+    control_s: float
+    """Seconds in the calls around the buckets: pause, begin_weight_update, end_weight_update, continue."""
+    first_pack_s: float
+    """Seconds packing the first bucket, before anything is on the wire (later packs overlap the sends)."""
+    pack_s: float
+    """Seconds packing all buckets (first_pack_s included): CPU work that shares the cores with a gloo send."""
 
     @property
     def gb_per_s(self) -> float:
         return self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(kw_only=True, slots=True)
+class _Streamed:
+    """What `_stream` sent, counted as it goes."""
+
+    first_pack_s: float
+    pack_s: float = 0.0
+    bytes: int = 0
+    buckets: int = 0
+    tensors: int = 0
 
 
 def _aligned(bucketed: Iterable[list[tuple[str, torch.Tensor]]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -195,51 +213,63 @@ class WeightPusher:
         try:
             self._check(self._run(self._all("pause", mode=self.pause_mode)), "pause_generation")
             self._check(self._run(self._all("begin_weight_update")), "begin_weight_update")
-            total_bytes, n_buckets, n_tensors = self._stream(named_tensors, version)
+            control_s = time.perf_counter() - start
+            sent = self._stream(named_tensors, version)
+            t_end = time.perf_counter()
             self._check(self._run(self._all("end_weight_update")), "end_weight_update")
             self._check(self._run(self._all("continue_")), "continue_generation")
         except BaseException:
             self.state = PushState.BROKEN
             raise
-        stats = PushStats(version=version, seconds=time.perf_counter() - start, bytes=total_bytes,
-                          buckets=n_buckets, tensors=n_tensors)
+        done = time.perf_counter()
+        stats = PushStats(version=version, seconds=done - start, bytes=sent.bytes, buckets=sent.buckets,
+                          tensors=sent.tensors, control_s=control_s + done - t_end, first_pack_s=sent.first_pack_s,
+                          pack_s=sent.pack_s)
         log.info("pushed weights v%s: %.1f MB in %.2f s (%.3f GB/s, %d buckets)", version, stats.bytes / 1e6,
                  stats.seconds, stats.gb_per_s, stats.buckets)
         return stats
 
-    def _stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> tuple[int, int, int]:
-        """Send every bucket; returns (bytes, buckets, tensors). The bucket after the one on the wire is already
-        fetched (so the last one is known: it carries the version and the flush) and is packed during the send."""
+    def _stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> _Streamed:
+        """Send every bucket. The bucket after the one on the wire is already fetched (so the last one is known: it
+        carries the version and the flush), packed during the send, and its HTTP call is chained to the current one's
+        reply in the HTTP thread, so it goes out the moment the server acknowledges (sglang-api.md §3.5: one call at
+        a time per server), without a hop through this thread."""
         queue = _aligned(buckets(named_tensors, self.bytes_per_bucket))
         current = next(queue, None)
         if current is None:
             raise PushError("push() got no tensors to send")
-        slot = 0
-        flat = self._staging.pack(slot, current)
+        t0 = time.perf_counter()
+        slot, flat = 0, self._staging.pack(0, current)
+        first_pack_s = time.perf_counter() - t0
         upcoming = next(queue, None)
-        total_bytes = n_buckets = n_tensors = 0
-        while current is not None:
-            calls = [self._submit(c.update_weights_from_distributed(
-                names=[n for n, _ in current], dtypes=[_dtype_name(t.dtype) for _, t in current],
-                shapes=[list(t.shape) for _, t in current], group_name=self.group_name,
-                load_format="flattened_bucket", flush_cache=upcoming is None,
-                weight_version=version if upcoming is None else None,
-            )) for c in self._clients]
+        calls = self._post(current, after=None, last=upcoming is None, version=version)
+        out = _Streamed(first_pack_s=first_pack_s, pack_s=first_pack_s)
+        while True:
             # NOTE: if a server rejects the body it never posts its receive; the group timeout bounds our wait.
             work = dist.broadcast(flat, src=0, group=self._group, async_op=True)
-            following = None
             if upcoming is not None:  # overlaps the broadcast: the other buffer is free (its send was awaited)
+                t0 = time.perf_counter()
                 next_flat = self._staging.pack(1 - slot, upcoming)
+                out.pack_s += time.perf_counter() - t0
                 following = next(queue, None)
+                next_calls = self._post(upcoming, after=calls, last=following is None, version=version)
             work.wait()
             self._check([c.result(timeout=self.timeout_s) for c in calls], "update_weights_from_distributed")
-            total_bytes += flat.numel()
-            n_buckets += 1
-            n_tensors += len(current)
-            current, upcoming = upcoming, following
-            if current is not None:
-                flat, slot = next_flat, 1 - slot
-        return total_bytes, n_buckets, n_tensors
+            out.bytes += flat.numel()
+            out.buckets += 1
+            out.tensors += len(current)
+            if upcoming is None:
+                return out
+            current, upcoming, calls, flat, slot = upcoming, following, next_calls, next_flat, 1 - slot
+
+    def _post(self, bucket: list[tuple[str, torch.Tensor]], *, after: list["Future[Any]"] | None, last: bool,
+              version: str) -> list["Future[Any]"]:
+        """One update_weights_from_distributed call per server, each sent once that server's `after` call succeeded."""
+        body = {"names": [n for n, _ in bucket], "dtypes": [_dtype_name(t.dtype) for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
+                "load_format": "flattened_bucket", "flush_cache": last, "weight_version": version if last else None}
+        return [self._submit(_update_after(c, None if after is None else after[i], body))
+                for i, c in enumerate(self._clients)]
 
     def close(self) -> None:
         """Destroy the group on the servers and here, close the HTTP session, stop the helper thread."""
@@ -261,6 +291,15 @@ class WeightPusher:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
             self._loop.close()
+
+
+async def _update_after(client: Any, previous: "Future[Any] | None", body: dict[str, Any]) -> Any:
+    """Post one bucket's call once `previous` (the same server's call for the bucket before) has succeeded."""
+    if previous is not None:
+        reply = await asyncio.wrap_future(previous)
+        if not reply.success:
+            raise PushError(f"not sent to {client.url}: the previous bucket failed there")
+    return await client.update_weights_from_distributed(**body)
 
 
 def _init_custom_group(init_method: str, world_size: int, group_name: str, backend: str,
