@@ -203,6 +203,8 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
         f"scheduler.seed={seed}",
         "scheduler.metrics_interval_s=3600",
         "stream.queue_groups=100000",
+        # Hundreds of rollouts open their connections at once (a sync phase starts every episode together).
+        "inference.connect_timeout_s=60",
         *([f'retriever.index_dir="{index_dir}"'] if index_dir is not None else []),
     ])
     clock = SimClock(spec.time_scale)
