@@ -13,7 +13,9 @@ and URL, classified as retryable or fatal (sglang-api.md §4). Control calls ret
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -82,16 +84,22 @@ class ServerClient:
         """
         if not input_ids:
             raise BadRequest("input_ids is empty; a prompt needs at least one token", url=self.url)
+        started, started_cpu = time.perf_counter(), time.thread_time()
         body = json.dumps({"rid": rid, "input_ids": list(input_ids), "sampling_params": sampling.to_json(),
                            "return_logprob": True}).encode()
         headers = self._headers
         if self._routing_header and affinity is not None:
             headers = {**headers, "x-smg-routing-key": affinity}
-        status, payload = await self._request("POST", "/generate", body, self._generate_timeout, headers=headers,
-                                              in_flight=True)
+        encode_s, encode_cpu_s = time.perf_counter() - started, time.thread_time() - started_cpu
+        status, raw = await self._send("POST", "/generate", body, self._generate_timeout, headers=headers,
+                                       in_flight=True)
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        payload = _decode(raw)
         if status != 200:
             raise _http_error(status, payload, self.url)
-        return parse_generate_response(payload, prompt_len=len(input_ids), url=self.url)
+        result = parse_generate_response(payload, prompt_len=len(input_ids), url=self.url)
+        return dataclasses.replace(result, client_s=encode_s + time.perf_counter() - started,
+                                   client_cpu_s=encode_cpu_s + time.thread_time() - started_cpu)
 
     # ---------------------------------------------------------------- control
 
@@ -249,9 +257,22 @@ class ServerClient:
         timeout: aiohttp.ClientTimeout,
         *,
         headers: dict[str, str] | None = None,
-        in_flight: bool = False,
     ) -> tuple[int, Any]:
-        """Send one request; return (status, parsed JSON or text). Transport failures become retryable errors.
+        """Send one request; return (status, parsed JSON or text)."""
+        status, raw = await self._send(method, path, body, timeout, headers=headers)
+        return status, _decode(raw)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | bytes | None,
+        timeout: aiohttp.ClientTimeout,
+        *,
+        headers: dict[str, str] | None = None,
+        in_flight: bool = False,
+    ) -> tuple[int, bytes]:
+        """Send one request; return (status, raw body). Transport failures become retryable errors.
         `body` is a JSON-able object, or JSON already encoded to bytes.
 
         `in_flight` says whether the server could have started work once the request was sent (generate): then a
@@ -279,7 +300,7 @@ class ServerClient:
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise ConnectionFailed(f"connection lost during {method} {path}: {type(e).__name__}: {e}",
                                    url=self.url, may_be_running=in_flight) from e
-        return status, _decode(raw)
+        return status, raw
 
 
 def parse_generate_response(payload: Any, *, prompt_len: int, url: str) -> GenerateResult:

@@ -77,6 +77,10 @@ class GenerateResult:
     text: str
     server: str
     """Base URL of the server that produced it (for metrics and affinity checks)."""
+    client_s: float = 0.0
+    """Seconds the client spent encoding the request and decoding this answer: engine work of the turn, which the
+    rollout counts in its per-turn overhead (wall clock; `client_cpu_s` in the loop thread's CPU time)."""
+    client_cpu_s: float = 0.0
 
 
 class Generator(Protocol):

@@ -212,6 +212,9 @@ class RolloutRunner:
         turn_cap = spec.max_new_tokens or cfg.max_new_tokens_per_turn
         mark: float | None = None  # when engine-side work of this turn started (None before the first turn)
         cpu_mark = 0.0  # the loop thread's CPU clock at `mark` (other coroutines only run while this one awaits)
+        # NOTE: a turn's overhead is the rollout's own work between two generations plus the client's encoding and
+        # decoding (`GenerateResult.client_s`), which is known only once the next generation returns.
+        pending: tuple[float, float] | None = None
         while True:
             left_response = cfg.max_response_tokens - len(ro.response_ids)
             left_context = cfg.max_context_tokens - len(ro.prompt_ids) - len(ro.response_ids)
@@ -224,12 +227,15 @@ class RolloutRunner:
             sampling = SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=budget,
                                       stop=spec.stop)
             if mark is not None:
-                overhead = time.perf_counter() - mark
+                pending = (time.perf_counter() - mark, time.thread_time() - cpu_mark)
+            turn = await self._generate_turn(ro, sampling, affinity)
+            mark, cpu_mark = time.perf_counter(), time.thread_time()
+            if pending is not None:
+                overhead = pending[0] + turn.client_s
                 ro.overhead_s.append(overhead)
                 self.turn_overhead.add(overhead)
-                self.turn_overhead_cpu.add(time.thread_time() - cpu_mark)
-            ids, logprobs, versions, finish, text = await self._generate_turn(ro, sampling, affinity)
-            mark, cpu_mark = time.perf_counter(), time.thread_time()
+                self.turn_overhead_cpu.add(pending[1] + turn.client_cpu_s)
+            ids, logprobs, versions, finish, text = turn.ids, turn.logprobs, turn.versions, turn.finish, turn.text
             turn_text = spec.prefill + text if ro.turns == 0 else text  # the tag the prefill opened belongs to it
             ro.turns += 1
             ro.append(ids, logprobs, versions, generated=True)
@@ -275,14 +281,14 @@ class RolloutRunner:
             ro.docs.append(docs)
             ro.append(block, [0.0] * len(block), [-1] * len(block), generated=False)
 
-    async def _generate_turn(self, ro: Rollout, sampling: SamplingParams, affinity: str
-                             ) -> tuple[list[int], list[float], list[int], FinishReason, str]:
+    async def _generate_turn(self, ro: Rollout, sampling: SamplingParams, affinity: str) -> TurnOutput:
         """One turn; an aborted generation is re-sent with its partial output until it finishes."""
         context = ro.prompt_ids + ro.response_ids  # an array: in-flight requests hold no int lists (engine.client)
         ids: list[int] = []
         logprobs: list[float] = []
         versions: list[int] = []
         texts: list[str] = []
+        client_s = client_cpu_s = 0.0
         for attempt in range(self._cfg.max_resumes + 1):
             left = sampling.max_new_tokens - len(ids)
             try:
@@ -294,15 +300,32 @@ class RolloutRunner:
             logprobs.extend(res.logprobs)
             versions.extend(token_versions(res))
             texts.append(res.text)
+            client_s += res.client_s
+            client_cpu_s += res.client_cpu_s
             if res.finish.type != "abort":
                 # After a resume the text is re-decoded whole: a character split across the pieces stays intact.
                 text = texts[0] if len(texts) == 1 else self._chat.decode(ids)
-                return ids, logprobs, versions, res.finish, text
+                return TurnOutput(ids, logprobs, versions, res.finish, text, client_s, client_cpu_s)
             ro.resumes += 1
             if len(ids) >= sampling.max_new_tokens:
-                return ids, logprobs, versions, FinishReason("length"), self._chat.decode(ids)
+                return TurnOutput(ids, logprobs, versions, FinishReason("length"), self._chat.decode(ids), client_s,
+                                  client_cpu_s)
         raise RolloutError(f"generation was aborted {self._cfg.max_resumes + 1} times in one turn "
                            "(rollout.max_resumes); the servers keep aborting requests")
+
+
+@dataclass(slots=True)
+class TurnOutput:
+    """One assistant turn as generated (over one or more requests, if aborted ones were resumed)."""
+
+    ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finish: FinishReason
+    text: str
+    client_s: float
+    """Seconds the client spent encoding requests and decoding answers for this turn (see GenerateResult)."""
+    client_cpu_s: float
 
 
 def _closer(finish: FinishReason, text: str, stop: tuple[str, ...]) -> str | None:

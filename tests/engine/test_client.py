@@ -55,6 +55,7 @@ async def test_generate_parses_ids_logprobs_finish_and_versions(client: ServerCl
     assert result.weight_versions[0].start == 0 and result.weight_versions[-1].end == len(result.output_ids)
     assert result.weight_versions[-1].version == result.weight_version
     assert "<think>" in result.text
+    assert 0 < result.client_s < 1 and result.client_cpu_s >= 0  # the client's encode + decode, for turn overhead
 
 
 async def test_finish_shapes_stop_string_and_length(client: ServerClient) -> None:

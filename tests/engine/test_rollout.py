@@ -119,6 +119,7 @@ async def test_search_then_answer(chat: ChatTokenizer) -> None:
     assert gen.calls[0][1].stop == ("</search>", "</answer>") and gen.calls[0][1].temperature == 0.7
     assert gen.calls[0][2] == gen.calls[1][2] == "ep-1"
     assert "<answer> Paris </answer>" in ro.generated_text and "<information>" not in ro.generated_text
+    assert len(ro.overhead_s) == 1  # one boundary between two turns: engine work, the search wait excluded
 
 
 async def test_turn_limit_does_not_run_the_last_search(chat: ChatTokenizer) -> None:
