@@ -325,16 +325,19 @@ def parse_generate_response(payload: Any, *, prompt_len: int, url: str) -> Gener
     # NOTE: with no token emitted the server may still send one logprob entry; truncate to the output (§1.3).
     if len(raw_logprobs) < n:
         raise ProtocolError(f"/generate returned {n} output_ids but only {len(raw_logprobs)} logprobs", url=url)
-    logprobs: list[float] = []
-    for i, (entry, token) in enumerate(zip(raw_logprobs, output_ids)):
-        try:
-            logprob, entry_token = entry[0], entry[1]
-            # orjson writes a -inf logprob as null (§0); keep it as -inf rather than inventing a value.
-            logprobs.append(float("-inf") if logprob is None else float(logprob))
-        except (TypeError, IndexError, ValueError):
-            raise ProtocolError(f"logprob entry {i} {_clip(entry)} is not [logprob, token_id, text]", url=url) from None
-        if entry_token != token:
-            raise ProtocolError(f"logprob entry {i} is for token {entry_token}, output_ids[{i}] is {token}", url=url)
+    # NOTE: comprehensions, not a per-token loop with try/except: this runs for every token of every turn.
+    entries = raw_logprobs[:n]
+    try:
+        # orjson writes a -inf logprob as null (§0); keep it as -inf rather than inventing a value.
+        logprobs = [NEG_INF if e[0] is None else float(e[0]) for e in entries]
+        entry_tokens = [e[1] for e in entries]
+    except (TypeError, IndexError, ValueError, KeyError):
+        i, entry = next((i, e) for i, e in enumerate(entries) if not _is_logprob_entry(e))
+        raise ProtocolError(f"logprob entry {i} {_clip(entry)} is not [logprob, token_id, text]", url=url) from None
+    if entry_tokens != output_ids:
+        i = next(i for i, (a, b) in enumerate(zip(entry_tokens, output_ids)) if a != b)
+        raise ProtocolError(f"logprob entry {i} is for token {entry_tokens[i]}, output_ids[{i}] is {output_ids[i]}",
+                            url=url)
     finish = _parse_finish(meta.get("finish_reason"), url)
     weight_version = str(meta.get("weight_version", "default"))
     spans = _parse_spans(meta.get("weight_versions"), n, weight_version, url)
@@ -351,6 +354,18 @@ def parse_generate_response(payload: Any, *, prompt_len: int, url: str) -> Gener
         text=str(payload.get("text", "")),
         server=url,
     )
+
+
+NEG_INF = float("-inf")
+
+
+def _is_logprob_entry(entry: Any) -> bool:
+    """Whether `entry` reads as [logprob or null, token_id, ...] the way parse_generate_response reads it."""
+    try:
+        _ = (NEG_INF if entry[0] is None else float(entry[0]), entry[1])
+    except (TypeError, IndexError, ValueError, KeyError):
+        return False
+    return True
 
 
 def _parse_finish(raw: Any, url: str) -> FinishReason:
