@@ -2,6 +2,8 @@
 
 - `ssp rollout`'s function against the reference server writes frames whose trajectories line up with the real
   tokenizer, retriever and server (every invariant in invariants.py, logprobs re-scored by the server);
+- real self-play with prefilled opening tags (game.*_prefill) gives proposer, verifier and solver trajectories that
+  line up the same way;
 - the verifier and solver phases of the game on a given question, on the same server, line up the same way;
 - a killed inference server (a simulated one, killed mid-run) and a retriever that stops answering lose no finished
   group: the run ends, reports the failed episodes, and every finished group is in the file.
@@ -81,6 +83,46 @@ async def test_rollout_on_the_reference_server_lines_up(ref_server: str, demo_in
     assert p.prompt_ids == chat.render(proposer_messages(p.meta["answer"][0], p.meta["hops"])).tolist()
     assert {t.group_id for t in trajs} == {p.group_id}
     assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])["event"] == "summary"
+
+
+async def test_self_play_with_prefills_yields_all_three_roles_that_line_up(ref_server: str, demo_index: Path,
+                                                                          model_dir: Path, tmp_path: Path) -> None:
+    """Real self-play on SmolLM2: the game's own proposer writes the question that the verifier and solvers get.
+
+    SmolLM2-135M never opens a tag by itself; with the proposer's turn prefilled with "<question>" (game.
+    proposer_prefill) it writes one, and greedy decoding for the seed "M.I.T." closes it within the budget (found by
+    the probe of artifacts/probe; at temperature 1 about 4 in 16 proposals close the tag). Lenient checks let that
+    question through, so the verifier and solver phases run on it."""
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"answer": "M.I.T.", "type": "entity"}\n')
+    cfg = config(ref_server, demo_index, model_dir, f'scheduler.seeds_file="{seeds}"', "scheduler.hops_max=2",
+                 "rollout.max_new_tokens_per_turn=32", 'game.proposer_prefill="<question>"',
+                 "game.proposer_temperature=0.0", 'game.verifier_prefill="<answer>"', 'game.solver_prefill="<search>"')
+    out = tmp_path / "self-play.frames"
+    summary = await run_engine(cfg, episodes=1, out=out)
+    assert summary["episodes_finished"] == 1, summary
+    trajs = trajectories(out)
+    roles = [t.role for t in trajs]
+    assert roles == ["proposer", "verifier", "verifier", "solver", "solver"], [t.meta for t in trajs]
+    p = trajs[0]
+    assert p.meta["finish_reason"] == "question" and p.meta["question"]
+    chat = ChatTokenizer.load(model_dir)
+    from engine.prompts import proposer_messages, solver_messages
+
+    # The prefill is the end of the prompt (never trained); the response starts after it.
+    assert p.prompt_ids == chat.render(proposer_messages("M.I.T.", 2), prefill="<question>").tolist()
+    solver = trajs[3]
+    assert solver.prompt_ids == chat.render(solver_messages(p.meta["question"]), prefill="<search>").tolist()
+    assert chat.decode(trajs[1].prompt_ids).endswith("<answer>")
+    retriever = TantivyRetriever(demo_index, threads=1)
+    try:
+        for t in trajs:
+            await check_trajectory(t, chat, retriever, k=2)
+            assert p.meta["question"] in chat.decode(t.prompt_ids) or t.role == "proposer"
+        for t in {t.role: t for t in trajs}.values():  # one re-scored per role
+            await check_logprobs(ref_server, t)
+    finally:
+        await retriever.close()
 
 
 async def test_verifier_and_solvers_on_the_reference_server_line_up(ref_server: str, demo_index: Path,
