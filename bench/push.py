@@ -33,13 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _receiver(init_method: str, sizes: list[int], rounds: int) -> None:
-    """Rank 1 of the raw measurement: receive `rounds` x the buckets of `sizes` bytes."""
+    """Rank 1 of the raw measurements: receive 2 x `rounds` x the buckets of `sizes` bytes."""
     import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init_method, rank=1, world_size=2)
     bufs = [torch.empty(n, dtype=torch.uint8) for n in sizes]
-    for _ in range(rounds):
+    for _ in range(2 * rounds):  # (a) and (c) of every round
         dist.barrier()
         for b in bufs:
             dist.broadcast(b, src=0)
@@ -48,9 +48,29 @@ def _receiver(init_method: str, sizes: list[int], rounds: int) -> None:
 
 
 def _bucket_sizes(named: list[tuple[str, Any]], bucket_bytes: int) -> list[int]:
-    from learner.convert import buckets
+    from learner.push import plan_buckets
 
-    return [sum(t.numel() * t.element_size() for _, t in b) for b in buckets(iter(named), bucket_bytes)]
+    return [sum(t.numel() * t.element_size() for _, t in b) for b in plan_buckets(iter(named), bucket_bytes)]
+
+
+def _raw_with_packing(named: list[tuple[str, Any]], bucket_bytes: int, staging: Any) -> float:
+    """(c) The floor for any pusher given separate tensors: the raw broadcasts of (a), each bucket packed from the
+    tensors into a staging buffer while the one before is sent (what the push does, without HTTP or a server)."""
+    import torch.distributed as dist
+
+    from learner.push import plan_buckets
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    plan = list(plan_buckets(iter(named), bucket_bytes))
+    flat = staging.pack(0, plan[0])
+    for k in range(len(plan)):
+        work = dist.broadcast(flat, src=0, async_op=True)
+        if k + 1 < len(plan):
+            flat = staging.pack((k + 1) % 2, plan[k + 1])
+        work.wait()
+    dist.barrier()
+    return time.perf_counter() - t0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from safetensors.torch import load_file
 
     from launcher.processes import ManagedProcess, free_port
-    from learner.push import WeightPusher
+    from learner.push import Staging, WeightPusher
 
     out_json = args.out or artifacts_dir() / "bench" / "push.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     sizes = _bucket_sizes(named, bucket_bytes)
     total = sum(sizes)
     torch.set_num_threads(1)
-    print(f"push bench: {total / 1e6:.1f} MB in {len(sizes)} bucket(s) of <= {args.bucket_mb} MiB, gloo, "
+    print(f"push bench: {total / 1e6:.1f} MB in {len(sizes)} bucket(s) of <= {args.bucket_mb} MiB "
+          f"({', '.join(f'{n / 1e6:.0f}' for n in sizes)} MB), gloo, "
           f"{args.rounds} interleaved rounds", flush=True)
 
     # (a) raw: a plain 2-rank group; the receiver is its own process.
@@ -86,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
     # The same bytes as the push sends: the flattened buckets, built once (the push builds them per call).
     flats = [torch.randint(0, 255, (n,), dtype=torch.uint8) for n in sizes]
     raw_s: list[float] = []
+    packed_s: list[float] = []
     pushes: list[Any] = []
+    staging = Staging(bucket_bytes, torch.device("cpu"))
     server_log = out_json.parent / "push-server.log"
     sport = free_port()
     url = f"http://127.0.0.1:{sport}"
@@ -103,24 +126,27 @@ def run(args: argparse.Namespace) -> int:
                     dist.broadcast(f, src=0)
                 dist.barrier()
                 raw_s.append(time.perf_counter() - t0)
+                packed_s.append(_raw_with_packing(named, bucket_bytes, staging))
                 stats = pusher.push(iter(named), version=str(i + 1))
                 pushes.append(stats)
-                print(f"  round {i + 1}: raw {raw_s[-1]:.3f} s, push {stats.seconds:.3f} s (control calls "
-                      f"{stats.control_s:.3f} s, first pack {stats.first_pack_s:.3f} s, all packs {stats.pack_s:.3f} s)",
-                      flush=True)
+                print(f"  round {i + 1}: raw {raw_s[-1]:.3f} s, raw+packing {packed_s[-1]:.3f} s, push "
+                      f"{stats.seconds:.3f} s (control calls {stats.control_s:.3f} s, first pack "
+                      f"{stats.first_pack_s:.3f} s, all packs {stats.pack_s:.3f} s)", flush=True)
         finally:
             pusher.close()
     dist.destroy_process_group()
     recv.wait(timeout=60)
-    raw = min(raw_s)
+    raw, packed = min(raw_s), min(packed_s)
     best = min(pushes, key=lambda st: st.seconds)
     push = best.seconds
     result = {"bytes": total, "buckets": len(sizes), "bucket_mb": args.bucket_mb, "backend": "gloo",
               "raw_s": round(raw, 4), "push_s": round(push, 4), "raw_gb_per_s": round(total / 1e9 / raw, 3),
               "push_gb_per_s": round(total / 1e9 / push, 3), "ratio": round(raw / push, 3),
+              "raw_packed_s": round(packed, 4), "raw_packed_gb_per_s": round(total / 1e9 / packed, 3),
+              "ratio_packed_vs_raw": round(raw / packed, 3), "ratio_push_vs_packed": round(packed / push, 3),
               "push_control_s": round(best.control_s, 4), "push_first_pack_s": round(best.first_pack_s, 4),
               "push_pack_s": round(best.pack_s, 4),
-              "raw_rounds_s": [round(x, 4) for x in raw_s], "push_rounds_s": [round(st.seconds, 4) for st in pushes]}
+              "raw_rounds_s": [round(x, 4) for x in raw_s], "raw_packed_rounds_s": [round(x, 4) for x in packed_s], "push_rounds_s": [round(st.seconds, 4) for st in pushes]}
     out_json.write_text(json.dumps(result, indent=2))
     report = markdown(result)
     out_json.with_suffix(".md").write_text(report)
@@ -137,8 +163,13 @@ def markdown(r: dict[str, Any]) -> str:
         "best of the interleaved rounds.", "",
         "| path | seconds | GB/s |", "|---|---|---|",
         f"| raw torch.distributed broadcast | {r['raw_s']} | {r['raw_gb_per_s']} |",
+        f"| raw broadcast + packing the separate tensors (no HTTP, no server) | {r['raw_packed_s']} | "
+        f"{r['raw_packed_gb_per_s']} |",
         f"| WeightPusher into `ssp model serve` | {r['push_s']} | {r['push_gb_per_s']} |", "",
         f"push/raw bandwidth ratio: {r['ratio']}", "",
+        f"raw+packing/raw: {r['ratio_packed_vs_raw']} (what flattening separate tensors costs on this machine); "
+        f"push/(raw+packing): {r['ratio_push_vs_packed']} (the pusher's own overhead: HTTP, server, control calls).",
+        "",
         f"Where the push's time beyond the wire goes (best push): control calls (pause, begin, end, continue) "
         f"{r['push_control_s']} s; packing the first bucket (nothing on the wire yet) {r['push_first_pack_s']} s; "
         f"packing in all {r['push_pack_s']} s (later packs overlap the sends but share the CPU cores with them); the "

@@ -15,7 +15,7 @@ helper thread while the calling thread broadcasts. Backend "gloo" (CPU tensors) 
 
 Every bucket goes as one `flattened_bucket` broadcast packed into one of two staging buffers that live as long as the
 pusher: bucket k+1 is packed (one copy per tensor, straight from the source, non-contiguous views included) while
-bucket k is on the wire. Why (`ssp bench push`, gloo on 2 CPU cores): one broadcast per tensor ran at ~0.6x the
+bucket k is on the wire, and bucket sizes ramp up (`plan_buckets`) so that little is packed before the first send. Why (`ssp bench push`, gloo on 2 CPU cores): one broadcast per tensor ran at ~0.6x the
 bandwidth of the same bytes in large buffers, and packing into a freshly allocated buffer per bucket (torch.cat) cost
 more than the broadcast itself (first-touch page faults); reused, pre-faulted buffers make packing a plain memcpy
 that overlaps the wire.
@@ -39,7 +39,6 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 from launcher.processes import free_port
-from learner.convert import buckets
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,22 +87,39 @@ class _Streamed:
     tensors: int = 0
 
 
-def _aligned(bucketed: Iterable[list[tuple[str, torch.Tensor]]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Split buckets so every tensor starts at a byte offset that is a multiple of its element size: the
-    flattened_bucket format has no padding, and a server refuses an unaligned tensor (mixed dtypes can cause one)."""
-    for bucket in bucketed:
-        part: list[tuple[str, torch.Tensor]] = []
-        offset = 0
-        for name, t in bucket:
-            if offset % t.element_size():
-                yield part
-                part, offset = [], 0
-            part.append((name, t))
-            offset += t.numel() * t.element_size()
-        yield part
+RAMP = 8
+"""The first bucket holds at most 1/RAMP of bytes_per_bucket and each next one at most twice the one before."""
 
 
-class _Staging:
+def plan_buckets(named: Iterable[tuple[str, torch.Tensor]],
+                 bytes_per_bucket: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group (name, tensor) pairs into the buckets a push sends, in order.
+
+    - Ramp: bucket sizes grow from bytes_per_bucket / RAMP, doubling up to bytes_per_bucket, because nothing is on
+      the wire while the first bucket is packed; each later bucket is packed while the one before (half its size,
+      and the wire is slower than a memcpy) is sent.
+    - Alignment: a tensor whose byte offset would not be a multiple of its element size starts a new bucket (the
+      flattened_bucket format has no padding, and a server refuses an unaligned tensor; mixed dtypes can cause one).
+    - A tensor larger than the limit gets a bucket of its own.
+    """
+    if bytes_per_bucket <= 0:
+        raise ValueError(f"bytes_per_bucket = {bytes_per_bucket}: must be > 0")
+    limit = max(bytes_per_bucket // RAMP, 1)
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        if bucket and (size + nbytes > limit or size % t.element_size()):
+            yield bucket
+            bucket, size = [], 0
+            limit = min(2 * limit, bytes_per_bucket)
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+class Staging:
     """Two flat byte buffers, reused for every bucket of every push (they grow only for an oversized tensor)."""
 
     def __init__(self, bytes_per_bucket: int, device: torch.device) -> None:
@@ -112,7 +128,11 @@ class _Staging:
         self.buffers: list[torch.Tensor | None] = [None, None]
 
     def pack(self, slot: int, bucket: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-        """The bucket's raw bytes, in order, without padding (SGLang's flattened_bucket layout) in buffer `slot`."""
+        """The bucket's raw bytes, in order, without padding (SGLang's flattened_bucket layout) in buffer `slot`; a
+        bucket of one contiguous tensor (the embedding, typically: larger than the first ramp step) is its own bytes,
+        sent without a copy (the caller keeps it unchanged until push() returns)."""
+        if len(bucket) == 1 and bucket[0][1].is_contiguous() and bucket[0][1].device == self.device:
+            return bucket[0][1].detach().view(-1).view(torch.uint8)
         total = sum(t.numel() * t.element_size() for _, t in bucket)
         buf = self.buffers[slot]
         if buf is None or buf.numel() < total:
@@ -148,7 +168,7 @@ class WeightPusher:
         self.timeout_s = timeout_s
         self.pause_mode = pause_mode
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        self._staging = _Staging(bytes_per_bucket, self.device)
+        self._staging = Staging(bytes_per_bucket, self.device)
         self.state = PushState.NEW
         self._group: dist.ProcessGroup | None = None
         self._loop = asyncio.new_event_loop()
@@ -234,7 +254,7 @@ class WeightPusher:
         carries the version and the flush), packed during the send, and its HTTP call is chained to the current one's
         reply in the HTTP thread, so it goes out the moment the server acknowledges (sglang-api.md §3.5: one call at
         a time per server), without a hop through this thread."""
-        queue = _aligned(buckets(named_tensors, self.bytes_per_bucket))
+        queue = plan_buckets(named_tensors, self.bytes_per_bucket)
         current = next(queue, None)
         if current is None:
             raise PushError("push() got no tensors to send")

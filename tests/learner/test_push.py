@@ -103,18 +103,28 @@ def test_push_makes_server_logprobs_equal_learners(model_dir: Path, ref_server: 
     assert max(abs(a - b) for a, b in zip(_score(ref_server, prompt, continuation), before)) < 1e-5
 
 
-def test_packing_is_sglangs_flattened_layout_and_splits_unaligned_tensors() -> None:
-    """Pure logic: a packed bucket is the tensors' raw bytes in order (non-contiguous views included), and a tensor
-    whose offset is not a multiple of its element size starts a new bucket (the format has no padding)."""
-    from learner.push import _aligned, _Staging
+def test_buckets_ramp_up_split_unaligned_tensors_and_pack_to_sglangs_flattened_layout() -> None:
+    """Pure logic: bucket limits ramp from 1/RAMP of the size up; a tensor whose offset is not a multiple of its
+    element size starts a new bucket (the format has no padding); a packed bucket is the tensors' raw bytes in order
+    (non-contiguous views included), in a buffer reused from bucket to bucket, or a lone contiguous tensor itself."""
+    from learner.push import RAMP, Staging, plan_buckets
+
+    ones = [(f"t{i}", torch.ones(4)) for i in range(8)]  # 16 bytes each
+    sizes = [len(b) for b in plan_buckets(ones, bytes_per_bucket=RAMP * 16)]
+    assert sizes == [1, 2, 4, 1] and sum(sizes) == 8
+    with pytest.raises(ValueError, match="must be > 0"):
+        list(plan_buckets(ones, 0))
 
     a = torch.arange(6, dtype=torch.float32).reshape(2, 3).t()  # a non-contiguous view
     b = torch.tensor([1, 2, 3], dtype=torch.bfloat16)           # 6 bytes: the next float32 would be unaligned
     c = torch.tensor([7.0], dtype=torch.float32)
-    parts = list(_aligned([[("a", a), ("b", b), ("c", c)]]))
+    parts = list(plan_buckets([("a", a), ("b", b), ("c", c)], bytes_per_bucket=1 << 20))
     assert [[n for n, _ in p] for p in parts] == [["a", "b"], ["c"]]
-    staging = _Staging(8, torch.device("cpu"))
+    staging = Staging(8, torch.device("cpu"))
     flat = staging.pack(0, parts[0])
     expected = torch.cat([a.contiguous().view(-1).view(torch.uint8), b.view(torch.uint8)])
     assert torch.equal(flat, expected)
-    assert staging.pack(0, parts[1]).data_ptr() == flat.data_ptr()  # the buffer is reused, not reallocated
+    again = staging.pack(0, [("c", c), ("c2", c * 2)])
+    assert again.data_ptr() == flat.data_ptr()  # the buffer is reused, not reallocated
+    assert torch.equal(again.view(torch.float32), torch.tensor([7.0, 14.0]))
+    assert staging.pack(1, parts[1]).data_ptr() == c.data_ptr()  # one contiguous tensor: its own bytes, no copy
