@@ -254,16 +254,9 @@ class ServerClient:
             return AdminResult(self.url, payload.get("status", "ok") == "ok", str(payload.get("message", "")))
         raise _http_error(status, payload, self.url)
 
-    async def _request(
-        self,
-        method: str,
-        path: str,
-        body: dict[str, Any] | bytes | None,
-        timeout: aiohttp.ClientTimeout,
-        *,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, Any]:
-        """Send one request; return (status, parsed JSON or text)."""
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None, timeout: aiohttp.ClientTimeout,
+                       *, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        """Send one control request; return (status, parsed JSON or text)."""
         status, raw = await self._send(method, path, body, timeout, headers=headers)
         return status, _decode(raw)
 
