@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from engine.config import ChecksConfig
 from engine.judge import check_aliases
 
-_QUESTION = re.compile(r"<question>\s*(.*?)\s*</question>", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_QUESTION = re.compile(r"<question>\s*((?:(?!<question>).)*?)\s*</question>", re.DOTALL)
+_ANSWER = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
+"""A closed block holds no other opener of its tag: after a prefilled "<answer>" a model that writes its own opener
+anyway ("<answer>" + " <answer> Paris </answer>") still gives "Paris"."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,8 @@ def test_extract_first_question_block() -> None:
 def test_extract_last_answer_and_count_tags() -> None:
     assert extract_answer("<answer>a</answer> <answer> b </answer>") == "b"
     assert extract_answer("<answer>unclosed") is None
+    assert extract_answer("<answer> <think>sure</think> <answer> Paris </answer>") == "Paris"  # a prefilled opener
+    assert extract_question("<question> <question> Who wrote it? </question>") == "Who wrote it?"
     assert count_answer_tags("<answer>" * 12 + "x</answer>") == 12
 
 

@@ -80,7 +80,8 @@ async def test_rollout_on_the_reference_server_lines_up(ref_server: str, demo_in
     from engine.prompts import proposer_messages
 
     p = trajs[0]
-    assert p.prompt_ids == chat.render(proposer_messages(p.meta["answer"][0], p.meta["hops"])).tolist()
+    assert p.prompt_ids == chat.render(proposer_messages(p.meta["answer"][0], p.meta["hops"]),
+                                       prefill=cfg.game.proposer_prefill).tolist()
     assert {t.group_id for t in trajs} == {p.group_id}
     assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])["event"] == "summary"
 
