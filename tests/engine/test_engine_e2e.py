@@ -91,9 +91,9 @@ async def test_self_play_with_prefills_yields_all_three_roles_that_line_up(ref_s
     """Real self-play on SmolLM2: the game's own proposer writes the question that the verifier and solvers get.
 
     SmolLM2-135M never opens a tag by itself; with the proposer's turn prefilled with "<question>" (game.
-    proposer_prefill) it writes one, and greedy decoding for the seed "M.I.T." closes it within the budget (found by
-    the probe of artifacts/probe; at temperature 1 about 4 in 16 proposals close the tag). Lenient checks let that
-    question through, so the verifier and solver phases run on it."""
+    proposer_prefill) it writes one, and greedy decoding for the seed "M.I.T." closes it within the budget (it was
+    picked for that: greedily 5 of 40 seed/hop prompts close the tag, at temperature 1 about 4 in 16 proposals do).
+    Lenient checks let that question through, so the verifier and solver phases run on it."""
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text('{"answer": "M.I.T.", "type": "entity"}\n')
     cfg = config(ref_server, demo_index, model_dir, f'scheduler.seeds_file="{seeds}"', "scheduler.hops_max=2",
