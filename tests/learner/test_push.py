@@ -104,14 +104,14 @@ def test_push_makes_server_logprobs_equal_learners(model_dir: Path, ref_server: 
 
 
 def test_buckets_ramp_up_split_unaligned_tensors_and_pack_to_sglangs_flattened_layout() -> None:
-    """Pure logic: bucket limits ramp from 1/RAMP of the size up; a tensor whose offset is not a multiple of its
+    """Pure logic: bucket limits ramp from 1/RAMP of the size up by 1.5x; a tensor whose offset is not a multiple of its
     element size starts a new bucket (the format has no padding); a packed bucket is the tensors' raw bytes in order
     (non-contiguous views included), in a buffer reused from bucket to bucket, or a lone contiguous tensor itself."""
     from learner.push import RAMP, Staging, plan_buckets
 
-    ones = [(f"t{i}", torch.ones(4)) for i in range(8)]  # 16 bytes each
-    sizes = [len(b) for b in plan_buckets(ones, bytes_per_bucket=RAMP * 16)]
-    assert sizes == [1, 2, 4, 1] and sum(sizes) == 8
+    ones = [(f"t{i}", torch.ones(1)) for i in range(16)]  # 4 bytes each
+    sizes = [len(b) for b in plan_buckets(ones, bytes_per_bucket=RAMP * 8)]  # limits 8, 12, 18, 27, 40, 60, 64 bytes
+    assert sizes == [2, 3, 4, 6, 1] and sum(sizes) == 16
     with pytest.raises(ValueError, match="must be > 0"):
         list(plan_buckets(ones, 0))
 
