@@ -3,14 +3,21 @@
 A prompt is rendered once with the tokenizer's own chat template (`apply_chat_template`, generation prompt added);
 a tool result is encoded once without special tokens. Model output is never re-encoded: the rollout appends the
 ids the server returned.
+
+Encoding is the engine's largest cost per episode (three prompts, each a few hundred tokens, ~1-2 ms apiece), so
+both kinds of text are encoded in cached pieces whose boundaries do not change the result: a rendered chat is split
+at its special tokens (the tokenizer itself encodes the text between two special tokens independently, so the ids
+are exactly those of encoding it whole: a system prompt is then encoded once per run), and a search result per
+document entry (see `encode_information`).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,27 @@ from retriever.protocol import Doc
 
 DOC_CACHE_ENTRIES = 65536
 """Encoded document entries kept (popular passages come back in many searches)."""
+PIECE_CACHE_ENTRIES = 4096
+"""Encoded chat pieces kept (text between two special tokens: system prompts and instructions recur)."""
+
+
+class _IdsCache:
+    """A bounded least-recently-used map from a key to token ids (an array: see ChatTokenizer's note)."""
+
+    def __init__(self, entries: int) -> None:
+        self._entries = entries
+        self._ids: OrderedDict[Any, array[int]] = OrderedDict()
+
+    def get(self, key: Any, encode: Callable[[], Sequence[int]]) -> array[int]:
+        """The ids cached under `key`, else `array(encode())`, cached."""
+        ids = self._ids.get(key)
+        if ids is None:
+            ids = self._ids[key] = array("l", encode())
+            if len(self._ids) > self._entries:
+                self._ids.popitem(last=False)
+        else:
+            self._ids.move_to_end(key)
+        return ids
 
 
 class ChatTokenizer:
@@ -33,9 +61,22 @@ class ChatTokenizer:
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat template; the engine "
                              "renders prompts with the model's own template, so use an instruct/chat model")
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} is not a fast (Rust) tokenizer; "
+                             "the engine needs one (tokenizer.json in the model directory)")
         self._tok = tokenizer
+        self._backend = backend
+        # Special tokens split the text before anything else is applied, unless they strip neighbouring spaces or
+        # match normalized text: those stay inside the pieces and the backend handles them as usual.
+        hard = [t.content for t in tokenizer.added_tokens_decoder.values()
+                if t.special and not (t.lstrip or t.rstrip or t.single_word or t.normalized)]
+        self._special_ids = {content: int(tokenizer.convert_tokens_to_ids(content)) for content in hard}
+        self._split = (re.compile("(" + "|".join(map(re.escape, sorted(hard, key=len, reverse=True))) + ")")
+                       if hard else None)
+        self._pieces = _IdsCache(PIECE_CACHE_ENTRIES)
         self._fixed = {text: self.encode_tool(text) for text in (INFO_HEADER, INFO_FOOTER, DOC_SEPARATOR, NO_RESULTS)}
-        self._docs: OrderedDict[tuple[int, str, str, str], array[int]] = OrderedDict()
+        self._docs = _IdsCache(DOC_CACHE_ENTRIES)
 
     @classmethod
     def load(cls, model_dir: Path) -> ChatTokenizer:
@@ -51,10 +92,14 @@ class ChatTokenizer:
         assistant turn as part of the prompt: it is encoded once like tool text, carries no loss and no logprobs,
         and the model continues after it. The rollout's tag parsing reads it as the start of the first turn
         (`engine.rollout.RolloutSpec.prefill`)."""
-        ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        out = array("l", ids)
+        text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        out: array[int] = array("l")
+        for piece in self._split.split(text) if self._split is not None else [text]:
+            special = self._special_ids.get(piece)
+            if special is not None:
+                out.append(special)
+            elif piece:
+                out.extend(self._pieces.get(piece, lambda: self._backend.encode(piece, add_special_tokens=False).ids))
         if prefill:
             out.extend(self.encode_tool(prefill))
         return out
@@ -76,15 +121,7 @@ class ChatTokenizer:
         for k, doc in enumerate(docs, start=1):
             if k > 1:
                 ids += self._fixed[DOC_SEPARATOR]
-            key = (k, doc.id, doc.title, doc.text)
-            cached = self._docs.get(key)
-            if cached is None:
-                cached = self._docs[key] = array("l", self.encode_tool(render_doc(k, doc)))
-                if len(self._docs) > DOC_CACHE_ENTRIES:
-                    self._docs.popitem(last=False)
-            else:
-                self._docs.move_to_end(key)
-            ids += cached
+            ids += self._docs.get((k, doc.id, doc.title, doc.text), lambda: self.encode_tool(render_doc(k, doc)))
         return ids + self._fixed[INFO_FOOTER]
 
     def decode(self, ids: Sequence[int]) -> str:
