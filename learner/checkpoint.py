@@ -1,15 +1,20 @@
-"""Atomic training checkpoints: model shard, optimizer and scheduler state per TP rank, plus the stream position.
+"""Atomic training checkpoints: model shard and scheduler per TP rank, optimizer partition per (TP, DP) rank, plus
+the stream position.
 
 Layout under `root`:
 
     step-000007/            one complete checkpoint (only ever appears complete: built as step-000007.tmp/,
-      tp0.pt, tp1.pt ...    every file fsynced, then renamed); each holds the model shard as the model's dtype,
-                            the optimizer (AdamW state + fp32 master weights) and the LR scheduler
+      tp0.pt, tp1.pt ...    every file fsynced, then renamed); written by DP rank 0 of each TP rank: the model
+                            shard as the model's dtype, DP rank 0's optimizer partition (AdamW state + fp32 master
+                            weights) and the LR scheduler
+      tp0-dp1.pt ...        with data_parallel > 1: the optimizer partition of each further DP rank (learner.optimizer
+                            shards masters and moments over the DP ranks, ZeRO-1); the model is not repeated
       state.json            step, stream offset, ids of the recently consumed groups
     latest                  the name of the newest complete checkpoint (replaced by an atomic rename)
 
-Only data-parallel replica 0 writes (replicas hold identical weights and optimizer state). A run killed at any
-moment leaves either the previous checkpoint or the new one as `latest`; a leftover *.tmp is ignored and removed.
+With data_parallel = 1 only tpN.pt files exist, as before sharding. A partition resumes only at the data_parallel it
+was written with (checked on every rank before anything is restored, so every rank refuses alike). A run killed at
+any moment leaves either the previous checkpoint or the new one as `latest`; a leftover *.tmp is ignored and removed.
 Resuming restores weights, the fp32 master weights of bf16 parameters (learner.optimizer), AdamW moments, the LR
 schedule and the stream position, so no trajectory is trained twice and a resumed run reaches the same bits.
 """
@@ -64,7 +69,7 @@ def _write_durable(path: Path, write: Any) -> None:
 
 def save(root: Path, state: StreamState, model: torch.nn.Module, optimizer: MasterWeightAdamW,
          scheduler: Any, *, tp_rank: int, dp_rank: int, keep: int) -> Path:
-    """Collective: every rank calls it; replica 0's TP ranks write their shards, rank 0 publishes."""
+    """Collective: every rank calls it and writes its files (see the module docstring); rank 0 publishes."""
     root = Path(root)
     name = f"step-{state.step:06d}"
     tmp = root / f"{name}.tmp"
@@ -80,6 +85,9 @@ def save(root: Path, state: StreamState, model: torch.nn.Module, optimizer: Mast
             "scheduler": scheduler.state_dict(),
         }
         _write_durable(tmp / f"tp{tp_rank}.pt", lambda f: torch.save(shard, f))
+    else:
+        partition = {"optimizer": optimizer.state_dict()}
+        _write_durable(tmp / f"tp{tp_rank}-dp{dp_rank}.pt", lambda f: torch.save(partition, f))
     dist.barrier()
     final = root / name
     if rank == 0:
@@ -119,13 +127,22 @@ def latest(root: Path) -> Path | None:
 
 @torch.no_grad()
 def load(path: Path, model: torch.nn.Module, optimizer: MasterWeightAdamW, scheduler: Any, *,
-         tp_rank: int) -> StreamState:
-    """Restore this rank's shard (saved by replica 0 of the same TP rank) and the stream position."""
+         tp_rank: int, dp_rank: int) -> StreamState:
+    """Restore this rank's model shard and scheduler (saved by DP rank 0 of the same TP rank), its optimizer
+    partition and the stream position. Files are memory-mapped: a DP rank > 0 reads no one else's partition."""
     file = Path(path) / f"tp{tp_rank}.pt"
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: the checkpoint was written with a smaller tensor_parallel; "
                                 "resume with the tensor_parallel it was saved with")
-    shard = torch.load(file, map_location="cpu", weights_only=True)
+    shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    optimizer.check_data_parallel(shard["optimizer"], source=str(file))
+    opt_file = file
+    if dp_rank > 0:
+        opt_file = Path(path) / f"tp{tp_rank}-dp{dp_rank}.pt"
+        if not opt_file.is_file():
+            raise FileNotFoundError(f"{opt_file} is missing: this checkpoint is incomplete (its optimizer partition "
+                                    "for this DP rank was deleted); restore it or start fresh in a new out_dir")
+        shard["optimizer"] = torch.load(opt_file, map_location="cpu", weights_only=True, mmap=True)["optimizer"]
     params = dict(canonical_params(model))
     if set(params) != set(shard["model"]):
         raise KeyError(f"{file}: parameter names differ from the model's (a different architecture?)")
@@ -134,6 +151,6 @@ def load(path: Path, model: torch.nn.Module, optimizer: MasterWeightAdamW, sched
             raise ValueError(f"{file}: {name} has shape {tuple(shard['model'][name].shape)}, the model "
                              f"{tuple(p.shape)}; resume with the tensor_parallel it was saved with")
         p.copy_(shard["model"][name])
-    optimizer.load_state_dict(shard["optimizer"], source=str(file))
+    optimizer.load_state_dict(shard["optimizer"], source=str(opt_file))
     scheduler.load_state_dict(shard["scheduler"])
     return StreamState(**json.loads((Path(path) / "state.json").read_text()))

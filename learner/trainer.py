@@ -5,8 +5,8 @@
 Each step: rank 0 reads `groups_per_step` frames from the trajectory stream and broadcasts them -> every rank plans
 the batch (advantages per role, drops) and takes its data-parallel share -> micro-batches by token budget ->
 forward (logprobs recomputed with the current weights), PPO loss, backward -> gradients summed over DP, clipped
-over all TP shards -> one AdamW step (on fp32 master weights when the parameters are bf16, see
-learner.optimizer) -> checkpoint -> weights pushed to the servers -> one metrics line.
+over all TP shards -> one AdamW step (on fp32 master weights when the parameters are bf16, sharded over the DP
+ranks, see learner.optimizer) -> checkpoint -> weights pushed to the servers -> one metrics line.
 
 The step counter is the policy version: weights after step k are version k, pushed as weight_version "k".
 Entry points: `run(cfg, source, server_urls)` (per rank, what torchrun runs via `python -m learner.trainer`)
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ from learner.convert import canonical_params, is_tp_sharded
 from learner.dedup import RecentGroups
 from learner.loss import aggregation_weights, policy_loss
 from learner.model import ModelShape, Parallel, attention_mask, build_model, init_parallel
-from learner.optimizer import build_optimizer
+from learner.optimizer import build_optimizer, clip_grad_norm
 from learner.trajectory_source import HEADER, FrameSource, open_source
 
 log = logging.getLogger(__name__)
@@ -64,9 +63,12 @@ class Trainer:
         self.shape = shape
         self.model = model
         self.ref_model = ref_model
-        self.optimizer, self.scheduler = build_optimizer(canonical_params(model), cfg)
         self.dp_group = parallel_state.get_data_parallel_group()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        # ZeRO-1: fp32 masters and moments sharded over the DP ranks (learner.optimizer); none at DP = 1.
+        self.optimizer, self.scheduler = build_optimizer(
+            canonical_params(model), cfg, dp_group=self.dp_group if par.dp > 1 else None)
+        self._grad_names = [n for n, p in canonical_params(model) if p.requires_grad]
 
     def _logits(self, model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         from learner.logprobs import mask_padded_vocab
@@ -135,31 +137,12 @@ class Trainer:
             "staleness_max": float(policy_version - min(s.min_policy_version for s in plan.samples)),
         })
 
-    @torch.no_grad()
     def _reduce_and_clip_grads(self) -> float:
-        """On the fp32 main gradients: sum over DP; global L2 norm over all TP shards (replicated params counted
-        once); clip."""
-        named = self.optimizer.named_main()
-        params = [p for _, p in named]
-        if self.par.dp > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat, group=self.dp_group)
-            offset = 0
-            for p in params:
-                n = p.grad.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-                offset += n
-        sq = torch.zeros(1, dtype=torch.float64, device=self.par.device)
-        for name, p in named:
-            if is_tp_sharded(name) or self.par.tp_rank == 0:
-                sq += p.grad.double().pow(2).sum()
-        dist.all_reduce(sq, group=self.tp_group)
-        norm = math.sqrt(sq.item())
-        if self.cfg.grad_clip and norm > self.cfg.grad_clip:
-            scale = self.cfg.grad_clip / (norm + 1e-6)
-            for p in params:
-                p.grad.mul_(scale)
-        return norm
+        """Clip the DP-summed fp32 main gradients (collect_grads summed them) by their global L2 norm over all TP
+        shards, replicated params counted once; the same norm on every DP rank, sharded or not."""
+        return clip_grad_norm(self.optimizer, self._grad_names,
+                              lambda name: is_tp_sharded(name) or self.par.tp_rank == 0, self.cfg.grad_clip,
+                              dp_group=self.dp_group if self.par.dp > 1 else None, tp_group=self.tp_group)
 
 
 def read_batch(source: FrameSource, n_groups: int,
@@ -209,7 +192,8 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str]) -> int:
     state = checkpoint.StreamState()
     resume_from = checkpoint.latest(ckpt_root)
     if resume_from is not None:
-        state = checkpoint.load(resume_from, model, trainer.optimizer, trainer.scheduler, tp_rank=par.tp_rank)
+        state = checkpoint.load(resume_from, model, trainer.optimizer, trainer.scheduler, tp_rank=par.tp_rank,
+                                dp_rank=par.dp_rank)
         log.info("resumed from %s: step %d, stream offset %d", resume_from, state.step, state.offset)
     is_root = par.rank == 0
     source = open_source(source_spec, state.offset) if is_root else None
