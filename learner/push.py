@@ -15,10 +15,11 @@ helper thread while the calling thread broadcasts. Backend "gloo" (CPU tensors) 
 
 Every bucket goes as one `flattened_bucket` broadcast packed into one of two staging buffers that live as long as the
 pusher: bucket k+1 is packed (one copy per tensor, straight from the source, non-contiguous views included) while
-bucket k is on the wire, and bucket sizes ramp up (`plan_buckets`) so that little is packed before the first send. Why (`ssp bench push`, gloo on 2 CPU cores): one broadcast per tensor ran at ~0.6x the
-bandwidth of the same bytes in large buffers, and packing into a freshly allocated buffer per bucket (torch.cat) cost
-more than the broadcast itself (first-touch page faults); reused, pre-faulted buffers make packing a plain memcpy
-that overlaps the wire.
+bucket k is on the wire, and bucket sizes ramp up (`plan_buckets`) so that little is packed before the first send.
+Why (`ssp bench push`, gloo on 2 CPU cores): one broadcast per tensor ran at ~0.6x the bandwidth of the same bytes in
+large buffers, and packing into a freshly allocated buffer per bucket (torch.cat) cost more than the broadcast itself
+(first-touch page faults); reused buffers make packing a plain memcpy that overlaps the wire. The reference server
+receives such buckets with no copy (serving/weight_sync.py, FlatLandings).
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ unchanged against this server (gloo on CPU, NCCL on GPU): TCP rendezvous at `tcp
 
 NOTE: like SGLang, this uses torch's `_new_process_group_helper`: the public `new_group` needs a default group,
 which an inference server joining a trainer's group does not have.
+
+Receiving, fastest first: a flattened bucket whose tensors are distinct parameters of exactly their dtype and shape
+lands with no copy (`FlatLandings`: the received buffer becomes their storage); per-tensor broadcasts that fit land
+straight in the parameters (`receive_into`); anything else (dtype casts, tied duplicates, unknown names: refused
+without changing a weight) is received into fresh buffers and copied (`receive` + `load_named`).
 """
 
 from __future__ import annotations
