@@ -20,7 +20,7 @@ Everything is a pure function of tensors except `load_hf_into_model` and `read_h
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -96,7 +96,6 @@ def hf_to_megatron(get: TensorGetter, shape: ModelShape, *, tp: int, tp_rank: in
 
 def megatron_to_hf(name: str, shards: list[torch.Tensor], shape: ModelShape) -> list[tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs for one megatron parameter given its shards from every TP rank, in rank order."""
-    tp = len(shards)
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         full = torch.cat(shards, dim=0)[: shape.vocab_size]
         return [("model.embed_tokens.weight" if name.startswith("embedding") else "lm_head.weight", full)]
@@ -212,20 +211,3 @@ class HfTensors:
 
     def __exit__(self, *exc: object) -> None:
         self._handles.clear()
-
-
-def buckets(named: Iterable[tuple[str, torch.Tensor]], bytes_per_bucket: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group (name, tensor) pairs into lists of at most `bytes_per_bucket` (a larger tensor gets its own bucket)."""
-    if bytes_per_bucket <= 0:
-        raise ValueError(f"bytes_per_bucket = {bytes_per_bucket}: must be > 0")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, t in named:
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > bytes_per_bucket:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += nbytes
-    if bucket:
-        yield bucket

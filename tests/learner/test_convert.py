@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from learner.convert import HfTensors, buckets, hf_to_megatron, megatron_to_hf
+from learner.convert import HfTensors, hf_to_megatron, megatron_to_hf
 from learner.model import ModelConfigError, ModelShape
 
 
@@ -60,14 +60,6 @@ def test_tp_shards_are_interleaved_per_query_group(tiny_llama: Path) -> None:
     emb = rank1["embedding.word_embeddings.weight"]  # vocab 250 padded to 256, rows 128..255
     assert emb.shape[0] == 128 and torch.equal(emb[:122], hf["model.embed_tokens.weight"][128:])
     assert not emb[122:].any()
-
-
-def test_buckets_respect_the_byte_budget() -> None:
-    named = [(f"t{i}", torch.zeros(n, dtype=torch.float32)) for i, n in enumerate([10, 10, 30, 5, 1])]
-    got = [[n for n, _ in b] for b in buckets(named, bytes_per_bucket=80)]
-    assert got == [["t0", "t1"], ["t2"], ["t3", "t4"]]  # t2 (120 B) is alone: larger than the budget
-    with pytest.raises(ValueError, match="bytes_per_bucket = 0"):
-        list(buckets(named, 0))
 
 
 def test_unsupported_configs_are_named() -> None:
