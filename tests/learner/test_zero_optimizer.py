@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,24 +49,59 @@ def _equal(a: object, b: object) -> bool:
     return a == b
 
 
+def _torchrun(args: list[str]) -> list[str]:
+    """A 2-rank torchrun command line."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}", *args]
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _env() -> dict[str, str]:
+    """The environment for it: no inherited rank variables, one thread per rank (same reductions, same bits)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.slow
 def test_dp2_sharded_optimizer_matches_one_process_and_resumes_bit_identically(
         tiny_llama: Path, tmp_path: Path, par1: object) -> None:
     from learner.trainer import run
 
-    frames = write_frames(tmp_path / "t.frames", make_groups(6, seed=13))
+    frames = write_frames(tmp_path / "t.frames", make_groups(16, seed=13))
     cfg = LearnerConfig(model_dir=tiny_llama, dtype="bfloat16", data_parallel=2, groups_per_step=2, lr=1e-3,
-                        warmup_steps=0, vocab_divisor=8, micro_batch_tokens=48, drop_zero_variance_groups=False)
+                        warmup_steps=2, vocab_divisor=8, micro_batch_tokens=48, checkpoint_every=1,
+                        keep_checkpoints=2, drop_zero_variance_groups=False)
+    # the trainer at DP=2 in bf16, SIGKILLed mid-run (torchrun and every rank); the worker resumes it
+    killed = replace(cfg, out_dir=tmp_path / "killed")
+    killed.out_dir.mkdir()
+    cfg_json = killed.out_dir / "learner_config.json"
+    cfg_json.write_text(json.dumps(to_dict(killed)))
+    train = _torchrun(["-m", "learner.trainer", "--config-json", str(cfg_json), "--trajectories", str(frames)])
+    victim = subprocess.Popen(train, cwd=PROJECT_ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    metrics = killed.out_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and victim.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    ranks = _children(victim.pid)  # torchrun starts each rank in a session of its own: kill them by pid
+    for pid in [*ranks, victim.pid]:
+        os.kill(pid, signal.SIGKILL)
+    victim.wait()
+    assert len(ranks) == 2
+    saved = (killed.out_dir / "checkpoints" / "latest").read_text()
+    assert "step-000002" <= saved < "step-000008", f"the kill must land mid-run (latest checkpoint {saved})"
     case = tmp_path / "case.json"
     case.write_text(json.dumps({"cfg": to_dict(cfg), "frames": str(frames), "straight": str(tmp_path / "straight"),
-                                "resumed": str(tmp_path / "resumed")}))
+                                "killed": str(killed.out_dir)}))
     out = tmp_path / "out.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-         f"--master-port={free_port()}", str(Path(__file__).parent / "zero_worker.py"), "--case", str(case),
-         "--out", str(out)],
-        cwd=PROJECT_ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(_torchrun([str(Path(__file__).parent / "zero_worker.py"), "--case", str(case), "--out",
+                                     str(out)]), cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = json.loads(out.read_text())["ranks"]
 
@@ -83,12 +120,14 @@ def test_dp2_sharded_optimizer_matches_one_process_and_resumes_bit_identically(
         assert 0.4 * total < r0["elements"] < 0.6 * total, (dtype, r0["elements"], total)
     assert ranks[0]["bf16"]["ref_elements"] == 3 * ranks[0]["fp32"]["ref_elements"] // 2  # masters + 2 moments
 
-    # (3): the trainer at DP=2 in bf16, stopped after step 1 and resumed, writes the straight run's files bit for bit
-    ours, ref = _files(tmp_path / "resumed"), _files(tmp_path / "straight")
+    # (3): the killed run, resumed, ends on the straight run's bits
+    ours, ref = _files(killed.out_dir), _files(tmp_path / "straight")
     assert sorted(ref) == ["tp0-dp1.pt", "tp0.pt"] and sorted(ours) == sorted(ref)
     assert set(ref["tp0-dp1.pt"]) == {"optimizer"}  # the model is written once per TP rank
     for name in ref:
         assert _equal(ours[name], ref[name]), name
+    state = json.loads((killed.out_dir / "checkpoints" / "step-000008" / "state.json").read_text())
+    assert state["groups_consumed"] == len(set(state["consumed_group_ids"])) == 16  # each group trained once
     model = ref["tp0.pt"]["model"]
     n_params = sum(p.numel() for p in model.values())
     parts = [ref["tp0.pt"]["optimizer"], ref["tp0-dp1.pt"]["optimizer"]]
@@ -103,4 +142,4 @@ def test_dp2_sharded_optimizer_matches_one_process_and_resumes_bit_identically(
     # (4): the DP=2 checkpoint is refused at DP=1 before anything is restored
     with pytest.raises(ValueError, match=r"tp0.pt: the optimizer state was written with learner.data_parallel = 2, "
                                          r"this run has 1; .* set learner.data_parallel = 2"):
-        run(replace(cfg, out_dir=tmp_path / "resumed", data_parallel=1), str(frames), [])
+        run(replace(cfg, out_dir=killed.out_dir, data_parallel=1), str(frames), [])
