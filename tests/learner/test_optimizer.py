@@ -68,6 +68,7 @@ def test_fp32_parameters_are_their_own_masters_and_step_exactly_as_adamw() -> No
     ours = torch.nn.Parameter(start.clone())
     opt = MasterWeightAdamW([("w", ours)], cfg)
     assert not opt.has_masters and opt.named_main()[0][1] is ours and opt.state_dict()["master_weights"] == {}
+    assert opt.state_dict().keys() == {"adamw", "master_weights"}  # DP = 1: the unsharded format, no DP keys
     ref = torch.nn.Parameter(start.clone())
     adamw = torch.optim.AdamW([ref], lr=1e-3, weight_decay=cfg.weight_decay, betas=cfg.adam_betas,
                               eps=cfg.adam_eps, foreach=False)
