@@ -118,6 +118,8 @@ def test_dp2_sharded_optimizer_matches_one_process_and_resumes_bit_identically(
         total = r0["ref_elements"]
         assert r0["elements"] + r1["elements"] == total
         assert 0.4 * total < r0["elements"] < 0.6 * total, (dtype, r0["elements"], total)
+        for r in (r0, r1):  # after collect_grads only the owned fp32 gradients are alive: no half or foreign ones
+            assert r["grad_elements"] == r["owned_elements"] == r["elements"] // (3 if dtype == "bf16" else 2)
     assert ranks[0]["bf16"]["ref_elements"] == 3 * ranks[0]["fp32"]["ref_elements"] // 2  # masters + 2 moments
 
     # (3): the killed run, resumed, ends on the straight run's bits

@@ -46,6 +46,9 @@ def _optimizer_parity(dtype: torch.dtype, dp_group: object, tp_group: object) ->
         for (_, p), g in zip(ours, grads[rank]):
             p.grad = g.clone()
         opt.collect_grads()
+        held = {id(t.grad): t.grad.numel() for t in [p for _, p in ours] + [m for _, m in opt.named_main()]
+                if t.grad is not None}  # every gradient tensor alive on this rank, model's and optimizer's
+        grad_elements = sum(held.values())
         norms.append(clip_grad_norm(opt, names, lambda _: True, cfg.grad_clip, dp_group=dp_group,
                                     tp_group=tp_group))
         opt.step()
@@ -68,8 +71,8 @@ def _optimizer_parity(dtype: torch.dtype, dp_group: object, tp_group: object) ->
         "moved": all(not torch.equal(p.detach(), s.to(dtype)) for (_, p), s in zip(ours, starts)),
         "norms": norms, "ref_norms": ref_norms, "clipped": max(ref_norms) > cfg.grad_clip,
         "owned": [n for n, _ in opt.named_main()], "elements": _state_elements(opt),
-        "ref_elements": _state_elements(ref_opt), "grad_elements": sum(m.grad.numel() for _, m in opt.named_main()
-                                                                        if m.grad is not None),
+        "ref_elements": _state_elements(ref_opt), "grad_elements": grad_elements,
+        "owned_elements": sum(m.numel() for _, m in opt.named_main()),
         "refused_unsharded_state": refused,
     }
 
