@@ -82,9 +82,10 @@ def resolve_profile(name: str) -> Path:
 
 
 class SimServers:
-    """n `ssp model serve --sim` processes for one profile and time scale; `urls`; `stop()`."""
+    """n `ssp model serve --sim` processes for one profile and time scale, on `cpus` when given; `urls`; `stop()`."""
 
-    def __init__(self, n: int, profile: Path, time_scale: float, log_dir: Path) -> None:
+    def __init__(self, n: int, profile: Path, time_scale: float, log_dir: Path, cpus: set[int] | None = None) -> None:
+        from bench.cores import pin
         from launcher.processes import ProcessSet, free_port
 
         self.procs = ProcessSet()
@@ -106,6 +107,7 @@ class SimServers:
                 sys.executable, "-m", "ssp.cli", "model", "serve", "--sim", "--host", "127.0.0.1", "--port",
                 str(port), "--sim-profile", str(profile), "--sim-time-scale", str(time_scale)],
                 log_path=log_dir / f"sim-{i}.log")
+            pin(proc.proc.pid, cpus)
             started.append((proc, f"http://127.0.0.1:{port}"))
         try:
             for proc, url in started:

@@ -23,52 +23,13 @@ import asyncio
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from ssp.paths import artifacts_dir, default_index_dir
 
 STALL_S = 0.050
-
-
-class SimServer:
-    """`ssp model serve --sim` as a child process on its own core; stopped by `stop()`."""
-
-    def __init__(self, time_scale: float, log_path: Path, cpu: int | None) -> None:
-        from serving.server import READY_LINE
-
-        cmd = [sys.executable, "-m", "ssp.cli", "model", "serve", "--sim", "--port", "0",
-               "--sim-time-scale", str(time_scale)]
-        self._log = log_path.open("w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        if cpu is not None:
-            _pin(self.proc.pid, cpu)
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(READY_LINE):
-                self.url = line[len(READY_LINE):].strip()
-                return
-        raise RuntimeError(f"the simulated server exited before listening; see {log_path}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
-def _pin(pid: int, cpu: int) -> bool:
-    try:
-        os.sched_setaffinity(pid, {cpu})
-        return True
-    except (AttributeError, OSError):
-        return False
 
 
 def _config(url: str, *, mode: str, max_inflight: int, seed: int) -> Any:
@@ -166,21 +127,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"the demo index {default_index_dir()} is missing; build it with `ssp index build --corpus "
               "data/corpus/*.jsonl --out artifacts/index/demo`", file=sys.stderr)
         return 2
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    engine_cpu = cpus[0] if cpus else None
-    sim_cpu = cpus[1] if len(cpus) > 1 else None
-    pinned = engine_cpu is not None and _pin(0, engine_cpu)
-    print(f"engine pinned to CPU {engine_cpu if pinned else '(not pinned)'}; simulated server on CPU {sim_cpu}")
-    results: dict[str, Any] = {"cpus": len(cpus), "engine_pinned": pinned}
-    sim = SimServer(args.time_scale, out_json.with_suffix(".sim.log"), sim_cpu)
+    from bench.async_vs_sync import SimServers, resolve_profile
+    from bench.cores import engine_and_server_cores, pin
+
+    engine_cpu, sim_cpus = engine_and_server_cores()
+    pinned = engine_cpu is not None and pin(0, {engine_cpu})
+    print(f"engine pinned to CPU {engine_cpu if pinned else '(not pinned)'}; simulated server on CPUs {sim_cpus}")
+    results: dict[str, Any] = {"cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                               "engine_pinned": pinned}
+    sim = SimServers(1, resolve_profile("qwen2.5-7b-h100-tp1"), args.time_scale, out_json.parent / "logs" / "engine",
+                     cpus=sim_cpus)
     try:
-        cfg = _config(sim.url, mode="async", max_inflight=args.rollouts, seed=1)
+        cfg = _config(sim.urls[0], mode="async", max_inflight=args.rollouts, seed=1)
         print(f"(1) scale: {args.rollouts} episodes in flight, ramp {args.ramp}s, measured {args.duration}s ...")
         results["scale"] = uvloop.run(_measure(cfg, duration_s=args.duration, ramp_s=args.ramp, episodes=None))
         if args.compare_episodes > 0:
             for mode in ("async", "sync"):
                 print(f"(2) schedule: {args.compare_episodes} episodes, mode {mode} ...")
-                cfg = _config(sim.url, mode=mode, max_inflight=args.compare_inflight, seed=2)
+                cfg = _config(sim.urls[0], mode=mode, max_inflight=args.compare_inflight, seed=2)
                 results[mode] = uvloop.run(_measure(cfg, duration_s=1e9, ramp_s=0.0, episodes=args.compare_episodes))
             results["async_over_sync_episodes_per_s"] = round(
                 results["async"]["episodes_per_s"] / max(1e-9, results["sync"]["episodes_per_s"]), 3)
