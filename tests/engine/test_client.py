@@ -187,6 +187,17 @@ def _payload(**meta: object) -> dict[str, object]:
     return {"text": "ab", "output_ids": [7, 8], "meta_info": {**base, **meta}}
 
 
+@pytest.mark.parametrize("entries, bad", [
+    ([["1.5", 7, None], [-1.0, 8, None]], 0),  # a logprob that is a string
+    ([[-1.0, 7, None], 8], 1),  # an entry that is not a list
+    ([[-1.0, 7, None], [-1.0]], 1),  # no token id
+    ([[-1.0, 7, None], {"a": 1}], 1),
+])
+def test_malformed_logprob_entries_are_named(entries: list[object], bad: int) -> None:
+    with pytest.raises(ProtocolError, match=f"logprob entry {bad} .* is not \\[logprob, token_id, text\\]"):
+        parse_generate_response(_payload(output_token_logprobs=entries), prompt_len=1, url="u")
+
+
 def test_parse_defaults_and_null_logprob() -> None:
     result = parse_generate_response(_payload(), prompt_len=3, url="u")
     assert result.logprobs == [-0.5, float("-inf")]  # orjson writes -inf as null
