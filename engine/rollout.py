@@ -172,9 +172,9 @@ def token_versions(result: GenerateResult) -> list[int]:
         return [parse_version(result.weight_version)] * n
     out = [-1] * n
     for span in result.weight_versions:
-        v = parse_version(span.version)
-        for i in range(max(0, span.start), min(n, span.end)):
-            out[i] = v
+        start, end = max(0, span.start), min(n, span.end)
+        if end > start:
+            out[start:end] = [parse_version(span.version)] * (end - start)  # slices: no per-token Python loop
     if -1 in out:
         raise RolloutError(f"request {result.rid}: weight_versions {result.weight_versions} do not cover all "
                            f"{n} output tokens")
