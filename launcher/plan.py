@@ -3,8 +3,11 @@ it fits in memory. Pure arithmetic on the [cluster] section, so `--dry-run` chec
 
 Memory model (per GPU, bytes; P = parameters of the worst pipeline stage on one tensor-parallel rank, b = bytes of
 the learner's parameter dtype):
-- trainer, as learner/trainer.py trains: weights bP + gradients bP + AdamW moments 2bP (kept in the parameter
-  dtype, not sharded) + a frozen reference bP when the KL term is on + activations + logits + headroom.
+- trainer, as learner/trainer.py and learner/optimizer.py train (ZeRO-1 over the d data-parallel ranks): weights
+  bP (+ a frozen reference bP when the KL term is on) on every rank; fp32 master weights 4P (only when b < 4: fp32
+  parameters are their own masters) and two fp32 AdamW moments 8P, each rank keeping those of 1/d of the
+  parameters; gradients at the step's peak max(b, 4/d)·P (the b-byte gradients are freed as each rank's own fp32
+  ones appear); + activations + logits + headroom. bf16 at d = 2: 2 + 6 + 2 = 10 bytes per parameter.
   Activations follow Korthikanti et al. (2022) with selective recomputation and sequence parallelism:
   34·s·h bytes per layer / TP, for `pp` micro-batches in flight on the first stage under the 1F1B schedule.
 - SGLang server: bf16 weights 2·params/TP inside `mem_fraction_static` of the GPU; the rest of that share is KV
@@ -68,13 +71,16 @@ def node_names(cfg: ClusterConfig) -> list[str]:
     return [f"node{i}" for i in range(total)]
 
 
-def trainer_memory_bytes(cfg: ClusterConfig, learner: LearnerFootprint) -> float:
+def trainer_memory_bytes(cfg: ClusterConfig, learner: LearnerFootprint, dp: int) -> float:
     m, tp, pp = cfg.model, cfg.train_tp, cfg.train_pp
     per_layer = (m.param_count - m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)) / m.num_layers
     embedding_share = m.vocab_size * m.hidden_size * (2 if pp == 1 and not m.tie_word_embeddings else 1)
     stage_params = (m.num_layers // pp * per_layer + embedding_share) / tp
-    copies = 4 + (1 if learner.kl_reference else 0)  # weights, gradients, two AdamW moments (+ reference)
-    weights = stage_params * learner.param_bytes * copies
+    b = learner.param_bytes
+    replicated = b * (2 if learner.kl_reference else 1)  # weights (+ the KL reference)
+    optimizer = ((4 if b < 4 else 0) + 8) / dp  # fp32 masters and two fp32 moments, sharded over DP
+    gradients = max(b, 4 / dp)
+    weights = stage_params * (replicated + optimizer + gradients)
     activations = 34 * learner.micro_batch_tokens * m.hidden_size * (m.num_layers // pp) / tp * pp
     logits = learner.micro_batch_tokens * m.vocab_size / tp * 4
     return weights + activations + logits + cfg.memory_headroom_gib * GIB
@@ -124,7 +130,7 @@ def make_plan(cfg: ClusterConfig, learner: LearnerFootprint = LearnerFootprint()
         raise PlanError("invalid cluster plan:\n  - " + "\n  - ".join(errors))
 
     train_dp = train_gpus // model_parallel
-    trainer_gib = trainer_memory_bytes(cfg, learner) / GIB
+    trainer_gib = trainer_memory_bytes(cfg, learner, train_dp) / GIB
     weights_gib, kv_gib, kv_tokens = server_memory(cfg)
     if trainer_gib > cfg.gpu_memory_gib:
         errors.append(f"trainer needs ~{trainer_gib:.1f} GiB per GPU at TP {cfg.train_tp} x PP {cfg.train_pp} x DP "

@@ -58,3 +58,14 @@ def test_impossible_plans_name_the_constraint(changes: dict[str, object], messag
 def test_7b_rejects_tp_8_because_of_its_4_kv_heads() -> None:
     with pytest.raises(PlanError, match="must divide both the 28 attention heads and the 4 KV heads"):
         make_plan(ClusterConfig(model=QWEN_7B))
+
+
+def test_32b_fits_only_with_the_optimizer_state_sharded_over_two_training_nodes() -> None:
+    """ZeRO-1 (learner/optimizer.py): at DP 2 each GPU keeps half the fp32 masters and moments, 10 bytes per bf16
+    parameter instead of 18; one training node (DP 1) cannot hold 32B at TP 8."""
+    two = make_plan(ClusterConfig())
+    with pytest.raises(PlanError, match=r"trainer needs ~\d+\.\d GiB per GPU at TP 8 x PP 1 x DP 1"):
+        make_plan(ClusterConfig(gpu_nodes=3, rollout_nodes=2))
+    p = ModelShape().param_count / 8  # about the per-GPU parameter count at TP 8
+    one_node_gib = two.trainer_memory_gib + p * (12 / 1 - 12 / 2 + 4 - 2) / 2**30
+    assert one_node_gib > ClusterConfig().gpu_memory_gib > two.trainer_memory_gib
