@@ -106,7 +106,7 @@ class ChatTokenizer:
 
     def encode_tool(self, text: str) -> list[int]:
         """Token ids of tool output inserted into the assistant turn (no BOS or other special tokens added)."""
-        return [int(i) for i in self._tok.encode(text, add_special_tokens=False)]
+        return self._backend.encode(text, add_special_tokens=False).ids
 
     def encode_information(self, docs: Sequence[Doc]) -> list[int]:
         """Token ids of `engine.prompts.information_block(docs)`, built from separately encoded pieces.

@@ -35,3 +35,8 @@ def test_render_matches_the_chat_template_encoded_whole(chat: ChatTokenizer) -> 
         assert chat.render(messages).tolist() == list(whole), messages
         assert chat.render(messages).tolist() == list(whole)  # again, from the piece cache
 
+
+
+def test_tool_text_is_encoded_as_the_hugging_face_tokenizer_does(chat: ChatTokenizer) -> None:
+    for text in ODD_TEXTS:
+        assert chat.encode_tool(text) == chat._tok.encode(text, add_special_tokens=False), text
