@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,11 +29,29 @@ class ProcessFailed(RuntimeError):
     """A child process exited or never became ready; the message names it, its exit code and its log file."""
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that was free a moment ago, for a server that binds it shortly after.
+
+    NOTE: it is drawn below the OS's ephemeral range, not from it: outgoing connections take their local ports from
+    that range, and a bench opening thousands of them took a port picked there before its server could bind it.
+    """
+    ephemeral_low = 32768
+    if EPHEMERAL_RANGE_FILE.exists():
+        ephemeral_low = int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    candidates = range(max(1024, ephemeral_low - 16384), ephemeral_low)
+    if len(candidates) < 64:  # the OS leaves no room below its ephemeral range
+        candidates = range(1024, 65536)
+    for port in random.sample(candidates, 64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free TCP port among 64 tried in [{candidates.start}, {candidates.stop}) on {host}")
 
 
 def tail(path: Path, lines: int = 15) -> str:
