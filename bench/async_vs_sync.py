@@ -44,11 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serving GPUs g of the async sweep (learner gets G - g; default: 2 3 4 6)")
     p.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2, 4],
                    help="staleness bounds run at the best split (the sweep itself uses the largest; default: 0 1 2 4)")
-    p.add_argument("--episodes-per-step", type=int, default=256,
-                   help="episodes (groups) the learner trains per step; the sync step size (default: 256, the batch "
-                        "sim-profiles.md §7 times the learner on). Async keeps at most (eta + 1) x this many "
-                        "episodes in flight, so with small steps the run is bound by episode latency, not by "
-                        "servers or learner (Little's law)")
+    p.add_argument("--episodes-per-step", type=int, default=64,
+                   help="episodes (groups) the learner trains per step; the sync step size (default: 64). Async "
+                        "keeps at most (eta + 1) x this many episodes in flight, so small steps bind the run by "
+                        "episode latency (Little's law); large ones (sim-profiles.md §7 times the learner on 256) "
+                        "bind it by the engine's CPU per episode unless --time-scale is 1")
     p.add_argument("--steps", type=int, default=4, help="learner steps per run (default: 4)")
     p.add_argument("--warmup", type=int, default=1, help="leading steps not measured (default: 1)")
     p.add_argument("--capacity", type=int, default=256,
