@@ -5,14 +5,29 @@ so that an engine figure is one core's and the servers' simulation does not stea
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 
-def engine_and_server_cores() -> tuple[int | None, set[int] | None]:
-    """(the engine's core, the servers' cores); None where there is no affinity API or only one core."""
+@dataclass(frozen=True, slots=True)
+class Placement:
+    cores: int
+    """Cores this process could use before it was pinned."""
+    engine_pinned: bool
+    """Whether this process (the engine) now runs on one core only."""
+    server_cpus: set[int] | None
+    """Cores for the simulated servers (pass to `pin`); None where there is no affinity API or only one core."""
+
+
+def place_engine() -> Placement:
+    """Pin this process, the engine, to the first core it may use and leave the others to the servers; says so."""
     if not hasattr(os, "sched_getaffinity"):
-        return None, None
+        print("engine not pinned (no CPU affinity on this OS)")
+        return Placement(cores=os.cpu_count() or 1, engine_pinned=False, server_cpus=None)
     cpus = sorted(os.sched_getaffinity(0))
-    return cpus[0], (set(cpus[1:]) or None)
+    server_cpus = set(cpus[1:]) or None
+    pinned = pin(0, {cpus[0]})
+    print(f"engine pinned to CPU {cpus[0] if pinned else '(not pinned)'}; simulated servers on CPUs {server_cpus}")
+    return Placement(cores=len(cpus), engine_pinned=pinned, server_cpus=server_cpus)
 
 
 def pin(pid: int, cpus: set[int] | None) -> bool:

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -128,15 +127,12 @@ def run(args: argparse.Namespace) -> int:
               "data/corpus/*.jsonl --out artifacts/index/demo`", file=sys.stderr)
         return 2
     from bench.async_vs_sync import SimServers, resolve_profile
-    from bench.cores import engine_and_server_cores, pin
+    from bench.cores import place_engine
 
-    engine_cpu, sim_cpus = engine_and_server_cores()
-    pinned = engine_cpu is not None and pin(0, {engine_cpu})
-    print(f"engine pinned to CPU {engine_cpu if pinned else '(not pinned)'}; simulated server on CPUs {sim_cpus}")
-    results: dict[str, Any] = {"cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                               "engine_pinned": pinned}
+    placement = place_engine()
+    results: dict[str, Any] = {"cpus": placement.cores, "engine_pinned": placement.engine_pinned}
     sim = SimServers(1, resolve_profile("qwen2.5-7b-h100-tp1"), args.time_scale, out_json.parent / "logs" / "engine",
-                     cpus=sim_cpus)
+                     cpus=placement.server_cpus)
     try:
         cfg = _config(sim.urls[0], mode="async", max_inflight=args.rollouts, seed=1)
         print(f"(1) scale: {args.rollouts} episodes in flight, ramp {args.ramp}s, measured {args.duration}s ...")

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     import uvloop
 
     from bench.async_vs_sync import SimServers, resolve_profile
-    from bench.cores import engine_and_server_cores, pin
+    from bench.cores import place_engine
 
     out_json = args.out or artifacts_dir() / "bench" / "scale.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -154,11 +154,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"the demo index {default_index_dir()} is missing; build it with `ssp index build --corpus "
               "data/corpus/*.jsonl --out artifacts/index/demo`", file=sys.stderr)
         return 2
-    engine_cpu, sim_cpus = engine_and_server_cores()
-    pinned = engine_cpu is not None and pin(0, {engine_cpu})
-    print(f"engine pinned to CPU {engine_cpu if pinned else '(not pinned)'}; simulated servers on CPUs {sim_cpus}")
+    placement = place_engine()
     servers = SimServers(args.servers, resolve_profile("qwen2.5-7b-h100-tp1"), args.time_scale,
-                         out_json.parent / "logs" / "scale", cpus=sim_cpus)
+                         out_json.parent / "logs" / "scale", cpus=placement.server_cpus)
     rows = []
     try:
         for n in sizes:
