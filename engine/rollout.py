@@ -235,17 +235,17 @@ class RolloutRunner:
                 ro.overhead_s.append(overhead)
                 self.turn_overhead.add(overhead)
                 self.turn_overhead_cpu.add(pending[1] + turn.client_cpu_s)
-            ids, logprobs, versions, finish, text = turn.ids, turn.logprobs, turn.versions, turn.finish, turn.text
-            turn_text = spec.prefill + text if ro.turns == 0 else text  # the tag the prefill opened belongs to it
+            # The tag the prefill opened belongs to the first turn.
+            turn_text = spec.prefill + turn.text if ro.turns == 0 else turn.text
             ro.turns += 1
-            ro.append(ids, logprobs, versions, generated=True)
-            ro.generated_text += text
-            closer = _closer(finish, text, spec.stop)
+            ro.append(turn.ids, turn.logprobs, turn.versions, generated=True)
+            ro.generated_text += turn.text
+            closer = _closer(turn.finish, turn.text, spec.stop)
             if closer == spec.final_close:
                 ro.end = EndReason.ANSWER if spec.final_close == "</answer>" else EndReason.QUESTION
                 return ro
             if closer is None:
-                if finish.type == "length":
+                if turn.finish.type == "length":
                     ro.end = limit_reason
                 elif _unclosed(ro.generated_text, spec):
                     ro.end = EndReason.MISSING_CLOSER
