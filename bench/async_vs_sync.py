@@ -187,7 +187,7 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
     """Play `spec` with the real engine against `urls` and a SimLearner; return rates, occupancy and the bound.
     `index_dir`: the Tantivy index searched (default: the demo index)."""
     from bench.sim_learner import SimClock, SimLearner, push_s, steady_rate
-    from engine.assemble import open_engine, pool_summary, scheduler_seeds
+    from engine.assemble import build_scheduler, open_engine, pool_summary
     from engine.scheduler import Scheduler
     from engine.stream import TrajectoryStream
     from engine.telemetry import Samples
@@ -235,8 +235,7 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
         stream = TrajectoryStream(learner, max_frame_bytes=cfg.stream.max_frame_bytes,
                                   queue_groups=cfg.stream.queue_groups,
                                   spill_path=artifacts_dir() / "bench" / "async_vs_sync.spill")
-        sched = Scheduler(parts.game, scheduler_seeds(cfg.scheduler), stream, cfg.scheduler,
-                          capacity=spec.capacity * len(urls), solver_group_size=cfg.game.solver_group_size)
+        sched = build_scheduler(cfg, parts, stream)
         sched_holder.append(sched)
         engine_task = asyncio.create_task(sched.run(None), name="bench-engine")
 

@@ -51,20 +51,19 @@ def _config(url: str, *, mode: str, max_inflight: int, seed: int) -> Any:
 
 async def _measure(cfg: Any, *, duration_s: float, ramp_s: float, episodes: int | None) -> dict[str, Any]:
     """Run the engine (eta unbounded) for ramp + duration seconds, or until `episodes` are done; sample gauges."""
-    from engine.assemble import open_engine, pool_summary, scheduler_seeds
-    from engine.scheduler import Scheduler
+    from engine.assemble import build_scheduler, open_engine, pool_summary
     from engine.stream import FileSink, TrajectoryStream
     from engine.telemetry import Samples
 
-    sched_cfg = dataclasses.replace(cfg.scheduler, eta=None)
+    cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, eta=None))
+    sched_cfg = cfg.scheduler
     out = artifacts_dir() / "bench" / f"engine-{sched_cfg.mode}.frames"
     out.unlink(missing_ok=True)
     active, occupancy = Samples(), Samples()
     async with open_engine(cfg) as parts:
         stream = TrajectoryStream(FileSink(out), max_frame_bytes=cfg.stream.max_frame_bytes, queue_groups=4096,
                                   spill_path=out.with_suffix(".spill"))
-        sched = Scheduler(parts.game, scheduler_seeds(sched_cfg), stream, sched_cfg, capacity=4096,
-                          solver_group_size=cfg.game.solver_group_size)
+        sched = build_scheduler(cfg, parts, stream)
         run = asyncio.create_task(sched.run(episodes), name="bench-engine")
         await asyncio.sleep(ramp_s)
         # Measure only the steady state: reset the samples the ramp filled.

@@ -67,8 +67,7 @@ class _Discard:
 
 
 async def measure_size(n: int, urls: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    from engine.assemble import open_engine, pool_summary, scheduler_seeds
-    from engine.scheduler import Scheduler
+    from engine.assemble import build_scheduler, open_engine, pool_summary
     from engine.stream import TrajectoryStream
     from engine.telemetry import Samples
     from ssp.config import load_config
@@ -81,15 +80,15 @@ async def measure_size(n: int, urls: list[str], args: argparse.Namespace) -> dic
         "scheduler.metrics_interval_s=3600", "stream.queue_groups=100000",
         *([f'retriever.index_dir="{args.index}"'] if args.index is not None else []),
     ])
-    sched_cfg = dataclasses.replace(cfg.scheduler, eta=None)  # no learner: nothing to be stale against
+    # No learner: nothing to be stale against.
+    cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, eta=None))
     sink = _Discard()
     stream = TrajectoryStream(sink, max_frame_bytes=cfg.stream.max_frame_bytes, queue_groups=cfg.stream.queue_groups,
                               spill_path=artifacts_dir() / "bench" / "scale.spill")
     active, occupancy, rss = Samples(), Samples(), Samples()
     async with open_engine(cfg) as parts:
         pool, runner = parts.pool, parts.game.runner
-        sched = Scheduler(parts.game, scheduler_seeds(sched_cfg), stream, sched_cfg,
-                          capacity=args.capacity * len(urls), solver_group_size=cfg.game.solver_group_size)
+        sched = build_scheduler(cfg, parts, stream)
         rss0 = _rss_bytes()  # everything but the episodes: imports, tokenizer, index, pool
         task = asyncio.create_task(sched.run(None), name="bench-scale")
         launch_started = time.perf_counter()
