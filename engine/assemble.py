@@ -92,7 +92,7 @@ async def open_engine(cfg: SSPConfig) -> AsyncIterator[EngineParts]:
     """Open the pool, retriever, search batcher and judge, and build the game on them; closes them all on exit."""
     chat = ChatTokenizer.load(cfg.rollout.tokenizer_dir or default_model_dir())
     retriever = make_retriever(cfg.retriever)
-    batcher = SearchBatcher(retriever, cfg.search, k=cfg.retriever.topk)
+    batcher = SearchBatcher(retriever, cfg.search, k=cfg.retriever.topk, prepare=chat.cache_documents)
     try:
         async with InferencePool(cfg.inference) as pool, Judge(cfg.game.judge) as judge:
             runner = RolloutRunner(pool, chat, batcher, cfg.rollout)

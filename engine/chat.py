@@ -13,6 +13,7 @@ document entry (see `encode_information`).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 from array import array
@@ -37,13 +38,21 @@ class _IdsCache:
         self._entries = entries
         self._ids: OrderedDict[Any, array[int]] = OrderedDict()
 
+    def __contains__(self, key: Any) -> bool:
+        return key in self._ids
+
+    def put(self, key: Any, ids: array[int]) -> None:
+        self._ids[key] = ids
+        self._ids.move_to_end(key)
+        if len(self._ids) > self._entries:
+            self._ids.popitem(last=False)
+
     def get(self, key: Any, encode: Callable[[], Sequence[int]]) -> array[int]:
         """The ids cached under `key`, else `array(encode())`, cached."""
         ids = self._ids.get(key)
         if ids is None:
-            ids = self._ids[key] = array("l", encode())
-            if len(self._ids) > self._entries:
-                self._ids.popitem(last=False)
+            ids = array("l", encode())
+            self.put(key, ids)
         else:
             self._ids.move_to_end(key)
         return ids
@@ -75,8 +84,11 @@ class ChatTokenizer:
         self._split = (re.compile("(" + "|".join(map(re.escape, sorted(hard, key=len, reverse=True))) + ")")
                        if hard else None)
         self._pieces = _IdsCache(PIECE_CACHE_ENTRIES)
-        self._fixed = {text: self.encode_tool(text) for text in (INFO_HEADER, INFO_FOOTER, DOC_SEPARATOR, NO_RESULTS)}
+        self._fixed = {text: array("l", self.encode_tool(text))
+                       for text in (INFO_HEADER, INFO_FOOTER, DOC_SEPARATOR, NO_RESULTS)}
         self._docs = _IdsCache(DOC_CACHE_ENTRIES)
+        # A second Rust tokenizer for `cache_documents`' worker thread: the two threads never share one object.
+        self._worker_backend = type(backend).from_str(backend.to_str())
 
     @classmethod
     def load(cls, model_dir: Path) -> ChatTokenizer:
@@ -85,21 +97,34 @@ class ChatTokenizer:
                                     "served model's Hugging Face directory (or run `ssp model prepare`)")
         return cls(_hf_tokenizer(str(model_dir.resolve())))
 
-    def render(self, messages: list[Message], *, prefill: str = "") -> array[int]:
+    async def render(self, messages: list[Message], *, prefill: str = "") -> array[int]:
         """Token ids of the chat up to and including the assistant's generation prompt, then `prefill`.
+
+        Pieces not cached yet (a proposer's answer, a verifier's documents: thousands of tokens, a few ms) are encoded
+        in a worker thread without the GIL, so the event loop keeps serving other rollouts meanwhile.
 
         The prefill (an opening tag such as "<search>", see `engine.prompts.PROPOSER_PREFILLS`) starts the
         assistant turn as part of the prompt: it is encoded once like tool text, carries no loss and no logprobs,
         and the model continues after it. The rollout's tag parsing reads it as the start of the first turn
         (`engine.rollout.RolloutSpec.prefill`)."""
         text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        out: array[int] = array("l")
+        parts: list[str | int] = []
         for piece in self._split.split(text) if self._split is not None else [text]:
             special = self._special_ids.get(piece)
             if special is not None:
-                out.append(special)
+                parts.append(special)
             elif piece:
-                out.extend(self._pieces.get(piece, lambda: self._backend.encode(piece, add_special_tokens=False).ids))
+                parts.append(piece)
+        missing = list(dict.fromkeys(p for p in parts if isinstance(p, str) and p not in self._pieces))
+        if missing:
+            for piece, ids in zip(missing, await asyncio.to_thread(self._encode_batch, missing)):
+                self._pieces.put(piece, ids)
+        out: array[int] = array("l")
+        for part in parts:
+            if isinstance(part, int):
+                out.append(part)
+            else:
+                out.extend(self._pieces.get(part, lambda: self._backend.encode(part, add_special_tokens=False).ids))
         if prefill:
             out.extend(self.encode_tool(prefill))
         return out
@@ -108,25 +133,56 @@ class ChatTokenizer:
         """Token ids of tool output inserted into the assistant turn (no BOS or other special tokens added)."""
         return self._backend.encode(text, add_special_tokens=False).ids
 
-    def encode_information(self, docs: Sequence[Doc]) -> list[int]:
+    def encode_information(self, docs: Sequence[Doc]) -> array[int]:
         """Token ids of `engine.prompts.information_block(docs)`, built from separately encoded pieces.
 
         Each document entry is encoded once and cached: tokenising a ~500-token block per search was the largest
         per-turn cost of the engine. The ids differ from encoding the block in one piece only at the piece
-        boundaries, and they decode to exactly the same text (tests check this).
+        boundaries, and they decode to exactly the same text (tests check this). The pieces are arrays, so joining
+        them copies memory instead of making a Python int per token.
         """
-        ids = list(self._fixed[INFO_HEADER])
+        ids = array("l", self._fixed[INFO_HEADER])
         if not docs:
             ids += self._fixed[NO_RESULTS]
         for k, doc in enumerate(docs, start=1):
             if k > 1:
                 ids += self._fixed[DOC_SEPARATOR]
-            ids += self._docs.get((k, doc.id, doc.title, doc.text), lambda: self.encode_tool(render_doc(k, doc)))
-        return ids + self._fixed[INFO_FOOTER]
+            ids += self._docs.get(_doc_key(k, doc), lambda: self.encode_tool(render_doc(k, doc)))
+        ids += self._fixed[INFO_FOOTER]
+        return ids
+
+    async def cache_documents(self, results: Sequence[Sequence[Doc]]) -> None:
+        """Encode the document entries of a batch of search results that are not cached yet, in a worker thread.
+
+        Why: a passage seen for the first time cost `encode_information` ~4 ms on the event loop (the p99 of a turn
+        at 10k rollouts, `ssp bench scale`). The search batcher awaits this with every batch before it answers the
+        searches, so the rollouts' own `encode_information` finds every entry cached; the Rust tokenizer runs the
+        batch without the GIL, beside the loop. Entries are inserted on the loop thread, the cache's only writer.
+        """
+        todo: dict[tuple[int, str, str, str], str] = {}
+        for docs in results:
+            for k, doc in enumerate(docs, start=1):
+                key = _doc_key(k, doc)
+                if key not in self._docs and key not in todo:
+                    todo[key] = render_doc(k, doc)
+        if not todo:
+            return
+        encoded = await asyncio.to_thread(self._encode_batch, list(todo.values()))
+        for key, ids in zip(todo, encoded):
+            self._docs.put(key, ids)
+
+    def _encode_batch(self, texts: list[str]) -> list[array[int]]:
+        """Ids of each text, no special tokens added (runs in a worker thread, on the worker's own tokenizer)."""
+        return [array("l", e.ids) for e in self._worker_backend.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids, special tokens kept (for parsing and inspection only; never re-encoded)."""
         return str(self._tok.decode(list(ids), skip_special_tokens=False))
+
+
+def _doc_key(k: int, doc: Doc) -> tuple[int, str, str, str]:
+    """The document cache's key: an entry's ids depend on its position (the "Doc k" header) and its content."""
+    return (k, doc.id, doc.title, doc.text)
 
 
 @functools.lru_cache(maxsize=4)

@@ -13,7 +13,6 @@ and URL, classified as retryable or fatal (sglang-api.md §4). Control calls ret
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from array import array
@@ -104,8 +103,9 @@ class ServerClient:
         if status != 200:
             raise _http_error(status, payload, self.url)
         result = parse_generate_response(payload, prompt_len=len(input_ids), url=self.url)
-        return dataclasses.replace(result, client_s=encode_s + time.perf_counter() - started,
-                                   client_cpu_s=encode_cpu_s + time.thread_time() - started_cpu)
+        result.client_s = encode_s + time.perf_counter() - started
+        result.client_cpu_s = encode_cpu_s + time.thread_time() - started_cpu
+        return result
 
     # ---------------------------------------------------------------- control
 
@@ -310,40 +310,44 @@ def parse_generate_response(payload: Any, *, prompt_len: int, url: str) -> Gener
         rid = meta["id"]
     except (KeyError, TypeError):
         raise ProtocolError(f"/generate answer lacks output_ids/meta_info.id: {_clip(payload)}", url=url) from None
-    if not isinstance(output_ids, list) or not _all_ints(output_ids):
-        raise ProtocolError(f"/generate output_ids is not a list of ints: {_clip(output_ids)}", url=url)
-    n = len(output_ids)
+    try:
+        if not isinstance(output_ids, list):
+            raise TypeError
+        ids = array("l", output_ids)  # also the check that every id is an int (in C)
+    except (TypeError, OverflowError):
+        raise ProtocolError(f"/generate output_ids is not a list of ints: {_clip(output_ids)}", url=url) from None
+    n = len(ids)
     raw_logprobs = meta.get("output_token_logprobs")
     if raw_logprobs is None:
         raise ProtocolError("/generate answer has no output_token_logprobs although return_logprob was sent", url=url)
     # NOTE: with no token emitted the server may still send one logprob entry; truncate to the output (§1.3).
     if len(raw_logprobs) < n:
         raise ProtocolError(f"/generate returned {n} output_ids but only {len(raw_logprobs)} logprobs", url=url)
-    # NOTE: this runs for every token of every turn: two bare comprehensions and a C-level type check (an array of
-    # doubles) cost ~0.2 ms for 4,000 tokens, a quarter of a checked per-token loop; only a malformed answer takes
-    # the slow path that names the bad entry.
-    entries = raw_logprobs[:n]
-    try:
-        logprobs = [e[0] for e in entries]
-        entry_tokens = [e[1] for e in entries]
+    # NOTE: this runs for every token of every turn, so the entries are split into columns by zip (in C) and checked
+    # by building typed arrays from them (in C); only a malformed answer takes the slow path that names the bad entry.
+    entries = raw_logprobs if len(raw_logprobs) == n else raw_logprobs[:n]
+    logprobs: array[float] = array("d")
+    if n:
         try:
-            array("d", logprobs)
-        except TypeError:  # orjson writes a -inf logprob as null (§0): keep it as -inf rather than invent a value
-            logprobs = [NEG_INF if v is None else v for v in logprobs]
-            array("d", logprobs)
-    except (TypeError, IndexError, KeyError):
-        i, entry = next((i, e) for i, e in enumerate(entries) if not _is_logprob_entry(e))
-        raise ProtocolError(f"logprob entry {i} {_clip(entry)} is not [logprob, token_id, text]", url=url) from None
-    if entry_tokens != output_ids:
-        i = next(i for i, (a, b) in enumerate(zip(entry_tokens, output_ids)) if a != b)
-        raise ProtocolError(f"logprob entry {i} is for token {entry_tokens[i]}, output_ids[{i}] is {output_ids[i]}",
-                            url=url)
+            logprob_column, token_column = list(zip(*entries))[:2]
+            try:
+                logprobs = array("d", logprob_column)
+            except TypeError:  # orjson writes a -inf logprob as null (§0): keep it as -inf rather than invent a value
+                logprobs = array("d", [NEG_INF if v is None else v for v in logprob_column])
+            entry_tokens = array("l", token_column)
+        except (TypeError, ValueError, OverflowError):
+            i, entry = next(((i, e) for i, e in enumerate(entries) if not _is_logprob_entry(e)), (0, entries[0]))
+            raise ProtocolError(f"logprob entry {i} {_clip(entry)} is not [logprob, token_id, text]", url=url) from None
+        if entry_tokens != ids:
+            i = next(i for i, (a, b) in enumerate(zip(entry_tokens, ids)) if a != b)
+            raise ProtocolError(f"logprob entry {i} is for token {entry_tokens[i]}, output_ids[{i}] is {ids[i]}",
+                                url=url)
     finish = _parse_finish(meta.get("finish_reason"), url)
     weight_version = str(meta.get("weight_version", "default"))
     spans = _parse_spans(meta.get("weight_versions"), n, weight_version, url)
     return GenerateResult(
         rid=str(rid),
-        output_ids=output_ids,
+        output_ids=ids,
         logprobs=logprobs,
         finish=finish,
         weight_version=weight_version,
@@ -359,19 +363,10 @@ def parse_generate_response(payload: Any, *, prompt_len: int, url: str) -> Gener
 NEG_INF = float("-inf")
 
 
-def _all_ints(values: list[Any]) -> bool:
-    """Whether every value is an int (checked in C, by building an int64 array from them)."""
-    try:
-        array("q", values)
-    except (TypeError, OverflowError):
-        return False
-    return True
-
-
 def _is_logprob_entry(entry: Any) -> bool:
     """Whether `entry` reads as [logprob or null, token_id, ...] the way parse_generate_response reads it."""
     try:
-        return (entry[0] is None or isinstance(entry[0], int | float)) and entry[1] is not None
+        return (entry[0] is None or isinstance(entry[0], int | float)) and isinstance(entry[1], int)
     except (TypeError, IndexError, KeyError):
         return False
 

@@ -264,7 +264,7 @@ async def answer_one(runner: RolloutRunner, chat: ChatTokenizer, spec: RolloutSp
                      q: EvalQuestion) -> QuestionRecord:
     """One solver rollout on one question, scored."""
     started = time.perf_counter()
-    prompt = chat.render(solver_messages(q.question))
+    prompt = await chat.render(solver_messages(q.question))
     common: dict[str, Any] = {"dataset": dataset, "id": q.id, "question": q.question,
                               "golden_answers": q.golden_answers}
     try:
@@ -334,7 +334,7 @@ async def _run_all(cfg: SSPConfig, work: Sequence[tuple[str, EvalQuestion]], *, 
     rollout = dataclasses.replace(cfg.rollout, max_turns=cfg.eval.max_turns,
                                   max_new_tokens_per_turn=cfg.eval.max_new_tokens_per_turn)
     retriever = make_retriever(cfg.retriever)
-    batcher = SearchBatcher(retriever, cfg.search, k=cfg.eval.topk)
+    batcher = SearchBatcher(retriever, cfg.search, k=cfg.eval.topk, prepare=chat.cache_documents)
     try:
         async with InferencePool(inference) as pool:
             runner = RolloutRunner(pool, chat, batcher, rollout)

@@ -87,7 +87,7 @@ class Game:
         return self.assemble(proposal, verification, solvers)
 
     async def propose(self, group_id: str, seed: Seed) -> Proposal:
-        prompt = self._chat.render(proposer_messages(seed.answer, seed.hops), prefill=self.proposer_spec.prefill)
+        prompt = await self._chat.render(proposer_messages(seed.answer, seed.hops), prefill=self.proposer_spec.prefill)
         ro = await self.runner.run(prompt, self.proposer_spec, affinity=f"{group_id}-p")
         question = extract_question(ro.generated_text)
         reasons = (["no_question"] if question is None else
@@ -109,7 +109,7 @@ class Game:
 
     async def solve(self, p: Proposal) -> list[SolverRun]:
         assert p.question is not None and not p.reasons, "solve() runs only on valid questions"
-        prompt = self._chat.render(solver_messages(p.question), prefill=self.solver_spec.prefill)
+        prompt = await self._chat.render(solver_messages(p.question), prefill=self.solver_spec.prefill)
         rollouts = await gather_or_cancel([self.runner.run(prompt, self.solver_spec, affinity=f"{p.group_id}-s")
                                            for _ in range(self._cfg.solver_group_size)])
         runs = []

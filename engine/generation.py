@@ -62,13 +62,16 @@ class WeightSpan:
     end: int
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True)
 class GenerateResult:
-    """One finished (or aborted) sample. len(output_ids) == len(logprobs); spans cover [0, len(output_ids))."""
+    """One finished (or aborted) sample. len(output_ids) == len(logprobs); spans cover [0, len(output_ids)).
+
+    Ids and logprobs are `array`s (int64, float64) as the client parses them: the rollout copies them into its own
+    arrays as memory, without a Python object per token. Not frozen: the client fills in its timing once parsed."""
 
     rid: str
-    output_ids: list[int]
-    logprobs: list[float]
+    output_ids: Sequence[int]
+    logprobs: Sequence[float]
     finish: FinishReason
     weight_version: str
     weight_versions: tuple[WeightSpan, ...]

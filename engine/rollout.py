@@ -118,13 +118,23 @@ class Rollout:
     overhead_s: list[float] = field(default_factory=list)
     """Engine time per turn between a generation returning and the next request (search wait excluded)."""
 
-    def append(self, ids: list[int], logprobs: list[float], versions: list[int], *, generated: bool) -> None:
+    def append_generated(self, ids: array[int], logprobs: array[float], versions: array[int]) -> None:
+        """A turn the policy sampled (loss mask 1). Arrays in, so each extend is a copy of memory."""
         start = len(self.response_ids)
         self.response_ids.extend(ids)
-        self.loss_mask.extend([1 if generated else 0] * len(ids))
+        self.loss_mask.frombytes(b"\x01" * len(ids))
         self.logprobs.extend(logprobs)
         self.versions.extend(versions)
-        self.segments.append(Segment("gen" if generated else "tool", start, len(self.response_ids)))
+        self.segments.append(Segment("gen", start, len(self.response_ids)))
+
+    def append_tool(self, ids: array[int]) -> None:
+        """A tool block (loss mask 0, logprob 0.0, version -1), written as bytes: no per-token Python objects."""
+        start = len(self.response_ids)
+        self.response_ids.extend(ids)
+        self.loss_mask.frombytes(bytes(len(ids)))
+        self.logprobs.frombytes(bytes(self.logprobs.itemsize * len(ids)))  # all-zero bytes are 0.0
+        self.versions.frombytes(b"\xff" * (self.versions.itemsize * len(ids)))  # all-one bytes are -1
+        self.segments.append(Segment("tool", start, len(self.response_ids)))
 
     @property
     def generated_tokens(self) -> int:
@@ -165,16 +175,16 @@ def parse_version(version: str) -> int:
                            "set weight versions to str(policy_version)") from None
 
 
-def token_versions(result: GenerateResult) -> list[int]:
+def token_versions(result: GenerateResult) -> array[int]:
     """One policy version per output token, from the result's weight_versions spans."""
     n = len(result.output_ids)
     if not result.weight_versions:
-        return [parse_version(result.weight_version)] * n
-    out = [-1] * n
+        return array("l", [parse_version(result.weight_version)]) * n
+    out = array("l", [-1]) * n
     for span in result.weight_versions:
         start, end = max(0, span.start), min(n, span.end)
         if end > start:
-            out[start:end] = [parse_version(span.version)] * (end - start)  # slices: no per-token Python loop
+            out[start:end] = array("l", [parse_version(span.version)]) * (end - start)  # no per-token Python loop
     if -1 in out:
         raise RolloutError(f"request {result.rid}: weight_versions {result.weight_versions} do not cover all "
                            f"{n} output tokens")
@@ -238,7 +248,7 @@ class RolloutRunner:
             # The tag the prefill opened belongs to the first turn.
             turn_text = spec.prefill + turn.text if ro.turns == 0 else turn.text
             ro.turns += 1
-            ro.append(turn.ids, turn.logprobs, turn.versions, generated=True)
+            ro.append_generated(turn.ids, turn.logprobs, turn.versions)
             ro.generated_text += turn.text
             closer = _closer(turn.finish, turn.text, spec.stop)
             if closer == spec.final_close:
@@ -279,20 +289,20 @@ class RolloutRunner:
                 return ro
             ro.searches.append(SearchRecord(query, len(docs)))
             ro.docs.append(docs)
-            ro.append(block, [0.0] * len(block), [-1] * len(block), generated=False)
+            ro.append_tool(block)
 
     async def _generate_turn(self, ro: Rollout, sampling: SamplingParams, affinity: str) -> TurnOutput:
         """One turn; an aborted generation is re-sent with its partial output until it finishes."""
         context = ro.prompt_ids + ro.response_ids  # an array: in-flight requests hold no int lists (engine.client)
-        ids: list[int] = []
-        logprobs: list[float] = []
-        versions: list[int] = []
+        ids: array[int] = array("l")
+        logprobs: array[float] = array("d")
+        versions: array[int] = array("l")
         texts: list[str] = []
         client_s = client_cpu_s = 0.0
         for attempt in range(self._cfg.max_resumes + 1):
             left = sampling.max_new_tokens - len(ids)
             try:
-                res = await self._gen.generate(context + array("l", ids),
+                res = await self._gen.generate(context + ids, sampling if not attempt else
                                                dataclasses.replace(sampling, max_new_tokens=left), affinity=affinity)
             except InferenceError as e:
                 raise RolloutError(f"generation failed: {e}") from e
@@ -318,9 +328,9 @@ class RolloutRunner:
 class TurnOutput:
     """One assistant turn as generated (over one or more requests, if aborted ones were resumed)."""
 
-    ids: list[int]
-    logprobs: list[float]
-    versions: list[int]
+    ids: array[int]
+    logprobs: array[float]
+    versions: array[int]
     finish: FinishReason
     text: str
     client_s: float

@@ -5,6 +5,10 @@
     rollout ─ search(q) ─┘   sent when full or    └─  each bounded by timeout_s)                 ┘   per query
                              window_ms after the first query arrived
 
+`prepare`, when given, is awaited with each batch's results before its searches are answered (the engine passes
+`ChatTokenizer.cache_documents`: the documents are encoded once per batch, off the event loop, instead of inside each
+rollout's turn).
+
 A failed or timed-out batch fails exactly its own searches with `SearchError` (the rollouts that asked see it and
 report it); other batches and later searches are unaffected, and nothing waits longer than `timeout_s` plus the
 wait for a free batch slot. The batcher does not own the retriever: whoever built it closes it.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.config import SearchBatcherConfig
@@ -53,8 +58,10 @@ class SearchStats:
 class SearchBatcher:
     """`await batcher.search("query")` -> top-k docs; many coroutines may call it at once."""
 
-    def __init__(self, retriever: Retriever, cfg: SearchBatcherConfig, *, k: int) -> None:
+    def __init__(self, retriever: Retriever, cfg: SearchBatcherConfig, *, k: int,
+                 prepare: Callable[[Sequence[Sequence[Doc]]], Awaitable[None]] | None = None) -> None:
         self._retriever = retriever
+        self._prepare = prepare
         self._cfg = cfg
         self._k = k
         self._pending: list[tuple[str, asyncio.Future[list[Doc]]]] = []
@@ -121,6 +128,11 @@ class SearchBatcher:
             err = e if isinstance(e, SearchError) else SearchError(f"retriever failed: {type(e).__name__}: {e}")
             self._fail(batch, err)
             return
+        if self._prepare is not None:
+            try:
+                await self._prepare(results)
+            except Exception as e:  # the results stand; each rollout then encodes its own documents and sees any error
+                log.warning("preparing the results of a search batch failed: %s: %s", type(e).__name__, e)
         for (_, fut), docs in zip(batch, results):
             if not fut.done():
                 fut.set_result(list(docs))

@@ -72,7 +72,7 @@ class Verifier:
                                 max_new_tokens=cfg.verify_max_new_tokens, prefill=cfg.verifier_prefill)
 
     async def verify(self, question: str, aliases: Sequence[str], documents: str, *, affinity: str) -> Verification:
-        prompt = self._chat.render(verifier_messages(question, documents), prefill=self.spec.prefill)
+        prompt = await self._chat.render(verifier_messages(question, documents), prefill=self.spec.prefill)
         rollouts = await gather_or_cancel([self._runner.run(prompt, self.spec, affinity=affinity)
                                            for _ in range(self._cfg.verify_samples)])
         verdicts = [await self._judge.judge(question, extract_answer(r.generated_text), aliases) for r in rollouts]

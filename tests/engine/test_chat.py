@@ -27,13 +27,13 @@ def _messages() -> list[list[dict[str, str]]]:
             + [verifier_messages(f"What is {t}?", docs[i:i + 3]) for i, t in enumerate(ODD_TEXTS)])
 
 
-def test_render_matches_the_chat_template_encoded_whole(chat: ChatTokenizer) -> None:
+async def test_render_matches_the_chat_template_encoded_whole(chat: ChatTokenizer) -> None:
     tok = chat._tok  # the Hugging Face tokenizer the engine wraps: the reference
     for messages in _messages():
         whole = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         whole = whole["input_ids"] if hasattr(whole, "keys") else whole
-        assert chat.render(messages).tolist() == list(whole), messages
-        assert chat.render(messages).tolist() == list(whole)  # again, from the piece cache
+        assert (await chat.render(messages)).tolist() == list(whole), messages
+        assert (await chat.render(messages)).tolist() == list(whole)  # again, from the piece cache
 
 
 

@@ -192,6 +192,7 @@ def _payload(**meta: object) -> dict[str, object]:
     ([[-1.0, 7, None], 8], 1),  # an entry that is not a list
     ([[-1.0, 7, None], [-1.0]], 1),  # no token id
     ([[-1.0, 7, None], {"a": 1}], 1),
+    ([[-1.0, 7, None], [-1.0, 8.5, None]], 1),  # a token id that is not an int
 ])
 def test_malformed_logprob_entries_are_named(entries: list[object], bad: int) -> None:
     with pytest.raises(ProtocolError, match=f"logprob entry {bad} .* is not \\[logprob, token_id, text\\]"):
@@ -200,7 +201,8 @@ def test_malformed_logprob_entries_are_named(entries: list[object], bad: int) ->
 
 def test_parse_defaults_and_null_logprob() -> None:
     result = parse_generate_response(_payload(), prompt_len=3, url="u")
-    assert result.logprobs == [-0.5, float("-inf")]  # orjson writes -inf as null
+    assert result.logprobs.tolist() == [-0.5, float("-inf")]  # orjson writes -inf as null
+    assert result.output_ids.tolist() == [7, 8]
     assert result.prompt_tokens == 3 and result.cached_tokens == 0  # missing on an abort while queued
     assert [(s.version, s.start, s.end) for s in result.weight_versions] == [("5", 0, 2)]  # older servers
 
@@ -209,7 +211,7 @@ def test_parse_truncates_extra_logprob_and_rejects_misalignment() -> None:
     empty = {"text": "", "output_ids": [], "meta_info": {"id": "r", "finish_reason": {"type": "abort",
              "message": "Aborted"}, "output_token_logprobs": [[-1.0, 5, None]]}}
     result = parse_generate_response(empty, prompt_len=1, url="u")
-    assert result.logprobs == [] and result.weight_versions == () and result.finish.message == "Aborted"
+    assert len(result.logprobs) == 0 and result.weight_versions == () and result.finish.message == "Aborted"
     with pytest.raises(ProtocolError, match="only 1 logprobs"):
         parse_generate_response(_payload(output_token_logprobs=[[-1.0, 7, None]]), prompt_len=1, url="u")
     with pytest.raises(ProtocolError, match="is for token 9"):

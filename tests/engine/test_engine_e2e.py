@@ -80,8 +80,8 @@ async def test_rollout_on_the_reference_server_lines_up(ref_server: str, demo_in
     from engine.prompts import proposer_messages
 
     p = trajs[0]
-    assert p.prompt_ids == chat.render(proposer_messages(p.meta["answer"][0], p.meta["hops"]),
-                                       prefill=cfg.game.proposer_prefill).tolist()
+    assert p.prompt_ids == (await chat.render(proposer_messages(p.meta["answer"][0], p.meta["hops"]),
+                                              prefill=cfg.game.proposer_prefill)).tolist()
     assert {t.group_id for t in trajs} == {p.group_id}
     assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])["event"] == "summary"
 
@@ -111,9 +111,10 @@ async def test_self_play_with_prefills_yields_all_three_roles_that_line_up(ref_s
     from engine.prompts import proposer_messages, solver_messages
 
     # The prefill is the end of the prompt (never trained); the response starts after it.
-    assert p.prompt_ids == chat.render(proposer_messages("M.I.T.", 2), prefill="<question>").tolist()
+    assert p.prompt_ids == (await chat.render(proposer_messages("M.I.T.", 2), prefill="<question>")).tolist()
     solver = trajs[3]
-    assert solver.prompt_ids == chat.render(solver_messages(p.meta["question"]), prefill="<search>").tolist()
+    assert solver.prompt_ids == (await chat.render(solver_messages(p.meta["question"]),
+                                                  prefill="<search>")).tolist()
     assert chat.decode(trajs[1].prompt_ids).endswith("<answer>")
     retriever = TantivyRetriever(demo_index, threads=1)
     try:

@@ -79,7 +79,7 @@ async def _run(chat: ChatTokenizer, turns: list[Turn], cfg: RolloutConfig | None
     docs = Docs()
     batcher = SearchBatcher(docs, SearchBatcherConfig(window_ms=0), k=2)
     runner = RolloutRunner(gen, chat, batcher, cfg or RolloutConfig())
-    prompt = chat.render(solver_messages("What is the capital of France?"))
+    prompt = await chat.render(solver_messages("What is the capital of France?"))
     try:
         return await runner.run(prompt, spec, affinity="ep-1"), gen, docs
     finally:
@@ -112,7 +112,7 @@ async def test_search_then_answer(chat: ChatTokenizer) -> None:
     assert (gen1.kind, tool.kind, gen2.kind) == ("gen", "tool", "gen")
     # The tool span is exactly the rendered information block, encoded once.
     tool_ids = ro.response_ids[tool.start:tool.end].tolist()
-    assert tool_ids == chat.encode_information(ro.docs[0])
+    assert tool_ids == chat.encode_information(ro.docs[0]).tolist()
     assert chat.decode(tool_ids) == information_block(ro.docs[0])
     # Each turn sends the running ids: prompt + everything appended so far, never re-tokenised text.
     assert gen.calls[1][0] == (ro.prompt_ids + ro.response_ids[:tool.end]).tolist()
@@ -138,7 +138,7 @@ async def test_budgets_cap_each_turn_and_end_the_rollout(chat: ChatTokenizer) ->
     # A tool block that would overflow the response budget is not appended.
     ro, _, _ = await _run(chat, [Turn("<search> a </search>", STOP_SEARCH)], RolloutConfig(max_response_tokens=40))
     assert ro.end is EndReason.RESPONSE_BUDGET and not ro.searches
-    prompt_len = len(chat.render(solver_messages("What is the capital of France?")))
+    prompt_len = len(await chat.render(solver_messages("What is the capital of France?")))
     ro, gen, _ = await _run(chat, [Turn("x " * 5, FinishReason("length"))], RolloutConfig(max_context_tokens=prompt_len + 7))
     assert gen.calls[0][1].max_new_tokens == 7 and ro.end is EndReason.CONTEXT_BUDGET
 
@@ -205,6 +205,17 @@ def test_information_block_encoding_is_cached_and_exact(chat: ChatTokenizer) -> 
     assert chat.decode(chat.encode_information(changed)) == information_block(changed)
 
 
+async def test_documents_cached_in_a_batch_encode_exactly_as_alone(model_dir: Path) -> None:
+    docs = [Doc("c", "Ada Lovelace", "Augusta Ada King, Countess of Lovelace,  was an English mathematician.", 1.0),
+            Doc("d", "Zürich", "Zürich is the largest city in Switzerland.\nIt lies on Lake Zürich.", 2.0)]
+    alone = ChatTokenizer.load(model_dir).encode_information(docs)
+    batched = ChatTokenizer.load(model_dir)
+    await batched.cache_documents([docs, docs[1:]])
+    batched.encode_tool = lambda text: pytest.fail(f"{text!r} was not cached")  # type: ignore[method-assign]
+    assert batched.encode_information(docs) == alone
+    assert batched.encode_information(docs[1:]) == ChatTokenizer.load(model_dir).encode_information(docs[1:])
+
+
 async def test_verifier_spec_does_not_search(chat: ChatTokenizer) -> None:
     spec = RolloutSpec(final_open="<answer>", final_close="</answer>", search=False, temperature=0.0, max_new_tokens=9)
     gen = ScriptedGenerator(chat, [Turn("<answer>Paris</answer>", STOP_ANSWER)])
@@ -217,8 +228,8 @@ async def test_verifier_spec_does_not_search(chat: ChatTokenizer) -> None:
 async def test_prefilled_opening_tag_is_prompt_and_opens_the_first_turn(chat: ChatTokenizer) -> None:
     spec = dataclasses.replace(SOLVER, prefill="<search>")
     messages = solver_messages("What is the capital of France?")
-    prompt = chat.render(messages, prefill=spec.prefill)
-    assert prompt.tolist() == chat.render(messages).tolist() + chat.encode_tool("<search>")
+    prompt = await chat.render(messages, prefill=spec.prefill)
+    assert prompt.tolist() == (await chat.render(messages)).tolist() + chat.encode_tool("<search>")
 
     async def run(*turns: Turn, spec: RolloutSpec = spec) -> Rollout:
         batcher = SearchBatcher(Docs(), SearchBatcherConfig(window_ms=0), k=2)

@@ -27,7 +27,7 @@ async def test_abort_pause_resumes_rollouts_and_keeps_versions(sim_launcher, mod
     batcher = SearchBatcher(TinyRetriever(), SearchBatcherConfig(window_ms=1), k=2)
     async with InferencePool(InferenceConfig(server_urls=(server.url,))) as pool:
         runner = RolloutRunner(pool, chat, batcher, cfg)
-        prompt = chat.render(solver_messages("Which river flows through the capital of Austria?"))
+        prompt = await chat.render(solver_messages("Which river flows through the capital of Austria?"))
         tasks = [asyncio.create_task(runner.run(prompt, spec, affinity=f"r{i}")) for i in range(16)]
         await asyncio.sleep(0.5)
         assert runner.active > 0

@@ -73,3 +73,32 @@ async def test_close_fails_waiting_searches_and_refuses_new_ones() -> None:
         await waiting
     with pytest.raises(SearchError, match="closed"):
         await batcher.search("y")
+
+
+async def test_prepare_sees_each_batch_before_its_searches_are_answered() -> None:
+    prepared: list[list[str]] = []
+
+    async def prepare(results: object) -> None:
+        await asyncio.sleep(0.01)
+        prepared.append([docs[0].title for docs in results])  # type: ignore[attr-defined]
+
+    batcher = SearchBatcher(EchoRetriever(), SearchBatcherConfig(max_batch=2, window_ms=20), k=1, prepare=prepare)
+
+    async def search(q: str) -> int:
+        await batcher.search(q)
+        return len(prepared)  # how many batches were prepared when this search was answered
+
+    seen = await asyncio.gather(search("a"), search("b"), search("c"))
+    assert sorted(map(sorted, prepared)) == [["a", "b"], ["c"]]
+    assert seen[0] >= 1 and seen[1] >= 1 and seen[2] >= 1
+    await batcher.close()
+
+
+async def test_a_failing_prepare_leaves_the_results_standing() -> None:
+    async def prepare(results: object) -> None:
+        raise ValueError("tokenizer broke")
+
+    batcher = SearchBatcher(EchoRetriever(), SearchBatcherConfig(window_ms=0), k=1, prepare=prepare)
+    assert (await batcher.search("q"))[0].title == "q"
+    assert batcher.stats.failed_batches == 0
+    await batcher.close()
