@@ -607,11 +607,11 @@ class Front:
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(text=dumps(obj), status=status, content_type="application/json")
+    return web.Response(body=dumps(obj), status=status, content_type="application/json")
 
 
 def sse(obj: Any) -> bytes:
-    return f"data: {dumps(obj)}\n\n".encode()
+    return b"data: " + dumps(obj) + b"\n\n"
 
 
 def _bound_address(request: web.Request) -> tuple[str, int]:
@@ -630,9 +630,12 @@ def create_app(backend: Backend, cfg: ServingConfig) -> web.Application:
     return app
 
 
-async def run_app(app: web.Application, host: str, port: int, *, on_bound: Callable[[str], None]) -> None:
-    """Serve until cancelled. `on_bound(url)` is called once the port is open (port 0 = pick a free one)."""
-    runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=75.0)
+async def run_app(app: web.Application, host: str, port: int, *, on_bound: Callable[[str], None],
+                  log_requests: bool = False) -> None:
+    """Serve until cancelled. `on_bound(url)` is called once the port is open (port 0 = pick a free one).
+    `log_requests`: one access-log line per HTTP request (ServingConfig.log_requests)."""
+    runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=75.0,
+                           access_log=logging.getLogger("aiohttp.access") if log_requests else None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, backlog=1024)

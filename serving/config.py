@@ -40,6 +40,9 @@ class ServingConfig:
     """If set, every route except /health*, /ready needs `Authorization: Bearer <api_key>`."""
     admin_api_key: str | None = None
     """If set, control routes (abort, pause, flush, weight updates) need this key instead of api_key."""
+    log_requests: bool = False
+    """One log line per HTTP request (method, path, status). Off by default, as in SGLang (`--log-requests`): at
+    thousands of requests a second the lines cost the server more CPU than the simulated model does."""
     served_model_name: str | None = None
     """Name reported by /model_info and /v1/models; unset means the model path."""
     old_server: bool = False

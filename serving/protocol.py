@@ -11,16 +11,16 @@ SGLang's order and error shapes, because clients (ours and others) branch on the
 from __future__ import annotations
 
 import json
-import math
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import orjson
 
 from serving.backend import GenerateOutput, GenerateRequest, ModelDescription, SamplingOptions, TopLogprobs
 
 ErrorKind = Literal["request", "contract", "invalid"]
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 GREEDY_TEMPERATURE = 1e-6
 """SGLang treats temperature below this as greedy."""
 MAX_STOP_STRINGS = 32
@@ -62,49 +62,22 @@ def error_response(message: str, status: int) -> dict[str, Any]:
 # ---- JSON ----------------------------------------------------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON (non-finite numbers are rejected)")
-
-
-def _parse_int(s: str) -> int:
-    v = int(s)
-    if not INT64_MIN <= v <= 2**64 - 1:
-        raise ValueError(f"integer {s} does not fit in 64 bits")
-    return v
-
-
-def _parse_float(s: str) -> float:
-    v = float(s)
-    if not math.isfinite(v):
-        raise ValueError(f"number {s} is out of range")
-    return v
-
-
 def parse_json(raw: bytes, *, required: bool = True) -> Any:
-    """Parse a request body as strict JSON (like orjson: no NaN/Infinity, integers within 64 bits)."""
+    """Parse a request body as strict JSON with orjson, as SGLang does: no NaN/Infinity, no number out of double
+    range; an integer beyond 64 bits reads as a float, which the field checks then reject where an int belongs."""
     if not raw.strip():
         if required:
             raise ApiError("request", "Field required: the request body is missing; send a JSON object (at least {})")
         return {}
     try:
-        return json.loads(raw, parse_constant=_reject_constant, parse_int=_parse_int, parse_float=_parse_float)
-    except (ValueError, RecursionError) as e:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
         raise ApiError("request", f"JSON decode error: {e}") from None
 
 
-def dumps(obj: Any) -> str:
-    """Serialize a response; non-finite floats become null (as orjson does)."""
-    return json.dumps(_finite(obj), separators=(",", ":"), ensure_ascii=False)
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+def dumps(obj: Any) -> bytes:
+    """Serialize a response as SGLang does (orjson: compact UTF-8, non-finite floats become null)."""
+    return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
 
 
 # ---- serde-style type descriptions (the contract gate's messages) --------------------------------------------------
@@ -308,7 +281,8 @@ def _per_item(body: dict[str, Any], key: str, default: Any, n_items: int, check:
 
 
 def _is_int_list(v: Any) -> bool:
-    return isinstance(v, list) and all(_is_int(x) for x in v)
+    # NOTE: the types are collected in C (map, set): input_ids are thousands of ids per request; bools are not ints.
+    return isinstance(v, list) and (not v or set(map(type, v)) == {int})
 
 
 def parse_generate(body: Any, *, desc: ModelDescription, encode: Any) -> GenerateCall:
@@ -475,7 +449,9 @@ def format_output(
         meta["input_token_logprobs"] = (
             [] if start < 0 else [entry(lp, t) for lp, t in zip(out.input_logprobs, req.input_ids[start:])]
         )
-        meta["output_token_logprobs"] = [entry(lp, t) for lp, t in zip(out.output_logprobs, out.output_ids)]
+        meta["output_token_logprobs"] = (
+            [[lp, t, None] for lp, t in zip(out.output_logprobs, out.output_ids)] if token_text is None
+            else [entry(lp, t) for lp, t in zip(out.output_logprobs, out.output_ids)])
         meta["output_token_logprobs_length"] = len(meta["output_token_logprobs"])
         if req.top_logprobs_num > 0:
             meta["input_top_logprobs"] = tops(out.input_top_logprobs)

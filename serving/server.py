@@ -41,7 +41,7 @@ def serve(cfg: ServingConfig, *, sim: bool = False, sim_profile: Path | None = N
         print(f"{READY_LINE}{url}", flush=True)
 
     try:
-        uvloop.run(run_app(app, cfg.host, cfg.port, on_bound=on_bound))
+        uvloop.run(run_app(app, cfg.host, cfg.port, on_bound=on_bound, log_requests=cfg.log_requests))
     except KeyboardInterrupt:
         pass
     return 0
