@@ -39,3 +39,27 @@ def pin(pid: int, cpus: set[int] | None) -> bool:
         return True
     except (AttributeError, OSError):
         return False
+
+
+def pin_helper_threads(cpus: set[int] | None) -> int:
+    """Move every thread of this process but the main one (the event loop's) to `cpus`; returns how many moved.
+
+    Why: a thread inherits the affinity of the thread that starts it, so after `place_engine` the engine's helper
+    threads (Tantivy searches, document encoding; they run Rust code without the GIL) would share the loop's one core
+    and preempt the loop in the middle of a turn. In a deployment they run on other cores; so they do here. Call it
+    again after new threads may have started (executors start theirs lazily).
+    """
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return 0
+    import threading
+
+    main = threading.main_thread().native_id
+    moved = 0
+    for tid in map(int, os.listdir("/proc/self/task")):
+        if tid != main and os.sched_getaffinity(tid) != cpus:
+            try:
+                os.sched_setaffinity(tid, cpus)
+                moved += 1
+            except OSError:  # the thread ended meanwhile
+                pass
+    return moved

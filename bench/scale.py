@@ -66,7 +66,9 @@ class _Discard:
         return None
 
 
-async def measure_size(n: int, urls: list[str], args: argparse.Namespace) -> dict[str, Any]:
+async def measure_size(n: int, urls: list[str], args: argparse.Namespace, helper_cpus: set[int] | None
+                       ) -> dict[str, Any]:
+    from bench.cores import pin_helper_threads
     from engine.assemble import build_scheduler, open_engine, pool_summary
     from engine.stream import TrajectoryStream
     from engine.telemetry import Samples
@@ -78,6 +80,10 @@ async def measure_size(n: int, urls: list[str], args: argparse.Namespace) -> dic
         f"inference.server_urls=[{url_list}]", f"inference.capacity_per_server={args.capacity}",
         'scheduler.mode="async"', f"scheduler.max_inflight={n}", f"scheduler.episodes_per_step={n}",
         "scheduler.metrics_interval_s=3600", "stream.queue_groups=100000",
+        # The launch burst opens capacity x servers connections at once to simulated servers that share one core,
+        # with the engine's loop saturated by thousands of first turns: the 5 s budgets meant for real servers
+        # would eject healthy ones (the run reports ejections; there should be none).
+        "inference.connect_timeout_s=60", "inference.health_timeout_s=30",
         *([f'retriever.index_dir="{args.index}"'] if args.index is not None else []),
     ])
     # No learner: nothing to be stale against.
@@ -94,6 +100,7 @@ async def measure_size(n: int, urls: list[str], args: argparse.Namespace) -> dic
         launch_started = time.perf_counter()
         while sched.counters.launched < n and not task.done():  # the launch burst renders n prompts
             await asyncio.sleep(0.25)
+            pin_helper_threads(helper_cpus)
         launch_s = time.perf_counter() - launch_started
         await asyncio.sleep(args.ramp)
         runner.turn_overhead = Samples(size=200_000)
@@ -102,6 +109,7 @@ async def measure_size(n: int, urls: list[str], args: argparse.Namespace) -> dic
         frames0, start = sink.frames, time.perf_counter()
         while time.perf_counter() - start < args.duration and not task.done():
             await asyncio.sleep(0.25)
+            pin_helper_threads(helper_cpus)
             active.add(runner.active)
             occupancy.add(pool_summary(pool)["slot_occupancy"])
             rss.add(_rss_bytes())
@@ -127,6 +135,7 @@ async def measure_size(n: int, urls: list[str], args: argparse.Namespace) -> dic
             "loop_lag_p99_ms": round(lag.percentile(99) * 1e3, 2),
             "loop_lag_max_ms": round(lag.max * 1e3, 2),
             "slot_occupancy_mean": round(occupancy.mean(), 4),
+            "server_ejections": pool.metrics().ejections,
             "rss_mb": round(rss.percentile(50) / 2**20, 1),
             "memory_per_rollout_kb": round((rss.percentile(50) - rss0) / 1024 / max(1.0, active.percentile(50)),
                                            1),
@@ -161,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         for n in sizes:
             print(f"scale: {n} episodes in flight on {args.servers} sim servers (x{args.time_scale}); ramp "
                   f"{args.ramp}s, measured {args.duration}s ...", flush=True)
-            r = uvloop.run(measure_size(n, servers.urls, args))
+            r = uvloop.run(measure_size(n, servers.urls, args, placement.server_cpus))
             print(f"  rollouts in flight {r['rollouts_in_flight_p50']}, {r['turns_measured']} turns, overhead "
                   f"p50/p99 {r['turn_overhead_p50_ms']}/{r['turn_overhead_p99_ms']} ms, loop lag p99 "
                   f"{r['loop_lag_p99_ms']} ms, {r['memory_per_rollout_kb']} KB per rollout", flush=True)
