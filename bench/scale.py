@@ -12,6 +12,8 @@ against --servers `ssp model serve --sim` processes (7B profile). After --ramp s
   - rollouts in flight, server slot occupancy, turns/s;
   - memory per rollout: (resident set now - resident set once the engine is built, before any episode) / rollouts
     in flight.
+Placement: the engine's event-loop thread alone on the first core; its helper threads (Tantivy searches, tokenizer)
+and the simulated servers on the others (bench.cores). The run also counts server ejections (there should be none).
 Goal: per-turn overhead p99 under 1 ms at the largest size; a size with no completed turn in the window fails (no
 measurement is not a pass). Writes artifacts/bench/scale.json (+ .md).
 """
@@ -197,12 +199,13 @@ def markdown(results: dict[str, Any]) -> str:
              f"{a['servers']} simulated 7B servers at time scale {a['time_scale']}, {a['capacity']} slots each; "
              f"ramp {a['ramp']} s, measured {a['duration']} s per size.", "",
              "| episodes in flight | launch s | rollouts in flight | turns measured | turn overhead p50 ms | p99 ms | "
-             "CPU p50 ms | CPU p99 ms | loop lag p50 ms | p99 ms | max ms | slot occupancy | KB per rollout |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "CPU p50 ms | CPU p99 ms | loop lag p50 ms | p99 ms | max ms | slot occupancy | KB per rollout | "
+             "server ejections |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["sizes"]:
         lines.append(f"| {r['episodes_in_flight']} | {r['launch_s']} | {r['rollouts_in_flight_p50']} | "
                      f"{r['turns_measured']} | {r['turn_overhead_p50_ms']} | {r['turn_overhead_p99_ms']} | "
                      f"{r['turn_cpu_p50_ms']} | {r['turn_cpu_p99_ms']} | {r['loop_lag_p50_ms']} | "
                      f"{r['loop_lag_p99_ms']} | {r['loop_lag_max_ms']} | {r['slot_occupancy_mean']} | "
-                     f"{r['memory_per_rollout_kb']} |")
+                     f"{r['memory_per_rollout_kb']} | {r.get('server_ejections', '-')} |")
     return "\n".join(lines) + "\n"

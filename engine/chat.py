@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.prompts import DOC_SEPARATOR, INFO_FOOTER, INFO_HEADER, NO_RESULTS, Message, render_doc
+from engine.prompts import INFO_FOOTER, INFO_HEADER, NO_RESULTS, Message, doc_pieces
 from retriever.protocol import Doc
 
 DOC_CACHE_ENTRIES = 65536
@@ -85,7 +85,7 @@ class ChatTokenizer:
                        if hard else None)
         self._pieces = _IdsCache(PIECE_CACHE_ENTRIES)
         self._fixed = {text: array("l", self.encode_tool(text))
-                       for text in (INFO_HEADER, INFO_FOOTER, DOC_SEPARATOR, NO_RESULTS)}
+                       for text in (INFO_HEADER, INFO_FOOTER, NO_RESULTS)}
         self._docs = _IdsCache(DOC_CACHE_ENTRIES)
         # A second Rust tokenizer for `cache_documents`' worker thread: the two threads never share one object.
         self._worker_backend = type(backend).from_str(backend.to_str())
@@ -97,11 +97,14 @@ class ChatTokenizer:
                                     "served model's Hugging Face directory (or run `ssp model prepare`)")
         return cls(_hf_tokenizer(str(model_dir.resolve())))
 
-    async def render(self, messages: list[Message], *, prefill: str = "") -> array[int]:
+    async def render(self, messages: list[Message], *, prefill: str = "", documents: Sequence[Doc] = ()
+                     ) -> array[int]:
         """Token ids of the chat up to and including the assistant's generation prompt, then `prefill`.
 
-        Pieces not cached yet (a proposer's answer, a verifier's documents: thousands of tokens, a few ms) are encoded
-        in a worker thread without the GIL, so the event loop keeps serving other rollouts meanwhile.
+        Pieces not cached yet (a proposer's answer, a question) are encoded in a worker thread without the GIL, so
+        the event loop keeps serving other rollouts meanwhile. `documents`: documents whose `render_docs` text the
+        messages contain (a verifier's); the chat is also cut at their pieces, which come from the document cache
+        (the passages were encoded when searches returned them), so thousands of tokens are not encoded again.
 
         The prefill (an opening tag such as "<search>", see `engine.prompts.PROPOSER_PREFILLS`) starts the
         assistant turn as part of the prompt: it is encoded once like tool text, carries no loss and no logprobs,
@@ -115,16 +118,19 @@ class ChatTokenizer:
                 parts.append(special)
             elif piece:
                 parts.append(piece)
-        missing = list(dict.fromkeys(p for p in parts if isinstance(p, str) and p not in self._pieces))
-        if missing:
-            for piece, ids in zip(missing, await asyncio.to_thread(self._encode_batch, missing)):
-                self._pieces.put(piece, ids)
+        doc_parts = [p for p in doc_pieces(documents) if p]
+        if doc_parts:
+            parts = _cut_at(parts, doc_parts)
+        known = set(doc_parts)
+        await self._cache_missing(self._pieces, [p for p in parts if isinstance(p, str) and p not in known])
+        await self._cache_missing(self._docs, doc_parts)
         out: array[int] = array("l")
         for part in parts:
             if isinstance(part, int):
                 out.append(part)
             else:
-                out.extend(self._pieces.get(part, lambda: self._backend.encode(part, add_special_tokens=False).ids))
+                cache = self._docs if part in known else self._pieces
+                out.extend(cache.get(part, lambda: self._backend.encode(part, add_special_tokens=False).ids))
         if prefill:
             out.extend(self.encode_tool(prefill))
         return out
@@ -136,40 +142,34 @@ class ChatTokenizer:
     def encode_information(self, docs: Sequence[Doc]) -> array[int]:
         """Token ids of `engine.prompts.information_block(docs)`, built from separately encoded pieces.
 
-        Each document entry is encoded once and cached: tokenising a ~500-token block per search was the largest
-        per-turn cost of the engine. The ids differ from encoding the block in one piece only at the piece
-        boundaries, and they decode to exactly the same text (tests check this). The pieces are arrays, so joining
-        them copies memory instead of making a Python int per token.
+        Each document piece (`engine.prompts.doc_pieces`) is encoded once and cached: tokenising a ~500-token block
+        per search was the largest per-turn cost of the engine. The pieces are arrays, so joining them copies memory
+        instead of making a Python int per token.
         """
         ids = array("l", self._fixed[INFO_HEADER])
         if not docs:
             ids += self._fixed[NO_RESULTS]
-        for k, doc in enumerate(docs, start=1):
-            if k > 1:
-                ids += self._fixed[DOC_SEPARATOR]
-            ids += self._docs.get(_doc_key(k, doc), lambda: self.encode_tool(render_doc(k, doc)))
+        for piece in doc_pieces(docs):
+            ids += self._docs.get(piece, lambda: self.encode_tool(piece))
         ids += self._fixed[INFO_FOOTER]
         return ids
 
     async def cache_documents(self, results: Sequence[Sequence[Doc]]) -> None:
-        """Encode the document entries of a batch of search results that are not cached yet, in a worker thread.
+        """Encode the document pieces of a batch of search results that are not cached yet, in a worker thread.
 
         Why: a passage seen for the first time cost `encode_information` ~4 ms on the event loop (the p99 of a turn
         at 10k rollouts, `ssp bench scale`). The search batcher awaits this with every batch before it answers the
-        searches, so the rollouts' own `encode_information` finds every entry cached; the Rust tokenizer runs the
-        batch without the GIL, beside the loop. Entries are inserted on the loop thread, the cache's only writer.
+        searches, so the rollouts' own `encode_information` finds every piece cached; the Rust tokenizer runs the
+        batch without the GIL, beside the loop. Pieces are inserted on the loop thread, the cache's only writer.
         """
-        todo: dict[tuple[int, str, str, str], str] = {}
-        for docs in results:
-            for k, doc in enumerate(docs, start=1):
-                key = _doc_key(k, doc)
-                if key not in self._docs and key not in todo:
-                    todo[key] = render_doc(k, doc)
-        if not todo:
-            return
-        encoded = await asyncio.to_thread(self._encode_batch, list(todo.values()))
-        for key, ids in zip(todo, encoded):
-            self._docs.put(key, ids)
+        await self._cache_missing(self._docs, [p for docs in results for p in doc_pieces(docs)])
+
+    async def _cache_missing(self, cache: _IdsCache, pieces: Sequence[str]) -> None:
+        """Encode the pieces `cache` lacks in a worker thread (without the GIL), then insert them from the loop."""
+        missing = list(dict.fromkeys(p for p in pieces if p not in cache))
+        if missing:
+            for piece, ids in zip(missing, await asyncio.to_thread(self._encode_batch, missing)):
+                cache.put(piece, ids)
 
     def _encode_batch(self, texts: list[str]) -> list[array[int]]:
         """Ids of each text, no special tokens added (runs in a worker thread, on the worker's own tokenizer)."""
@@ -180,9 +180,28 @@ class ChatTokenizer:
         return str(self._tok.decode(list(ids), skip_special_tokens=False))
 
 
-def _doc_key(k: int, doc: Doc) -> tuple[int, str, str, str]:
-    """The document cache's key: an entry's ids depend on its position (the "Doc k" header) and its content."""
-    return (k, doc.id, doc.title, doc.text)
+def _cut_at(parts: list[str | int], pieces: Sequence[str]) -> list[str | int]:
+    """`parts` with its text cut at each of `pieces`, in order (where they occur: the rendered documents)."""
+    out: list[str | int] = []
+    todo = iter(pieces)
+    want = next(todo, None)
+    for part in parts:
+        if isinstance(part, int) or want is None:
+            out.append(part)
+            continue
+        pos = 0
+        while want is not None:
+            found = part.find(want, pos)
+            if found < 0:
+                break
+            if found > pos:
+                out.append(part[pos:found])
+            out.append(want)
+            pos = found + len(want)
+            want = next(todo, None)
+        if pos < len(part):
+            out.append(part[pos:])
+    return out
 
 
 @functools.lru_cache(maxsize=4)

@@ -106,14 +106,22 @@ INFO_FOOTER = f"\n{INFO_CLOSE}\n\n"
 NO_RESULTS = "No results found."
 
 
-def render_doc(k: int, doc: Doc) -> str:
-    """Search-R1's document entry: "Doc k (Title: ...)" then the passage."""
-    return f"Doc {k} (Title: {doc.title})\n{doc.text}"
+def doc_pieces(docs: Sequence[Doc]) -> list[str]:
+    """`render_docs(docs)` cut into the pieces the engine encodes and caches separately: each entry's header (with
+    the blank line before it) and its passage. A passage is then encoded once, whether it comes back from a search
+    or is shown to a verifier under another number. The cuts fall before a lone newline or after one, where
+    GPT-2-style pre-tokenization splits anyway, so for such tokenizers the pieces' ids are those of the whole text;
+    for others they differ only at the cuts and decode to the same text (tests check both)."""
+    pieces = []
+    for k, doc in enumerate(docs, start=1):
+        pieces.append(f"{DOC_SEPARATOR if k > 1 else ''}Doc {k} (Title: {doc.title})\n")
+        pieces.append(doc.text)
+    return pieces
 
 
 def render_docs(docs: Sequence[Doc]) -> str:
-    """A numbered document list, a blank line between documents."""
-    return DOC_SEPARATOR.join(render_doc(k, d) for k, d in enumerate(docs, start=1))
+    """Search-R1's numbered document list: "Doc k (Title: ...)", a newline, the passage; a blank line between."""
+    return "".join(doc_pieces(docs))
 
 
 def information_block(docs: Sequence[Doc]) -> str:

@@ -162,6 +162,8 @@ class Scheduler:
         self.counters = Counters()
         self.lag = LoopLagMonitor()
         self.collector = CollectorSchedule(cfg.gc_full_every_s)
+        self._crash: asyncio.Future[None] | None = None
+        """While `run()` runs: set to the first unexpected error of an episode task, which `run()` then raises."""
         self._t0 = time.perf_counter()
 
     # -- control from outside (the learner side of a training run) --------------------------------------------
@@ -206,8 +208,11 @@ class Scheduler:
             tasks.add(asyncio.create_task(self._version_loop(self._policy_version), name="policy-version"))
         launcher = next(t for t in tasks if t.get_name() == "launcher")
         sender = next(t for t in tasks if t.get_name() == "stream-sender")
+        crash = self._crash = asyncio.get_running_loop().create_future()
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({*tasks, crash}, return_when=asyncio.FIRST_COMPLETED)
+            if crash in done:
+                crash.result()  # re-raises the episode's error
             if launcher not in done:
                 crashed = next(iter(done))
                 crashed.result()  # re-raises its error
@@ -253,6 +258,9 @@ class Scheduler:
             delivered = True
         except RolloutError as e:
             self._record_failure(gid, e)
+        except Exception as e:  # a bug, not a failed server: stop the run with it instead of losing every episode
+            if self._crash is not None and not self._crash.done():
+                self._crash.set_exception(e)
         finally:
             await self.gate.release(delivered=delivered)
             self._slots.release()

@@ -43,14 +43,15 @@ class DistractorPool:
         return self._rng.sample(others, min(n, len(others)))
 
 
-def verification_documents(own: Sequence[Doc], distractors: Sequence[Sequence[Doc]], rng: random.Random) -> str:
-    """The proposer's documents and the distractors, de-duplicated by id, shuffled, numbered as one list."""
+def verification_documents(own: Sequence[Doc], distractors: Sequence[Sequence[Doc]], rng: random.Random
+                           ) -> list[Doc]:
+    """The proposer's documents and the distractors, de-duplicated by id, shuffled (shown numbered as one list)."""
     seen: dict[str, Doc] = {}
     for doc in [*own, *(d for docs in distractors for d in docs)]:
         seen.setdefault(doc.id, doc)
     docs = list(seen.values())
     rng.shuffle(docs)
-    return render_docs(docs)
+    return docs
 
 
 @dataclass(slots=True)
@@ -71,8 +72,11 @@ class Verifier:
                                 temperature=cfg.verifier_temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.verify_max_new_tokens, prefill=cfg.verifier_prefill)
 
-    async def verify(self, question: str, aliases: Sequence[str], documents: str, *, affinity: str) -> Verification:
-        prompt = await self._chat.render(verifier_messages(question, documents), prefill=self.spec.prefill)
+    async def verify(self, question: str, aliases: Sequence[str], docs: Sequence[Doc], *, affinity: str
+                     ) -> Verification:
+        documents = render_docs(docs)
+        prompt = await self._chat.render(verifier_messages(question, documents), prefill=self.spec.prefill,
+                                         documents=docs)
         rollouts = await gather_or_cancel([self._runner.run(prompt, self.spec, affinity=affinity)
                                            for _ in range(self._cfg.verify_samples)])
         verdicts = [await self._judge.judge(question, extract_answer(r.generated_text), aliases) for r in rollouts]

@@ -444,6 +444,7 @@ class Front:
             "token_usage": s.num_used_tokens / max(1, s.max_total_num_tokens), "gen_throughput": s.gen_throughput,
             "queues": {"waiting": s.num_waiting_reqs, "grammar": 0, "paused": s.num_paused_reqs,
                        "retracted": s.num_retracted_reqs, "prealloc_ready": 0},
+            **({} if s.sim_behind_s is None else {"sim_behind_s": s.sim_behind_s}),
         }
 
     async def v1_loads(self, request: web.Request) -> web.Response:

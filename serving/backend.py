@@ -173,6 +173,9 @@ class LoadStats:
     """Output tokens per second, recent average."""
     num_retracted_reqs: int = 0
     num_paused_reqs: int = 0
+    sim_behind_s: float | None = None
+    """Simulated backends only: wall seconds the simulated clock is behind the scaled wall clock right now. More
+    than a little means the host is too slow for the time scale, and every rate measured against it is too low."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

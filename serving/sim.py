@@ -205,6 +205,8 @@ class SimBackend(Backend):
         self._enter_sum = 0
         self._prefill_ctx_sum = 0
         self._steps = 0
+        self._due: float | None = None
+        """Loop time by which the current step should end (None while idle): how far behind the host runs."""
         self._seq = 0
         self._paused = False
         self._pause_request: PauseMode | None = None
@@ -297,7 +299,8 @@ class SimBackend(Backend):
             max_total_num_tokens=self.profile.server.kv_capacity_tokens,
             max_running_requests=self.profile.server.max_running_requests,
             gen_throughput=sum(s.batch for s in recent) / sim_s if sim_s > 0 else 0.0,
-            num_retracted_reqs=self.stats.retractions, num_paused_reqs=len(self._waiting) if self._paused else 0)
+            num_retracted_reqs=self.stats.retractions, num_paused_reqs=len(self._waiting) if self._paused else 0,
+            sim_behind_s=0.0 if self._due is None else max(0.0, asyncio.get_running_loop().time() - self._due))
 
     # ---------------------------------------------------------------- weights (modeled, nothing is received)
 
@@ -377,6 +380,7 @@ class SimBackend(Backend):
             if self._pause_request is not None:
                 self._apply_pause(self._pause_request)
             if self._paused or not (self._waiting or self._prefilling or self._running):
+                self._due = None
                 self._wake.clear()
                 await self._wake.wait()
                 anchor, sim_clock = loop.time(), 0.0  # idle time is not lag
@@ -389,7 +393,8 @@ class SimBackend(Backend):
             record = StepRecord(batch=batch, kv_tokens=kv, prefill_tokens=sum(n for _, n in chunks),
                                 decode_ms=decode_ms, prefill_ms=prefill_ms, duration_s=(decode_ms + prefill_ms) / 1000)
             sim_clock += record.duration_s
-            delay = anchor + sim_clock / self.time_scale - loop.time()
+            self._due = anchor + sim_clock / self.time_scale
+            delay = self._due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             else:

@@ -16,7 +16,7 @@ def test_unknown_profile_names_the_known_ones() -> None:
 
 def test_tiny_sweep_runs_both_schedules(demo_index: Path, tmp_path: Path) -> None:
     args = argparse.Namespace(gpus=2, splits=[1], etas=[1], episodes_per_step=2, steps=2, warmup=1, capacity=16,
-                              time_scale=20.0, sync_time_scale=None, run_timeout=240.0,
+                              time_scale=20.0, sync_time_scale=20.0, run_timeout=240.0,
                               index=demo_index)
     r = bench_profile(resolve_profile("qwen2.5-7b-h100-tp1"), args, tmp_path)
     sync, best = r["sync"], r["best"]
@@ -30,6 +30,8 @@ def test_tiny_sweep_runs_both_schedules(demo_index: Path, tmp_path: Path) -> Non
         assert run["trained_trajectories_per_s"] > 0
         # Each step ends with a push through the pool; the sim servers charge the profile's update time.
         assert all(s["push_s"] >= 1.0 for s in run["steps"])
+        # The sim servers' /server_info says how far behind their clock they ran (x20 on 2 cores: a little).
+        assert 0.0 <= run["servers_behind_max_s"] < run["wall_seconds"]
     # Sync trains only after generation: the learner waited for each step's groups.
     assert all(s["wait_s"] > 0 for s in sync["steps"])
     for run in r["async_etas"]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.chat import ChatTokenizer
-from engine.prompts import proposer_messages, solver_messages, verifier_messages
+from engine.prompts import information_block, proposer_messages, render_docs, solver_messages, verifier_messages
 from retriever.protocol import Doc
 
 
@@ -40,3 +40,33 @@ async def test_render_matches_the_chat_template_encoded_whole(chat: ChatTokenize
 def test_tool_text_is_encoded_as_the_hugging_face_tokenizer_does(chat: ChatTokenizer) -> None:
     for text in ODD_TEXTS:
         assert chat.encode_tool(text) == chat._tok.encode(text, add_special_tokens=False), text
+
+
+CORPUS_LIKE = [Doc(id=str(i), title=t, text=x, score=1.0) for i, (t, x) in enumerate([
+    ("Ed Wood", "Edward Davis Wood Jr. (October 10, 1924 – December 10, 1978) was an American filmmaker."),
+    ("Galați", "Galați is a city in eastern Romania, on the Danube."),
+    ("M.I.T.", "The Massachusetts Institute of Technology (MIT) is a private research university."),
+    ("Zürich", "Zürich is the largest city in Switzerland; 東京 is not."),
+])]
+
+
+async def test_documents_are_cut_where_the_tokenizer_splits_anyway(chat: ChatTokenizer) -> None:
+    """A verifier prompt rendered with its documents' cached pieces, and an information block, both give exactly
+    the ids of encoding the whole text (SmolLM2's GPT-2-style pre-tokenizer splits at the same places)."""
+
+    tok = chat._tok
+    for docs in (CORPUS_LIKE, CORPUS_LIKE[:1], CORPUS_LIKE[::-1]):
+        messages = verifier_messages("Which city lies on the Danube?", render_docs(docs))
+        whole = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        whole = whole["input_ids"] if hasattr(whole, "keys") else whole
+        assert (await chat.render(messages, documents=docs)).tolist() == list(whole)
+        assert chat.encode_information(docs).tolist() == chat.encode_tool(information_block(docs))
+
+
+async def test_documents_with_odd_text_still_decode_to_the_prompt(chat: ChatTokenizer) -> None:
+    """Where a cut is not a pre-tokenizer boundary (leading spaces, empty passages) the ids may differ from the
+    whole encoding, but they are a tokenization of the same text."""
+    docs = [Doc(id=str(i), title=t, text=t, score=1.0) for i, t in enumerate(ODD_TEXTS)]
+    messages = verifier_messages("What is it?", render_docs(docs))
+    text = chat._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert chat.decode(await chat.render(messages, documents=docs)) == text

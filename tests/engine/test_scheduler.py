@@ -150,3 +150,18 @@ async def test_policy_version_is_followed_from_the_servers(chat: ChatTokenizer, 
         summary = await asyncio.wait_for(run, 10)
         await batcher.close()
     assert summary["episodes_finished"] == 4 and summary["policy_version"] == 1
+
+
+async def test_an_unexpected_error_in_an_episode_stops_the_run(chat: ChatTokenizer, tmp_path: Path) -> None:
+    """A bug (not a RolloutError) must not be swallowed episode after episode while the run goes on."""
+    async with Judge(GameConfig().judge) as judge:
+        sched, batcher, _ = build(chat, ScriptedPolicy(chat), SchedulerConfig(max_inflight=2, eta=None), tmp_path,
+                                  judge)
+
+        async def broken(gid: str, seed: object) -> None:
+            raise TypeError(f"bug in episode {gid}")
+
+        sched.game.play = broken  # type: ignore[method-assign]
+        with pytest.raises(TypeError, match="bug in episode"):
+            await asyncio.wait_for(sched.run(episodes=10), 30)
+        await batcher.close()
