@@ -4,11 +4,12 @@ A prompt is rendered once with the tokenizer's own chat template (`apply_chat_te
 a tool result is encoded once without special tokens. Model output is never re-encoded: the rollout appends the
 ids the server returned.
 
-Encoding is the engine's largest cost per episode (three prompts, each a few hundred tokens, ~1-2 ms apiece), so
-both kinds of text are encoded in cached pieces whose boundaries do not change the result: a rendered chat is split
-at its special tokens (the tokenizer itself encodes the text between two special tokens independently, so the ids
-are exactly those of encoding it whole: a system prompt is then encoded once per run), and a search result per
-document entry (see `encode_information`).
+Encoding is the engine's largest cost per episode (prompts of hundreds to thousands of tokens, 1-5 ms apiece), so
+text is encoded in cached pieces whose boundaries do not change the result: a rendered chat is split at its special
+tokens (the tokenizer itself encodes the text between two special tokens independently, so the ids are exactly those
+of encoding it whole: a system prompt is then encoded once per run), and documents, in search results and in
+verifier prompts alike, at their `engine.prompts.doc_pieces` (a passage is encoded once per run). Pieces not cached
+yet are encoded in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class ChatTokenizer:
         self._fixed = {text: array("l", self.encode_tool(text))
                        for text in (INFO_HEADER, INFO_FOOTER, NO_RESULTS)}
         self._docs = _IdsCache(DOC_CACHE_ENTRIES)
-        # A second Rust tokenizer for `cache_documents`' worker thread: the two threads never share one object.
+        # A second Rust tokenizer for the worker thread (`_cache_missing`): the two threads never share one object.
         self._worker_backend = type(backend).from_str(backend.to_str())
 
     @classmethod
