@@ -142,7 +142,7 @@ def test_killed_server_is_named_and_resume_continues(tmp_path: Path, model_dir: 
     out, _ = proc.communicate(timeout=120)
     stderr = err.read_text()
     assert proc.returncode == 1, stderr
-    assert f"server-0 failed" in stderr and str(run_dir / "logs" / "server-0.log") in stderr, stderr
+    assert "server-0 failed" in stderr and str(run_dir / "logs" / "server-0.log") in stderr, stderr
     assert "--resume" in stderr and "latest checkpoint is step" in stderr, stderr
     assert not _alive(learner), "the learner outlived ssp train"
     killed_at = _latest_step(run_dir)
