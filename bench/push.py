@@ -3,6 +3,7 @@ raw torch.distributed broadcast of the same bytes on the same backend.
 
 Side by side, rounds interleaved: the ratio judged is the median over rounds of each round's raw/push (the two run
 back to back, so load from other users of the shared machine hits both alike); the best of each is reported too.
+The first --warmup-rounds rounds run but do not count: one-time allocations, not the steady push of a training run.
   (a) raw: this process and one receiver process in a plain 2-rank gloo group; the same buckets (flat uint8 tensors
       of the push's bucket sizes) are broadcast from rank 0 and received by rank 1. The floor: bytes on the wire.
   (b) push: a real reference server (`ssp model serve`, the prepared SmolLM2-135M-Instruct, so names and shapes
@@ -33,6 +34,10 @@ GOAL = 0.8
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5,
                    help="interleaved rounds of (a), (c) and (b); the median round's ratio counts (default: 5)")
+    p.add_argument("--warmup-rounds", type=int, default=1,
+                   help="leading rounds run but not counted (default: 1): the first push allocates the server's "
+                        "landing buffers and the first broadcasts warm gloo up, one-time costs of a training run "
+                        "that pushes hundreds of times")
     p.add_argument("--bucket-mb", type=int, default=512, help="bucket size of the push, MiB (default: 512)")
     p.add_argument("--model", type=Path, help="HF model directory pushed and served (default: the prepared SmolLM2)")
     p.add_argument("--out", type=Path, help="JSON report (default: artifacts/bench/push.json)")
@@ -87,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
     from launcher.processes import ManagedProcess, free_port
     from learner.push import Staging, WeightPusher
 
+    if args.rounds < 1 or args.warmup_rounds < 0:
+        print(f"ssp bench push: --rounds {args.rounds} --warmup-rounds {args.warmup_rounds}: need at least one "
+              "counted round and no negative warm-up", file=sys.stderr)
+        return 2
     out_json = args.out or artifacts_dir() / "bench" / "push.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
     model_dir = args.model or default_model_dir()
@@ -102,13 +111,13 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     print(f"push bench: {total / 1e6:.1f} MB in {len(sizes)} bucket(s) of <= {args.bucket_mb} MiB "
           f"({', '.join(f'{n / 1e6:.0f}' for n in sizes)} MB), gloo, "
-          f"{args.rounds} interleaved rounds", flush=True)
+          f"{args.rounds} interleaved rounds after {args.warmup_rounds} not counted", flush=True)
 
     # (a) raw: a plain 2-rank group; the receiver is its own process.
     port = free_port()
     init = f"tcp://127.0.0.1:{port}"
     recv = subprocess.Popen([sys.executable, "-c", "from bench.push import _receiver; "
-                             f"_receiver({init!r}, {sizes!r}, {args.rounds})"])
+                             f"_receiver({init!r}, {sizes!r}, {args.warmup_rounds + args.rounds})"])
     dist.init_process_group("gloo", init_method=init, rank=0, world_size=2)
     # The same bytes as the push sends: the flattened buckets, built once (the push builds them per call).
     flats = [torch.randint(0, 255, (n,), dtype=torch.uint8) for n in sizes]
@@ -125,18 +134,22 @@ def run(args: argparse.Namespace) -> int:
         pusher = WeightPusher([url], backend="gloo", bytes_per_bucket=bucket_bytes)
         try:
             pusher.connect()
-            for i in range(args.rounds):
+            for i in range(args.warmup_rounds + args.rounds):
                 dist.barrier()
                 t0 = time.perf_counter()
                 for f in flats:
                     dist.broadcast(f, src=0)
                 dist.barrier()
-                raw_s.append(time.perf_counter() - t0)
-                packed_s.append(_raw_with_packing(named, bucket_bytes, staging))
+                raw = time.perf_counter() - t0
+                packed = _raw_with_packing(named, bucket_bytes, staging)
                 stats = pusher.push(iter(named), version=str(i + 1))
-                pushes.append(stats)
-                print(f"  round {i + 1}: raw {raw_s[-1]:.3f} s, raw+packing {packed_s[-1]:.3f} s, push "
-                      f"{stats.seconds:.3f} s (control calls {stats.control_s:.3f} s, first pack "
+                counted = i >= args.warmup_rounds
+                if counted:
+                    raw_s.append(raw)
+                    packed_s.append(packed)
+                    pushes.append(stats)
+                print(f"  round {i + 1}{'' if counted else ' (warm-up)'}: raw {raw:.3f} s, raw+packing {packed:.3f} "
+                      f"s, push {stats.seconds:.3f} s (control calls {stats.control_s:.3f} s, first pack "
                       f"{stats.first_pack_s:.3f} s, all packs {stats.pack_s:.3f} s)", flush=True)
         finally:
             pusher.close()
