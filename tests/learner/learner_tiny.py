@@ -4,6 +4,8 @@ files for the learner tests: real architectures at a size that runs in well unde
 from __future__ import annotations
 
 import random
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -59,3 +61,13 @@ def write_frames(path: Path, groups: list[list[Trajectory]]) -> Path:
         for group in groups:
             f.write(encode_frame(pack_group(group)))
     return path
+
+
+def wait_for_metric_lines(metrics: Path, proc: subprocess.Popen[bytes], lines: int, timeout_s: float = 120.0) -> None:
+    """Return once the learner run `proc` has written `lines` lines to `metrics` (it is mid-run: a kill now lands
+    between steps), or has exited, or `timeout_s` passed; the caller asserts what it needs."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.01)

@@ -18,7 +18,7 @@ from engine.trajectory import unpack_group
 from learner.batching import collate, pack, plan_batch, shard
 from learner.config import LearnerConfig
 from learner.trajectory_source import StreamError, open_source
-from learner_tiny import make_groups, write_frames
+from learner_tiny import make_groups, wait_for_metric_lines, write_frames
 from ssp.config import to_dict
 from ssp.paths import PROJECT_ROOT
 
@@ -124,11 +124,7 @@ def test_sigkill_mid_run_resumes_to_the_same_weights(tiny_llama: Path, tmp_path:
                              "--trajectories", str(frames)], cwd=PROJECT_ROOT, env={**env, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = killed.out_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.01)
+    wait_for_metric_lines(metrics, proc, 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     steps_done = len(metrics.read_text().splitlines())

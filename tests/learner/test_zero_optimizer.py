@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from launcher.processes import free_port
 from learner.config import LearnerConfig
 from learner.optimizer import partition
-from learner_tiny import make_groups, write_frames
+from learner_tiny import make_groups, wait_for_metric_lines, write_frames
 from ssp.config import to_dict
 from ssp.paths import PROJECT_ROOT
 
@@ -83,11 +82,7 @@ def test_dp2_sharded_optimizer_matches_one_process_and_resumes_bit_identically(
     victim = subprocess.Popen(train, cwd=PROJECT_ROOT, env=_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     metrics = killed.out_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and victim.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.01)
+    wait_for_metric_lines(metrics, victim, 2)
     ranks = _children(victim.pid)  # torchrun starts each rank in a session of its own: kill them by pid
     for pid in [*ranks, victim.pid]:
         os.kill(pid, signal.SIGKILL)
