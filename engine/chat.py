@@ -123,8 +123,8 @@ class ChatTokenizer:
         if doc_parts:
             parts = _cut_at(parts, doc_parts)
         known = set(doc_parts)
-        await self._cache_missing(self._pieces, [p for p in parts if isinstance(p, str) and p not in known])
-        await self._cache_missing(self._docs, doc_parts)
+        await self._cache_missing((self._pieces, [p for p in parts if isinstance(p, str) and p not in known]),
+                                  (self._docs, doc_parts))
         out: array[int] = array("l")
         for part in parts:
             if isinstance(part, int):
@@ -163,13 +163,15 @@ class ChatTokenizer:
         searches, so the rollouts' own `encode_information` finds every piece cached; the Rust tokenizer runs the
         batch without the GIL, beside the loop. Pieces are inserted on the loop thread, the cache's only writer.
         """
-        await self._cache_missing(self._docs, [p for docs in results for p in doc_pieces(docs)])
+        await self._cache_missing((self._docs, [p for docs in results for p in doc_pieces(docs)]))
 
-    async def _cache_missing(self, cache: _IdsCache, pieces: Sequence[str]) -> None:
-        """Encode the pieces `cache` lacks in a worker thread (without the GIL), then insert them from the loop."""
-        missing = list(dict.fromkeys(p for p in pieces if p not in cache))
-        if missing:
-            for piece, ids in zip(missing, await asyncio.to_thread(self._encode_batch, missing)):
+    async def _cache_missing(self, *wanted: tuple[_IdsCache, Sequence[str]]) -> None:
+        """Encode the pieces each cache lacks, all in one trip to a worker thread (without the GIL), then insert
+        them from the loop."""
+        todo = [(cache, p) for cache, pieces in wanted for p in dict.fromkeys(pieces) if p not in cache]
+        if todo:
+            encoded = await asyncio.to_thread(self._encode_batch, [p for _, p in todo])
+            for (cache, piece), ids in zip(todo, encoded):
                 cache.put(piece, ids)
 
     def _encode_batch(self, texts: list[str]) -> list[array[int]]:
