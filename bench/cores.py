@@ -56,10 +56,12 @@ def pin_helper_threads(cpus: set[int] | None) -> int:
     main = threading.main_thread().native_id
     moved = 0
     for tid in map(int, os.listdir("/proc/self/task")):
-        if tid != main and os.sched_getaffinity(tid) != cpus:
-            try:
+        if tid == main:
+            continue
+        try:
+            if os.sched_getaffinity(tid) != cpus:
                 os.sched_setaffinity(tid, cpus)
                 moved += 1
-            except OSError:  # the thread ended meanwhile
-                pass
+        except OSError:  # the thread ended since the listing
+            pass
     return moved
