@@ -186,6 +186,27 @@ def server_seconds_per_episode(profile: Any, shape: dict[str, float], batch: int
     return decode_s + prefill_s
 
 
+def server_time_shares(start: list[dict[str, float]], end: list[dict[str, float]]) -> dict[str, float]:
+    """Where the servers' simulated time went between two `sim_clock` snapshots, summed over servers, as shares:
+    decode, prefill of new tokens, recompute (prefill of retracted requests coming back), paused (weight updates)
+    and idle (nothing to run: the engine did not keep the server fed)."""
+    total = {k: sum(e[k] - s[k] for s, e in zip(start, end)) for k in end[0]}
+    elapsed = max(1e-9, total["elapsed_s"])
+    recompute_s = total["prefill_s"] * total["recomputed_tokens"] / max(1, total["prefill_tokens"])
+    busy = total["decode_s"] + total["prefill_s"]
+    shares = {"decode": total["decode_s"], "prefill": total["prefill_s"] - recompute_s, "recompute": recompute_s,
+              "paused": total["paused_s"], "idle": max(0.0, elapsed - busy - total["paused_s"])}
+    return {k: round(v / elapsed, 4) for k, v in shares.items()}
+
+
+def server_tokens(start: list[dict[str, float]], end: list[dict[str, float]], *, episodes: int) -> dict[str, float]:
+    """Tokens the servers decoded, prefilled and recomputed per trained episode between two `sim_clock` snapshots
+    (what the bound's per-episode shape assumed, measured on the servers' side)."""
+    keys = {"output": "output_tokens", "prefill": "prefill_tokens", "recomputed": "recomputed_tokens"}
+    return {name: round(sum(e[k] - s[k] for s, e in zip(start, end)) / max(1, episodes), 1)
+            for name, k in keys.items()}
+
+
 async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: int = 1, timeout_s: float = 600.0,
                        index_dir: Path | None = None) -> dict[str, Any]:
     """Play `spec` with the real engine against `urls` and a SimLearner; return rates, occupancy and the bound.
@@ -243,10 +264,18 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
         sched_holder.append(sched)
         engine_task = asyncio.create_task(sched.run(None), name="bench-engine")
 
+        async def sim_clocks() -> list[dict[str, float]]:
+            infos = await pool.server_infos()
+            return [i["internal_states"][0]["sim_clock"] for i in infos.values()]
+
+        window_clocks: list[list[dict[str, float]]] = []
+
         async def sample() -> None:
             while True:
                 await asyncio.sleep(0.05)
                 if len(learner.steps) >= spec.warmup:
+                    if not window_clocks:
+                        window_clocks.append(await sim_clocks())
                     occupancy.add(pool_summary(pool)["slot_occupancy"])
 
         behind = Samples()
@@ -273,6 +302,7 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
                                    f"{len(learner.steps)} of {spec.steps} steps in {timeout_s:.0f} s of wall "
                                    "time; raise --run-timeout or lower --steps/--episodes-per-step")
             steps = learn.result()
+            window_clocks.append(await sim_clocks())
         finally:
             engine_cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
             for task in (learn, sampler, clocks, engine_task):
@@ -282,8 +312,9 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
     rate = steady_rate(steps, spec.warmup)
     window = steps[spec.warmup:]
     shape = tally.per_episode()
-    traj_per_episode = sum(s.trajectories for s in steps) / max(1, sum(s.groups for s in steps))
-    tokens_per_episode = sum(s.tokens for s in steps) / max(1, sum(s.groups for s in steps))
+    # Per-episode figures over the window the rate is measured in: the learner's step time follows its tokens.
+    traj_per_episode = sum(s.trajectories for s in window) / max(1, sum(s.groups for s in window))
+    tokens_per_episode = sum(s.tokens for s in window) / max(1, sum(s.groups for s in window))
     out: dict[str, Any] = {
         **dataclasses.asdict(spec),
         "trained_trajectories_per_s": round(rate, 4),
@@ -300,6 +331,9 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
         "trajectories_per_episode": round(traj_per_episode, 3),
         "trained_tokens_per_episode": round(tokens_per_episode, 1),
         "server_shape_per_episode": {k: round(v, 1) for k, v in shape.items()},
+        "server_time_shares": server_time_shares(*window_clocks) if len(window_clocks) == 2 else {},
+        "server_tokens_per_episode": (server_tokens(*window_clocks, episodes=sum(s.groups for s in window))
+                                      if len(window_clocks) == 2 else {}),
         "episodes_failed": summary["episodes_failed"],
         "turn_overhead_p99_ms": summary["turn_overhead_p99_ms"],
         "loop_lag_p99_ms": summary["loop_lag_p99_ms"],
@@ -368,6 +402,9 @@ def bench_profile(profile_path: Path, args: argparse.Namespace, log_dir: Path) -
         eff = f", {100 * r['efficiency']:.0f}% of bound ({r['bound_by']})" if "efficiency" in r else ""
         print(f"    {r['trained_trajectories_per_s']:.3f} trained traj/s, occupancy {r['slot_occupancy_mean']:.2f}"
               f"{eff}; engine CPU {100 * r['engine_cpu_fraction']:.0f}%, {r['wall_seconds']:.0f} s wall", flush=True)
+        if r["server_time_shares"]:
+            print("    server time: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["server_time_shares"].items()),
+                  flush=True)
         if not clock_kept(r):
             print(f"    WARNING: the simulated servers fell up to {r['servers_behind_max_s']} s behind their clock in "
                   f"{r['wall_seconds']:.0f} s: this host is too slow for time scale {s.time_scale}, so this run's "

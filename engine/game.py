@@ -18,7 +18,6 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from engine.aio import gather_or_cancel
 from engine.chat import ChatTokenizer
 from engine.checks import check_question, count_answer_tags, extract_answer, extract_question
 from engine.config import GameConfig
@@ -110,8 +109,8 @@ class Game:
     async def solve(self, p: Proposal) -> list[SolverRun]:
         assert p.question is not None and not p.reasons, "solve() runs only on valid questions"
         prompt = await self._chat.render(solver_messages(p.question), prefill=self.solver_spec.prefill)
-        rollouts = await gather_or_cancel([self.runner.run(prompt, self.solver_spec, affinity=f"{p.group_id}-s")
-                                           for _ in range(self._cfg.solver_group_size)])
+        rollouts = await self.runner.run_group(prompt, self.solver_spec, self._cfg.solver_group_size,
+                                               affinity=f"{p.group_id}-s")
         runs = []
         for ro in rollouts:
             verdict = await self._judge.judge(p.question, extract_answer(ro.generated_text), p.seed.aliases)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.aio import gather_or_cancel
 from engine.chat import ChatTokenizer
 from engine.checks import SearchRecord
 from engine.config import RolloutConfig
@@ -215,6 +216,21 @@ class RolloutRunner:
             return await self._run(prompt_ids, spec, affinity)
         finally:
             self.active -= 1
+
+    async def run_group(self, prompt_ids: Sequence[int], spec: RolloutSpec, n: int, *, affinity: str
+                        ) -> list[Rollout]:
+        """`n` rollouts from one prompt (a solver group, the verifier's samples), all on the server `affinity` binds.
+
+        Sent together, the n first requests would each prefill the whole prompt: a server caches a prefix only once
+        a prefill of it has finished. So the prompt is prefilled first, alone (max_new_tokens 0, as SGLang itself
+        does for n > 1), and the n requests then find it in the server's prefix cache. With 4 verifier samples of a
+        ~5.6k-token prompt, 80% of their prompt tokens were prefilled again (`ssp bench async-vs-sync`)."""
+        if n > 1 and len(prompt_ids) < self._cfg.max_context_tokens:  # else each rollout ends before generating
+            try:
+                await self._gen.generate(prompt_ids, SamplingParams(max_new_tokens=0), affinity=affinity)
+            except InferenceError as e:
+                raise RolloutError(f"prefilling the shared prompt of {n} rollouts failed: {e}") from e
+        return await gather_or_cancel([self.run(prompt_ids, spec, affinity=affinity) for _ in range(n)])
 
     async def _run(self, prompt_ids: Sequence[int], spec: RolloutSpec, affinity: str) -> Rollout:
         cfg = self._cfg

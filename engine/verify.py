@@ -16,7 +16,6 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.aio import gather_or_cancel
 from engine.chat import ChatTokenizer
 from engine.checks import extract_answer
 from engine.config import GameConfig
@@ -77,8 +76,7 @@ class Verifier:
         documents = render_docs(docs)
         prompt = await self._chat.render(verifier_messages(question, documents), prefill=self.spec.prefill,
                                          documents=docs)
-        rollouts = await gather_or_cancel([self._runner.run(prompt, self.spec, affinity=affinity)
-                                           for _ in range(self._cfg.verify_samples)])
+        rollouts = await self._runner.run_group(prompt, self.spec, self._cfg.verify_samples, affinity=affinity)
         verdicts = [await self._judge.judge(question, extract_answer(r.generated_text), aliases) for r in rollouts]
         fraction = sum(v.correct for v in verdicts) / len(verdicts)
         return Verification(fraction >= self._cfg.verify_threshold, fraction, list(zip(rollouts, verdicts)),

@@ -445,6 +445,7 @@ class Front:
             "queues": {"waiting": s.num_waiting_reqs, "grammar": 0, "paused": s.num_paused_reqs,
                        "retracted": s.num_retracted_reqs, "prealloc_ready": 0},
             **({} if s.sim_behind_s is None else {"sim_behind_s": s.sim_behind_s}),
+            **({} if s.sim_clock is None else {"sim_clock": s.sim_clock}),
         }
 
     async def v1_loads(self, request: web.Request) -> web.Response:

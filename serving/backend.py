@@ -176,6 +176,9 @@ class LoadStats:
     sim_behind_s: float | None = None
     """Simulated backends only: wall seconds the simulated clock is behind the scaled wall clock right now. More
     than a little means the host is too slow for the time scale, and every rate measured against it is too low."""
+    sim_clock: dict[str, float] | None = None
+    """Simulated backends only: cumulative simulated seconds (elapsed, decode, prefill, paused) and token counts
+    since start (`SimBackend.sim_clock`), for benches that split a server's time."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -119,8 +119,16 @@ class SimStats:
 
     steps: int = 0
     sim_time_s: float = 0.0
+    decode_s: float = 0.0
+    """Share of sim_time_s in the steps' decode terms."""
+    prefill_s: float = 0.0
+    """Share of sim_time_s in the steps' prefill terms."""
+    paused_s: float = 0.0
+    """Simulated seconds between a pause taking effect and the resume (the weight update happens in them)."""
     output_tokens: int = 0
     prefill_tokens: int = 0
+    recomputed_tokens: int = 0
+    """Prefill tokens of retracted requests coming back: work done twice because of a retraction (or a flush)."""
     cached_tokens: int = 0
     retractions: int = 0
     finished: int = 0
@@ -209,6 +217,10 @@ class SimBackend(Backend):
         """Loop time by which the current step should end (None while idle): how far behind the host runs."""
         self._seq = 0
         self._paused = False
+        self._paused_at = 0.0
+        """Loop time the current pause took effect (counted into stats.paused_s on resume)."""
+        self._started_at = 0.0
+        """Loop time of start(): the simulated clock's origin for load().sim_clock."""
         self._pause_request: PauseMode | None = None
         self._pause_applied = asyncio.Event()
         self._wake = asyncio.Event()
@@ -220,6 +232,7 @@ class SimBackend(Backend):
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
+        self._started_at = asyncio.get_running_loop().time()
         self._task = asyncio.create_task(self._step_loop(), name="sim-stepper")
         self._task.add_done_callback(_crash_if_failed)
 
@@ -281,6 +294,8 @@ class SimBackend(Backend):
 
     async def resume(self) -> None:
         await asyncio.sleep(self.profile.weight_update.resume_ms / 1000 / self.time_scale)
+        if self._paused:
+            self.stats.paused_s += (asyncio.get_running_loop().time() - self._paused_at) * self.time_scale
         self._paused = False
         self._wake.set()
 
@@ -300,7 +315,19 @@ class SimBackend(Backend):
             max_running_requests=self.profile.server.max_running_requests,
             gen_throughput=sum(s.batch for s in recent) / sim_s if sim_s > 0 else 0.0,
             num_retracted_reqs=self.stats.retractions, num_paused_reqs=len(self._waiting) if self._paused else 0,
-            sim_behind_s=0.0 if self._due is None else max(0.0, asyncio.get_running_loop().time() - self._due))
+            sim_behind_s=0.0 if self._due is None else max(0.0, asyncio.get_running_loop().time() - self._due),
+            sim_clock=self.sim_clock())
+
+    def sim_clock(self) -> dict[str, float]:
+        """Cumulative simulated seconds and tokens since start, so a bench can say where a server's time went:
+        elapsed = decode + prefill (busy stepping) + paused (weight updates) + idle (nothing to run)."""
+        now = asyncio.get_running_loop().time()
+        s = self.stats
+        paused = s.paused_s + ((now - self._paused_at) * self.time_scale if self._paused else 0.0)
+        return {"elapsed_s": (now - self._started_at) * self.time_scale, "decode_s": s.decode_s,
+                "prefill_s": s.prefill_s, "paused_s": paused, "output_tokens": s.output_tokens,
+                "prefill_tokens": s.prefill_tokens, "recomputed_tokens": s.recomputed_tokens,
+                "retractions": s.retractions}
 
     # ---------------------------------------------------------------- weights (modeled, nothing is received)
 
@@ -416,6 +443,8 @@ class SimBackend(Backend):
                 r.state = _State.WAITING
                 self._waiting.appendleft(r)
             self._prefilling.clear()
+        if not self._paused:
+            self._paused_at = asyncio.get_running_loop().time()
         self._paused = True
         self._pause_applied.set()
 
@@ -429,7 +458,9 @@ class SimBackend(Backend):
                 return
             self._waiting.popleft()
             hit = self._cache.match(r.req.input_ids)
-            if not r.ran:
+            if r.ran:
+                self.stats.recomputed_tokens += r.context - hit
+            else:
                 r.cached_tokens = hit
             r.state = _State.PREFILL
             r.prefill_done = hit
@@ -453,6 +484,8 @@ class SimBackend(Backend):
         stats = self.stats
         stats.steps += 1
         stats.sim_time_s += record.duration_s
+        stats.decode_s += record.decode_ms / 1000
+        stats.prefill_s += record.prefill_ms / 1000
         stats.output_tokens += record.batch
         stats.prefill_tokens += record.prefill_tokens
         stats.recent.append(record)

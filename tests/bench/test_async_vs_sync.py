@@ -32,6 +32,11 @@ def test_tiny_sweep_runs_both_schedules(demo_index: Path, tmp_path: Path) -> Non
         assert all(s["push_s"] >= 1.0 for s in run["steps"])
         # The sim servers' /server_info says how far behind their clock they ran (x20 on 2 cores: a little).
         assert 0.0 <= run["servers_behind_max_s"] < run["wall_seconds"]
+        # Where the servers' time went in the measured window: shares of it, pushes among them.
+        shares = run["server_time_shares"]
+        assert set(shares) == {"decode", "prefill", "recompute", "paused", "idle"}
+        assert shares["decode"] > 0 and shares["paused"] > 0
+        assert sum(shares.values()) == pytest.approx(1.0, abs=0.02)
     # Sync trains only after generation: the learner waited for each step's groups.
     assert all(s["wait_s"] > 0 for s in sync["steps"])
     for run in r["async_etas"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from array import array
 from dataclasses import dataclass, field
 
 from engine.chat import ChatTokenizer
@@ -31,6 +32,8 @@ class ScriptedPolicy:
     fail_every: int = 0
     """Raise ConnectionFailed on every n-th proposer request (0 = never): an unreachable server."""
     calls: list[tuple[str, SamplingParams, str]] = field(default_factory=list)
+    prefills: list[tuple[str, int, str]] = field(default_factory=list)
+    """Prefill-only requests (max_new_tokens 0): (role, prompt tokens, affinity)."""
     _counts: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def role_of(self, prompt: str) -> str:
@@ -44,6 +47,12 @@ class ScriptedPolicy:
     async def generate(self, input_ids: list[int], sampling: SamplingParams, *, affinity: str) -> GenerateResult:
         prompt = self.chat.decode(input_ids)
         role = self.role_of(prompt)
+        if sampling.max_new_tokens == 0:  # a prompt warmed for a group: nothing is generated
+            self.prefills.append((role, len(input_ids), affinity))
+            return GenerateResult(rid=f"w{len(self.prefills)}", output_ids=array("l"), logprobs=array("d"),
+                                  finish=FinishReason("length"), weight_version=self.version,
+                                  weight_versions=(), prompt_tokens=len(input_ids), cached_tokens=0, text="",
+                                  server="scripted")
         self.calls.append((role, sampling, affinity))
         self._counts[role] += 1
         if self.delay_s:

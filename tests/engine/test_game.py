@@ -66,6 +66,10 @@ async def test_per_role_temperatures_reach_the_requests(chat: ChatTokenizer) -> 
     verify_calls = [(s, aff) for role, s, aff in policy.calls if role == "verifier"]
     assert len(verify_calls) == 4 and len({aff for _, aff in verify_calls}) == 1  # one shared affinity
     assert all(s.max_new_tokens == cfg.verify_max_new_tokens for s, _ in verify_calls)
+    # The verifier's samples and the solver group each share one prompt, prefilled once before them, on their server.
+    warmed = {(role, aff) for role, _, aff in policy.prefills}
+    assert len(policy.prefills) == 2 and warmed == {("verifier", verify_calls[0][1]),
+                                                    ("solver", next(a for r, _, a in policy.calls if r == "solver"))}
 
 
 async def test_leaking_question_is_invalid_and_gets_invalid_reward(chat: ChatTokenizer) -> None:

@@ -16,6 +16,7 @@ import pytest
 from engine.chat import ChatTokenizer
 from engine.checks import extract_answer
 from engine.config import GameConfig, RolloutConfig, SearchBatcherConfig
+from engine.errors import ConnectionFailed
 from engine.generation import FinishReason, GenerateResult, SamplingParams, WeightSpan
 from engine.prompts import information_block, solver_messages
 from engine.rollout import EndReason, Rollout, RolloutError, RolloutRunner, RolloutSpec
@@ -38,6 +39,10 @@ class ScriptedGenerator:
 
     async def generate(self, input_ids: list[int], sampling: SamplingParams, *, affinity: str) -> GenerateResult:
         self.calls.append((list(input_ids), sampling, affinity))
+        if sampling.max_new_tokens == 0:  # prefill only: nothing generated
+            return GenerateResult(rid=f"r{len(self.calls)}", output_ids=[], logprobs=[], finish=FinishReason("length"),
+                                  weight_version="0", weight_versions=(), prompt_tokens=len(input_ids),
+                                  cached_tokens=0, text="", server="scripted")
         turn = self.turns.pop(0)
         ids = self.chat.encode_tool(turn.text)
         spans, start = [], 0
@@ -84,6 +89,37 @@ async def _run(chat: ChatTokenizer, turns: list[Turn], cfg: RolloutConfig | None
         return await runner.run(prompt, spec, affinity="ep-1"), gen, docs
     finally:
         await batcher.close()
+
+
+async def test_a_group_prefills_its_shared_prompt_once_before_its_rollouts(chat: ChatTokenizer) -> None:
+    answer = Turn("<answer>Paris</answer>", STOP_ANSWER)
+    gen = ScriptedGenerator(chat, [answer] * 4)
+    runner = RolloutRunner(gen, chat, None, RolloutConfig())
+    prompt = [5, 6, 7]
+    group = await runner.run_group(prompt, SOLVER, 3, affinity="g-s")
+    assert [ro.end for ro in group] == [EndReason.ANSWER] * 3
+    (warm_ids, warm, warm_affinity), *rest = gen.calls
+    assert (warm_ids, warm.max_new_tokens, warm_affinity) == (prompt, 0, "g-s")
+    assert [(ids, s.max_new_tokens > 0, a) for ids, s, a in rest] == [(prompt, True, "g-s")] * 3
+    # One rollout alone has nothing to share.
+    gen.calls.clear()
+    [alone] = await runner.run_group(prompt, SOLVER, 1, affinity="a")
+    assert alone.end is EndReason.ANSWER and len(gen.calls) == 1
+    # A prompt that leaves no room to generate is not sent at all (the rollouts end on the context budget).
+    gen.calls.clear()
+    tight = RolloutRunner(gen, chat, None, RolloutConfig(max_context_tokens=len(prompt)))
+    full = await tight.run_group(prompt, SOLVER, 2, affinity="b")
+    assert [ro.end for ro in full] == [EndReason.CONTEXT_BUDGET] * 2 and gen.calls == []
+
+
+async def test_a_failed_prompt_prefill_fails_the_group(chat: ChatTokenizer) -> None:
+    class Down(ScriptedGenerator):
+        async def generate(self, input_ids: list[int], sampling: SamplingParams, *, affinity: str) -> GenerateResult:
+            raise ConnectionFailed("no server", url="http://x", may_be_running=False)
+
+    runner = RolloutRunner(Down(chat, []), chat, None, RolloutConfig())
+    with pytest.raises(RolloutError, match="prefilling the shared prompt of 2 rollouts failed: http://x: no server"):
+        await runner.run_group([1, 2], SOLVER, 2, affinity="a")
 
 
 def check_alignment(ro: Rollout, chat: ChatTokenizer) -> None:

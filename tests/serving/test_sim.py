@@ -166,6 +166,30 @@ async def test_pause_retract_resume_splits_weight_spans(make: Factory) -> None:
         assert out.weight_version == "1"
 
 
+async def test_sim_clock_splits_time_into_decode_prefill_recompute_and_pause(make: Factory) -> None:
+    backend = make(time_scale=2.0)
+    await backend.start()
+    tasks = [asyncio.create_task(_run(backend, _req(_prompt(600, i), 300))) for i in range(3)]
+    await asyncio.sleep(0.2)
+    await backend.pause("retract")
+    await backend.flush_cache()  # as a weight update does: the retracted requests lose their cached prompts
+    await asyncio.sleep(0.1)
+    await backend.resume()
+    await asyncio.gather(*tasks)
+    clock = backend.sim_clock()
+    # 0.1 s of wall time at x2, plus the modeled pause and resume latencies.
+    spec = backend.profile.weight_update
+    assert clock["paused_s"] == pytest.approx(0.2 + (spec.pause_ms + spec.resume_ms) / 1000, abs=0.06)
+    assert clock["decode_s"] + clock["prefill_s"] == pytest.approx(backend.stats.sim_time_s)
+    # Decoded tokens: each (re)join's prefill step emits one of the 900 itself.
+    assert clock["prefill_s"] > 0 and 900 - 2 * 3 <= clock["output_tokens"] < 900
+    # Each comes back with its whole prompt and output so far to prefill again.
+    assert clock["recomputed_tokens"] >= 3 * 600 and clock["retractions"] == 3
+    assert clock["prefill_tokens"] >= 3 * 600 + clock["recomputed_tokens"]
+    busy = clock["decode_s"] + clock["prefill_s"] + clock["paused_s"]
+    assert busy <= clock["elapsed_s"] + 1e-6
+
+
 async def test_abort_running_and_queued(make: Factory) -> None:
     backend = make(time_scale=20.0, server={"max_running_requests": 1})
     await backend.start()
