@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time scale of the sync run (default: 8). Sync spends most of its time in idle phase tails, "
                         "so it keeps its clock at a faster scale; the engine's CPU time then counts more, against "
                         "sync. Run it at two scales to see that its rate does not depend on it")
+    p.add_argument("--kv-refresh-every", type=int, default=None,
+                   help="every this many pushes retract and flush, the others pause in place, as the learner's "
+                        "push_kv_refresh_every does (default: the learner's default; 1 = fresh KV after every push)")
     p.add_argument("--run-timeout", type=float, default=600.0,
                    help="wall seconds one run may take before it is reported as stuck (default: 600)")
     p.add_argument("--index", type=Path, help="Tantivy index searched (default: the demo index, artifacts/index/demo)")
@@ -142,6 +145,8 @@ class RunSpec:
     warmup: int
     capacity: int
     time_scale: float
+    kv_refresh_every: int
+    """Pushes pause in place but every this many, which retract and flush (learner.push.pause_mode)."""
 
 
 class ShapeTally:
@@ -212,6 +217,7 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
     """Play `spec` with the real engine against `urls` and a SimLearner; return rates, occupancy and the bound.
     `index_dir`: the Tantivy index searched (default: the demo index)."""
     from bench.sim_learner import SimClock, SimLearner, push_s, steady_rate
+    from learner.push import pause_mode
     from engine.assemble import build_scheduler, open_engine, pool_summary
     from engine.scheduler import Scheduler
     from engine.stream import TrajectoryStream
@@ -243,11 +249,13 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
         await pool.flush_cache()
 
         async def push(version: int) -> None:
-            _check(await pool.pause("retract"), "pause_generation")
-            results = await pool.update_weights_from_disk("sim", weight_version=str(version))
-            # Flushing is refused while retracted requests wait; the update itself must have succeeded.
-            _check({u: r for u, r in results.items() if "cache was not flushed" not in r.message},
-                   "update_weights_from_disk")
+            """The learner's push sequence (learner.push.WeightPusher) with the sim's modeled update."""
+            mode = pause_mode(version, spec.kv_refresh_every)
+            _check(await pool.pause(mode), "pause_generation")
+            _check(await pool.update_weights_from_disk("sim", weight_version=str(version),
+                                                       flush_cache=mode == "retract"), "update_weights_from_disk")
+            if mode == "in_place":
+                await pool.flush_cache()  # refused by a server that holds requests, as in the learner
             _check(await pool.continue_(), "continue_generation")
 
         sched_holder: list[Scheduler] = []
@@ -373,6 +381,7 @@ def bench_profile(profile_path: Path, args: argparse.Namespace, log_dir: Path) -
     """sync on G, async over the splits at the largest eta, then the etas at the best split; one profile."""
     import uvloop
 
+    from learner.config import LearnerConfig
     from serving.sim_profile import load_profile
 
     profile = load_profile(profile_path)
@@ -386,11 +395,13 @@ def bench_profile(profile_path: Path, args: argparse.Namespace, log_dir: Path) -
                          f"{gpus - 1}] so the learner keeps at least one GPU")
 
     sync_scale = args.sync_time_scale
+    kv_refresh_every = args.kv_refresh_every or LearnerConfig().push_kv_refresh_every
 
     def spec(mode: str, serve: int, eta: int) -> RunSpec:
         return RunSpec(mode=mode, serve_gpus=serve, learn_gpus=gpus if mode == "sync" else gpus - serve, eta=eta,
                        episodes_per_step=args.episodes_per_step, steps=args.steps, warmup=args.warmup,
-                       capacity=args.capacity, time_scale=sync_scale if mode == "sync" else args.time_scale)
+                       capacity=args.capacity, time_scale=sync_scale if mode == "sync" else args.time_scale,
+                       kv_refresh_every=kv_refresh_every)
 
     runs: list[dict[str, Any]] = []
 

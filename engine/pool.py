@@ -584,9 +584,10 @@ class InferencePool:
     async def update_weight_version(self, new_version: str) -> dict[str, AdminResult]:
         return await self._fan_out(lambda c: c.update_weight_version(new_version))
 
-    async def update_weights_from_disk(self, model_path: str, *, weight_version: str | None = None
-                                       ) -> dict[str, AdminResult]:
-        return await self._fan_out(lambda c: c.update_weights_from_disk(model_path, weight_version=weight_version))
+    async def update_weights_from_disk(self, model_path: str, *, weight_version: str | None = None,
+                                       flush_cache: bool = True) -> dict[str, AdminResult]:
+        return await self._fan_out(lambda c: c.update_weights_from_disk(model_path, weight_version=weight_version,
+                                                                        flush_cache=flush_cache))
 
     async def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict[str, AdminResult]:
         return await self._fan_out(lambda c: c.destroy_weights_update_group(group_name))

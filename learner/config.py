@@ -108,6 +108,11 @@ class LearnerConfig:
     """Weight push: tensors per update_weights_from_distributed call are grouped up to this many bytes."""
     push_timeout_s: float = 600.0
     """Weight push: timeout of each HTTP call and of the weight-update process group."""
+    push_kv_refresh_every: int = 4
+    """Weight push: every this many pushes the servers retract their requests and flush the prefix cache, so every
+    context is prefilled again on the new weights; the other pushes pause in place (requests keep their KV and decode
+    on with the new weights, the cache stays). So no KV in use is more than this many versions old. 1 = fresh KV
+    after every push, which costs the servers a re-prefill of everything in flight each time (learner/push.py)."""
     push_master_address: str = "127.0.0.1"
     """Weight push: the address of learner rank 0 as the inference servers reach it (they join its weight-update
     group there). Local runs use loopback; on a cluster it is the first training node (`ssp launch` sets it)."""
@@ -118,7 +123,7 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel", "data_parallel", "pipeline_parallel", "vocab_divisor", "groups_per_step",
-                     "micro_batch_tokens", "keep_checkpoints", "dedup_window_bytes"):
+                     "micro_batch_tokens", "keep_checkpoints", "dedup_window_bytes", "push_kv_refresh_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:

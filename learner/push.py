@@ -5,10 +5,20 @@ Lifecycle of a `WeightPusher` (run on learner rank 0 only; other TP ranks only h
     pusher = WeightPusher(["http://127.0.0.1:30000"], backend="gloo")
     pusher.connect()        # POST /init_weights_update_group to every server (as tasks) while rank 0 joins
     stats = pusher.push(iter_hf_weights(...), version="1")
-                            # pause(retract) -> begin_weight_update (404: not needed) -> per bucket:
+                            # pause(in_place | retract) -> begin_weight_update (404: not needed) -> per bucket:
                             #   update_weights_from_distributed(flattened_bucket) while rank 0 broadcasts it
-                            #   (the last bucket carries weight_version and flush_cache) -> end -> continue
+                            #   (the last bucket carries weight_version and, on retract, flush_cache)
+                            #   -> end -> (in_place: flush_cache if the server holds no request) -> continue
     pusher.close()          # destroy the group on every server and here
+
+In-flight requests and the KV cache (`pause_mode`): most pushes pause "in_place": running requests keep their KV and
+go on decoding with the new weights the moment the servers continue (PipelineRL's in-flight update), and the prefix
+cache stays (SGLang cannot flush while requests hold KV). Every `kv_refresh_every`-th push pauses with "retract" and
+flushes: every request then re-prefills its whole context on the new weights, so no cached KV is more than
+`kv_refresh_every` versions old. Why not always retract: the re-prefill of every in-flight context and of every
+flushed one cost 22% of the servers' time at 256 episodes per step, and async training reached 83% of its bound
+instead of 99% (`ssp bench async-vs-sync`). Each token still records the version that sampled it, so the learner's
+ratio against the rollout log-probs sees exactly what was sampled.
 
 The HTTP calls block on the servers until the matching broadcast arrives, so they run on an asyncio loop in a
 helper thread while the calling thread broadcasts. Backend "gloo" (CPU tensors) or "nccl" (GPU tensors): same code.
@@ -61,6 +71,8 @@ class PushStats:
     """One push: wall time, bytes broadcast, throughput, buckets, and where the time outside the wire went."""
 
     version: str
+    pause_mode: str
+    """"in_place" or "retract" (`pause_mode()`)."""
     seconds: float
     bytes: int
     buckets: int
@@ -152,12 +164,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def pause_mode(push_number: int, kv_refresh_every: int) -> str:
+    """How push `push_number` (1, 2, ...) pauses the servers: "retract" (and flush) every `kv_refresh_every`-th
+    push, "in_place" otherwise (see the module docstring)."""
+    if kv_refresh_every < 1:
+        raise ValueError(f"kv_refresh_every = {kv_refresh_every}: must be >= 1 (1 = retract and flush on every push)")
+    return "retract" if push_number % kv_refresh_every == 0 else "in_place"
+
+
 class WeightPusher:
     """Owns the weight-update process group to a set of servers and the HTTP session that drives them."""
 
     def __init__(self, server_urls: list[str], *, backend: str, master_address: str = "127.0.0.1",
                  master_port: int = 0, group_name: str = "weight_update_group", bytes_per_bucket: int = 512 << 20,
-                 timeout_s: float = 600.0, pause_mode: str = "retract") -> None:
+                 timeout_s: float = 600.0, kv_refresh_every: int = 1) -> None:
         if not server_urls:
             raise ValueError("WeightPusher needs at least one server URL")
         self.urls = [u.rstrip("/") for u in server_urls]
@@ -167,7 +187,10 @@ class WeightPusher:
         self.group_name = group_name
         self.bytes_per_bucket = bytes_per_bucket
         self.timeout_s = timeout_s
-        self.pause_mode = pause_mode
+        pause_mode(1, kv_refresh_every)  # validates it
+        self.kv_refresh_every = kv_refresh_every
+        self.pushes = 0
+        """Pushes started so far (the count pause_mode() schedules by)."""
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self._staging = Staging(bytes_per_bucket, self.device)
         self.state = PushState.NEW
@@ -231,26 +254,32 @@ class WeightPusher:
             raise RuntimeError(f"push() on a pusher in state {self.state.value}; connect() first "
                                "(a BROKEN pusher means the servers may hold mixed weights: restart them)")
         start = time.perf_counter()
+        self.pushes += 1
+        mode = pause_mode(self.pushes, self.kv_refresh_every)
         try:
-            self._check(self._run(self._all("pause", mode=self.pause_mode)), "pause_generation")
+            self._check(self._run(self._all("pause", mode=mode)), "pause_generation")
             self._check(self._run(self._all("begin_weight_update")), "begin_weight_update")
             control_s = time.perf_counter() - start
-            sent = self._stream(named_tensors, version)
+            sent = self._stream(named_tensors, version, flush=mode == "retract")
             t_end = time.perf_counter()
             self._check(self._run(self._all("end_weight_update")), "end_weight_update")
+            if mode == "in_place":
+                # A server that holds no request (a synchronous schedule pushes between phases) can still drop its
+                # old-weight prefix cache; one that does refuses (400), and its KV stays, as in_place intends.
+                self._run(self._all("flush_cache"))
             self._check(self._run(self._all("continue_")), "continue_generation")
         except BaseException:
             self.state = PushState.BROKEN
             raise
         done = time.perf_counter()
-        stats = PushStats(version=version, seconds=done - start, bytes=sent.bytes, buckets=sent.buckets,
-                          tensors=sent.tensors, control_s=control_s + done - t_end, first_pack_s=sent.first_pack_s,
-                          pack_s=sent.pack_s)
+        stats = PushStats(version=version, pause_mode=mode, seconds=done - start, bytes=sent.bytes,
+                          buckets=sent.buckets, tensors=sent.tensors, control_s=control_s + done - t_end,
+                          first_pack_s=sent.first_pack_s, pack_s=sent.pack_s)
         log.info("pushed weights v%s: %.1f MB in %.2f s (%.3f GB/s, %d buckets)", version, stats.bytes / 1e6,
                  stats.seconds, stats.gb_per_s, stats.buckets)
         return stats
 
-    def _stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> _Streamed:
+    def _stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str, *, flush: bool) -> _Streamed:
         """Send every bucket. The bucket after the one on the wire is already fetched (so the last one is known: it
         carries the version and the flush), packed during the send, and its HTTP call is chained to the current one's
         reply in the HTTP thread, so it goes out the moment the server acknowledges (sglang-api.md §3.5: one call at
@@ -263,7 +292,7 @@ class WeightPusher:
         slot, flat = 0, self._staging.pack(0, current)
         first_pack_s = time.perf_counter() - t0
         upcoming = next(queue, None)
-        calls = self._post(current, after=None, last=upcoming is None, version=version)
+        calls = self._post(current, after=None, last=upcoming is None, version=version, flush=flush)
         out = _Streamed(first_pack_s=first_pack_s, pack_s=first_pack_s)
         while True:
             # NOTE: if a server rejects the body it never posts its receive; the group timeout bounds our wait.
@@ -273,7 +302,8 @@ class WeightPusher:
                 next_flat = self._staging.pack(1 - slot, upcoming)
                 out.pack_s += time.perf_counter() - t0
                 following = next(queue, None)
-                next_calls = self._post(upcoming, after=calls, last=following is None, version=version)
+                next_calls = self._post(upcoming, after=calls, last=following is None, version=version,
+                                        flush=flush)
             work.wait()
             self._check([c.result(timeout=self.timeout_s) for c in calls], "update_weights_from_distributed")
             out.bytes += flat.numel()
@@ -284,11 +314,12 @@ class WeightPusher:
             current, upcoming, calls, flat, slot = upcoming, following, next_calls, next_flat, 1 - slot
 
     def _post(self, bucket: list[tuple[str, torch.Tensor]], *, after: list["Future[Any]"] | None, last: bool,
-              version: str) -> list["Future[Any]"]:
+              version: str, flush: bool) -> list["Future[Any]"]:
         """One update_weights_from_distributed call per server, each sent once that server's `after` call succeeded."""
         body = {"names": [n for n, _ in bucket], "dtypes": [_dtype_name(t.dtype) for _, t in bucket],
                 "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
-                "load_format": "flattened_bucket", "flush_cache": last, "weight_version": version if last else None}
+                "load_format": "flattened_bucket", "flush_cache": last and flush,
+                "weight_version": version if last else None}
         return [self._submit(_update_after(c, None if after is None else after[i], body))
                 for i, c in enumerate(self._clients)]
 

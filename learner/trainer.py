@@ -258,7 +258,8 @@ def _connect_pusher(cfg: LearnerConfig, server_urls: list[str], par: Parallel) -
 
     pusher = WeightPusher(server_urls, backend="nccl" if par.device.type == "cuda" else "gloo",
                           master_address=cfg.push_master_address, master_port=cfg.push_master_port,
-                          bytes_per_bucket=cfg.push_bytes_per_bucket, timeout_s=cfg.push_timeout_s)
+                          bytes_per_bucket=cfg.push_bytes_per_bucket, timeout_s=cfg.push_timeout_s,
+                          kv_refresh_every=cfg.push_kv_refresh_every)
     pusher.connect()
     return pusher
 
@@ -272,7 +273,8 @@ def _push(trainer: Trainer, pusher: Any, par: Parallel, version: str) -> dict[st
         named = iter_hf_weights(trainer.model, trainer.shape, tp_group=trainer.tp_group, keep=pusher is not None)
         if pusher is not None:
             stats = pusher.push(named, version)
-            out = {"push_s": stats.seconds, "push_gb_per_s": stats.gb_per_s, "push_bytes": float(stats.bytes)}
+            out = {"push_s": stats.seconds, "push_gb_per_s": stats.gb_per_s, "push_bytes": float(stats.bytes),
+                   "push_kv_refresh": float(stats.pause_mode == "retract")}
         else:
             for _ in named:  # participate in every all-gather
                 pass

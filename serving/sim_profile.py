@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from ssp.config import load_config
 from ssp.paths import PROJECT_ROOT
@@ -53,9 +52,6 @@ class PrefillSpec:
 class PrefixCacheSpec:
     enabled: bool = True
     """Reuse cached prompt prefixes (radix cache): cached tokens cost no prefill."""
-    flush_on_weight_update: bool = True
-    """Whether weight pushes ask for a cache flush (slime does; KV from old weights is stale). A policy for the
-    client side (benches pass it as flush_cache); the sim server flushes whenever it is asked, like SGLang."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -114,8 +110,6 @@ class WeightUpdateSpec:
     """Latency of /pause_generation."""
     resume_ms: float = 50.0
     """Latency of /continue_generation."""
-    in_flight_policy: Literal["retract", "abort", "in_place"] = "retract"
-    """Pause mode the benches use for updates: "retract" re-prefills in-flight contexts after the update."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -15,8 +15,9 @@ def test_unknown_profile_names_the_known_ones() -> None:
 
 
 def test_tiny_sweep_runs_both_schedules(demo_index: Path, tmp_path: Path) -> None:
+    # Pushes 1 and 2 of each run: one in place, one retract-and-flush.
     args = argparse.Namespace(gpus=2, splits=[1], etas=[1], episodes_per_step=2, steps=2, warmup=1, capacity=16,
-                              time_scale=20.0, sync_time_scale=20.0, run_timeout=240.0,
+                              time_scale=20.0, sync_time_scale=20.0, run_timeout=240.0, kv_refresh_every=2,
                               index=demo_index)
     r = bench_profile(resolve_profile("qwen2.5-7b-h100-tp1"), args, tmp_path)
     sync, best = r["sync"], r["best"]

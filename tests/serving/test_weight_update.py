@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import sys
 import urllib.error
 import urllib.request
@@ -149,3 +150,35 @@ def test_repeated_flattened_pushes_land_in_place(ref_server: str, model_dir: Pat
         restored = post(ref_server, "/update_weights_from_disk", {"model_path": str(model_dir),
                                                                    "weight_version": old_version})
     assert restored["success"], restored
+
+
+def test_pushes_pause_in_place_but_every_kth_retracts(ref_server: str, model_dir: Path) -> None:
+    """learner.push_kv_refresh_every = 2: push 1 pauses in place (a running request keeps its KV and decodes on),
+    push 2 retracts it (it re-prefills on the new weights). The request's versions show both switches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import load_file
+
+    from learner.push import WeightPusher
+
+    state = load_file(str(model_dir / "model.safetensors"))
+    names = [n for n in state if n.startswith("model.layers.0.")]  # the same values: the model does not change
+    old_version = get(ref_server, "/model_info")["weight_version"]
+    pusher = WeightPusher([ref_server], backend="gloo", timeout_s=120, kv_refresh_every=2)
+    try:
+        pusher.connect()
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(post, ref_server, "/generate", {"input_ids": PROMPT, "sampling_params": {
+                "temperature": 0, "max_new_tokens": 400, "ignore_eos": True}})
+            deadline = time.monotonic() + 60
+            while get(ref_server, "/get_load")[0]["num_reqs"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            modes = [pusher.push(((n, state[n]) for n in names), v).pause_mode for v in ("kv-1", "kv-2")]
+            out = running.result(timeout=300)
+    finally:
+        pusher.close()
+        post(ref_server, "/update_weight_version", {"new_version": old_version, "abort_all_requests": False})
+    assert modes == ["in_place", "retract"]
+    meta = out["meta_info"]
+    assert meta["num_retractions"] == 1 and len(out["output_ids"]) == 400
+    assert [span["version"] for span in meta["weight_versions"]] == [old_version, "kv-1", "kv-2"]
