@@ -60,7 +60,7 @@ bench: setup
     "$ssp" index build --corpus data/corpus/*.jsonl --out artifacts/index/demo --if-missing || exit 1
     failed=()
     part() { echo "== ssp bench $*"; "$ssp" bench "$@" || failed+=("$1 (exit $?)"); }
-    part async-vs-sync --splits 2 4 --etas 0 4 --episodes-per-step 32 --steps 4 --warmup 2 --time-scale 4
+    part async-vs-sync --splits 4 6 --etas 4 --episodes-per-step 128 --steps 6 --warmup 3
     part scale --sizes 1000 5000 10000 --ramp 6 --duration 8
     part search --queries 1000
     part retrieval --queries 300 --clients 16

@@ -498,8 +498,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"### {p['profile']}, G = {p['gpus']}", "",
                   "| mode | serve GPUs | learn GPUs | eta | trained traj/s | slot occupancy | bound traj/s | "
                   "bound by | "
-                  "efficiency | learner idle | engine CPU | servers behind, s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "efficiency | learner idle | engine CPU | servers behind, s | "
+                  "server time: decode / prefill / recompute / paused / idle |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         rows = [p["sync"], *p["async_sweep"], *[r for r in p["async_etas"] if r is not p["best"]
                                                 and r not in p["async_sweep"]]]
         for r in rows:
@@ -509,7 +510,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{r.get('bound_traj_per_s', '-')} | {r.get('bound_by', '-')} | "
                 f"{(str(round(100 * r['efficiency'])) + '%') if 'efficiency' in r else '-'} | "
                 f"{100 * r['learner_wait_share']:.0f}% | {100 * r['engine_cpu_fraction']:.0f}% | "
-                f"{r.get('servers_behind_max_s', 0.0)}{'' if clock_kept(r) else ' (too slow)'} |")
+                f"{r.get('servers_behind_max_s', 0.0)}{'' if clock_kept(r) else ' (too slow)'} | "
+                f"{' / '.join(f'{100 * v:.0f}%' for v in r.get('server_time_shares', {}).values()) or '-'} |")
         b = p["best"]
         lines += ["", f"async/sync ratio: {p['async_over_sync']:.2f} (best split g = {b['serve_gpus']}, "
                       f"eta = {b['eta']}, {100 * b['efficiency']:.0f}% of its bound)"]
