@@ -64,7 +64,7 @@ bench: setup
     part scale --sizes 1000 5000 10000 --ramp 6 --duration 8
     part search --queries 1000
     part retrieval --queries 300 --clients 16
-    part push --rounds 3
+    part push --rounds 7
     part learner --steps 2
     part inference --requests 1000
     part serving
