@@ -78,7 +78,8 @@ class PushStats:
     buckets: int
     tensors: int
     control_s: float
-    """Seconds in the calls around the buckets: pause, begin_weight_update, end_weight_update, continue."""
+    """Seconds in the calls around the buckets: pause, begin_weight_update, end_weight_update, (in place) flush_cache,
+    continue."""
     first_pack_s: float
     """Seconds packing the first bucket, before anything is on the wire (later packs overlap the sends)."""
     pack_s: float
