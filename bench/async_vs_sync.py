@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from learner.config import LearnerConfig
 from ssp.paths import artifacts_dir, default_index_dir
 
 DEFAULT_PROFILES = ("qwen2.5-7b-h100-tp1",)
@@ -63,9 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time scale of the sync run (default: 8). Sync spends most of its time in idle phase tails, "
                         "so it keeps its clock at a faster scale; the engine's CPU time then counts more, against "
                         "sync. Run it at two scales to see that its rate does not depend on it")
-    p.add_argument("--kv-refresh-every", type=int, default=None,
+    p.add_argument("--kv-refresh-every", type=int, default=LearnerConfig().push_kv_refresh_every,
                    help="every this many pushes retract and flush, the others pause in place, as the learner's "
-                        "push_kv_refresh_every does (default: the learner's default; 1 = fresh KV after every push)")
+                        "push_kv_refresh_every does (default: the learner's, %(default)s; 1 = fresh KV after every "
+                        "push)")
     p.add_argument("--run-timeout", type=float, default=600.0,
                    help="wall seconds one run may take before it is reported as stuck (default: 600)")
     p.add_argument("--index", type=Path, help="Tantivy index searched (default: the demo index, artifacts/index/demo)")
@@ -191,11 +193,16 @@ def server_seconds_per_episode(profile: Any, shape: dict[str, float], batch: int
     return decode_s + prefill_s
 
 
+def _clock_delta(start: list[dict[str, float]], end: list[dict[str, float]]) -> dict[str, float]:
+    """Each `sim_clock` counter's change between two snapshots of the same servers, summed over them."""
+    return {k: sum(e[k] - s[k] for s, e in zip(start, end)) for k in end[0]}
+
+
 def server_time_shares(start: list[dict[str, float]], end: list[dict[str, float]]) -> dict[str, float]:
     """Where the servers' simulated time went between two `sim_clock` snapshots, summed over servers, as shares:
     decode, prefill of new tokens, recompute (prefill of retracted requests coming back), paused (weight updates)
     and idle (nothing to run: the engine did not keep the server fed)."""
-    total = {k: sum(e[k] - s[k] for s, e in zip(start, end)) for k in end[0]}
+    total = _clock_delta(start, end)
     elapsed = max(1e-9, total["elapsed_s"])
     recompute_s = total["prefill_s"] * total["recomputed_tokens"] / max(1, total["prefill_tokens"])
     busy = total["decode_s"] + total["prefill_s"]
@@ -207,9 +214,9 @@ def server_time_shares(start: list[dict[str, float]], end: list[dict[str, float]
 def server_tokens(start: list[dict[str, float]], end: list[dict[str, float]], *, episodes: int) -> dict[str, float]:
     """Tokens the servers decoded, prefilled and recomputed per trained episode between two `sim_clock` snapshots
     (what the bound's per-episode shape assumed, measured on the servers' side)."""
+    total = _clock_delta(start, end)
     keys = {"output": "output_tokens", "prefill": "prefill_tokens", "recomputed": "recomputed_tokens"}
-    return {name: round(sum(e[k] - s[k] for s, e in zip(start, end)) / max(1, episodes), 1)
-            for name, k in keys.items()}
+    return {name: round(total[k] / max(1, episodes), 1) for name, k in keys.items()}
 
 
 async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: int = 1, timeout_s: float = 600.0,
@@ -217,11 +224,11 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
     """Play `spec` with the real engine against `urls` and a SimLearner; return rates, occupancy and the bound.
     `index_dir`: the Tantivy index searched (default: the demo index)."""
     from bench.sim_learner import SimClock, SimLearner, push_s, steady_rate
-    from learner.push import pause_mode
     from engine.assemble import build_scheduler, open_engine, pool_summary
     from engine.scheduler import Scheduler
     from engine.stream import TrajectoryStream
     from engine.telemetry import Samples
+    from learner.push import pause_mode
     from ssp.config import load_config
     from ssp.run_config import SSPConfig
 
@@ -272,9 +279,12 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
         sched_holder.append(sched)
         engine_task = asyncio.create_task(sched.run(None), name="bench-engine")
 
+        async def sim_states() -> list[dict[str, Any]]:
+            """Each simulated server's /server_info internal state (sim_clock, sim_behind_s)."""
+            return [i["internal_states"][0] for i in (await pool.server_infos()).values()]
+
         async def sim_clocks() -> list[dict[str, float]]:
-            infos = await pool.server_infos()
-            return [i["internal_states"][0]["sim_clock"] for i in infos.values()]
+            return [state["sim_clock"] for state in await sim_states()]
 
         window_clocks: list[list[dict[str, float]]] = []
 
@@ -292,8 +302,7 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
             """How far the simulated servers fall behind their clock (a host too slow for the time scale)."""
             while True:
                 await asyncio.sleep(1.0)
-                infos = await pool.server_infos()
-                behind.add(max(float(i["internal_states"][0].get("sim_behind_s", 0.0)) for i in infos.values()))
+                behind.add(max(float(state.get("sim_behind_s", 0.0)) for state in await sim_states()))
 
         sampler = asyncio.create_task(sample(), name="occupancy-sampler")
         clocks = asyncio.create_task(watch_clocks(), name="sim-clock-watch")
@@ -381,7 +390,6 @@ def bench_profile(profile_path: Path, args: argparse.Namespace, log_dir: Path) -
     """sync on G, async over the splits at the largest eta, then the etas at the best split; one profile."""
     import uvloop
 
-    from learner.config import LearnerConfig
     from serving.sim_profile import load_profile
 
     profile = load_profile(profile_path)
@@ -393,15 +401,17 @@ def bench_profile(profile_path: Path, args: argparse.Namespace, log_dir: Path) -
     if bad:
         raise ValueError(f"--splits {bad}: serving GPUs must be multiples of {per_server} in [{per_server}, "
                          f"{gpus - 1}] so the learner keeps at least one GPU")
+    if args.kv_refresh_every < 1:
+        raise ValueError(f"--kv-refresh-every {args.kv_refresh_every}: must be >= 1 (1 = retract and flush on every "
+                         "push)")
 
     sync_scale = args.sync_time_scale
-    kv_refresh_every = args.kv_refresh_every or LearnerConfig().push_kv_refresh_every
 
     def spec(mode: str, serve: int, eta: int) -> RunSpec:
         return RunSpec(mode=mode, serve_gpus=serve, learn_gpus=gpus if mode == "sync" else gpus - serve, eta=eta,
                        episodes_per_step=args.episodes_per_step, steps=args.steps, warmup=args.warmup,
                        capacity=args.capacity, time_scale=sync_scale if mode == "sync" else args.time_scale,
-                       kv_refresh_every=kv_refresh_every)
+                       kv_refresh_every=args.kv_refresh_every)
 
     runs: list[dict[str, Any]] = []
 

@@ -7,8 +7,9 @@ stays real (scheduler, rollouts, search, game, stream); only the two GPU costs a
 
     train step  t = fixed_s + tokens * flops_per_token * passes * attn_overhead / (gpus * peak_flops_per_gpu * mfu)
     weight push pause_generation(in_place, or retract every kv_refresh_every-th push: learner.push.pause_mode) ->
-                update_weights_from_disk -> continue_generation on every server; the simulated server sleeps the profile's pause / update (tp_gather + bytes/bandwidth + buckets *
-                per_bucket_overhead) / resume times, so the push costs what the profile says, at the servers' clock.
+                update_weights_from_disk -> continue_generation on every server; the simulated server sleeps the
+                profile's pause / update (tp_gather + bytes/bandwidth + buckets * per_bucket_overhead) / resume
+                times, so the push costs what the profile says, at the servers' clock.
 
 Clock: simulated seconds = wall seconds x time_scale, the same scale the sim servers run at (`--sim-time-scale`),
 so learner, servers and the engine's own (real, unscaled) CPU work are on one time line. The engine's CPU time
