@@ -1,4 +1,5 @@
-"""`ssp learner train`: resolve the [learner] config, save it in the run folder, and launch torchrun on it."""
+"""`ssp learner train`: resolve the [learner] config, save it in the run folder, and launch torchrun on it.
+`ssp export`: write a learner checkpoint as a Hugging Face model directory (learner.export)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from launcher.processes import free_port
 from ssp.cli import add_config_args
@@ -31,13 +33,36 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
                        help="inference server to push weights to after every step (repeatable; none = no push)")
     train.set_defaults(run=run_train)
 
+    export = sub.add_parser(
+        "export",
+        help="write a learner checkpoint (any tensor_parallel) as a Hugging Face model directory",
+        description="Merge the TP shards of a learner checkpoint into a Hugging Face model directory: "
+        "model.safetensors, config.json, and the generation config and tokenizer files of the base model (the one "
+        "the run started from, as recorded in the run's learner_config.json, or --base-model). The result loads with "
+        "transformers' AutoModelForCausalLM.from_pretrained and serves with `ssp model serve --model HF_DIR`.",
+        epilog="Example: `ssp export --checkpoint artifacts/runs/demo/learner/checkpoints --out "
+        "artifacts/models/demo-step-latest` (the latest checkpoint; name a step-NNNNNN folder for another one).",
+    )
+    export.add_argument("--checkpoint", type=Path, required=True, metavar="DIR",
+                        help="a run's checkpoints folder (LEARNER_OUT_DIR/checkpoints: its latest checkpoint) or "
+                        "one of its step-NNNNNN folders")
+    export.add_argument("--out", type=Path, required=True, metavar="HF_DIR",
+                        help="folder to write (created; a previous export there is replaced)")
+    export.add_argument("--base-model", type=Path, metavar="DIR",
+                        help="the HF directory the run started from, for config and tokenizer (default: the "
+                        "model_dir in the run's learner_config.json)")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the written weights (default: the base model's)")
+    export.set_defaults(run=run_export)
+
 
 def run_train(args: argparse.Namespace) -> int:
     from ssp.config import load_config, to_dict, to_toml
     from ssp.metrics import plot_metrics, read_metrics
-    from ssp.run_config import SSPConfig
+    from ssp.run_config import SSPConfig, check_sampling_matches_learner
 
     root = load_config(SSPConfig, args.config, args.overrides)
+    check_sampling_matches_learner(root)
     cfg = root.learner
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / "config.toml").write_text(to_toml(root))
@@ -63,3 +88,17 @@ def run_train(args: argparse.Namespace) -> int:
                   f"logprob mismatch {last['logprob_mismatch_mean']:.2e}, {last['tokens_per_s']:.0f} tok/s; "
                   f"metrics in {metrics_path}", file=sys.stderr)
     return rc
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from learner.export import ExportError, export_checkpoint, resolve_checkpoint
+    from learner.model import ModelConfigError
+
+    try:
+        step_dir = resolve_checkpoint(args.checkpoint)
+        out = export_checkpoint(step_dir, args.out, base_model=args.base_model, dtype=args.dtype)
+    except (ExportError, ModelConfigError) as e:
+        print(f"ssp export: {e}", file=sys.stderr)
+        return 2
+    print(f"ssp export: wrote {out} from {step_dir}", file=sys.stderr)
+    return 0

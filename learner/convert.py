@@ -14,14 +14,15 @@ Names below are megatron's local-layer names; `model_param_names` maps them to t
 each layer norm is fused into the following linear (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`).
 Tied embeddings have no `output_layer.weight` (and no `lm_head.weight` on the way back).
 
-Everything is a pure function of tensors except `load_hf_into_model` and `read_hf_tensors` (I/O).
+Everything is a pure function of tensors except `load_hf_into_model` and `HfTensors` (I/O).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -126,6 +127,29 @@ def megatron_to_hf(name: str, shards: list[torch.Tensor], shape: ModelShape) -> 
     raise KeyError(f"megatron parameter {name!r} has no HF counterpart in the Llama/Qwen2 mapping")
 
 
+def megatron_state_to_hf(rank_states: Sequence[Mapping[str, torch.Tensor]],
+                         shape: ModelShape) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, full tensor) pairs from the megatron states (local-layer names) of every TP rank, in rank order.
+
+    The inverse of `hf_to_megatron` over all ranks at once, for states already in one process (saved checkpoints):
+    the same merge `learner.gather.iter_hf_weights` does with collectives on a live model, so an exported model and
+    a pushed one are the same weights. Replicated parameters (norms) are taken from rank 0, as the gather does.
+    Raises ValueError naming the parameter whose shards do not fit `shape` (e.g. a checkpoint of another model).
+    """
+    for name in rank_states[0]:
+        absent = [rank for rank, state in enumerate(rank_states) if name not in state]
+        if absent:
+            raise ValueError(f"{name} is in TP rank 0's state but not in TP rank(s) {absent}'s")
+        shards = [state[name] for state in rank_states] if is_tp_sharded(name) else [rank_states[0][name]]
+        try:
+            yield from megatron_to_hf(name, shards, shape)
+        except RuntimeError as e:  # a reshape or split that the shard sizes do not allow
+            sizes = [tuple(s.shape) for s in shards]
+            raise ValueError(f"{name}: TP shards of shapes {sizes} do not fit a {shape.architecture} with "
+                             f"{shape.num_heads} heads, {shape.num_kv_heads} KV heads, head_dim {shape.head_dim}, "
+                             f"hidden {shape.hidden_size}, ffn {shape.ffn_hidden_size} ({e})") from None
+
+
 # transformer-engine fuses each pre-norm into the linear after it; everything else keeps its local name.
 _TE_NAMES = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -175,6 +199,10 @@ def load_hf_into_model(model: torch.nn.Module, model_dir: Path, shape: ModelShap
         param.copy_(src.to(param.dtype))
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+"""The safetensors dtype tags of the dtypes a learner model can have."""
+
+
 class HfTensors:
     """Lazy, by-name access to the tensors of a HF safetensors checkpoint (single file or sharded index)."""
 
@@ -200,6 +228,23 @@ class HfTensors:
 
     def names(self) -> list[str]:
         return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from the file header, without reading its data."""
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's stored dtype from the file header, without reading its data."""
+        stored = self._slice(name).get_dtype()
+        if stored not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.model_dir}: {name} is stored as {stored}; the learner reads "
+                             f"{', '.join(_SAFETENSORS_DTYPES)} checkpoints")
+        return _SAFETENSORS_DTYPES[stored]
+
+    def _slice(self, name: str) -> Any:
+        if name not in self._where:
+            raise KeyError(f"{self.model_dir}: checkpoint has no tensor {name!r}")
+        return self._handles[self._where[name]].get_slice(name)
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
