@@ -344,7 +344,7 @@ def parse_generate_response(payload: Any, *, prompt_len: int, url: str) -> Gener
                                 url=url)
     finish = _parse_finish(meta.get("finish_reason"), url)
     weight_version = str(meta.get("weight_version", "default"))
-    spans = _parse_spans(meta.get("weight_versions"), n, weight_version, url)
+    spans = _parse_spans(meta.get("weight_versions"), n, url)
     return GenerateResult(
         rid=str(rid),
         output_ids=ids,
@@ -383,10 +383,12 @@ def _parse_finish(raw: Any, url: str) -> FinishReason:
     return FinishReason("abort", message=raw.get("message"))
 
 
-def _parse_spans(raw: Any, n: int, weight_version: str, url: str) -> tuple[WeightSpan, ...]:
-    """Weight-version spans over [0, n). Servers older than per-span reporting get one span of `weight_version`."""
+def _parse_spans(raw: Any, n: int, url: str) -> tuple[WeightSpan, ...]:
+    """Weight-version spans over [0, n). A server older than per-span reporting gives none: its `weight_version`
+    names only the weights of the last token, and a weight update during the request makes it wrong for the
+    earlier ones (too new: it would under-report their staleness), so the tokens' versions stay unknown."""
     if raw is None:
-        return (WeightSpan(weight_version, 0, n),) if n else ()
+        return ()
     try:
         spans = tuple(WeightSpan(str(s["version"]), int(s["start"]), int(s["end"])) for s in raw)
     except (KeyError, TypeError, ValueError):

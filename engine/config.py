@@ -181,13 +181,15 @@ class SchedulerConfig:
     """Episodes in flight at once. 0 = derived: twice the pool's total request capacity divided by
     solver_group_size (at least 1), enough to keep every server slot busy without flooding its queue."""
     eta: int | None = 1
-    """Staleness bound: no episode is launched unless it will be consumed by the learner within eta policy
-    versions of the version it starts on (0 = on-policy lock-step). Unset = unbounded (no learner, e.g.
-    `ssp rollout`)."""
+    """Staleness bound, guaranteed: no token is trained more than eta policy versions after the version of the
+    weights that sampled it, also when slow episodes are overtaken by faster ones (0 = on-policy lock-step). The
+    gate starts an episode only while delivered + running episodes stay below (oldest + eta + 1) *
+    episodes_per_step, oldest being the start version of the oldest episode still running (engine/scheduler.py says
+    why that suffices); `ssp train` also has the learner drop any group beyond it (learner.max_staleness). Unset =
+    unbounded (no learner, e.g. `ssp rollout`)."""
     episodes_per_step: int = 8
-    """Episodes the learner consumes per policy version (its batch, in groups). With eta it bounds how far the
-    engine runs ahead: at policy version v at most (v + eta + 1) * episodes_per_step episodes are launched. In
-    "sync" mode it is the number of seeds per step."""
+    """Episodes the learner consumes per policy version (its batch, in groups; every batch is a version). With eta
+    it bounds how far the engine runs ahead of the learner. In "sync" mode it is the number of seeds per step."""
     seeds_file: Path = DATA_DIR / "seeds" / "seed_answers.jsonl"
     """JSONL of seed answers {answer, type, aliases?}: the ground truths the proposer writes questions for."""
     hops_min: int = 2

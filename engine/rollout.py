@@ -34,7 +34,7 @@ from engine.generation import FinishReason, GenerateResult, Generator, SamplingP
 from engine.prompts import SEARCH_CLOSE, SEARCH_OPEN
 from engine.search_batcher import SearchBatcher, SearchError
 from engine.telemetry import Samples
-from engine.trajectory import Role, Trajectory
+from engine.trajectory import UNKNOWN_VERSION, Role, Trajectory
 from retriever.protocol import Doc
 
 
@@ -177,10 +177,11 @@ def parse_version(version: str) -> int:
 
 
 def token_versions(result: GenerateResult) -> array[int]:
-    """One policy version per output token, from the result's weight_versions spans."""
+    """One policy version per output token, from the result's weight_versions spans; UNKNOWN_VERSION for every
+    token when the server reported none (the learner counts them)."""
     n = len(result.output_ids)
     if not result.weight_versions:
-        return array("l", [parse_version(result.weight_version)]) * n
+        return array("l", [UNKNOWN_VERSION]) * n
     out = array("l", [-1]) * n
     for span in result.weight_versions:
         start, end = max(0, span.start), min(n, span.end)

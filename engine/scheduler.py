@@ -6,7 +6,8 @@ Loops and buffers ("async" mode; every task is named, every buffer bounded):
       │
       ▼
     launcher loop ── waits on: a free episode slot (≤ max_inflight episodes in flight)
-      │                        the staleness gate  (delivered + in flight < (version + eta + 1) · episodes_per_step)
+      │                        the staleness gate  (delivered + in flight < (oldest + eta + 1) · episodes_per_step,
+      │                                             oldest = start version of the oldest episode in flight)
       │                        the pause flag       (cleared by pause_launches() during a weight update)
       │              unblocked by: an episode finishing, set_policy_version() (called by the policy-version loop,
       │              which polls the servers' weight version), resume_launches()
@@ -30,9 +31,13 @@ Loops and buffers ("async" mode; every task is named, every buffer bounded):
 `episodes_per_step` proposers, then all verifications, then all solver groups, then the groups are sent; the same
 staleness gate decides when the next step may start (eta = 0: after the learner has consumed this one).
 
-Staleness: the learner consumes groups in order, `episodes_per_step` per policy version. An episode launched at
-version v is one of the first (v + eta + 1) · B groups, so it is trained at version ≤ v + eta. A failed episode sends
-no group and frees its place, so the learner is never left waiting for a group that will not come.
+Staleness (the guarantee): the learner consumes groups in the order they arrive, `episodes_per_step` (B) per policy
+version, and every batch advances the version. An episode started at version v is delivered among the first
+(v + eta + 1) · B groups, however many later episodes finish before it, so it is trained at version ≤ v + eta and none
+of its tokens (sampled on weights of version ≥ v) is more than eta versions old; `StalenessGate` says why. The price:
+while a slow episode of version v is in flight, no episode starts once (v + eta + 1) · B groups are delivered or
+running. A failed episode sends no group and frees its place, so the learner is never left waiting for a group that
+will not come (in sync mode the next step is topped up by that many episodes).
 
 Shutdown: `run()` ends when the episode budget is done or `stop()` is called: the launcher stops, in-flight episodes
 finish (or are cancelled on error), the stream sends what it holds, then every task is cancelled and gathered.
@@ -63,8 +68,26 @@ log = logging.getLogger(__name__)
 
 
 class StalenessGate:
-    """How many episodes may be started now. One Condition guards `version`, `delivered` and `inflight`;
-    the predicate is `eta is None or delivered + inflight < (version + eta + 1) * per_step`."""
+    """How many episodes may start now, so that none is trained more than `eta` policy versions after it started.
+
+    The learner trains groups in the order they arrive, `per_step` of them per policy version. One Condition guards
+    `version`, `delivered` and the in-flight episodes (counted per start version); the predicate for n more is
+
+        delivered + inflight + n <= (oldest + eta + 1) * per_step
+
+    where `oldest` is the start version of the oldest episode in flight (the current version when none is).
+
+    Why this bounds staleness: while an episode started at version v is in flight, oldest <= v and it holds a place
+    itself, so fewer than (v + eta + 1) * per_step groups have been delivered. It therefore arrives among the first
+    (v + eta + 1) * per_step groups and is trained at a version <= v + eta, however many later episodes overtake it.
+    (Counting against the current version alone, as a plain "episodes per version" budget does, lets fast episodes
+    started on newer versions fill the learner's batches while a slow one waits, without limit.) Its tokens were
+    sampled on weights of version >= v, so no trained token is more than eta versions old.
+
+    Why it never deadlocks: the learner at version V waits for (V + 1) * per_step delivered groups, and V <= oldest
+    + eta by the bound above, so those groups fit under the predicate; an episode that fails releases its place
+    without delivering, and the place is offered again.
+    """
 
     def __init__(self, eta: int | None, per_step: int, version: int = 0) -> None:
         self.eta = eta
@@ -72,24 +95,53 @@ class StalenessGate:
         self.version = version
         self.delivered = 0
         self.inflight = 0
+        self._started: collections.Counter[int] = collections.Counter()
+        """Start version -> episodes in flight that started on it."""
         self.closed = False
         self._cond = asyncio.Condition()
 
-    def _open(self, n: int) -> bool:
-        return self.closed or self.eta is None or self.delivered + self.inflight + n <= (self.version + self.eta + 1) * self.per_step
+    @property
+    def oldest(self) -> int:
+        """The start version of the oldest episode in flight; the current version when none is."""
+        return min(self._started) if self._started else self.version
 
-    async def acquire(self, n: int = 1) -> int:
-        """Wait until n more episodes may start; returns the policy version they start on."""
-        if self.eta is not None and n > self.per_step * (self.eta + 1):
-            raise ValueError(f"cannot start {n} episodes at once with eta = {self.eta} and "
-                             f"episodes_per_step = {self.per_step}")
-        async with self._cond:
-            await self._cond.wait_for(lambda: self._open(n))
-            self.inflight += n
-            return self.version
+    def room(self) -> int | None:
+        """How many more episodes may start now (None: no bound, eta unset)."""
+        if self.eta is None:
+            return None
+        return (self.oldest + self.eta + 1) * self.per_step - self.delivered - self.inflight
 
-    async def release(self, *, delivered: bool) -> None:
+    def _has_room(self) -> bool:
+        room = self.room()
+        return self.closed or room is None or room >= 1
+
+    def _take(self, n: int) -> int:
+        self.inflight += n
+        self._started[self.version] += n
+        return self.version
+
+    async def acquire(self) -> int:
+        """Wait until one more episode may start; returns the policy version it starts on."""
         async with self._cond:
+            await self._cond.wait_for(self._has_room)
+            return self._take(1)
+
+    async def acquire_up_to(self, n: int) -> tuple[int, int]:
+        """Wait until at least one episode may start, then take up to n places; returns (version, places taken).
+        The sync schedule uses it, so that a step whose episode failed is topped up instead of waiting for a
+        group that will never come."""
+        async with self._cond:
+            await self._cond.wait_for(self._has_room)
+            room = self.room()
+            taken = n if self.closed or room is None else min(n, room)
+            return self._take(taken), taken
+
+    async def release(self, version: int, *, delivered: bool) -> None:
+        """One episode that started on `version` ended, its group sent to the learner (`delivered`) or not."""
+        async with self._cond:
+            self._started[version] -= 1
+            if self._started[version] <= 0:
+                del self._started[version]
             self.inflight -= 1
             self.delivered += int(delivered)
             self._cond.notify_all()
@@ -233,14 +285,14 @@ class Scheduler:
                 break
             await self._slots.acquire()
             await self._launch_allowed.wait()
-            await self.gate.acquire()
+            version = await self.gate.acquire()
             if self._stop.is_set():
-                await self.gate.release(delivered=False)
+                await self.gate.release(version, delivered=False)
                 self._slots.release()
                 break
             seed = next(self._seeds)
             gid = f"{self._run_id}-{next(self._ids):08d}"
-            task = asyncio.create_task(self._episode(gid, seed), name=f"episode-{gid}")
+            task = asyncio.create_task(self._episode(gid, seed, version), name=f"episode-{gid}")
             self._episodes.add(task)
             task.add_done_callback(self._episodes.discard)
             self.counters.launched += 1
@@ -250,7 +302,8 @@ class Scheduler:
         if self._episodes:
             await asyncio.gather(*list(self._episodes))
 
-    async def _episode(self, gid: str, seed: Seed) -> None:
+    async def _episode(self, gid: str, seed: Seed, version: int) -> None:
+        """One episode started on policy `version`; its gate place is released however it ends."""
         delivered = False
         try:
             result = await self.game.play(gid, seed)
@@ -262,19 +315,21 @@ class Scheduler:
             if self._crash is not None and not self._crash.done():
                 self._crash.set_exception(e)
         finally:
-            await self.gate.release(delivered=delivered)
+            await self.gate.release(version, delivered=delivered)
             self._slots.release()
 
     async def _sync_loop(self, episodes: int | None) -> None:
-        """The reference's phases, one step at a time (for comparison with the async schedule)."""
+        """The reference's phases, one step at a time (for comparison with the async schedule). A step takes the
+        places the gate offers, up to episodes_per_step: after a failed episode the learner still waits for one
+        group of its batch, and the next "step" is that one episode (at eta 0 a full step would never be let in)."""
         done = 0
         while not self._stop.is_set() and (episodes is None or done < episodes):
-            n = self.cfg.episodes_per_step if episodes is None else min(self.cfg.episodes_per_step, episodes - done)
+            want = self.cfg.episodes_per_step if episodes is None else min(self.cfg.episodes_per_step, episodes - done)
             await self._launch_allowed.wait()
-            await self.gate.acquire(n)
+            version, n = await self.gate.acquire_up_to(want)
             if self._stop.is_set():
                 for _ in range(n):
-                    await self.gate.release(delivered=False)
+                    await self.gate.release(version, delivered=False)
                 break
             done += n
             self.counters.launched += n
@@ -288,7 +343,7 @@ class Scheduler:
                 ok = gid in verifs and (gid not in passed or gid in solves)
                 if ok:
                     await self._deliver(self.game.assemble(proposals[gid], verifs[gid], solves.get(gid, [])))
-                await self.gate.release(delivered=ok)
+                await self.gate.release(version, delivered=ok)
 
     async def _phase(self, coros: list[Any], gids: list[str]) -> dict[str, Any]:
         """Run one phase for every episode of a step; failed episodes are recorded and left out."""

@@ -2,7 +2,9 @@
 
 One record per rollout; records of one episode share `group_id`. Token-level lists are aligned with
 `response_ids`: loss_mask is 1 on tokens the policy generated and 0 on tool output (search results); rollout
-logprobs and policy versions are meaningful only where loss_mask is 1 (0.0 and -1 elsewhere).
+logprobs and policy versions are meaningful only where loss_mask is 1 (0.0 and -1 elsewhere). A generated token's
+policy version is the version of the weights that sampled it, or UNKNOWN_VERSION when the server did not say
+(it reported no per-token version spans): such tokens are counted by the learner, never stamped with a guess.
 Advantages are *not* here: they are RL math and belong to the learner.
 """
 
@@ -12,6 +14,9 @@ from typing import Any, Literal
 import msgpack
 
 SCHEMA_VERSION = 1
+
+UNKNOWN_VERSION = -2
+"""Policy version of a generated token whose sampling weights the server did not report."""
 
 Role = Literal["proposer", "solver", "verifier"]
 
@@ -42,6 +47,10 @@ class Trajectory:
                                   f"response_ids has {n}; every token-level list must align with response_ids")
         if any(m not in (0, 1) for m in self.loss_mask):
             raise SchemaError(f"trajectory {self.group_id}/{self.role}: loss_mask must contain only 0 and 1")
+        if any(m and v < 0 and v != UNKNOWN_VERSION for v, m in zip(self.policy_versions, self.loss_mask)):
+            raise SchemaError(f"trajectory {self.group_id}/{self.role}: a generated token (loss_mask 1) has a "
+                              f"negative policy version other than {UNKNOWN_VERSION} (unknown); versions are the "
+                              "learner's step numbers")
         if not self.prompt_ids:
             raise SchemaError(f"trajectory {self.group_id}/{self.role}: prompt_ids is empty")
 

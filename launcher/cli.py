@@ -33,9 +33,10 @@ def run_launch(args: argparse.Namespace) -> int:
     from launcher.cluster_run import launch_run, prepare_launch
     from launcher.plan import PlanError, render_plan
     from ssp.config import load_config
-    from ssp.run_config import SSPConfig
+    from ssp.run_config import SSPConfig, check_sampling_matches_learner
 
     root = load_config(SSPConfig, args.config, args.overrides)
+    check_sampling_matches_learner(root)
     try:
         prepared = prepare_launch(root, config_path=args.config, overrides=args.overrides,
                                   use_allocation=not args.dry_run)

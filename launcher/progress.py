@@ -74,7 +74,7 @@ def step_row(step: int, before: Snapshot, now: Snapshot, learner: Mapping[str, A
     if learner is not None:
         for key in ("loss", "pg_loss", "kl", "entropy", "clip_frac", "grad_norm", "lr", "logprob_mismatch_mean",
                     "logprob_mismatch_max", "staleness_max", "samples", "loss_tokens", "step_s", "push_s",
-                    "dropped_zero_variance_groups"):
+                    "dropped_zero_variance_groups", "dropped_stale_groups", "unknown_version_tokens", "trained"):
             if key in learner:
                 row[key] = learner[key]
         row["learner_tokens_per_s"] = learner.get("tokens_per_s")

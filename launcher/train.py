@@ -45,7 +45,7 @@ from launcher.progress import PLOT_KEYS, ProgressDisplay, Snapshot, format_summa
 from ssp.config import to_toml
 from ssp.metrics import MetricsLog, plot_metrics, read_metrics
 from ssp.paths import artifacts_dir
-from ssp.run_config import SSPConfig
+from ssp.run_config import SSPConfig, check_sampling_matches_learner
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,11 +106,17 @@ def checkpoint_step(learner_dir: Path) -> int | None:
 
 def check_config(cfg: SSPConfig) -> None:
     """Rules that tie sections together (each section checks its own keys)."""
+    check_sampling_matches_learner(cfg)
     if cfg.scheduler.episodes_per_step != cfg.learner.groups_per_step:
         raise TrainError(f"scheduler.episodes_per_step = {cfg.scheduler.episodes_per_step} but learner."
                          f"groups_per_step = {cfg.learner.groups_per_step}: the engine's staleness gate counts "
                          "episodes per policy version, the learner consumes groups per step; set both to the same "
                          "number")
+    eta, bound = cfg.scheduler.eta, cfg.learner.max_staleness
+    if bound is not None and (eta is None or bound < eta):
+        raise TrainError(f"learner.max_staleness = {bound} but scheduler.eta = {eta}: the engine lets groups be up to "
+                         "eta versions old when trained, and the learner would drop those; leave "
+                         "learner.max_staleness unset (ssp train sets it to eta) or raise it to eta")
     missing = [str(p) for p in cfg.train.eval_datasets if not p.is_file()]
     if missing:
         raise TrainError(f"train.eval_datasets: {', '.join(missing)} not found (relative paths are read from the "
@@ -236,7 +242,7 @@ class Monitor:
         if self.scheduler is None or not self.learner_metrics.is_file():
             return
         for record in read_metrics(self.learner_metrics):
-            if not record.get("trained") or int(record["step"]) <= self.last_step:
+            if "trained" not in record or int(record["step"]) <= self.last_step:  # e.g. the initial push's line
                 continue
             self._add_row(int(record["step"]), record)
 
@@ -420,7 +426,9 @@ def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Pat
         inference=dataclasses.replace(cfg.inference, server_urls=tuple(urls)),
         stream=dataclasses.replace(cfg.stream, host=stream_host, port=stream_port,
                                    spill_path=cfg.stream.spill_path or run_dir / "spill.frames"),
-        learner=dataclasses.replace(cfg.learner, out_dir=learner_dir, max_steps=tc.steps),
+        learner=dataclasses.replace(cfg.learner, out_dir=learner_dir, max_steps=tc.steps,
+                                    max_staleness=(cfg.scheduler.eta if cfg.learner.max_staleness is None
+                                                   else cfg.learner.max_staleness)),
     )
     if cfg.retriever.kind == "http" and tc.start_retriever:
         url = start_retriever(procs, cfg, logs=logs, timeout_s=tc.server_start_timeout_s)

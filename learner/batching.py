@@ -11,14 +11,17 @@ Alignment of one sample (prompt length P, response length R), rows of length L =
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
-from engine.trajectory import Trajectory
+from engine.trajectory import UNKNOWN_VERSION, Trajectory
 from learner.advantages import grpo_advantages, reinforce_advantages, zero_variance_groups
 from learner.config import LearnerConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -32,7 +35,10 @@ class Sample:
     loss_mask: list[int]
     rollout_logprobs: list[float]
     advantage: float
-    min_policy_version: int
+    min_policy_version: int | None
+    """The oldest version among its trained tokens whose version is known (None: no such token)."""
+    unknown_version_tokens: int
+    """Trained tokens whose sampling version the server did not report."""
 
     @property
     def n_loss_tokens(self) -> int:
@@ -49,6 +55,7 @@ class BatchPlan:
     skipped_roles: Counter[str] = field(default_factory=Counter)
     dropped_zero_variance_groups: int = 0
     dropped_empty: int = 0
+    dropped_stale_groups: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -66,11 +73,14 @@ class MicroBatch:
     """Real (unpadded) tokens in the micro-batch."""
 
 
-def plan_batch(groups: list[list[Trajectory]], cfg: LearnerConfig) -> BatchPlan:
-    """Advantages per role (GRPO per solver group, REINFORCE over the batch's proposers), then drops."""
+def plan_batch(groups: list[list[Trajectory]], cfg: LearnerConfig, *, policy_version: int) -> BatchPlan:
+    """Groups too stale for cfg.max_staleness at `policy_version` (the version being trained) are dropped whole;
+    then advantages per role (GRPO per solver group, REINFORCE over the batch's proposers), then the other drops."""
     skipped: Counter[str] = Counter()
     by_role: dict[str, list[Trajectory]] = {"proposer": [], "solver": []}
-    for group in groups:
+    fresh = [g for g in groups if not _too_stale(g, cfg, policy_version)]
+    dropped_stale = len(groups) - len(fresh)
+    for group in fresh:
         for t in group:
             if t.role in cfg.train_roles:
                 by_role[t.role].append(t)
@@ -99,15 +109,35 @@ def plan_batch(groups: list[list[Trajectory]], cfg: LearnerConfig) -> BatchPlan:
     samples = [s for s in samples if s.n_loss_tokens > 0]
     return BatchPlan(samples=samples, total_loss_tokens=sum(s.n_loss_tokens for s in samples),
                      total_seqs=len(samples), skipped_roles=skipped, dropped_zero_variance_groups=dropped_zero,
-                     dropped_empty=dropped_empty)
+                     dropped_empty=dropped_empty, dropped_stale_groups=dropped_stale)
+
+
+def _known_versions(t: Trajectory) -> list[int]:
+    """The versions of the trajectory's trained tokens, where the server reported them."""
+    return [v for v, m in zip(t.policy_versions, t.loss_mask) if m and v != UNKNOWN_VERSION]
+
+
+def _too_stale(group: list[Trajectory], cfg: LearnerConfig, policy_version: int) -> bool:
+    """Whether a trained token of the group was sampled more than cfg.max_staleness versions before
+    `policy_version`; the group is then dropped whole (its rewards and baselines belong together)."""
+    if cfg.max_staleness is None:
+        return False
+    versions = [v for t in group if t.role in cfg.train_roles for v in _known_versions(t)]
+    if not versions or policy_version - min(versions) <= cfg.max_staleness:
+        return False
+    log.warning("group %s: a token sampled at version %d would be trained at version %d, beyond learner."
+                "max_staleness = %d; the group is dropped", group[0].group_id, min(versions), policy_version,
+                cfg.max_staleness)
+    return True
 
 
 def _sample(t: Trajectory, advantage: float) -> Sample:
-    versions = [v for v, m in zip(t.policy_versions, t.loss_mask) if m]
+    versions = _known_versions(t)
+    unknown = sum(1 for v, m in zip(t.policy_versions, t.loss_mask) if m and v == UNKNOWN_VERSION)
     return Sample(role=t.role, group_id=t.group_id, tokens=list(t.prompt_ids) + list(t.response_ids),
                   prompt_len=len(t.prompt_ids), loss_mask=list(t.loss_mask),
                   rollout_logprobs=list(t.rollout_logprobs), advantage=advantage,
-                  min_policy_version=min(versions) if versions else -1)
+                  min_policy_version=min(versions) if versions else None, unknown_version_tokens=unknown)
 
 
 def shard(samples: list[Sample], dp: int, dp_rank: int) -> list[Sample]:

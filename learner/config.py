@@ -76,6 +76,12 @@ class LearnerConfig:
     """Added to the group std in GRPO."""
     proposer_baseline: Literal["batch_mean", "none"] = "batch_mean"
     """REINFORCE baseline for the proposer: the batch mean of proposer rewards, or none (the reference code)."""
+    max_staleness: int | None = None
+    """Drop (and count as dropped_stale_groups) every group with a trained token sampled more than this many policy
+    versions before the version being trained. `ssp train` sets it to scheduler.eta when unset: the engine's gate
+    already keeps every group within eta (engine/scheduler.py), so a drop there means a foreign or misconfigured
+    engine. Unset: no check (offline training on a frames file written earlier). Tokens whose version the server
+    did not report cannot be checked; they are counted as unknown_version_tokens."""
     drop_zero_variance_groups: bool = True
     """Drop solver groups whose rewards are all equal (their advantage is 0); counted in the metrics."""
     role_loss_weights: dict[str, float] = field(default_factory=lambda: {"proposer": 1.0, "solver": 1.0})
@@ -95,7 +101,9 @@ class LearnerConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm (over all TP shards) to this value; 0 disables clipping."""
     max_steps: int = 0
-    """Stop after this many optimizer steps in total (counting resumed ones); 0 means until the stream ends."""
+    """Stop after this many steps in total (counting resumed ones); 0 means until the stream ends. Every batch of
+    groups_per_step groups is a step and a policy version, also one with nothing to train (its weights are the
+    previous version's), so the engine's staleness gate, which counts groups per version, stays exact."""
     checkpoint_every: int = 1
     """Save a checkpoint every this many steps (and at the end); 0 saves only at the end."""
     keep_checkpoints: int = 2
@@ -129,6 +137,8 @@ class LearnerConfig:
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
             raise ValueError(f"lr = {self.lr}, warmup_steps = {self.warmup_steps}, grad_clip = {self.grad_clip}: "
                              "need lr > 0, warmup_steps >= 0, grad_clip >= 0")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ValueError(f"max_staleness = {self.max_staleness}: must be >= 0 (or unset for no check)")
         if self.logprob_temperature <= 0:
             raise ValueError(f"logprob_temperature = {self.logprob_temperature}: must be > 0")
         bad_roles = sorted(set(self.train_roles) - {"proposer", "solver"})

@@ -280,6 +280,15 @@ class WeightPusher:
                  stats.seconds, stats.gb_per_s, stats.buckets)
         return stats
 
+    def relabel(self, version: str) -> None:
+        """Label the servers' current weights `version` without sending any: a step that trained nothing still
+        advances the policy version (its weights are the previous version's), and the engine's staleness gate,
+        which reads the servers' version, must see it move."""
+        if self.state is not PushState.CONNECTED:
+            raise RuntimeError(f"relabel() on a pusher in state {self.state.value}; connect() first")
+        self._check(self._run(self._all("update_weight_version", new_version=version)), "update_weight_version")
+        log.info("relabelled the servers' weights v%s (nothing trained this step)", version)
+
     def _stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str, *, flush: bool) -> _Streamed:
         """Send every bucket. The bucket after the one on the wire is already fetched (so the last one is known: it
         carries the version and the flush), packed during the send, and its HTTP call is chained to the current one's

@@ -8,7 +8,9 @@ forward (logprobs recomputed with the current weights), PPO loss, backward -> gr
 over all TP shards -> one AdamW step (on fp32 master weights when the parameters are bf16, sharded over the DP
 ranks, see learner.optimizer) -> checkpoint -> weights pushed to the servers -> one metrics line.
 
-The step counter is the policy version: weights after step k are version k, pushed as weight_version "k".
+The step counter is the policy version: weights after step k are version k, pushed as weight_version "k". Every
+batch is a step, also one with nothing to train (all groups dropped): its version carries the previous weights and
+only the servers' label moves, so the engine's staleness gate (groups_per_step groups per version) stays exact.
 Entry points: `run(cfg, source, server_urls)` (per rank, what torchrun runs via `python -m learner.trainer`)
 and `Trainer.train_step(groups)` (one optimizer step on already-decoded trajectory groups).
 """
@@ -82,10 +84,13 @@ class Trainer:
         from learner.logprobs import entropy, token_logprobs
 
         cfg, par = self.cfg, self.par
-        plan = plan_batch(groups, cfg)
+        plan = plan_batch(groups, cfg, policy_version=policy_version)
+        known = [s.min_policy_version for s in plan.samples if s.min_policy_version is not None]
         counts = {"samples": float(plan.total_seqs), "loss_tokens": float(plan.total_loss_tokens),
                   "dropped_zero_variance_groups": float(plan.dropped_zero_variance_groups),
-                  "dropped_empty": float(plan.dropped_empty),
+                  "dropped_empty": float(plan.dropped_empty), "dropped_stale_groups": float(plan.dropped_stale_groups),
+                  "unknown_version_tokens": float(sum(s.unknown_version_tokens for s in plan.samples)),
+                  **({"staleness_max": float(policy_version - min(known))} if known else {}),
                   **{f"skipped_{role}": float(n) for role, n in plan.skipped_roles.items()}}
         if not plan.samples:
             return StepResult(trained=False, metrics=counts)
@@ -134,7 +139,6 @@ class Trainer:
             "dual_clip_frac": dual, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
             "logprob_mismatch_mean": mis_sum / max(mask_sum, 1.0), "logprob_mismatch_max": mismatch_max.item(),
             "tokens": tokens, "micro_batches": float(len(micro_batches)),
-            "staleness_max": float(policy_version - min(s.min_policy_version for s in plan.samples)),
         })
 
     def _reduce_and_clip_grads(self) -> float:
@@ -221,17 +225,19 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str]) -> int:
                 recent.add(gid, size)
             state.groups_consumed += len(ids)
             state.consumed_group_ids, state.consumed_group_bytes = recent.ids(), recent.sizes()
-            if result.trained:
-                state.step += 1
+            # Every batch is a version, trained or not: the engine's gate counts groups_per_step groups per version.
+            state.step += 1
             record: dict[str, Any] = {"step": state.step, "groups": len(ids), "trained": result.trained,
                                       "step_s": time.perf_counter() - started, **result.metrics}
             record["tokens_per_s"] = record.get("tokens", 0.0) / record["step_s"]
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and result.trained:
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 checkpoint.save(ckpt_root, state, model, trainer.optimizer, trainer.scheduler,
                                 tp_rank=par.tp_rank, dp_rank=par.dp_rank, keep=cfg.keep_checkpoints)
                 saved_step = state.step
             if server_urls and result.trained:
                 record.update(_push(trainer, pusher, par, str(state.step)))
+            elif pusher is not None:  # same weights, new version: only the label moves
+                pusher.relabel(str(state.step))
             if metrics is not None:
                 metrics.write(record)
                 log.info("step %d: loss %.4g, mismatch %.2e, grad norm %.3g, %.0f tok/s", state.step,

@@ -40,3 +40,27 @@ class SSPConfig:
     """`ssp train`: the run folder and length, and which pieces it starts or attaches to (servers, learner)."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """`ssp launch` / `just train-32b`: nodes, GPUs, model shape and how SGLang and Megatron are split across them."""
+
+
+def check_sampling_matches_learner(cfg: SSPConfig) -> None:
+    """Refuse a training config whose rollouts are sampled from another distribution than the one the learner
+    scores: the learner recomputes each trained token's logprob at learner.logprob_temperature over the full
+    vocabulary, and the PPO ratio compares it with the rollout logprob. A role sampled at another temperature, or
+    with nucleus truncation (top_p < 1; the engine never sets top_k), would bias every ratio without a word.
+    Only the roles in learner.train_roles are bound (verification samples are never trained)."""
+    from ssp.config import ConfigError
+
+    learner_t = cfg.learner.logprob_temperature
+    problems = [f"game.{role}_temperature = {t:g}" for role, t in
+                (("proposer", cfg.game.proposer_temperature), ("solver", cfg.game.solver_temperature))
+                if role in cfg.learner.train_roles and t != learner_t]
+    if problems:
+        raise ConfigError(f"{' and '.join(problems)}, but learner.logprob_temperature = {learner_t:g}: the learner "
+                          "scores sampled tokens at its own temperature, so the importance ratios of those roles "
+                          "would be biased; set the trained roles' temperatures and learner.logprob_temperature to "
+                          "one value")
+    if cfg.game.top_p != 1.0:
+        raise ConfigError(f"game.top_p = {cfg.game.top_p:g}: the learner scores tokens over the full vocabulary and "
+                          "cannot reproduce nucleus sampling's truncated distribution, so every importance ratio "
+                          "would be biased; set game.top_p = 1.0 for training (greedy or nucleus evaluation is set "
+                          "in [eval])")

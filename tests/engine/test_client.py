@@ -23,6 +23,8 @@ from engine.errors import (
 )
 from engine.generation import GenerateResult, SamplingParams
 from engine.ids import RID_LENGTH, RequestIds
+from engine.rollout import token_versions
+from engine.trajectory import UNKNOWN_VERSION
 
 IDS = RequestIds()
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 30, 2, 198, 1, 4093, 198]  # a ChatML-looking prompt
@@ -204,7 +206,10 @@ def test_parse_defaults_and_null_logprob() -> None:
     assert result.logprobs.tolist() == [-0.5, float("-inf")]  # orjson writes -inf as null
     assert result.output_ids.tolist() == [7, 8]
     assert result.prompt_tokens == 3 and result.cached_tokens == 0  # missing on an abort while queued
-    assert [(s.version, s.start, s.end) for s in result.weight_versions] == [("5", 0, 2)]  # older servers
+    # An older server reports no spans: which weights sampled the tokens is unknown, not guessed from the version
+    # of the last one (a weight update mid-request would make that too new).
+    assert result.weight_versions == () and result.weight_version == "5"
+    assert token_versions(result).tolist() == [UNKNOWN_VERSION, UNKNOWN_VERSION]
 
 
 def test_parse_truncates_extra_logprob_and_rejects_misalignment() -> None:

@@ -99,10 +99,17 @@ async def test_staleness_gate_accounting() -> None:
     blocked = asyncio.create_task(gate.acquire())
     await asyncio.sleep(0.01)
     assert not blocked.done()
-    await gate.release(delivered=False)  # a failed episode frees its place: the learner will not wait for it
+    await gate.release(0, delivered=False)  # a failed episode frees its place: the learner will not wait for it
     assert await asyncio.wait_for(blocked, 1) == 0
+    for _ in range(3):
+        await gate.release(0, delivered=True)
     await gate.set_version(1)
-    assert gate._open(2)
+    # One episode of version 0 is still in flight: it holds the window at (0 + 1 + 1) * 2 = 4 places, so the
+    # learner cannot reach version 2 without it; the new version alone would allow 6.
+    assert gate.oldest == 0 and gate.room() == 0
+    await gate.release(0, delivered=True)
+    assert gate.oldest == 1 and gate.room() == 2
+    assert await gate.acquire_up_to(5) == (1, 2)  # the sync schedule takes what is offered
     with pytest.raises(ValueError, match="went back"):
         await gate.set_version(0)
 

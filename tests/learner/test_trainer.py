@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.trajectory import unpack_group
+from engine.trajectory import UNKNOWN_VERSION, unpack_group
 from learner.batching import collate, pack, plan_batch, shard
 from learner.config import LearnerConfig
 from learner.trajectory_source import StreamError, open_source
@@ -30,18 +30,33 @@ def test_plan_drops_zero_variance_groups_and_skips_roles() -> None:
             t.reward = 1.0  # an all-correct group
     groups[1][0].role = "verifier"
     cfg = LearnerConfig()
-    plan = plan_batch(groups, cfg)
+    plan = plan_batch(groups, cfg, policy_version=0)
     assert plan.dropped_zero_variance_groups >= 1
     assert plan.skipped_roles["verifier"] == 1
     assert all(s.group_id != groups[0][1].group_id or s.role == "proposer" for s in plan.samples)
     proposer_adv = [s.advantage for s in plan.samples if s.role == "proposer"]
     assert sum(proposer_adv) == pytest.approx(0.0, abs=1e-6)  # batch-mean baseline
-    kept = plan_batch(groups, replace(cfg, drop_zero_variance_groups=False))
+    kept = plan_batch(groups, replace(cfg, drop_zero_variance_groups=False), policy_version=0)
     assert kept.dropped_zero_variance_groups == 0 and kept.total_seqs > plan.total_seqs
 
 
+def test_plan_drops_groups_beyond_max_staleness_and_counts_unknown_versions() -> None:
+    groups = make_groups(3, seed=12)  # every trained token sampled at version 0
+    for t in groups[1]:
+        t.policy_versions = [2 if m else -1 for m in t.loss_mask]
+    for t in groups[2]:
+        t.policy_versions = [UNKNOWN_VERSION if m else -1 for m in t.loss_mask]
+    cfg = LearnerConfig(drop_zero_variance_groups=False, max_staleness=1)
+    plan = plan_batch(groups, cfg, policy_version=2)  # version 0 is 2 > 1 behind; 2 is current; unknown is kept
+    assert plan.dropped_stale_groups == 1
+    assert {s.group_id for s in plan.samples} == {groups[1][0].group_id, groups[2][0].group_id}
+    assert sum(s.unknown_version_tokens for s in plan.samples) == sum(sum(t.loss_mask) for t in groups[2])
+    assert plan_batch(groups, cfg, policy_version=1).dropped_stale_groups == 0  # exactly max_staleness behind
+    assert plan_batch(groups, replace(cfg, max_staleness=None), policy_version=50).dropped_stale_groups == 0
+
+
 def test_sharding_and_packing_cover_every_sample_once() -> None:
-    plan = plan_batch(make_groups(6, seed=4), LearnerConfig(drop_zero_variance_groups=False))
+    plan = plan_batch(make_groups(6, seed=4), LearnerConfig(drop_zero_variance_groups=False), policy_version=0)
     shards = [shard(plan.samples, 3, r) for r in range(3)]
     assert sorted(id(s) for sh in shards for s in sh) == sorted(id(s) for s in plan.samples)
     for micro in pack(shards[0], token_budget=40):
@@ -105,6 +120,25 @@ def test_training_changes_weights_and_logs(tiny_llama: Path, tmp_path: Path, par
     # a second run on the same stream resumes at its end: nothing is trained twice
     assert run(cfg, str(frames), []) == 0
     assert len((cfg.out_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_batch_with_nothing_to_train_still_advances_the_version(tiny_llama: Path, tmp_path: Path,
+                                                                  par1: object) -> None:
+    """All solver groups all-correct (zero variance, dropped) and proposers not trained: no sample is left, yet
+    each batch is a step, so the version keeps pace with the groups the engine's gate counts."""
+    from learner.trainer import run
+
+    groups = make_groups(4, seed=13)
+    for t in (t for g in groups for t in g if t.role == "solver"):
+        t.reward = 1.0
+    frames = write_frames(tmp_path / "t.frames", groups)
+    cfg = replace(_cfg(tiny_llama, tmp_path / "run"), train_roles=("solver",), drop_zero_variance_groups=True)
+    assert run(cfg, str(frames), []) == 0
+    lines = [json.loads(x) for x in (cfg.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["trained"], r["dropped_zero_variance_groups"]) for r in lines] == [(1, False, 2),
+                                                                                              (2, False, 2)]
+    state = json.loads((cfg.out_dir / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state["step"] == 2 and state["groups_consumed"] == 4
 
 
 def test_sigkill_mid_run_resumes_to_the_same_weights(tiny_llama: Path, tmp_path: Path, par1: object) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ssp.config import ConfigError, field_docs, load_config, to_toml
-from ssp.run_config import SSPConfig
+from ssp.run_config import SSPConfig, check_sampling_matches_learner
 
 
 def _all_config_classes(cls: type) -> list[type]:
@@ -105,3 +105,44 @@ def test_config_show_prints_documented_toml_that_loads_back(tmp_path: Path, caps
     path = tmp_path / "shown.toml"
     path.write_text(out)
     assert load_config(SSPConfig, path).retriever.topk == 4
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).parents[2] / "configs").glob("*.toml")))
+def test_shipped_configs_sample_as_their_learner_scores(config: Path) -> None:
+    check_sampling_matches_learner(load_config(SSPConfig, config))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["game.solver_temperature=0.8"], r"game\.solver_temperature = 0\.8, but learner\.logprob_temperature = 1"),
+    (["game.proposer_temperature=0.7", "learner.logprob_temperature=0.7"],
+     r"game\.solver_temperature = 1, but learner\.logprob_temperature = 0\.7"),
+    (["game.top_p=0.9"], r"game\.top_p = 0\.9: .* set game\.top_p = 1\.0"),
+])
+def test_sampling_that_the_learner_cannot_score_is_refused(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        check_sampling_matches_learner(load_config(SSPConfig, None, overrides))
+
+
+def test_only_trained_roles_are_bound_to_the_learner_temperature() -> None:
+    cfg = load_config(SSPConfig, None, ['learner.train_roles=["solver"]', "game.proposer_temperature=0.8",
+                                        "game.verifier_temperature=0.1"])
+    check_sampling_matches_learner(cfg)
+
+
+def test_training_commands_refuse_a_mismatched_config_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
+    from ssp.cli import main
+
+    for command in (["learner", "train", "--trajectories", "tcp://127.0.0.1:1"], ["launch", "--dry-run"],
+                    ["train"]):
+        assert main([*command, "--set", "game.solver_temperature=0.5"]) == 2
+        assert "game.solver_temperature = 0.5" in capsys.readouterr().err
+
+
+def test_gpu_configs_make_the_same_reinforcement_learning_choices() -> None:
+    """train-7b and train-32b score invalid questions, baseline the proposer and average the loss alike: a
+    batch-mean baseline, so that an invalid question (reward 0) gets a negative advantage next to harder ones."""
+    root = Path(__file__).parents[2] / "configs"
+    chosen = [(c.game.invalid_reward, c.learner.proposer_baseline, c.learner.loss.aggregation,
+               c.learner.solver_std_normalize, c.learner.drop_zero_variance_groups)
+              for c in (load_config(SSPConfig, root / name) for name in ("train-7b.toml", "train-32b.toml"))]
+    assert chosen[0] == chosen[1] == (0.0, "batch_mean", "token_mean", True, True)
