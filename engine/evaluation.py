@@ -1,19 +1,27 @@
-"""Evaluation on QA benchmarks with the Search-R1 protocol: EM, token F1, answer rate and searches per question.
+"""Evaluation: the solver on QA benchmarks with the Search-R1 protocol (EM, token F1, answer rate, searches per
+question), and the proposer on held-out seed answers (engine/proposer_eval.py); every score with a 95% interval.
 
     dataset files ({id, question, golden_answers} JSONL)      load_dataset: every line checked, errors name file:line
       └─ pick(limit, seed): the same seeded subset every run, so before/after scores compare like with like
-    evaluate(cfg, datasets, model=DIR|URL|None)
+    seed answers (data/seeds schema, optional)                 load_eval_seeds, then pick(seeds_limit, seed)
+    evaluate(cfg, datasets, model=DIR|URL|None, seeds=FILE|None)
       ├─ DIR: start `ssp model serve --model DIR` on a free port (stopped at the end; its death stops the eval)
-      ├─ InferencePool([inference] or the URL), make_retriever([retriever]) + SearchBatcher(k = eval.topk)
+      ├─ InferencePool([inference] or the URL), make_retriever([retriever]) + SearchBatcher(k = eval.topk), and
+      │    for the proposer a SearchBatcher(k = retriever.topk) and the game's Judge
+      ├─ seeds: proposer_eval.run_seeds, the game's propose → verify → solve per seed → SeedRecord, appended to
+      │    proposer_records.jsonl at once
       ├─ run_questions: eval.concurrency workers, each takes the next question and runs one solver rollout
       │    (solver prompt, greedy, eval.max_turns turns of eval.max_new_tokens_per_turn tokens) → QuestionRecord,
       │    appended to records.jsonl at once, so a killed run keeps every finished question
-      └─ score per dataset and their unweighted mean (the "Avg" column of the paper's Table 1) → summary.json
+      └─ score per dataset and their unweighted mean (the "Avg" column of the paper's Table 1), and the proposer's
+         rates → summary.json
 
 A question's prediction is the last <answer>...</answer> of the model's own text (the block SSP grades). EM is true
 when the SQuAD-normalised prediction equals any normalised golden answer; F1 is the best token F1 over the golden
 answers; no answer scores 0 on both. A question whose rollout failed for infrastructure reasons (server or
-retriever) is recorded with its error, scored 0 (fail closed) and counted in `errors`.
+retriever) is recorded with its error, scored 0 (fail closed) and counted in `errors`. Intervals (engine/intervals.py):
+Wilson for EM, Student t for F1, and for the average over datasets the same at their pooled uncertainty; an interval
+says how far the score could move on another sample of questions like these.
 
 `evaluate` is synchronous and owns its event loop; from async code call it with `asyncio.to_thread(evaluate, ...)`.
 """
@@ -26,23 +34,37 @@ import contextlib
 import dataclasses
 import json
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tqdm import tqdm
 
 from engine.chat import ChatTokenizer
 from engine.checks import extract_answer
-from engine.eval_config import EvalConfig
-from engine.judge import exact_match, token_f1
+from engine.eval_config import HELDOUT_SEEDS, EvalConfig
+from engine.intervals import Interval, mean_interval, mean_of_means_interval, mean_of_rates_interval, wilson_interval
+from engine.judge import Judge, exact_match, token_f1
 from engine.pool import InferencePool
 from engine.prompts import ANSWER_CLOSE, ANSWER_OPEN, solver_messages
+from engine.proposer_eval import (
+    EvalSeed,
+    ProposerScore,
+    SeedRecord,
+    eval_game_config,
+    format_proposer_comparison,
+    format_proposer_table,
+    load_eval_seeds,
+    run_seeds,
+    summarize_seeds,
+)
 from engine.rollout import RolloutError, RolloutRunner, RolloutSpec
 from engine.search_batcher import SearchBatcher
+from engine.seeds import SeedError
 from launcher.processes import ManagedProcess, free_port
 from retriever.registry import make_retriever
 from ssp.config import to_toml
@@ -55,7 +77,8 @@ T = TypeVar("T")
 
 
 class EvalDataError(ValueError):
-    """An evaluation file is missing or has a malformed line; the message names the file, the line and the fix."""
+    """An evaluation file (QA or seeds) is missing or has a malformed line; the message names the file, the line
+    and the fix."""
 
 
 # ---------------------------------------------------------------- data
@@ -116,12 +139,13 @@ def load_dataset(path: Path) -> list[EvalQuestion]:
     return questions
 
 
-def pick(questions: Sequence[EvalQuestion], limit: int, seed: int) -> list[EvalQuestion]:
-    """A seeded random subset of `limit` questions in file order (all of them when limit is 0 or covers the file)."""
-    if limit == 0 or limit >= len(questions):
-        return list(questions)
-    chosen = sorted(random.Random(seed).sample(range(len(questions)), limit))
-    return [questions[i] for i in chosen]
+def pick(items: Sequence[T], limit: int, seed: int) -> list[T]:
+    """A seeded random subset of `limit` items (questions, seed answers) in file order (all of them when limit is 0
+    or covers the file)."""
+    if limit == 0 or limit >= len(items):
+        return list(items)
+    chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in chosen]
 
 
 def dataset_name(path: Path) -> str:
@@ -182,8 +206,15 @@ class DatasetScore:
     questions: int
     em: float
     """Share of questions whose prediction exactly matches a golden answer (after normalisation)."""
+    em_ci: Interval
+    """95% interval of `em` (Wilson)."""
     f1: float
     """Mean over questions of the best token F1 against the golden answers."""
+    f1_ci: Interval
+    """95% interval of `f1` (Student t, within [0, 1])."""
+    f1_sd: float | None
+    """Sample standard deviation of F1 over the questions (None for one question); the average's interval needs
+    it."""
     answered: float
     """Share of questions with a non-empty <answer>."""
     searches_per_question: float
@@ -191,19 +222,24 @@ class DatasetScore:
     """Questions cut short by an infrastructure failure (scored 0)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name: (v.to_json() if isinstance(v := getattr(self, f.name), Interval) else v)
+                for f in dataclasses.fields(self)}
 
 
 def summarize(name: str, records: Sequence[QuestionRecord]) -> DatasetScore:
-    """The scores of one dataset's records."""
+    """The scores of one dataset's records, with their intervals."""
     n = len(records)
     if n == 0:
         raise ValueError(f"dataset {name!r} has no records to score")
+    f1s = [r.f1 for r in records]
     return DatasetScore(
         name=name,
         questions=n,
         em=sum(r.em for r in records) / n,
-        f1=sum(r.f1 for r in records) / n,
+        em_ci=wilson_interval(sum(r.em for r in records), n),
+        f1=sum(f1s) / n,
+        f1_ci=mean_interval(f1s, low=0.0, high=1.0),
+        f1_sd=statistics.stdev(f1s) if n > 1 else None,
         answered=sum(r.answered for r in records) / n,
         searches_per_question=sum(r.searches for r in records) / n,
         errors=sum(r.error is not None for r in records),
@@ -212,15 +248,20 @@ def summarize(name: str, records: Sequence[QuestionRecord]) -> DatasetScore:
 
 def average(scores: Sequence[DatasetScore]) -> DatasetScore:
     """Unweighted mean over datasets (each dataset counts once, whatever its size), as in the paper's Avg column.
-    `questions` and `errors` are totals."""
+    `questions` and `errors` are totals; the intervals combine the datasets' (engine.intervals), and for one
+    dataset are its own."""
     if not scores:
         raise ValueError("no dataset scores to average")
     n = len(scores)
+    sizes = [s.questions for s in scores]
     return DatasetScore(
         name="average",
-        questions=sum(s.questions for s in scores),
+        questions=sum(sizes),
         em=sum(s.em for s in scores) / n,
+        em_ci=mean_of_rates_interval([s.em for s in scores], sizes),
         f1=sum(s.f1 for s in scores) / n,
+        f1_ci=mean_of_means_interval([s.f1 for s in scores], [s.f1_sd for s in scores], sizes, low=0.0, high=1.0),
+        f1_sd=None,
         answered=sum(s.answered for s in scores) / n,
         searches_per_question=sum(s.searches_per_question for s in scores) / n,
         errors=sum(s.errors for s in scores),
@@ -229,16 +270,26 @@ def average(scores: Sequence[DatasetScore]) -> DatasetScore:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EvalResult:
-    """The outcome of `evaluate`: per-dataset scores in the order the files were given, their average, and where
-    the files went."""
+    """The outcome of `evaluate`: per-dataset scores in the order the files were given and their average (when QA
+    files were given), the proposer's scores (when seeds were given), and where the files went."""
 
     model: str
     """The model directory or server URL(s) evaluated."""
     datasets: tuple[DatasetScore, ...]
-    average: DatasetScore
+    """Empty when only the proposer was evaluated."""
+    average: DatasetScore | None
+    """None when only the proposer was evaluated."""
     wall_s: float
     out_dir: Path
-    """Holds summary.json, records.jsonl, config.toml (and logs/server.log when a server was started)."""
+    """Holds summary.json, records.jsonl and/or proposer_records.jsonl, config.toml (and logs/server.log when a
+    server was started)."""
+    proposer: ProposerScore | None = None
+    """None when no seeds were evaluated."""
+
+    @property
+    def errors(self) -> int:
+        """Questions and seeds cut short by infrastructure failures (they are scored 0 / invalid)."""
+        return (self.average.errors if self.average else 0) + (self.proposer.errors if self.proposer else 0)
 
     def score(self, name: str) -> DatasetScore:
         """The scores of the dataset called `name` (its file name without .jsonl)."""
@@ -249,7 +300,9 @@ class EvalResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "datasets": [s.to_json() for s in self.datasets],
-                "average": self.average.to_json(), "wall_s": round(self.wall_s, 3), "out_dir": str(self.out_dir)}
+                "average": self.average.to_json() if self.average else None,
+                "proposer": self.proposer.to_json() if self.proposer else None,
+                "wall_s": round(self.wall_s, 3), "out_dir": str(self.out_dir)}
 
 
 # ---------------------------------------------------------------- the loop
@@ -325,24 +378,38 @@ async def _unless_dead(work: Coroutine[Any, Any, T], process: ManagedProcess) ->
         await asyncio.gather(work_task, watch_task, return_exceptions=True)
 
 
-async def _run_all(cfg: SSPConfig, work: Sequence[tuple[str, EvalQuestion]], *, urls: tuple[str, ...] | None,
-                   chat: ChatTokenizer, server: ManagedProcess | None, on_done: Callable[[QuestionRecord], None]
-                   ) -> tuple[list[QuestionRecord], dict[str, Any]]:
-    """The async part of `evaluate`: pool, retriever and batcher around `run_questions`."""
+async def _run_all(cfg: SSPConfig, questions: Sequence[tuple[str, EvalQuestion]], seeds: Sequence[EvalSeed], *,
+                   urls: tuple[str, ...] | None, chat: ChatTokenizer, server: ManagedProcess | None,
+                   on_question: Callable[[QuestionRecord], None], on_seed: Callable[[SeedRecord], None]
+                   ) -> tuple[list[QuestionRecord], list[SeedRecord], dict[str, Any]]:
+    """The async part of `evaluate`: pool, retriever, batchers and judge around `run_seeds` (the proposer, first)
+    and `run_questions`. The solver runs with the [eval] protocol's budgets and eval.topk documents per search; the
+    proposer and its verification with training's ([rollout], retriever.topk)."""
     inference = cfg.inference if urls is None else dataclasses.replace(cfg.inference, server_urls=urls,
                                                                        router_url=None)
     rollout = dataclasses.replace(cfg.rollout, max_turns=cfg.eval.max_turns,
                                   max_new_tokens_per_turn=cfg.eval.max_new_tokens_per_turn)
     retriever = make_retriever(cfg.retriever)
     batcher = SearchBatcher(retriever, cfg.search, k=cfg.eval.topk, prepare=chat.cache_documents)
+    game_batcher = SearchBatcher(retriever, cfg.search, k=cfg.retriever.topk, prepare=chat.cache_documents)
     try:
-        async with InferencePool(inference) as pool:
+        async with InferencePool(inference) as pool, Judge(cfg.game.judge) as judge:
             runner = RolloutRunner(pool, chat, batcher, rollout)
-            job = run_questions(runner, chat, work, cfg.eval, on_done)
-            records = await (job if server is None else _unless_dead(job, server))
-            return records, {"pool": pool.metrics().to_json(), "search": batcher.stats.summary()}
+
+            async def both() -> tuple[list[QuestionRecord], list[SeedRecord]]:
+                seed_records = await run_seeds(RolloutRunner(pool, chat, game_batcher, cfg.rollout), runner, chat,
+                                               judge, seeds, cfg, on_seed) if seeds else []
+                question_records = await run_questions(runner, chat, questions, cfg.eval, on_question)
+                return question_records, seed_records
+
+            question_records, seed_records = await (both() if server is None else _unless_dead(both(), server))
+            stats: dict[str, Any] = {"pool": pool.metrics().to_json(), "search": batcher.stats.summary()}
+            if seeds:
+                stats |= {"proposer_search": game_batcher.stats.summary(), "judge": dict(judge.counts)}
+            return question_records, seed_records, stats
     finally:
         await batcher.close()
+        await game_batcher.close()
         await retriever.close()
 
 
@@ -361,16 +428,22 @@ def reference_server(model_dir: Path, *, config_path: Path, log_path: Path, time
 
 
 def evaluate(cfg: SSPConfig, datasets: Sequence[Path], *, model: Path | str | None = None, limit: int | None = None,
-             out_dir: Path | None = None, progress: bool = True) -> EvalResult:
-    """Score a model on QA files with the Search-R1 protocol (see the module docstring) and write the results.
+             out_dir: Path | None = None, progress: bool = True, seeds: Path | None = None,
+             seeds_limit: int | None = None) -> EvalResult:
+    """Score a model on QA files with the Search-R1 protocol and/or its proposer on seed answers (see the module
+    docstring), and write the results.
 
     model: a Hugging Face directory (a reference server is started for it and stopped at the end), a server base
     URL "http://host:port", or None for the servers of cfg.inference (e.g. the ones `ssp train` runs). The tokenizer
     is the model directory's, else cfg.rollout.tokenizer_dir, else the prepared default model.
+    datasets: QA files, one dataset each; may be empty when `seeds` is given.
     limit: questions per file, overriding cfg.eval.limit (0 = all). out_dir overrides cfg.eval.out_dir.
+    seeds: a seed-answer file (data/seeds schema, e.g. eval_config.HELDOUT_SEEDS) to evaluate the proposer on;
+    seeds_limit: how many of its answers, overriding cfg.eval.seeds_limit (0 = all).
     """
-    if not datasets:
-        raise EvalDataError("no dataset files given; pass at least one {id, question, golden_answers} JSONL file")
+    if not datasets and seeds is None:
+        raise EvalDataError("nothing to evaluate: no QA files and no seed answers given; pass QA files (--dataset) "
+                            "and/or a seed-answer file (--seeds)")
     names = [dataset_name(p) for p in datasets]
     if len(set(names)) != len(names):
         raise EvalDataError(f"dataset files {[str(p) for p in datasets]} share a file name; each dataset is named "
@@ -378,9 +451,13 @@ def evaluate(cfg: SSPConfig, datasets: Sequence[Path], *, model: Path | str | No
     limit = cfg.eval.limit if limit is None else limit
     if limit < 0:
         raise EvalDataError(f"limit = {limit}: must be >= 0 (0 = every question)")
+    seeds_limit = cfg.eval.seeds_limit if seeds_limit is None else seeds_limit
+    if seeds_limit < 0:
+        raise EvalDataError(f"seeds_limit = {seeds_limit}: must be >= 0 (0 = every seed answer)")
     # Read every file before starting anything, so a bad line fails in a second, not after a server start.
     work = [(name, q) for name, path in zip(names, datasets)
             for q in pick(load_dataset(path), limit, cfg.eval.seed)]
+    seed_work = pick(_load_seeds(seeds, cfg), seeds_limit, cfg.eval.seed) if seeds is not None else []
     is_url = model is not None and str(model).startswith(("http://", "https://"))
     model_dir = Path(model) if model is not None and not is_url else None
     if model_dir is not None and not (model_dir / "config.json").exists():
@@ -393,7 +470,8 @@ def evaluate(cfg: SSPConfig, datasets: Sequence[Path], *, model: Path | str | No
 
     started = time.perf_counter()
     chat = ChatTokenizer.load(model_dir or cfg.rollout.tokenizer_dir or default_model_dir())
-    (out / "records.jsonl").unlink(missing_ok=True)  # this run's records only, even in a reused out_dir
+    for name in ("records.jsonl", "proposer_records.jsonl"):  # this run's records only, even in a reused out_dir
+        (out / name).unlink(missing_ok=True)
     with contextlib.ExitStack() as stack:
         server: ManagedProcess | None = None
         urls: tuple[str, ...] | None = None
@@ -407,22 +485,17 @@ def evaluate(cfg: SSPConfig, datasets: Sequence[Path], *, model: Path | str | No
                 model_dir, config_path=config_path, log_path=out / "logs" / "server.log",
                 timeout_s=cfg.eval.server_start_timeout_s))
             urls = (url,)
-        log = stack.enter_context(MetricsLog(out / "records.jsonl"))
-        bar = stack.enter_context(tqdm(total=len(work), desc="eval", unit="q", disable=not progress))
-        done = correct = 0
-
-        def on_done(record: QuestionRecord) -> None:
-            nonlocal done, correct
-            log.write(record.to_json())
-            done += 1
-            correct += record.em
-            bar.update(1)
-            bar.set_postfix(em=f"{100 * correct / done:.1f}%", refresh=False)
-
-        records, stats = asyncio.run(_run_all(cfg, work, urls=urls, chat=chat, server=server, on_done=on_done))
+        # A part with no work writes no records file and shows no bar (its callback is never called).
+        on_question = _progress(stack, out / "records.jsonl", len(work), "eval", "q", progress,
+                                lambda r: r.em, "em") if work else lambda r: None
+        on_seed = _progress(stack, out / "proposer_records.jsonl", len(seed_work), "proposer", "seed", progress,
+                            lambda r: r.valid, "valid") if seed_work else lambda r: None
+        records, seed_records, stats = asyncio.run(_run_all(cfg, work, seed_work, urls=urls, chat=chat,
+                                                            server=server, on_question=on_question, on_seed=on_seed))
     scores = tuple(summarize(name, [r for r in records if r.dataset == name]) for name in names)
-    result = EvalResult(model=label, datasets=scores, average=average(scores), wall_s=time.perf_counter() - started,
-                        out_dir=out)
+    proposer = summarize_seeds(seed_records, max_searches=cfg.rollout.max_turns) if seed_records else None
+    result = EvalResult(model=label, datasets=scores, average=average(scores) if scores else None,
+                        proposer=proposer, wall_s=time.perf_counter() - started, out_dir=out)
     summary = {
         **result.to_json(),
         "protocol": {"max_turns": cfg.eval.max_turns, "max_new_tokens_per_turn": cfg.eval.max_new_tokens_per_turn,
@@ -432,42 +505,115 @@ def evaluate(cfg: SSPConfig, datasets: Sequence[Path], *, model: Path | str | No
         "end_reasons": dict(sorted(collections.Counter(r.end for r in records).items())),
         **stats,
     }
+    if seeds is not None:
+        game = eval_game_config(cfg)
+        summary["protocol"]["proposer"] = {
+            "seeds_limit": seeds_limit, "proposer_temperature": game.proposer_temperature,
+            "verifier_temperature": game.verifier_temperature, "verify_samples": game.verify_samples,
+            "verify_threshold": game.verify_threshold, "proposer_prefill": game.proposer_prefill,
+            "max_turns": cfg.rollout.max_turns, "max_new_tokens_per_turn": cfg.rollout.max_new_tokens_per_turn,
+            "topk": cfg.retriever.topk, "hops": [cfg.scheduler.hops_min, cfg.scheduler.hops_max]}
+        summary["files"]["seeds"] = str(seeds)
+        summary["proposer_end_reasons"] = dict(sorted(collections.Counter(r.end for r in seed_records).items()))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def _load_seeds(path: Path, cfg: SSPConfig) -> list[EvalSeed]:
+    """The seed answers of `path` for the proposer evaluation; a missing file or bad line is an EvalDataError."""
+    if not path.is_file():
+        raise EvalDataError(f"seed file {path} does not exist; pass a JSONL of {{\"answer\": ..., \"type\": ...}} "
+                            f"lines to --seeds (the held-out one is {HELDOUT_SEEDS})")
+    try:
+        return load_eval_seeds(path, cfg)
+    except SeedError as e:
+        raise EvalDataError(str(e)) from None
+
+
+class _Record(Protocol):
+    def to_json(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=_Record)
+
+
+def _progress(stack: contextlib.ExitStack, path: Path, total: int, desc: str, unit: str, show: bool,
+              hit: Callable[[R], bool], hit_name: str) -> Callable[[R], None]:
+    """A callback that appends each finished record to `path` at once (a killed run keeps them) and advances a
+    progress bar showing the share of records for which `hit` holds."""
+    log = stack.enter_context(MetricsLog(path))
+    bar = stack.enter_context(tqdm(total=total, desc=desc, unit=unit, disable=not show))
+    done = hits = 0
+
+    def on_done(record: R) -> None:
+        nonlocal done, hits
+        log.write(record.to_json())
+        done += 1
+        hits += hit(record)
+        bar.update(1)
+        bar.set_postfix({hit_name: f"{100 * hits / done:.1f}%"}, refresh=False)
+
+    return on_done
 
 
 # ---------------------------------------------------------------- tables
 
 
+def _with_ci(value: float, ci: Interval) -> str:
+    """A rate or mean in [0, 1] as "value [low, high]" in percent."""
+    return f"{100 * value:>5.1f} [{100 * ci.low:>5.1f}, {100 * ci.high:>5.1f}]"
+
+
+_CI_WIDTH = len(_with_ci(0.0, Interval(0.0, 0.0)))
+
+
 def format_table(result: EvalResult) -> str:
-    """The scores as a fixed-width table, one row per dataset and the average last (rates in percent)."""
-    rows = [*result.datasets, result.average]
-    width = max(len("dataset"), *(len(s.name) for s in rows))
-    head = f"{'dataset':<{width}}  {'n':>5}  {'EM %':>6}  {'F1 %':>6}  {'answered %':>10}  {'searches/q':>10}  errors"
-    lines = [head, "-" * len(head)]
-    for s in rows:
-        if s is result.average:
-            lines.append("-" * len(head))
-        lines.append(f"{s.name:<{width}}  {s.questions:>5}  {100 * s.em:>6.1f}  {100 * s.f1:>6.1f}  "
-                     f"{100 * s.answered:>10.1f}  {s.searches_per_question:>10.2f}  {s.errors:>6}")
-    return "\n".join(lines)
+    """The scores as fixed-width tables: one row per dataset and the average last (rates in percent, EM and F1
+    with their 95% intervals), then the proposer's table when seeds were evaluated."""
+    parts = []
+    if result.average is not None:
+        rows = [*result.datasets, result.average]
+        width = max(len("dataset"), *(len(s.name) for s in rows))
+        head = (f"{'dataset':<{width}}  {'n':>5}  {'EM % [95% CI]':<{_CI_WIDTH}}  {'F1 % [95% CI]':<{_CI_WIDTH}}  "
+                f"{'answered %':>10}  {'searches/q':>10}  errors")
+        lines = [head, "-" * len(head)]
+        for s in rows:
+            if s is result.average:
+                lines.append("-" * len(head))
+            lines.append(f"{s.name:<{width}}  {s.questions:>5}  {_with_ci(s.em, s.em_ci)}  {_with_ci(s.f1, s.f1_ci)}  "
+                         f"{100 * s.answered:>10.1f}  {s.searches_per_question:>10.2f}  {s.errors:>6}")
+        parts.append("\n".join(lines))
+    if result.proposer is not None:
+        parts.append(format_proposer_table(result.proposer))
+    return "\n\n".join(parts)
 
 
 def format_comparison(before: EvalResult, after: EvalResult) -> str:
-    """Before/after table (e.g. around training): EM and F1 per dataset and averaged, with the change in points.
-    Both results must cover the same datasets."""
+    """Before/after tables (e.g. around training): EM and F1 per dataset and averaged, each with its 95% interval,
+    and the change in points; then the proposer's scores likewise when both results have them. Both results must
+    cover the same datasets, and both or neither the proposer."""
     if [s.name for s in before.datasets] != [s.name for s in after.datasets]:
         raise ValueError(f"cannot compare results over different datasets: {[s.name for s in before.datasets]} vs "
                          f"{[s.name for s in after.datasets]}; evaluate both on the same files")
-    pairs = [*zip(before.datasets, after.datasets), (before.average, after.average)]
-    width = max(len("dataset"), *(len(b.name) for b, _ in pairs))
-    head = (f"{'dataset':<{width}}  {'EM before':>9}  {'EM after':>8}  {'Δ EM':>6}  {'F1 before':>9}  "
-            f"{'F1 after':>8}  {'Δ F1':>6}  {'searches/q':>12}")
-    lines = [head, "-" * len(head)]
-    for b, a in pairs:
-        if b is before.average:
-            lines.append("-" * len(head))
-        lines.append(f"{b.name:<{width}}  {100 * b.em:>9.1f}  {100 * a.em:>8.1f}  {100 * (a.em - b.em):>+6.1f}  "
-                     f"{100 * b.f1:>9.1f}  {100 * a.f1:>8.1f}  {100 * (a.f1 - b.f1):>+6.1f}  "
-                     f"{b.searches_per_question:>5.2f}→{a.searches_per_question:<5.2f}")
-    return "\n".join(lines)
+    if (before.proposer is None) != (after.proposer is None):
+        raise ValueError("cannot compare a result with proposer scores to one without: evaluate both with the same "
+                         "seeds (or both without)")
+    parts = []
+    if before.average is not None and after.average is not None:
+        pairs = [*zip(before.datasets, after.datasets), (before.average, after.average)]
+        width = max(len("dataset"), *(len(b.name) for b, _ in pairs))
+        head = (f"{'dataset':<{width}}  {'n':>5}  {'EM before':<{_CI_WIDTH}}  {'EM after':<{_CI_WIDTH}}  "
+                f"{'Δ EM':>6}  {'F1 before':<{_CI_WIDTH}}  {'F1 after':<{_CI_WIDTH}}  {'Δ F1':>6}  {'searches/q':>12}")
+        lines = [head, "-" * len(head)]
+        for b, a in pairs:
+            if b is before.average:
+                lines.append("-" * len(head))
+            lines.append(f"{b.name:<{width}}  {b.questions:>5}  {_with_ci(b.em, b.em_ci)}  {_with_ci(a.em, a.em_ci)}  "
+                         f"{100 * (a.em - b.em):>+6.1f}  {_with_ci(b.f1, b.f1_ci)}  {_with_ci(a.f1, a.f1_ci)}  "
+                         f"{100 * (a.f1 - b.f1):>+6.1f}  "
+                         f"{b.searches_per_question:>5.2f}→{a.searches_per_question:<5.2f}")
+        lines.append("EM and F1 in percent, each with its 95% interval [low, high]; Δ in points")
+        parts.append("\n".join(lines))
+    if before.proposer is not None and after.proposer is not None:
+        parts.append(format_proposer_comparison(before.proposer, after.proposer))
+    return "\n\n".join(parts)

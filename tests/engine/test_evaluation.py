@@ -1,9 +1,11 @@
-"""`ssp eval`: scoring on hand-made records, dataset validation, subsets, tables, and real evaluations over sockets
-(the simulated server, whose solver searches; the SmolLM2 reference server; `--model DIR`, which starts its own)."""
+"""`ssp eval` on QA files: scoring (with intervals) on hand-made records, dataset validation, subsets, tables, and
+real evaluations over sockets (the simulated server, whose solver searches; the SmolLM2 reference server; `--model
+DIR`, which starts its own). The proposer evaluation is tested in test_proposer_eval.py."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import subprocess
@@ -13,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from engine.evaluation import (
-    DatasetScore,
     EvalDataError,
     EvalQuestion,
     EvalResult,
@@ -28,6 +29,7 @@ from engine.evaluation import (
     score,
     summarize,
 )
+from engine.intervals import Interval, mean_interval, mean_of_rates_interval, wilson_interval
 from serving.server import READY_LINE
 from launcher.processes import ManagedProcess, ProcessFailed
 from ssp.config import load_config
@@ -77,23 +79,33 @@ def test_per_dataset_scores_and_unweighted_average() -> None:
                         _record("a", "Rome city", ("Rome",), searches=1), _record("a", "x", ("y",), error="boom")])
     assert (a.questions, a.em, a.answered, a.searches_per_question, a.errors) == (4, 0.25, 0.75, 0.75, 1)
     assert a.f1 == pytest.approx((1.0 + 0.0 + 2 / 3 + 0.0) / 4)
+    assert a.em_ci == wilson_interval(1, 4) and a.f1_ci == mean_interval([1.0, 0.0, 2 / 3, 0.0], low=0.0, high=1.0)
     b = summarize("b", [_record("b", "yes", ("yes",))])
+    assert b.f1_ci == Interval(0.0, 1.0) and b.f1_sd is None  # one question: its spread is unknown
     avg = average([a, b])
     # Each dataset counts once (the paper's Avg column), whatever its size; counts are totals.
     assert avg.em == pytest.approx((0.25 + 1.0) / 2) and avg.f1 == pytest.approx((a.f1 + 1.0) / 2)
     assert (avg.questions, avg.errors, avg.name) == (5, 1, "average")
+    assert avg.em_ci == mean_of_rates_interval([0.25, 1.0], [4, 1]) and avg.f1_ci == Interval(0.0, 1.0)
+    assert average([a]).em_ci == a.em_ci and average([a]).f1_ci == a.f1_ci
 
 
-def test_tables_show_every_dataset_and_the_change() -> None:
-    def result(em: float) -> EvalResult:
-        s = DatasetScore(name="hotpot", questions=10, em=em, f1=em, answered=1.0, searches_per_question=1.5,
-                         errors=0)
-        return EvalResult(model="m", datasets=(s,), average=average([s]), wall_s=1.0, out_dir=Path("."))
+def _result(correct: int, n: int = 10) -> EvalResult:
+    s = summarize("hotpot", [_record("hotpot", "Paris" if i < correct else "Rome", ("Paris",), searches=1)
+                             for i in range(n)])
+    return EvalResult(model="m", datasets=(s,), average=average([s]), wall_s=1.0, out_dir=Path("."))
 
-    table = format_table(result(0.1))
-    assert "hotpot" in table and "average" in table and "10.0" in table
-    comparison = format_comparison(result(0.1), result(0.25))
-    assert "+15.0" in comparison and comparison.count("hotpot") == 1
+
+def test_tables_show_every_dataset_the_change_and_the_intervals() -> None:
+    table = format_table(_result(1))
+    ci = wilson_interval(1, 10)
+    assert "hotpot" in table and "average" in table and f" 10.0 [{100 * ci.low:>5.1f}, {100 * ci.high:>5.1f}]" in table
+    assert "proposer" not in table
+    comparison = format_comparison(_result(1), _result(3))
+    assert "+20.0" in comparison and comparison.count("hotpot") == 1 and "95% interval" in comparison
+    with pytest.raises(ValueError, match="different datasets"):
+        format_comparison(_result(1), dataclasses.replace(_result(1), datasets=()))
+    json.dumps(_result(1).to_json())  # intervals are plain lists in summary.json
 
 
 # ---------------------------------------------------------------- data
@@ -183,6 +195,9 @@ def _check_outputs(result: EvalResult, datasets: list[Path]) -> tuple[dict, list
         assert d.em == pytest.approx(sum(r["em"] for r in mine) / len(mine))
     assert (result.out_dir / "config.toml").exists()
     assert summary["protocol"]["temperature"] == 0.0 and summary["protocol"]["topk"] == 3
+    for d in summary["datasets"]:
+        assert d["em_ci"][0] <= d["em"] <= d["em_ci"][1] and d["f1_ci"][0] <= d["f1"] <= d["f1_ci"][1]
+    assert summary["proposer"] is None and not (result.out_dir / "proposer_records.jsonl").exists()
     return summary, records
 
 
