@@ -82,6 +82,8 @@ class TrainResult:
     """engine.evaluation.EvalResult before the first step (None without train.eval_datasets)."""
     after: Any
     """engine.evaluation.EvalResult after the last step."""
+    policy: Path | None
+    """The trained policy as a Hugging Face directory (train.export_policy), None when not exported."""
     wall_s: float
 
 
@@ -470,6 +472,12 @@ def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Pat
         if learner.proc.returncode not in (0, None):
             raise ComponentFailed("learner", f"exited with code {learner.proc.returncode} after the last step",
                                   learner.log_path)
+    policy = None
+    if learner is not None and tc.export_policy:
+        from learner.export import export_checkpoint
+
+        print(f"ssp train: exporting the trained policy to {run_dir / 'policy'}", file=out)
+        policy = export_checkpoint(learner_dir / "checkpoints", run_dir / "policy")
 
     after = None
     if tc.eval_datasets:
@@ -477,7 +485,8 @@ def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Pat
         after = _evaluate(cfg, run_dir / "eval-after", progress)
         _check_alive(procs, finished=learner)
     result = TrainResult(run_dir=run_dir, start_step=start_step, steps=monitor.last_step, rows=monitor.rows,
-                         engine=engine, before=before, after=after, wall_s=time.perf_counter() - started)
+                         engine=engine, before=before, after=after, policy=policy,
+                         wall_s=time.perf_counter() - started)
     _finish(result)
     return result
 
@@ -567,7 +576,8 @@ def format_result(result: TrainResult) -> str:
         parts.append(format_comparison(result.before, result.after))
     parts.append(format_summary(summary_items(result)))
     files = [f"{result.run_dir}/{name}" for name in ("metrics.jsonl", "train.png", "summary.json", "samples.frames")]
-    parts.append("files: " + ", ".join(files) + f", {result.run_dir}/learner/ (checkpoints, learner metrics)")
+    parts.append("files: " + ", ".join(files) + f", {result.run_dir}/learner/ (checkpoints, learner metrics)"
+                 + (f", {result.policy} (the trained policy, Hugging Face format)" if result.policy else ""))
     return "\n\n".join(parts)
 
 

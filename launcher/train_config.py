@@ -47,6 +47,10 @@ class TrainConfig:
     eval_datasets: tuple[Path, ...] = ()
     """QA files ({id, question, golden_answers} JSONL) scored before the first step and after the last one with
     `ssp eval`'s protocol ([eval]; eval.limit questions per file) on the run's servers. Empty = no evaluation."""
+    export_policy: bool = True
+    """After the last step, write the trained policy as a Hugging Face directory, <run>/policy (what `ssp export`
+    writes), so `ssp eval --model <run>/policy` and transformers load it. Only when ssp train started the learner: an
+    attached learner's checkpoints are on its machine (run `ssp export` there)."""
     sample_every: int = 1
     """Keep a copy of every N-th trajectory group sent to the learner in <run>/samples.frames (read it with
     `ssp inspect`). 0 = keep none."""

@@ -89,7 +89,8 @@ class LearnerConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     """The policy loss (clipping, KL, entropy, aggregation)."""
     lr: float = 1e-6
-    """Peak AdamW learning rate."""
+    """Peak AdamW learning rate. 0 runs the whole loop with weights that never move (weight decay scales with it):
+    the control arm of a learning experiment (`ssp bench learning`)."""
     warmup_steps: int = 5
     """Linear warm-up from lr / warmup_steps to lr over this many optimizer steps, then constant."""
     weight_decay: float = 0.01
@@ -134,9 +135,9 @@ class LearnerConfig:
                      "micro_batch_tokens", "keep_checkpoints", "dedup_window_bytes", "push_kv_refresh_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+        if self.lr < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
             raise ValueError(f"lr = {self.lr}, warmup_steps = {self.warmup_steps}, grad_clip = {self.grad_clip}: "
-                             "need lr > 0, warmup_steps >= 0, grad_clip >= 0")
+                             "need lr >= 0, warmup_steps >= 0, grad_clip >= 0")
         if self.max_staleness is not None and self.max_staleness < 0:
             raise ValueError(f"max_staleness = {self.max_staleness}: must be >= 0 (or unset for no check)")
         if self.logprob_temperature <= 0:

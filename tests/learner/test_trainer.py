@@ -141,6 +141,27 @@ def test_a_batch_with_nothing_to_train_still_advances_the_version(tiny_llama: Pa
     assert state["step"] == 2 and state["groups_consumed"] == 4
 
 
+def test_lr_zero_trains_every_step_and_moves_no_weight(tiny_llama: Path, tmp_path: Path, par1: object) -> None:
+    """The control arm of a learning experiment: the whole loop runs (losses, gradients), the weights stay bit-equal."""
+    from learner.convert import load_hf_into_model
+    from learner.model import ModelShape, build_model
+    from learner.trainer import run
+
+    frames = write_frames(tmp_path / "t.frames", make_groups(4, seed=14))
+    cfg = replace(_cfg(tiny_llama, tmp_path / "run"), lr=0.0)
+    assert run(cfg, str(frames), []) == 0
+    lines = [json.loads(x) for x in (cfg.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["trained"] and r["grad_norm"] > 0 and r["lr"] == 0 for r in lines)
+    shape = ModelShape.from_dir(tiny_llama)
+    initial = build_model(shape, par1, vocab_divisor=cfg.vocab_divisor)  # type: ignore[arg-type]
+    load_hf_into_model(initial, tiny_llama, shape, tp=1, tp_rank=0, vocab_divisor=cfg.vocab_divisor)
+    final = _final_weights(cfg.out_dir)
+    params = dict(initial.named_parameters())
+    assert params.keys() <= final.keys()
+    for name, tensor in params.items():
+        assert torch.equal(final[name], tensor), name
+
+
 def test_sigkill_mid_run_resumes_to_the_same_weights(tiny_llama: Path, tmp_path: Path, par1: object) -> None:
     from learner.trainer import run
 
