@@ -6,8 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from engine.prompts import PROPOSER_PREFILLS, SOLVER_PREFILLS, VERIFIER_PREFILLS
+from engine.prompts import PROPOSER_PREFILLS, SEARCH_OPEN, SOLVER_PREFILLS, VERIFIER_PREFILLS
 from ssp.paths import DATA_DIR
+
+INVALID_STAGES = ("no_question", "failed_checks", "failed_verification")
+"""Where an invalid proposal failed, earliest first (game.invalid_reward_by_stage)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -121,6 +124,11 @@ class GameConfig:
     """How many recent episodes' document sets are kept to draw distractors from."""
     invalid_reward: float = 0.0
     """Proposer reward of an invalid question (no <question>, a failed check, or failed verification)."""
+    invalid_reward_by_stage: dict[str, float] = field(default_factory=dict)
+    """Graded invalid rewards, by the stage where the proposal failed: "no_question" (none written),
+    "failed_checks" (a rule check failed), "failed_verification" (RAG verification failed); a stage not listed
+    earns invalid_reward. A curriculum for a policy that fails at every stage, so that getting further pays; SSP's
+    configs leave it empty (one invalid reward)."""
     proposer_temperature: float = 1.0
     """Sampling temperature of proposer turns (sent in every request; reference bug G8 ignored it)."""
     solver_temperature: float = 1.0
@@ -129,6 +137,11 @@ class GameConfig:
     """Sampling temperature of the verification samples."""
     top_p: float = 1.0
     """Nucleus sampling for every role (1.0 = off)."""
+    proposer_scaffold: bool = False
+    """Tiny-model curriculum, not SSP: every proposer turn opens with the tag it is to write, "<search>" for each of
+    the searches the seed asks for (its hop count), then "<question>", so the model writes only the queries and the
+    question (the openers are never trained). proposer_prefill must then be "" or "<search>". SSP's configs leave
+    it off."""
     proposer_prefill: str = ""
     """Opening tag that starts the proposer's turn as part of its prompt (loss mask 0, never sampled): "" (SSP),
     "<think>", "<search>" or "<question>". A small model that never writes a tag on its own (SmolLM2-135M) writes
@@ -170,6 +183,14 @@ class GameConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: must be one of {allowed} (an opening tag of "
                                  "that role's protocol, or \"\" for none)")
+        if self.proposer_scaffold and self.proposer_prefill not in ("", SEARCH_OPEN):
+            raise ValueError(f"proposer_prefill = {self.proposer_prefill!r} with proposer_scaffold = true: the "
+                             "scaffold opens the first turn with \"<search>\"; set proposer_prefill to \"\" or "
+                             "\"<search>\", or turn the scaffold off")
+        unknown = sorted(set(self.invalid_reward_by_stage) - set(INVALID_STAGES))
+        if unknown:
+            raise ValueError(f"invalid_reward_by_stage has unknown stages {unknown}; the stages are "
+                             f"{', '.join(INVALID_STAGES)}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -14,6 +14,7 @@ one switch decides what is trained.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,8 @@ from engine.chat import ChatTokenizer
 from engine.checks import check_question, count_answer_tags, extract_answer, extract_question
 from engine.config import GameConfig
 from engine.judge import Judge, Verdict
-from engine.prompts import ANSWER_CLOSE, ANSWER_OPEN, QUESTION_CLOSE, QUESTION_OPEN, proposer_messages, solver_messages
+from engine.prompts import (ANSWER_CLOSE, ANSWER_OPEN, QUESTION_CLOSE, QUESTION_OPEN, SEARCH_OPEN, proposer_messages,
+                            solver_messages)
 from engine.rewards import proposer_reward, solver_accuracy, solver_reward, zero_variance
 from engine.rollout import Rollout, RolloutRunner, RolloutSpec
 from engine.seeds import Seed
@@ -86,8 +88,12 @@ class Game:
         return self.assemble(proposal, verification, solvers)
 
     async def propose(self, group_id: str, seed: Seed) -> Proposal:
-        prompt = await self._chat.render(proposer_messages(seed.answer, seed.hops), prefill=self.proposer_spec.prefill)
-        ro = await self.runner.run(prompt, self.proposer_spec, affinity=f"{group_id}-p")
+        spec = self.proposer_spec
+        if self._cfg.proposer_scaffold:  # one opener per turn: the seed's searches, then the question
+            spec = dataclasses.replace(spec, prefill=SEARCH_OPEN,
+                                       later_prefills=(SEARCH_OPEN,) * (seed.hops - 1) + (QUESTION_OPEN,))
+        prompt = await self._chat.render(proposer_messages(seed.answer, seed.hops), prefill=spec.prefill)
+        ro = await self.runner.run(prompt, spec, affinity=f"{group_id}-p")
         question = extract_question(ro.generated_text)
         reasons = (["no_question"] if question is None else
                    check_question(question, seed.aliases, ro.searches, self._cfg.checks))
@@ -122,7 +128,7 @@ class Game:
         valid = not p.reasons and v is not None and v.passed
         rewards = [s.reward for s in solvers]
         accuracy = solver_accuracy(rewards) if valid else None
-        r_p = proposer_reward(valid, rewards, self._cfg)
+        r_p = proposer_reward(valid, p.reasons, rewards, self._cfg)
         common: dict[str, Any] = {"answer": list(p.seed.aliases), "question": p.question}
         group = [p.rollout.trajectory(role="proposer", group_id=p.group_id, reward=r_p, meta={
             **common, "hops": p.seed.hops, "answer_type": p.seed.type, "valid": valid, "invalid_reasons": p.reasons,

@@ -23,11 +23,21 @@ def solver_accuracy(rewards: Sequence[float]) -> float:
     return sum(1 for r in rewards if r > 0) / len(rewards)
 
 
-def proposer_reward(valid: bool, solver_rewards: Sequence[float], cfg: GameConfig) -> float:
-    """1 - solver accuracy for a valid question (the proposer is paid for the solver's failures), otherwise
-    `invalid_reward`."""
+def invalid_stage(reasons: Sequence[str]) -> str:
+    """Where an invalid proposal failed: "no_question", "failed_verification" or "failed_checks" (engine.config
+    INVALID_STAGES), from its reasons (engine.game: "no_question", "failed_verification", or rule-check names)."""
+    if "no_question" in reasons:
+        return "no_question"
+    if "failed_verification" in reasons:
+        return "failed_verification"
+    return "failed_checks"
+
+
+def proposer_reward(valid: bool, reasons: Sequence[str], solver_rewards: Sequence[float], cfg: GameConfig) -> float:
+    """1 - solver accuracy for a valid question (the proposer is paid for the solver's failures), otherwise the
+    invalid reward of the stage where it failed (game.invalid_reward_by_stage, else game.invalid_reward)."""
     if not valid:
-        return cfg.invalid_reward
+        return cfg.invalid_reward_by_stage.get(invalid_stage(reasons), cfg.invalid_reward)
     return 1.0 - solver_accuracy(solver_rewards)
 
 

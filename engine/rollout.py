@@ -74,6 +74,10 @@ class RolloutSpec:
     """Opening text the prompt already ends with (`ChatTokenizer.render(..., prefill=)`, e.g. "<search>"). It is
     prompt, not response, but tag parsing reads it as the start of the first turn, so "<search>" + " q </search>"
     is a search and "<answer>" + " x </answer>" an answer."""
+    later_prefills: tuple[str, ...] = ()
+    """Opening text of the turns after searches: after the k-th search's information block the next turn opens
+    with later_prefills[k - 1] (none past the end). Inserted with the tool block (loss mask 0, never sampled) and
+    read as the start of that turn, like `prefill`; a scaffold for a model too small to write the tags itself."""
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -242,6 +246,7 @@ class RolloutRunner:
         # NOTE: a turn's overhead is the rollout's own work between two generations plus the client's encoding and
         # decoding (`GenerateResult.client_s`), which is known only once the next generation returns.
         pending: tuple[float, float] | None = None
+        opener = spec.prefill  # what this turn's text starts with before the model writes anything
         while True:
             left_response = cfg.max_response_tokens - len(ro.response_ids)
             left_context = cfg.max_context_tokens - len(ro.prompt_ids) - len(ro.response_ids)
@@ -262,8 +267,8 @@ class RolloutRunner:
                 ro.overhead_s.append(overhead)
                 self.turn_overhead.add(overhead)
                 self.turn_overhead_cpu.add(pending[1] + turn.client_cpu_s)
-            # The tag the prefill opened belongs to the first turn.
-            turn_text = spec.prefill + turn.text if ro.turns == 0 else turn.text
+            # The tag a prefill opened belongs to this turn.
+            turn_text = opener + turn.text
             ro.turns += 1
             ro.append_generated(turn.ids, turn.logprobs, turn.versions)
             ro.generated_text += turn.text
@@ -298,6 +303,10 @@ class RolloutRunner:
             mark += time.perf_counter() - search_started  # waiting for the retriever is not engine overhead
             cpu_mark += time.thread_time() - search_cpu  # nor is what other coroutines did meanwhile
             block = self._chat.encode_information(docs)
+            k = len(ro.searches)  # this search's 0-based index
+            opener = spec.later_prefills[k] if k < len(spec.later_prefills) else ""
+            if opener:
+                block.extend(self._chat.encode_tool(opener))
             if len(ro.response_ids) + len(block) > cfg.max_response_tokens:
                 ro.end = EndReason.RESPONSE_BUDGET
                 return ro
@@ -307,6 +316,7 @@ class RolloutRunner:
             ro.searches.append(SearchRecord(query, len(docs)))
             ro.docs.append(docs)
             ro.append_tool(block)
+            ro.generated_text += opener
 
     async def _generate_turn(self, ro: Rollout, sampling: SamplingParams, affinity: str) -> TurnOutput:
         """One turn; an aborted generation is re-sent with its partial output until it finishes."""

@@ -71,12 +71,21 @@ def test_solver_reward_rules() -> None:
 
 def test_proposer_reward_is_one_minus_accuracy_or_invalid_reward() -> None:
     cfg = GameConfig(invalid_reward=-0.5)
-    assert proposer_reward(True, [1.0, 0.0, 0.25, 0.0, 0.0], cfg) == pytest.approx(0.6)  # 0.25 counts as solved
-    assert proposer_reward(True, [0.0] * 5, cfg) == 1.0
-    assert proposer_reward(False, [], cfg) == -0.5
+    assert proposer_reward(True, [], [1.0, 0.0, 0.25, 0.0, 0.0], cfg) == pytest.approx(0.6)  # 0.25 counts as solved
+    assert proposer_reward(True, [], [0.0] * 5, cfg) == 1.0
+    assert proposer_reward(False, ["no_question"], [], cfg) == -0.5
     assert solver_accuracy([1.0, 0.0]) == 0.5
     with pytest.raises(ValueError, match="empty group"):
         solver_accuracy([])
+
+
+def test_graded_invalid_rewards_pay_for_getting_further() -> None:
+    cfg = GameConfig(invalid_reward=-1.0, invalid_reward_by_stage={"failed_checks": -0.6, "failed_verification": -0.3})
+    assert proposer_reward(False, ["no_question"], [], cfg) == -1.0  # not listed: invalid_reward
+    assert proposer_reward(False, ["too_few_words", "answer_leak"], [], cfg) == -0.6
+    assert proposer_reward(False, ["failed_verification"], [], cfg) == -0.3
+    with pytest.raises(ValueError, match=r"unknown stages \['no_answer'\]; the stages are no_question"):
+        GameConfig(invalid_reward_by_stage={"no_answer": 0.0})
 
 
 def test_zero_variance() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine.chat import ChatTokenizer
-from engine.checks import extract_answer
+from engine.checks import extract_answer, extract_question
 from engine.config import GameConfig, RolloutConfig, SearchBatcherConfig
 from engine.errors import ConnectionFailed
 from engine.generation import FinishReason, GenerateResult, SamplingParams, WeightSpan
@@ -291,9 +291,43 @@ async def test_prefilled_opening_tag_is_prompt_and_opens_the_first_turn(chat: Ch
     assert ro.end is EndReason.ANSWER and extract_answer(ro.generated_text) == "Paris"
 
 
+async def test_later_prefills_open_the_turns_after_searches_as_tool_tokens(chat: ChatTokenizer) -> None:
+    """The proposer scaffold: "<search>" opens turn 1 (prompt), then "<search>" and "<question>" open turns 2 and 3
+    right after the information blocks, masked like them; the model writes only the query and question texts."""
+    proposer = RolloutSpec(final_open="<question>", final_close="</question>", search=True, temperature=1.0,
+                           prefill="<search>", later_prefills=("<search>", "<question>"))
+    batcher = SearchBatcher(Docs(), SearchBatcherConfig(window_ms=0), k=2)
+    gen = ScriptedGenerator(chat, [Turn(" rivers of Europe </search>", STOP_SEARCH),
+                                   Turn(" Danube delta </search>", STOP_SEARCH),
+                                   Turn(" Which river ends in a delta? </question>",
+                                        FinishReason("stop", "</question>"))])
+    try:
+        ro = await RolloutRunner(gen, chat, batcher, RolloutConfig()).run([5, 6, 7], proposer, affinity="p")
+    finally:
+        await batcher.close()
+    assert ro.end is EndReason.QUESTION and [s.query for s in ro.searches] == ["rivers of Europe", "Danube delta"]
+    assert extract_question(ro.generated_text) == "Which river ends in a delta?"
+    tool = [seg for seg in ro.segments if seg.kind == "tool"]
+    for seg, opener in zip(tool, ("<search>", "<question>")):
+        assert chat.decode(ro.response_ids[seg.start:seg.end]).endswith("</information>\n\n" + opener)
+        assert set(ro.loss_mask[seg.start:seg.end]) == {0}
+    check_alignment(ro, chat)
+    # A turn the scaffold opened still ends the rollout when the model stops inside it.
+    gen = ScriptedGenerator(chat, [Turn(" rivers </search>", STOP_SEARCH), Turn("<|im_end|>", EOS)])
+    batcher = SearchBatcher(Docs(), SearchBatcherConfig(window_ms=0), k=2)
+    try:
+        ro = await RolloutRunner(gen, chat, batcher, RolloutConfig()).run([5, 6, 7], proposer, affinity="p")
+    finally:
+        await batcher.close()
+    assert ro.end is EndReason.MISSING_CLOSER
+
+
 def test_prefill_must_be_an_opening_tag_of_the_role() -> None:
     assert GameConfig(proposer_prefill="<search>", solver_prefill="<answer>", verifier_prefill="<answer>")
     with pytest.raises(ValueError, match="proposer_prefill = '<answer>'"):
         GameConfig(proposer_prefill="<answer>")
     with pytest.raises(ValueError, match="verifier_prefill = '<search>'"):
         GameConfig(verifier_prefill="<search>")
+    assert GameConfig(proposer_scaffold=True, proposer_prefill="<search>")
+    with pytest.raises(ValueError, match="proposer_prefill = '<think>' with proposer_scaffold = true"):
+        GameConfig(proposer_scaffold=True, proposer_prefill="<think>")
