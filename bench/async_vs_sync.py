@@ -307,7 +307,7 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
         sampler = asyncio.create_task(sample(), name="occupancy-sampler")
         clocks = asyncio.create_task(watch_clocks(), name="sim-clock-watch")
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        learn = asyncio.create_task(learner.run(spec.steps), name="sim-learner")
+        learn = asyncio.create_task(learner.run(spec.steps, max_staleness=spec.eta), name="sim-learner")
         try:
             done, _ = await asyncio.wait({learn, engine_task}, timeout=timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -330,8 +330,10 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
     window = steps[spec.warmup:]
     shape = tally.per_episode()
     # Per-episode figures over the window the rate is measured in: the learner's step time follows its tokens.
-    traj_per_episode = sum(s.trajectories for s in window) / max(1, sum(s.groups for s in window))
-    tokens_per_episode = sum(s.tokens for s in window) / max(1, sum(s.groups for s in window))
+    # Over trained groups: a group dropped as too stale is work lost, which the bound must not absorb.
+    trained_groups = max(1, sum(s.groups - s.dropped_groups for s in window))
+    traj_per_episode = sum(s.trajectories for s in window) / trained_groups
+    tokens_per_episode = sum(s.tokens for s in window) / trained_groups
     out: dict[str, Any] = {
         **dataclasses.asdict(spec),
         "trained_trajectories_per_s": round(rate, 4),
@@ -346,6 +348,9 @@ async def run_schedule(profile: Any, urls: list[str], spec: RunSpec, *, seed: in
         "train_s_mean": round(sum(s.train_s for s in window) / len(window), 3),
         "push_s_mean": round(sum(s.push_s for s in window) / len(window), 3),
         "trajectories_per_episode": round(traj_per_episode, 3),
+        "staleness_max": max((s.staleness_max for s in steps if s.staleness_max is not None), default=None),
+        "stale_dropped_share": round(sum(s.dropped_groups for s in window) / max(1, sum(s.groups for s in window)),
+                                     4),
         "trained_tokens_per_episode": round(tokens_per_episode, 1),
         "server_shape_per_episode": {k: round(v, 1) for k, v in shape.items()},
         "server_time_shares": server_time_shares(*window_clocks) if len(window_clocks) == 2 else {},
@@ -422,7 +427,9 @@ def bench_profile(profile_path: Path, args: argparse.Namespace, log_dir: Path) -
         r = uvloop.run(run_schedule(profile, urls, s, timeout_s=args.run_timeout, index_dir=args.index))
         eff = f", {100 * r['efficiency']:.0f}% of bound ({r['bound_by']})" if "efficiency" in r else ""
         print(f"    {r['trained_trajectories_per_s']:.3f} trained traj/s, occupancy {r['slot_occupancy_mean']:.2f}"
-              f"{eff}; engine CPU {100 * r['engine_cpu_fraction']:.0f}%, {r['wall_seconds']:.0f} s wall", flush=True)
+              f"{eff}; engine CPU {100 * r['engine_cpu_fraction']:.0f}%, {r['wall_seconds']:.0f} s wall; staleness "
+              f"max {r['staleness_max']}, {100 * r['stale_dropped_share']:.1f}% of groups dropped as too stale",
+              flush=True)
         if r["server_time_shares"]:
             print("    server time: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["server_time_shares"].items()),
                   flush=True)
@@ -508,9 +515,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"### {p['profile']}, G = {p['gpus']}", "",
                   "| mode | serve GPUs | learn GPUs | eta | trained traj/s | slot occupancy | bound traj/s | "
                   "bound by | "
-                  "efficiency | learner idle | engine CPU | servers behind, s | "
+                  "efficiency | learner idle | engine CPU | servers behind, s | staleness max | dropped stale | "
                   "server time: decode / prefill / recompute / paused / idle |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         rows = [p["sync"], *p["async_sweep"], *[r for r in p["async_etas"] if r is not p["best"]
                                                 and r not in p["async_sweep"]]]
         for r in rows:
@@ -521,6 +528,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{(str(round(100 * r['efficiency'])) + '%') if 'efficiency' in r else '-'} | "
                 f"{100 * r['learner_wait_share']:.0f}% | {100 * r['engine_cpu_fraction']:.0f}% | "
                 f"{r.get('servers_behind_max_s', 0.0)}{'' if clock_kept(r) else ' (too slow)'} | "
+                f"{r.get('staleness_max', '-')} | {100 * r.get('stale_dropped_share', 0.0):.1f}% | "
                 f"{' / '.join(f'{100 * v:.0f}%' for v in r.get('server_time_shares', {}).values()) or '-'} |")
         b = p["best"]
         lines += ["", f"async/sync ratio: {p['async_over_sync']:.2f} (best split g = {b['serve_gpus']}, "

@@ -17,7 +17,9 @@ therefore counts time_scale times over in simulated seconds: a conservative acco
 engine-bound.
 
 The learner consumes `episodes_per_step` groups per step, in arrival order, as the real learner does; it trains
-the roles the real learner trains (proposer and solver; verifier samples are not trained) and counts them.
+the roles the real learner trains (proposer and solver; verifier samples are not trained) and counts them. With
+`max_staleness` it drops a group whose oldest trained token is older than that many versions, as the real
+learner's learner.max_staleness does (learner.batching), and trains the rest of the batch.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 from engine.stream import HEADER
 from engine.trajectory import Trajectory, unpack_group
+from learner.batching import oldest_trained_version
 from serving.sim_profile import LearnerSpec, SimProfile
 
 TRAINED_ROLES = ("proposer", "solver")
@@ -89,6 +92,11 @@ class StepLog:
     """Simulated seconds of the push, measured on the shared clock."""
     wait_s: float
     """Simulated seconds the learner waited for this step's groups (starvation)."""
+    staleness_max: int | None
+    """Versions between the oldest trained token of the batch's groups and the version trained (None: no known
+    version), before any drop."""
+    dropped_groups: int
+    """Groups of the batch beyond max_staleness, consumed but not trained."""
 
 
 class SimLearner:
@@ -109,8 +117,8 @@ class SimLearner:
         self._push = push
         self._on_version = on_version
         self._on_group = on_group
-        self._inbox: collections.deque[tuple[int, int]] = collections.deque()
-        """(trained trajectories, tokens) per received group, in arrival order."""
+        self._inbox: collections.deque[tuple[int, int, int | None]] = collections.deque()
+        """(trained trajectories, tokens, oldest trained version) per received group, in arrival order."""
         self._arrived = asyncio.Event()
         self.steps: list[StepLog] = []
         self.groups_received = 0
@@ -121,7 +129,8 @@ class SimLearner:
         if self._on_group is not None:
             self._on_group(group)
         trained = [t for t in group if t.role in TRAINED_ROLES]
-        self._inbox.append((len(trained), sum(len(t.prompt_ids) + len(t.response_ids) for t in trained)))
+        self._inbox.append((len(trained), sum(len(t.prompt_ids) + len(t.response_ids) for t in trained),
+                            oldest_trained_version(group, TRAINED_ROLES)))
         self.groups_received += 1
         self._arrived.set()
 
@@ -133,8 +142,9 @@ class SimLearner:
         return learner_step_s(self.profile.learner, flops_per_token=self.profile.model.flops_per_token,
                               tokens=tokens, gpus=self.gpus)
 
-    async def run(self, steps: int) -> list[StepLog]:
-        """Train `steps` steps (each on the next episodes_per_step groups), pushing after each; returns the log."""
+    async def run(self, steps: int, *, max_staleness: int | None = None) -> list[StepLog]:
+        """Train `steps` steps (each on the next episodes_per_step groups, those beyond `max_staleness` dropped),
+        pushing after each; returns the log."""
         for version in range(1, steps + 1):
             waited_from = self.clock.now()
             while len(self._inbox) < self.per_step:
@@ -142,8 +152,11 @@ class SimLearner:
                 await self._arrived.wait()
             wait_s = self.clock.now() - waited_from
             batch = [self._inbox.popleft() for _ in range(self.per_step)]
-            trajectories = sum(n for n, _ in batch)
-            tokens = sum(k for _, k in batch)
+            lags = [version - 1 - oldest for _, _, oldest in batch if oldest is not None]
+            kept = [(n, k) for n, k, oldest in batch
+                    if max_staleness is None or oldest is None or version - 1 - oldest <= max_staleness]
+            trajectories = sum(n for n, _ in kept)
+            tokens = sum(k for _, k in kept)
             train_s = self.step_s(tokens)
             await self.clock.sleep(train_s)
             push_from = self.clock.now()
@@ -151,7 +164,9 @@ class SimLearner:
             pushed = self.clock.now()
             await self._on_version(version)
             self.steps.append(StepLog(version=version, ended_at=pushed, groups=len(batch), trajectories=trajectories,
-                                      tokens=tokens, train_s=train_s, push_s=pushed - push_from, wait_s=wait_s))
+                                      tokens=tokens, train_s=train_s, push_s=pushed - push_from, wait_s=wait_s,
+                                      staleness_max=max(lags, default=None),
+                                      dropped_groups=len(batch) - len(kept)))
         return self.steps
 
 

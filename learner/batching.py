@@ -117,16 +117,21 @@ def _known_versions(t: Trajectory) -> list[int]:
     return [v for v, m in zip(t.policy_versions, t.loss_mask) if m and v != UNKNOWN_VERSION]
 
 
+def oldest_trained_version(group: list[Trajectory], roles: tuple[str, ...]) -> int | None:
+    """The oldest known policy version among the tokens of `roles` the group would train (None: none known)."""
+    return min((v for t in group if t.role in roles for v in _known_versions(t)), default=None)
+
+
 def _too_stale(group: list[Trajectory], cfg: LearnerConfig, policy_version: int) -> bool:
     """Whether a trained token of the group was sampled more than cfg.max_staleness versions before
     `policy_version`; the group is then dropped whole (its rewards and baselines belong together)."""
     if cfg.max_staleness is None:
         return False
-    versions = [v for t in group if t.role in cfg.train_roles for v in _known_versions(t)]
-    if not versions or policy_version - min(versions) <= cfg.max_staleness:
+    oldest = oldest_trained_version(group, cfg.train_roles)
+    if oldest is None or policy_version - oldest <= cfg.max_staleness:
         return False
     log.warning("group %s: a token sampled at version %d would be trained at version %d, beyond learner."
-                "max_staleness = %d; the group is dropped", group[0].group_id, min(versions), policy_version,
+                "max_staleness = %d; the group is dropped", group[0].group_id, oldest, policy_version,
                 cfg.max_staleness)
     return True
 

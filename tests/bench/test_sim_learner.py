@@ -68,3 +68,22 @@ async def test_learner_trains_per_step_pushes_then_releases_the_version() -> Non
     assert steady_rate(steps, warmup=1) == pytest.approx(3 / (steps[1].ended_at - steps[0].ended_at))
     with pytest.raises(ValueError, match="warmup"):
         steady_rate(steps, warmup=2)
+
+
+async def test_learner_drops_groups_beyond_max_staleness_as_the_real_learner_does() -> None:
+    """Step 2 trains version 1: there a group sampled at version 0 is 1 version old, beyond max_staleness 0, and is
+    dropped; the one sampled at version 1 is trained. A dropped group costs no training time and trains nothing."""
+    async def noop(v: int) -> None:
+        pass
+
+    learner = SimLearner(load_profile(), gpus=2, episodes_per_step=2, clock=SimClock(time_scale=1e6), push=noop,
+                         on_version=noop)
+    run = asyncio.create_task(learner.run(steps=2, max_staleness=0))
+    for k, version in enumerate([0, 0, 0, 1]):
+        t = _traj("proposer", f"g{k}", 10, 5)
+        t.policy_versions = [version] * 5
+        await learner.write(encode_frame(pack_group([t]), 1 << 20))
+        await asyncio.sleep(0)
+    steps = await asyncio.wait_for(run, 5)
+    assert [(s.staleness_max, s.dropped_groups, s.trajectories, s.tokens) for s in steps] == [(0, 0, 2, 30),
+                                                                                              (1, 1, 1, 15)]
