@@ -28,6 +28,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     _add_module(bench_sub, "push", "weight push (WeightPusher into a real server) vs raw broadcast, GB/s and ratio")
     _add_module(bench_sub, "serving", "continuous batching: N concurrent requests vs the same N one by one, ratio")
     _add_module(bench_sub, "learner", "learner training step tokens/s at TP=1 vs TP=2 (megatron, gloo/NCCL)")
+    _add_module(bench_sub, "learning",
+                "held-out scores of a trained arm vs a control arm (lr = 0), same seeds; exits 1 if nothing rose")
 
 
 def _add_retrieval(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -47,18 +47,21 @@ from tqdm import tqdm
 from engine.chat import ChatTokenizer
 from engine.checks import extract_answer
 from engine.eval_config import HELDOUT_SEEDS, EvalConfig
-from engine.intervals import Interval, mean_interval, mean_of_means_interval, mean_of_rates_interval, wilson_interval
+from engine.intervals import (Interval, mean_interval, mean_of_means_interval, mean_of_rates_interval, separation,
+                              wilson_interval)
 from engine.judge import Judge, exact_match, token_f1
 from engine.pool import InferencePool
 from engine.prompts import ANSWER_CLOSE, ANSWER_OPEN, solver_messages
 from engine.proposer_eval import (
     EvalSeed,
+    Metric,
     ProposerScore,
     SeedRecord,
     eval_game_config,
     format_proposer_comparison,
     format_proposer_table,
     load_eval_seeds,
+    proposer_metrics,
     run_seeds,
     summarize_seeds,
 )
@@ -588,6 +591,37 @@ def format_table(result: EvalResult) -> str:
     return "\n\n".join(parts)
 
 
+def compared_metrics(before: EvalResult, after: EvalResult) -> list[tuple[Metric, Metric]]:
+    """The scores two results share, as (before, after) pairs with their intervals: the QA average's EM and F1, then
+    the proposer's metrics; a metric with nothing to measure on either side (no valid question) is left out."""
+    pairs: list[tuple[Metric, Metric]] = []
+    if before.average is not None and after.average is not None:
+        for label, get in (("QA exact match %", lambda s: (s.em, s.em_ci)), ("QA token F1 %", lambda s: (s.f1, s.f1_ci))):
+            pairs.append(tuple(Metric(label, s.questions, *get(s), True)  # type: ignore[misc]
+                               for s in (before.average, after.average)))
+    if before.proposer is not None and after.proposer is not None:
+        pairs += list(zip(proposer_metrics(before.proposer), proposer_metrics(after.proposer)))
+    return [(b, a) for b, a in pairs if b.ci is not None and a.ci is not None]
+
+
+def describe_changes(before: EvalResult, after: EvalResult) -> str:
+    """In plain words, which scores moved between the two results (their 95% intervals do not overlap: see
+    engine.intervals.separation) and which did not."""
+    moved, still = [], []
+    for b, a in compared_metrics(before, after):
+        assert b.ci is not None and a.ci is not None
+        direction = separation(b.ci, a.ci)
+        if direction:
+            moved.append(f"{b.label.rstrip(' %')} {'rose' if direction > 0 else 'fell'}, {b.shown().strip()} -> "
+                         f"{a.shown().strip()}")
+        else:
+            still.append(b.label.rstrip(" %"))
+    lines = ["What moved (95% intervals apart): " + ("; ".join(moved) if moved else "nothing.")]
+    if still:
+        lines.append("What did not move (intervals overlap, the change is within noise): " + ", ".join(still) + ".")
+    return "\n".join(lines)
+
+
 def format_comparison(before: EvalResult, after: EvalResult) -> str:
     """Before/after tables (e.g. around training): EM and F1 per dataset and averaged, each with its 95% interval,
     and the change in points; then the proposer's scores likewise when both results have them. Both results must
@@ -616,4 +650,5 @@ def format_comparison(before: EvalResult, after: EvalResult) -> str:
         parts.append("\n".join(lines))
     if before.proposer is not None and after.proposer is not None:
         parts.append(format_proposer_comparison(before.proposer, after.proposer))
+    parts.append(describe_changes(before, after))
     return "\n\n".join(parts)

@@ -33,6 +33,17 @@ class Interval:
         return [round(self.low, 4), round(self.high, 4)]
 
 
+def separation(before: Interval, after: Interval) -> int:
+    """+1 when `after` lies wholly above `before`, -1 wholly below, 0 when they overlap. Two 95% intervals that do
+    not overlap differ at well below the 5% level (about 0.6% for equal widths): a conservative test, chosen because
+    it reads straight off the tables and needs no pairing of the two runs."""
+    if after.low > before.high:
+        return 1
+    if after.high < before.low:
+        return -1
+    return 0
+
+
 def normal_quantile(confidence: float = CONFIDENCE) -> float:
     """z such that a standard normal lies within ±z with probability `confidence` (1.96 for 0.95)."""
     _check_confidence(confidence)

@@ -376,8 +376,8 @@ def summarize_seeds(records: Sequence[SeedRecord], *, max_searches: int) -> Prop
 
 
 @dataclass(frozen=True, slots=True)
-class _Metric:
-    """One row of the proposer tables."""
+class Metric:
+    """One score with its 95% interval: a row of the proposer tables, and what before/after comparisons compare."""
 
     label: str
     n: int
@@ -394,20 +394,21 @@ class _Metric:
             return f"{100 * self.value:>5.1f} [{100 * self.ci.low:>5.1f}, {100 * self.ci.high:>5.1f}]"
         return f"{self.value:>5.2f} [{self.ci.low:>5.2f}, {self.ci.high:>5.2f}]"
 
-    def delta(self, after: _Metric) -> str:
+    def delta(self, after: Metric) -> str:
         if self.value is None or after.value is None:
             return f"{'-':>6}"
         return f"{100 * (after.value - self.value):>+6.1f}" if self.percent else f"{after.value - self.value:>+6.2f}"
 
 
-def _metrics(s: ProposerScore) -> list[_Metric]:
+def proposer_metrics(s: ProposerScore) -> list[Metric]:
+    """The proposer's scores in table order."""
     return [
-        _Metric("question written %", s.seeds, s.question_rate, s.question_ci, True),
-        _Metric("passed rule checks %", s.seeds, s.checks_rate, s.checks_ci, True),
-        _Metric("valid (passed verification) %", s.seeds, s.valid_rate, s.valid_ci, True),
-        _Metric("verification pass % of checked", s.verified, s.verify_pass_rate, s.verify_pass_ci, True),
-        _Metric("solver accuracy % on valid", s.valid, s.solver_accuracy, s.solver_ci, True),
-        _Metric("searches per proposer rollout", s.proposals, s.searches_per_rollout, s.searches_ci, False),
+        Metric("question written %", s.seeds, s.question_rate, s.question_ci, True),
+        Metric("passed rule checks %", s.seeds, s.checks_rate, s.checks_ci, True),
+        Metric("valid (passed verification) %", s.seeds, s.valid_rate, s.valid_ci, True),
+        Metric("verification pass % of checked", s.verified, s.verify_pass_rate, s.verify_pass_ci, True),
+        Metric("solver accuracy % on valid", s.valid, s.solver_accuracy, s.solver_ci, True),
+        Metric("searches per proposer rollout", s.proposals, s.searches_per_rollout, s.searches_ci, False),
     ]
 
 
@@ -424,7 +425,7 @@ def format_proposer_table(s: ProposerScore) -> str:
     invalid reasons counted."""
     head = f"{'proposer':<{_WIDTH}}  {'n':>5}  value [95% CI]"
     lines = [head, "-" * len(head)]
-    lines += [f"{m.label:<{_WIDTH}}  {m.n:>5}  {m.shown()}".rstrip() for m in _metrics(s)]
+    lines += [f"{m.label:<{_WIDTH}}  {m.n:>5}  {m.shown()}".rstrip() for m in proposer_metrics(s)]
     return "\n".join([*lines, _reasons(s)])
 
 
@@ -434,6 +435,6 @@ def format_proposer_comparison(before: ProposerScore, after: ProposerScore) -> s
     head = (f"{'proposer':<{_WIDTH}}  {'n':>5}  {'before [95% CI]':<21}  {'n':>5}  {'after [95% CI]':<21}  "
             f"{'Δ':>6}")
     lines = [head, "-" * len(head)]
-    for b, a in zip(_metrics(before), _metrics(after)):
+    for b, a in zip(proposer_metrics(before), proposer_metrics(after)):
         lines.append(f"{b.label:<{_WIDTH}}  {b.n:>5}  {b.shown()}  {a.n:>5}  {a.shown()}  {b.delta(a)}")
     return "\n".join([*lines, f"before: {_reasons(before)}", f"after:  {_reasons(after)}"])

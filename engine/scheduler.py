@@ -168,6 +168,8 @@ class Counters:
     finished: int = 0
     failed: int = 0
     questions: int = 0
+    checked: int = 0
+    """Questions that passed the rule checks (valid or not after verification)."""
     valid: int = 0
     groups: int = 0
     zero_variance_groups: int = 0
@@ -364,6 +366,7 @@ class Scheduler:
         c.finished += 1
         c.groups += 1
         c.questions += "no_question" not in result.reasons
+        c.checked += all(r == "failed_verification" for r in result.reasons)
         c.generated_tokens += result.generated_tokens
         c.proposer_reward_sum += result.proposer_reward
         c.zero_variance_groups += result.zero_variance

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from engine.judge import normalize_answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,16 @@ def load_seed_answers(path: Path) -> list[SeedAnswer]:
     if not out:
         raise SeedError(f"seed file {path} has no seed answers")
     return out
+
+
+def shared_answers(first: Sequence[SeedAnswer], second: Sequence[SeedAnswer]) -> list[str]:
+    """The answers both lists hold under any alias, compared as the exact-match judge compares answers (SQuAD
+    normalisation) and case-insensitively: a held-out seed is held out only if training cannot draw it in any form."""
+    shared = []
+    for key in (str.lower, normalize_answer):
+        keys = {key(alias.strip()) for answer in first for alias in answer.aliases}
+        shared += [alias for answer in second for alias in answer.aliases if key(alias.strip()) in keys]
+    return sorted(set(shared))
 
 
 def seed_stream(answers: list[SeedAnswer], *, hops_min: int, hops_max: int, seed: int) -> Iterator[Seed]:

@@ -34,9 +34,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 """The live table: one line per optimizer step."""
 
-PLOT_KEYS = ("solver_accuracy", "proposer_reward", "valid_rate", "episodes_per_s", "tokens_per_s",
-             "logprob_mismatch_mean", "loss", "grad_norm", "staleness_max")
-"""The curves of <run>/train.png."""
+PLOT_KEYS = ("proposer_reward", "question_rate", "checks_rate", "valid_rate", "solver_accuracy", "samples_proposer",
+             "samples_solver", "loss", "grad_norm", "logprob_mismatch_mean", "staleness_max", "tokens_per_s")
+"""The curves of <run>/train.png: both roles' training signals (proposer reward and how far its proposals get, the
+solver's accuracy, the samples each role trained), then the learner's and the engine's health."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +51,13 @@ class Snapshot:
     accuracy_sum: float
     proposer_reward_sum: float
     failed: int
+    questions: int
+    checked: int
 
     @classmethod
     def of(cls, c: Counters) -> Snapshot:
         return cls(time.perf_counter(), c.finished, c.valid, c.generated_tokens, c.accuracy_sum,
-                   c.proposer_reward_sum, c.failed)
+                   c.proposer_reward_sum, c.failed, c.questions, c.checked)
 
 
 def step_row(step: int, before: Snapshot, now: Snapshot, learner: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -69,12 +72,15 @@ def step_row(step: int, before: Snapshot, now: Snapshot, learner: Mapping[str, A
         "solver_accuracy": (now.accuracy_sum - before.accuracy_sum) / valid if valid else None,
         "proposer_reward": (now.proposer_reward_sum - before.proposer_reward_sum) / episodes if episodes else None,
         "valid_rate": valid / episodes if episodes else None,
+        "question_rate": (now.questions - before.questions) / episodes if episodes else None,
+        "checks_rate": (now.checked - before.checked) / episodes if episodes else None,
         "engine_s": dt,
     }
     if learner is not None:
         for key in ("loss", "pg_loss", "kl", "entropy", "clip_frac", "grad_norm", "lr", "logprob_mismatch_mean",
                     "logprob_mismatch_max", "staleness_max", "samples", "loss_tokens", "step_s", "push_s",
-                    "dropped_zero_variance_groups", "dropped_stale_groups", "unknown_version_tokens", "trained"):
+                    "dropped_zero_variance_groups", "dropped_stale_groups", "unknown_version_tokens", "trained",
+                    "samples_proposer", "samples_solver"):
             if key in learner:
                 row[key] = learner[key]
         row["learner_tokens_per_s"] = learner.get("tokens_per_s")

@@ -79,7 +79,7 @@ class TrainResult:
     rows: list[dict[str, Any]]
     engine: dict[str, Any]
     before: Any
-    """engine.evaluation.EvalResult before the first step (None without train.eval_datasets)."""
+    """engine.evaluation.EvalResult before the first step (None without train.eval_datasets or eval_seeds)."""
     after: Any
     """engine.evaluation.EvalResult after the last step."""
     policy: Path | None
@@ -123,6 +123,18 @@ def check_config(cfg: SSPConfig) -> None:
     if missing:
         raise TrainError(f"train.eval_datasets: {', '.join(missing)} not found (relative paths are read from the "
                          "current directory); run from the checkout or give absolute paths")
+    for heldout in cfg.train.eval_seeds:
+        from engine.seeds import SeedError, load_seed_answers, shared_answers
+
+        try:
+            shared = shared_answers(load_seed_answers(cfg.scheduler.seeds_file), load_seed_answers(heldout))
+        except SeedError as e:
+            raise TrainError(f"train.eval_seeds / scheduler.seeds_file: {e}") from None
+        if shared:
+            raise TrainError(f"train.eval_seeds = {heldout} shares {len(shared)} answer(s) with "
+                             f"scheduler.seeds_file = {cfg.scheduler.seeds_file} (e.g. {shared[:3]}): the proposer "
+                             "would be evaluated on answers it trained on; split them (data/seeds/split_heldout.py "
+                             "shows how)")
     if cfg.learner.checkpoint_every != 1:
         log.warning("learner.checkpoint_every = %d: not every step is checkpointed (0: only the last one); a run "
                     "stopped in between resumes from its last checkpoint and redoes the steps since on new episodes",
@@ -444,8 +456,10 @@ def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Pat
     _write_processes(run_dir, procs, urls, cfg)
 
     before = None
-    if tc.eval_datasets:
-        print(f"ssp train: evaluating the initial policy on {len(tc.eval_datasets)} dataset(s)", file=out)
+    evaluated = bool(tc.eval_datasets or tc.eval_seeds)
+    if evaluated and tc.eval_before:
+        print(f"ssp train: evaluating the initial policy on {len(tc.eval_datasets)} QA dataset(s)"
+              f"{' and the held-out seeds of ' + str(tc.eval_seeds[0]) if tc.eval_seeds else ''}", file=out)
         before = _evaluate(cfg, run_dir / "eval-before", progress)
         _check_alive(procs)
 
@@ -480,7 +494,7 @@ def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Pat
         policy = export_checkpoint(learner_dir / "checkpoints", run_dir / "policy")
 
     after = None
-    if tc.eval_datasets:
+    if evaluated:
         print("ssp train: evaluating the trained policy", file=out)
         after = _evaluate(cfg, run_dir / "eval-after", progress)
         _check_alive(procs, finished=learner)
@@ -522,7 +536,8 @@ def _write_processes(run_dir: Path, procs: ProcessSet, urls: list[str], cfg: SSP
 def _evaluate(cfg: SSPConfig, out_dir: Path, progress: bool) -> Any:
     from engine.evaluation import evaluate
 
-    return evaluate(cfg, list(cfg.train.eval_datasets), model=None, out_dir=out_dir, progress=progress)
+    return evaluate(cfg, list(cfg.train.eval_datasets), model=None, out_dir=out_dir, progress=progress,
+                    seeds=cfg.train.eval_seeds[0] if cfg.train.eval_seeds else None)
 
 
 def summary_items(result: TrainResult) -> list[tuple[str, Any]]:
@@ -574,6 +589,10 @@ def format_result(result: TrainResult) -> str:
         from engine.evaluation import format_comparison
 
         parts.append(format_comparison(result.before, result.after))
+    elif result.after is not None:
+        from engine.evaluation import format_table
+
+        parts.append("the trained policy:\n" + format_table(result.after))
     parts.append(format_summary(summary_items(result)))
     files = [f"{result.run_dir}/{name}" for name in ("metrics.jsonl", "train.png", "summary.json", "samples.frames")]
     parts.append("files: " + ", ".join(files) + f", {result.run_dir}/learner/ (checkpoints, learner metrics)"

@@ -51,6 +51,15 @@ class TrainConfig:
     """After the last step, write the trained policy as a Hugging Face directory, <run>/policy (what `ssp export`
     writes), so `ssp eval --model <run>/policy` and transformers load it. Only when ssp train started the learner: an
     attached learner's checkpoints are on its machine (run `ssp export` there)."""
+    eval_seeds: tuple[Path, ...] = ()
+    """A file of held-out seed answers (data/seeds schema), in a one-element list, on which the proposer is evaluated
+    before the first step and after the last one (`ssp eval --seeds`: valid-question rate by stage, verification
+    pass rate, searches, solver accuracy on the valid questions, with 95% intervals; eval.seeds_limit of them). It
+    must share no answer with scheduler.seeds_file (checked at start). Empty = no proposer evaluation (a list, like
+    eval_datasets, so that `--set train.eval_seeds=[]` turns it off)."""
+    eval_before: bool = True
+    """Evaluate the initial policy too (with eval_datasets / eval_seeds), for the before/after table. Off when
+    only the final policy's scores are wanted, e.g. in each arm of `ssp bench learning`."""
     sample_every: int = 1
     """Keep a copy of every N-th trajectory group sent to the learner in <run>/samples.frames (read it with
     `ssp inspect`). 0 = keep none."""
@@ -75,6 +84,9 @@ class TrainConfig:
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"learner_address = {self.learner_address!r}: must be HOST:PORT, e.g. "
                                  "trainer-0:29600 (or unset to start the learner here)")
+        if len(self.eval_seeds) > 1:
+            raise ValueError(f"eval_seeds = {[str(p) for p in self.eval_seeds]}: give at most one seed file (join "
+                             "them into one file to evaluate on all)")
         if self.sample_every < 0:
             raise ValueError(f"sample_every = {self.sample_every}: must be >= 0 (0 = keep no samples)")
         for name in ("server_start_timeout_s", "learner_start_timeout_s", "poll_interval_s", "stop_timeout_s"):

@@ -89,6 +89,8 @@ class Trainer:
         counts = {"samples": float(plan.total_seqs), "loss_tokens": float(plan.total_loss_tokens),
                   "dropped_zero_variance_groups": float(plan.dropped_zero_variance_groups),
                   "dropped_empty": float(plan.dropped_empty), "dropped_stale_groups": float(plan.dropped_stale_groups),
+                  **{f"samples_{role}": float(sum(s.role == role for s in plan.samples))
+                     for role in ("proposer", "solver")},
                   "unknown_version_tokens": float(sum(s.unknown_version_tokens for s in plan.samples)),
                   **({"staleness_max": float(policy_version - min(known))} if known else {}),
                   **{f"skipped_{role}": float(n) for role, n in plan.skipped_roles.items()}}

@@ -63,23 +63,32 @@ def read_metrics(path: Path | str) -> list[dict[str, Any]]:
 def plot_metrics(records: Iterable[Mapping[str, Any]], keys: Sequence[str], out_png: Path | str, *,
                  x_key: str = "step", title: str = "") -> Path:
     """One small panel per key (records lacking a key are skipped), x along `x_key`, saved as a PNG."""
+    return plot_compared({"": list(records)}, keys, out_png, x_key=x_key, title=title)
+
+
+def plot_compared(runs: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[str], out_png: Path | str, *,
+                  x_key: str = "step", title: str = "") -> Path:
+    """Like `plot_metrics`, with one line per run in every panel (e.g. a control arm and a trained arm), labelled
+    by the run's name (an unnamed single run gets no legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(records)
     cols = min(3, max(1, len(keys)))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        points = [(r[x_key], r[key]) for r in rows if x_key in r and isinstance(r.get(key), (int, float))]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", markersize=3)
+        for name, rows in runs.items():
+            points = [(r[x_key], r[key]) for r in rows if x_key in r and isinstance(r.get(key), (int, float))]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", markersize=3, label=name or None)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel(x_key, fontsize=8)
         ax.grid(alpha=0.3)
+        if any(runs) and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
     if title:

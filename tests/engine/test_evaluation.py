@@ -22,6 +22,7 @@ from engine.evaluation import (
     _unless_dead,
     average,
     evaluate,
+    describe_changes,
     format_comparison,
     format_table,
     load_dataset,
@@ -29,7 +30,7 @@ from engine.evaluation import (
     score,
     summarize,
 )
-from engine.intervals import Interval, mean_interval, mean_of_rates_interval, wilson_interval
+from engine.intervals import Interval, mean_interval, mean_of_rates_interval, separation, wilson_interval
 from serving.server import READY_LINE
 from launcher.processes import ManagedProcess, ProcessFailed
 from ssp.config import load_config
@@ -106,6 +107,15 @@ def test_tables_show_every_dataset_the_change_and_the_intervals() -> None:
     with pytest.raises(ValueError, match="different datasets"):
         format_comparison(_result(1), dataclasses.replace(_result(1), datasets=()))
     json.dumps(_result(1).to_json())  # intervals are plain lists in summary.json
+
+
+def test_what_moved_is_what_separates_beyond_its_interval() -> None:
+    """1 -> 3 of 10 is within noise; 0 -> 9 of 10 is not (Wilson [0, 28] vs [60, 98])."""
+    assert describe_changes(_result(1), _result(3)).startswith("What moved (95% intervals apart): nothing.")
+    words = describe_changes(_result(0), _result(9, n=10))
+    assert "QA exact match rose, 0.0 [  0.0,  27.8] -> 90.0 [ 59.6,  98.2]" in words
+    assert "fell" in describe_changes(_result(9), _result(0)) and "What moved" in format_comparison(_result(0), _result(9))
+    assert separation(Interval(0.1, 0.2), Interval(0.2, 0.3)) == 0  # touching intervals overlap
 
 
 # ---------------------------------------------------------------- data

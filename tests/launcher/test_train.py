@@ -29,6 +29,19 @@ def test_batch_sizes_must_agree() -> None:
         check_config(cfg)
 
 
+def test_heldout_seeds_must_not_be_trained_on(tmp_path: Path) -> None:
+    from engine.config import SchedulerConfig
+
+    train_seeds = SchedulerConfig().seeds_file
+    heldout = tmp_path / "heldout.jsonl"
+    answer = json.loads(train_seeds.read_text().splitlines()[3])["answer"]
+    heldout.write_text(json.dumps({"answer": answer.upper(), "type": "entity"}) + "\n")  # a trained answer, recased
+    cfg = load_config(SSPConfig, None, [f"train.eval_seeds=['{heldout}']"])
+    with pytest.raises(TrainError, match=r"shares 1 answer\(s\) with scheduler.seeds_file"):
+        check_config(cfg)
+    check_config(load_config(SSPConfig, None, ["train.eval_seeds=['data/seeds/heldout_seed_answers.jsonl']"]))
+
+
 @pytest.mark.parametrize("override, rule", [
     ("train.learner_address='trainer-0'", "must be HOST:PORT"),
     ("train.server_urls=['gpu-node:30000']", "must be a base URL"),
@@ -57,14 +70,15 @@ def test_resume_rules(tmp_path: Path) -> None:
 
 def test_step_row_is_the_difference_over_the_step() -> None:
     before = Snapshot(at=10.0, finished=4, valid=2, generated_tokens=1000, accuracy_sum=1.0, proposer_reward_sum=1.5,
-                      failed=0)
+                      failed=0, questions=3, checked=2)
     now = Snapshot(at=20.0, finished=8, valid=3, generated_tokens=3000, accuracy_sum=1.25, proposer_reward_sum=2.25,
-                   failed=1)
+                   failed=1, questions=6, checked=4)
     row = step_row(3, before, now, {"loss": 0.5, "logprob_mismatch_mean": 1e-5, "staleness_max": 1.0, "step_s": 2.0})
     assert row["episodes"] == 4 and row["episodes_failed"] == 1
     assert row["episodes_per_s"] == pytest.approx(0.4) and row["tokens_per_s"] == pytest.approx(200.0)
     assert row["solver_accuracy"] == pytest.approx(0.25) and row["valid_rate"] == pytest.approx(0.25)
     assert row["proposer_reward"] == pytest.approx(0.1875)
+    assert row["question_rate"] == pytest.approx(0.75) and row["checks_rate"] == pytest.approx(0.5)
     assert row["loss"] == 0.5 and row["staleness_max"] == 1.0
     idle = step_row(4, now, now, None)
     assert idle["solver_accuracy"] is None and idle["valid_rate"] is None and "loss" not in idle
@@ -80,6 +94,7 @@ TINY = [
     "rollout.max_context_tokens=1024", "game.solver_group_size=2", "game.verify_samples=1",
     "game.verify_max_new_tokens=8", "serving.context_length=1024", "train.poll_interval_s=0.25",
     "learner.warmup_steps=0", "learner.lr=1e-5", "learner.checkpoint_every=1", "train.eval_datasets=[]",
+    "train.eval_seeds=[]", "train.export_policy=false",
 ]
 
 
