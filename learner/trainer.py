@@ -38,7 +38,7 @@ from learner.config import LearnerConfig
 from learner.convert import canonical_params, is_tp_sharded
 from learner.dedup import RecentGroups
 from learner.loss import aggregation_weights, policy_loss
-from learner.model import ModelShape, Parallel, attention_mask, build_model, init_parallel
+from learner.model import ModelShape, Parallel, attention_mask, build_model, init_parallel, logits_only_at
 from learner.optimizer import build_optimizer, clip_grad_norm
 from learner.trajectory_source import HEADER, FrameSource, open_source
 
@@ -72,10 +72,13 @@ class Trainer:
             canonical_params(model), cfg, dp_group=self.dp_group if par.dp > 1 else None)
         self._grad_names = [n for n, p in canonical_params(model) if p.requires_grad]
 
-    def _logits(self, model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def _logits(self, model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                at: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Logits (1, K, V/tp) at the K positions `at` = (rows, columns) of the micro-batch (learner.model)."""
         from learner.logprobs import mask_padded_vocab
 
-        logits = model(input_ids, position_ids, attention_mask(input_ids.shape[1], self.par.device))
+        with logits_only_at(model, *at):
+            logits = model(input_ids, position_ids, attention_mask(input_ids.shape[1], self.par.device))
         if self.cfg.logprob_temperature != 1.0:
             logits = logits / self.cfg.logprob_temperature
         return mask_padded_vocab(logits, self.shape.vocab_size)
@@ -106,28 +109,37 @@ class Trainer:
         mismatch_max = torch.zeros(1, dtype=torch.float64, device=par.device)
         for samples in micro_batches:
             mb = collate(samples, cfg.role_loss_weights, par.device)
-            logits = self._logits(self.model, mb.input_ids, mb.position_ids)  # (B, L, V/tp)
+            weights_bl = aggregation_weights(mb.loss_mask, cfg.loss.aggregation, total_tokens=plan.total_loss_tokens,
+                                             total_seqs=plan.total_seqs) * mb.role_weights
+            # Everything below lives on the K trained positions only, as (1, K) tensors: a masked position adds
+            # nothing to the loss, so its logits are never computed.
+            at = mb.loss_mask.nonzero(as_tuple=True)
+
+            def trained(t: torch.Tensor) -> torch.Tensor:
+                return t[at].unsqueeze(0)
+
+            logits = self._logits(self.model, mb.input_ids, mb.position_ids, at)  # (1, K, V/tp)
             if cfg.loss.entropy_coef:
                 ent = entropy(logits)
             else:
                 with torch.no_grad():
                     ent = entropy(logits.detach())
-            logprobs = token_logprobs(logits, mb.targets)  # (B, L)
+            targets, old_logprobs, weights = trained(mb.targets), trained(mb.old_logprobs), trained(weights_bl)
+            logprobs = token_logprobs(logits, targets)  # (1, K)
             ref_logprobs = None
             if self.ref_model is not None:
                 with torch.no_grad():
-                    ref_logprobs = token_logprobs(self._logits(self.ref_model, mb.input_ids, mb.position_ids),
-                                                  mb.targets)
-            weights = aggregation_weights(mb.loss_mask, cfg.loss.aggregation, total_tokens=plan.total_loss_tokens,
-                                          total_seqs=plan.total_seqs) * mb.role_weights
-            parts = policy_loss(logprobs, mb.old_logprobs, mb.advantages, weights, cfg.loss,
+                    ref_logprobs = token_logprobs(self._logits(self.ref_model, mb.input_ids, mb.position_ids, at),
+                                                  targets)
+            parts = policy_loss(logprobs, old_logprobs, trained(mb.advantages), weights, cfg.loss,
                                 ref_logprobs=ref_logprobs, entropy=ent)
             parts.loss.backward()
             with torch.no_grad():
-                diff = (logprobs.detach() - mb.old_logprobs).abs() * mb.loss_mask
+                diff = (logprobs.detach() - old_logprobs).abs()
                 mismatch_max = torch.maximum(mismatch_max, diff.max().double().reshape(1))
                 sums += torch.stack([parts.loss.detach(), parts.pg_loss, parts.kl, parts.entropy, parts.clip_frac,
-                                     parts.dual_clip_frac, diff.sum(), mb.loss_mask.sum(),
+                                     parts.dual_clip_frac, diff.sum(), torch.tensor(float(diff.numel()),
+                                                                                     device=par.device),
                                      torch.tensor(float(mb.n_tokens), device=par.device)]).double()
         self.optimizer.collect_grads()
         grad_norm = self._reduce_and_clip_grads()

@@ -122,7 +122,7 @@ async def test_a_slow_episode_is_never_trained_more_than_eta_versions_late(chat:
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
-@pytest.mark.parametrize("eta", [0, 1])
+@pytest.mark.parametrize("eta", [0, 1, 4])
 async def test_failed_episodes_never_stall_a_step(chat: ChatTokenizer, tmp_path: Path, mode: str, eta: int) -> None:
     """Every fifth proposer request fails (an episode makes three): the learner still gets full batches and keeps training."""
     policy = VersionedPolicy(chat, fail_every=5)

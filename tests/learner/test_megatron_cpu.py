@@ -65,7 +65,7 @@ def test_causal_mask_masks_the_future() -> None:
     ({"tensor_parallel": 0}, "tensor_parallel = 0: must be >= 1"),
     ({"train_roles": ("verifier",)}, "train_roles = \\['verifier'\\]"),
     ({"role_loss_weights": {"judge": 1.0}}, "unknown roles \\['judge'\\]"),
-    ({"lr": 0.0}, "lr = 0.0"),
+    ({"lr": -1e-5}, "lr = -1e-05.*need lr >= 0"),
 ])
 def test_learner_config_errors_name_the_key(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
