@@ -38,9 +38,10 @@ test *ARGS: setup
     if [ $rc -eq 5 ]; then echo "just test: pytest collected no tests; that is a failure" >&2; exit 1; fi
     exit $rc
 
-# the main job on the embedded default: build the demo index, then `ssp train` on configs/demo.toml (evaluation
-# before, a few SSP steps with SmolLM2-135M on a reference server and the Megatron learner on CPU, evaluation after)
-# main job: build the demo index, then evaluate, train a few SSP steps and evaluate again (see above)
+# the main job on the embedded default: build the demo index, then `ssp train` on configs/demo.toml: score the
+# proposer on held-out seeds and the solver on held-out QA, train 6 self-play steps of SmolLM2-135M (reference server
+# and Megatron learner on CPU), score again and print what moved beyond its 95% interval
+# main job: build the demo index, then evaluate, train 6 self-play steps and evaluate again (see above)
 demo *ARGS: setup
     #!/usr/bin/env bash
     set -euo pipefail

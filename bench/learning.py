@@ -37,7 +37,7 @@ ARMS = (("control", ["learner.lr=0"]), ("trained", []))
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=Path("configs/demo.toml"),
                    help="the training config both arms run (default: configs/demo.toml)")
-    p.add_argument("--steps", type=int, default=16, help="learner steps per arm (default: 16)")
+    p.add_argument("--steps", type=int, default=12, help="learner steps per arm (default: 12)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in both arms, e.g. --set learner.lr=3e-5 (repeatable)")
     p.add_argument("--name", default=None,
