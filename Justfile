@@ -39,9 +39,9 @@ test *ARGS: setup
     exit $rc
 
 # the main job on the embedded default: build the demo index, then `ssp train` on configs/demo.toml: score the
-# proposer on held-out seeds and the solver on held-out QA, train 6 self-play steps of SmolLM2-135M (reference server
+# proposer on held-out seeds and the solver on held-out QA, train 8 self-play steps of SmolLM2-135M (reference server
 # and Megatron learner on CPU), score again and print what moved beyond its 95% interval
-# main job: build the demo index, then evaluate, train 6 self-play steps and evaluate again (see above)
+# main job: build the demo index, then evaluate, train 8 self-play steps and evaluate again (see above)
 demo *ARGS: setup
     #!/usr/bin/env bash
     set -euo pipefail
