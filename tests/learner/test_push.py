@@ -72,16 +72,19 @@ def test_push_makes_server_logprobs_equal_learners(model_dir: Path, ref_server: 
         group.append(Trajectory(role="solver", group_id="push-test", prompt_ids=prompt, response_ids=ids,
                                 loss_mask=[1] * len(ids), rollout_logprobs=lps, policy_versions=[0] * len(ids),
                                 reward=reward))
-    frames = write_frames(tmp_path / "t.frames", [group])
+    # Then a group with nothing to train (equal rewards: dropped): its step moves only the servers' version label.
+    flat = [replace(t, group_id="push-test-flat", reward=1.0) for t in group]
+    frames = write_frames(tmp_path / "t.frames", [group, flat])
     cfg = replace(LearnerConfig(), model_dir=model_dir, out_dir=tmp_path / "run", groups_per_step=1, lr=3e-4,
-                  warmup_steps=0, keep_checkpoints=1, push_bytes_per_bucket=64 << 20, push_timeout_s=120)
+                  warmup_steps=0, keep_checkpoints=2, push_bytes_per_bucket=64 << 20, push_timeout_s=120)
     try:
         assert run(cfg, str(frames), [ref_server]) == 0
-        initial, step = read_metrics(cfg.out_dir / "metrics.jsonl")
+        initial, step, untrained = read_metrics(cfg.out_dir / "metrics.jsonl")
         assert initial["initial_push"] and initial["push_bytes"] > 500e6
         assert step["step"] == 1 and step["push_gb_per_s"] > 0
         assert step["logprob_mismatch_max"] < 1e-4  # the learner recomputes exactly what the server sampled with
-        assert _get(ref_server, "/model_info")["weight_version"] == "1"
+        assert untrained["step"] == 2 and not untrained["trained"] and "push_s" not in untrained
+        assert _get(ref_server, "/model_info")["weight_version"] == "2"
         after = _score(ref_server, prompt, continuation)
     finally:  # restore the session-shared server's weights and version
         restored = _post(ref_server, "/update_weights_from_disk", {"model_path": str(model_dir),
