@@ -24,7 +24,7 @@ from launcher.plan import LearnerFootprint, Plan, PlanError, make_plan
 from launcher.processes import ProcessFailed, ProcessSet
 from ssp.config import to_dict
 from ssp.paths import artifacts_dir, default_index_dir
-from ssp.run_config import SSPConfig
+from ssp.run_config import SSPConfig, learner_staleness_bound
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,7 @@ def prepare_launch(root: SSPConfig, *, config_path: Path | None, overrides: list
             root.learner, model_dir=Path(cluster.model_path), out_dir=run_dir / "learner",
             tensor_parallel=cluster.train_tp, pipeline_parallel=cluster.train_pp, data_parallel=plan.train_dp,
             max_steps=root.train.steps, push_master_address=_trainer0(plan),
+            max_staleness=learner_staleness_bound(root),
             push_master_port=cluster.weight_update_port,
         )
     except ValueError as e:

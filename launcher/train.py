@@ -45,7 +45,7 @@ from launcher.progress import PLOT_KEYS, ProgressDisplay, Snapshot, format_summa
 from ssp.config import to_toml
 from ssp.metrics import MetricsLog, plot_metrics, read_metrics
 from ssp.paths import artifacts_dir
-from ssp.run_config import SSPConfig, check_sampling_matches_learner
+from ssp.run_config import SSPConfig, check_sampling_matches_learner, learner_staleness_bound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -441,8 +441,7 @@ def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Pat
         stream=dataclasses.replace(cfg.stream, host=stream_host, port=stream_port,
                                    spill_path=cfg.stream.spill_path or run_dir / "spill.frames"),
         learner=dataclasses.replace(cfg.learner, out_dir=learner_dir, max_steps=tc.steps,
-                                    max_staleness=(cfg.scheduler.eta if cfg.learner.max_staleness is None
-                                                   else cfg.learner.max_staleness)),
+                                    max_staleness=learner_staleness_bound(cfg)),
     )
     if cfg.retriever.kind == "http" and tc.start_retriever:
         url = start_retriever(procs, cfg, logs=logs, timeout_s=tc.server_start_timeout_s)

@@ -64,3 +64,9 @@ def check_sampling_matches_learner(cfg: SSPConfig) -> None:
                           "cannot reproduce nucleus sampling's truncated distribution, so every importance ratio "
                           "would be biased; set game.top_p = 1.0 for training (greedy or nucleus evaluation is set "
                           "in [eval])")
+
+
+def learner_staleness_bound(cfg: SSPConfig) -> int | None:
+    """The learner.max_staleness a training run gives its learner: the configured one, else scheduler.eta, the bound
+    the engine's gate already keeps (so the learner's check is a backstop that drops nothing)."""
+    return cfg.scheduler.eta if cfg.learner.max_staleness is None else cfg.learner.max_staleness

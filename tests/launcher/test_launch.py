@@ -38,6 +38,7 @@ def test_engine_and_learner_agree_on_addresses() -> None:
     assert all("tcp://0.0.0.0:29600" in launch.argv for launch in learners)
     assert prepared.learner_config["tensor_parallel"] == 8 and prepared.learner_config["data_parallel"] == 2
     assert prepared.learner_config["max_steps"] == root.train.steps
+    assert prepared.learner_config["max_staleness"] == root.scheduler.eta  # the learner's backstop of the gate
     assert prepared.learner_config["push_master_address"] == "node2"
     engine = next(launch for launch in prepared.launches if launch.name == "engine")
     assert any(arg.startswith('learner.out_dir="') and arg.endswith('/learner"') for arg in engine.argv)
