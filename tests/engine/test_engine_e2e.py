@@ -42,6 +42,8 @@ TINY = [
     "game.checks.min_chars=1", "game.checks.min_words=1", "game.checks.min_searches=0",
     "game.checks.leak_in_search_queries=false", "game.verify_threshold=0.0",
     "scheduler.max_inflight=1", "scheduler.metrics_interval_s=1.0",
+    # SSP's protocol, not the demo's tiny-model curriculum: no scaffold, the first turn opened with "<search>", 2-3 hops.
+    "game.proposer_scaffold=false", 'game.proposer_prefill="<search>"', "scheduler.hops_min=2", "scheduler.hops_max=3",
 ]
 
 
