@@ -12,6 +12,7 @@ Alignment of one sample (prompt length P, response length R), rows of length L =
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -157,21 +158,42 @@ def shard(samples: list[Sample], dp: int, dp_rank: int) -> list[Sample]:
     return mine
 
 
-def pack(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
-    """Group samples so rows x longest row <= token_budget; a sample longer than the budget goes alone."""
+MICRO_BATCH_COST = 80
+"""What one more micro-batch costs, in positions of model compute (the unit of padding): the per-micro-batch work
+that does not shrink with its rows (layer dispatch, the embedding and output layer's full-vocabulary gradients,
+the loss). Measured on SmolLM2-135M on 2 CPU cores: two 390-token samples as two micro-batches instead of one cost
+0.39 s more a step, at about 200 positions/s."""
+
+
+def pack(samples: list[Sample], token_budget: int, micro_batch_cost: int = MICRO_BATCH_COST) -> list[list[Sample]]:
+    """Group samples so rows x longest row <= token_budget (a sample longer than the budget goes alone), with the
+    fewest positions run, padding included, plus `micro_batch_cost` per micro-batch.
+
+    Why: every row is right-padded to the longest of its micro-batch, and a padded position costs as much as a
+    real one. Filling each micro-batch to the budget in length order padded 14.5% of a real SmolLM2 batch (8
+    proposer trajectories of 389-694 tokens, budget 4096, 2 micro-batches); the best cut of the same order pads
+    3.7% with 3. How: samples sorted longest first, so a micro-batch is a run of that order and its first row is
+    its longest; dynamic programming over where the runs end (deterministic: every rank cuts alike)."""
+    ordered = sorted(samples, key=lambda s: -len(s.tokens))
+    rows = [len(s.tokens) - 1 for s in ordered]
+    best = [0.0] + [math.inf] * len(ordered)
+    """best[j]: the least cost of packing the first j samples."""
+    run_start = [0] * (len(ordered) + 1)
+    """run_start[j]: where the last micro-batch of that best packing starts."""
+    for end in range(1, len(ordered) + 1):
+        for start in range(end - 1, -1, -1):
+            count = end - start
+            if count > 1 and count * rows[start] > token_budget:
+                break  # longer runs ending here only grow
+            cost = best[start] + count * rows[start] + micro_batch_cost
+            if cost < best[end]:
+                best[end], run_start[end] = cost, start
     batches: list[list[Sample]] = []
-    current: list[Sample] = []
-    longest = 0
-    for s in sorted(samples, key=lambda s: -len(s.tokens)):
-        row = len(s.tokens) - 1
-        if current and (len(current) + 1) * max(longest, row) > token_budget:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(s)
-        longest = max(longest, row)
-    if current:
-        batches.append(current)
-    return batches
+    end = len(ordered)
+    while end:
+        batches.append(ordered[run_start[end]:end])
+        end = run_start[end]
+    return batches[::-1]
 
 
 def collate(samples: list[Sample], role_weights: dict[str, float], device: torch.device) -> MicroBatch:

@@ -8,12 +8,16 @@ megatron-core assumes a CUDA device in four places that the local (non transform
    initialisation. Stand-in: a tracker with the same interface that forks the CPU generator.
 3. `RotaryEmbedding.get_emb` moves `inv_freq` to the current CUDA device on first use. Stand-in: a subclass that
    computes the same table where `inv_freq` lives (`install_cpu_rope` swaps it in on a built model).
-4. The local attention builds its default causal mask on CUDA when no mask is passed. Not patched: on CPU the
-   learner always passes an explicit mask (`causal_mask`).
+4. The local attention (`DotProductAttention`) builds its default causal mask on CUDA when no mask is passed.
+   Stand-in: `CpuSdpaAttention`, the same attention through torch's `scaled_dot_product_attention`, causal by
+   itself when no mask is passed (an explicit megatron mask, True = masked out, is still honoured). It is also
+   the faster one on CPU: megatron's version repeats K and V for every query head, writes the full S x S scores,
+   masks and softmaxes them in separate passes and keeps them for backward, where SDPA's fused CPU kernel skips
+   the masked half and never stores the scores (`install_cpu_attention` swaps it in on a built model).
 
 Nothing here edits megatron's files. `install()` sets the two module-level objects megatron reads (1 and 2) after
-`initialize_model_parallel`; `install_cpu_rope()` retypes a built model's rotary embedding (3). Both are called by
-`learner.model` only when the device is CPU, so the GPU path runs megatron untouched.
+`initialize_model_parallel`; `install_cpu_rope()` and `install_cpu_attention()` retype a built model's modules
+(3, 4). They are called by `learner.model` only when the device is CPU, so the GPU path runs megatron untouched.
 Remove an item here once megatron-core runs that spot on CPU by itself (tests/learner/test_megatron_cpu.py checks
 each stand-in).
 """
@@ -25,9 +29,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.tensor_parallel import random as tp_random
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.utils import GlobalMemoryBuffer
 
 
@@ -84,6 +91,36 @@ class CpuRotaryEmbedding(RotaryEmbedding):
         return emb[:, None, None, :]
 
 
+class CpuSdpaAttention(DotProductAttention):
+    """megatron's local core attention computed by `F.scaled_dot_product_attention` (see item 4): same inputs
+    (query (S, B, Nq, D), key and value (S, B, Ng, D)), same output (S, B, Nq * D), same scale and dropout."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
+                attention_bias: torch.Tensor | None = None, packed_seq_params: Any = None) -> torch.Tensor:
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("the CPU attention stand-in takes neither attention_bias nor packed sequences")
+        if self.config.softmax_type != "vanilla" or self.config.window_size is not None:
+            raise NotImplementedError(f"the CPU attention stand-in computes plain softmax attention, not "
+                                      f"softmax_type = {self.config.softmax_type!r} / window_size = "
+                                      f"{self.config.window_size!r}")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        causal = attention_mask is None and mask_type == AttnMaskType.causal
+        # megatron's mask marks what is hidden, SDPA's boolean mask what is seen.
+        allowed = None if attention_mask is None else ~attention_mask
+        # megatron divides its scale by the layer number under query-key layer scaling and multiplies it back
+        # inside the softmax: the scores are scaled by the plain 1/sqrt(D) (or the configured scale) either way.
+        scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (B, N, S, D) views
+        dropout = self.attention_dropout.p if self.training else 0.0
+        with tp_random.get_cuda_rng_tracker().fork():  # dropout draws from the model-parallel stream, as megatron's
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
+                                                     is_causal=causal, scale=scale,
+                                                     enable_gqa=q.shape[1] != k.shape[1])
+        s, b = query.shape[0], query.shape[1]
+        return context.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
+
+
 def install(seed: int) -> None:
     """Put the CPU buffer and RNG tracker where megatron looks for them; call after initialize_model_parallel."""
     parallel_state._GLOBAL_MEMORY_BUFFER = CpuGlobalMemoryBuffer()
@@ -102,6 +139,8 @@ def install_cpu_rope(model: torch.nn.Module) -> None:
             module.__class__ = CpuRotaryEmbedding
 
 
-def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """megatron's boolean attention mask (True = masked out) for causal self-attention, shape (1, 1, S, S)."""
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
+def install_cpu_attention(model: torch.nn.Module) -> None:
+    """Retype every megatron local core attention in a built model to the SDPA stand-in (it holds no weights)."""
+    for module in model.modules():
+        if type(module) is DotProductAttention:
+            module.__class__ = CpuSdpaAttention

@@ -205,7 +205,7 @@ def clip_grad_norm(optimizer: Any, names: list[str], counted: Callable[[str], bo
     squares = torch.zeros(len(names), dtype=torch.float64, device=device)
     for name, main in named:
         if counted(name):
-            squares[slot[name]] = main.grad.double().pow(2).sum()
+            squares[slot[name]] = sum_of_squares(main.grad)
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(squares, group=dp_group)
     total = 0.0
@@ -219,6 +219,23 @@ def clip_grad_norm(optimizer: Any, names: list[str], counted: Callable[[str], bo
         for _, main in named:
             main.grad.mul_(scale)
     return norm
+
+
+SQUARES_CHUNK = 1 << 22
+"""Elements per float64 partial sum in `sum_of_squares`: a 32 MB temporary, where the whole of SmolLM2's
+embedding gradient would need 226 MB."""
+
+
+def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """sum(t^2) accumulated in float64, chunk by chunk, as a float64 scalar tensor.
+
+    Why chunks: `t.double()` of a large gradient is a fresh float64 copy twice its size; on CPU a 226 MB block
+    costs more in page faults than the sum itself (measured: 1 s of a SmolLM2 step for the embedding alone). Chunks
+    of `SQUARES_CHUNK` keep the temporary small; a tensor of at most one chunk is summed exactly as before."""
+    flat = t.reshape(-1)
+    if flat.numel() <= SQUARES_CHUNK:
+        return flat.double().pow(2).sum()
+    return torch.stack([chunk.double().pow(2).sum() for chunk in flat.split(SQUARES_CHUNK)]).sum()
 
 
 def _group_device(group: Any) -> torch.device:

@@ -38,7 +38,7 @@ from learner.config import LearnerConfig
 from learner.convert import canonical_params, is_tp_sharded
 from learner.dedup import RecentGroups
 from learner.loss import aggregation_weights, policy_loss
-from learner.model import ModelShape, Parallel, attention_mask, build_model, init_parallel, logits_only_at
+from learner.model import ModelShape, Parallel, build_model, init_parallel, logits_only_at
 from learner.optimizer import build_optimizer, clip_grad_norm
 from learner.trajectory_source import HEADER, FrameSource, open_source
 
@@ -78,7 +78,9 @@ class Trainer:
         from learner.logprobs import mask_padded_vocab
 
         with logits_only_at(model, *at):
-            logits = model(input_ids, position_ids, attention_mask(input_ids.shape[1], self.par.device))
+            # No mask: the core attention masks causally by itself (megatron's on GPU, the SDPA stand-in of
+            # learner.megatron_cpu on CPU), and rows are right-padded, so no real token ever sees padding.
+            logits = model(input_ids, position_ids, None)
         if self.cfg.logprob_temperature != 1.0:
             logits = logits / self.cfg.logprob_temperature
         return mask_padded_vocab(logits, self.shape.vocab_size)

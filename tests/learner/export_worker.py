@@ -35,11 +35,10 @@ def perturb_weights(model: torch.nn.Module, tp_rank: int) -> None:
 
 def learner_logits(model: torch.nn.Module, vocab_size: int, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
     """The model's logits on TOKEN_IDS over the real vocab, all TP ranks' vocab slices joined."""
-    from learner.model import attention_mask
 
     ids = TOKEN_IDS
     with torch.no_grad():
-        local = model(ids, torch.arange(ids.shape[1]).expand_as(ids), attention_mask(ids.shape[1], ids.device))
+        local = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
     if tp_group is not None:
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(tp_group))]
         dist.all_gather(parts, local.contiguous(), group=tp_group)

@@ -79,7 +79,7 @@ def test_logits_match_transformers_tp1(family: str, request: pytest.FixtureReque
     from transformers import AutoModelForCausalLM
 
     from learner.convert import load_hf_into_model
-    from learner.model import attention_mask, build_model
+    from learner.model import build_model
 
     model_dir = request.getfixturevalue(family)
     shape = ModelShape.from_dir(model_dir)
@@ -88,7 +88,7 @@ def test_logits_match_transformers_tp1(family: str, request: pytest.FixtureReque
     ids = torch.randint(0, shape.vocab_size, (2, 19), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(19).expand(2, -1)
     with torch.no_grad():
-        ours = model(ids, pos, attention_mask(19, torch.device("cpu")))[..., : shape.vocab_size]
+        ours = model(ids, pos, None)[..., : shape.vocab_size]
         ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits
     assert (ours - ref).abs().max().item() < 1e-4
 
@@ -99,7 +99,7 @@ def test_smollm2_round_trip_and_logits_tp1(model_dir: Path, par1: object) -> Non
 
     from learner.convert import load_hf_into_model
     from learner.gather import iter_hf_weights
-    from learner.model import attention_mask, build_model
+    from learner.model import build_model
 
     shape = ModelShape.from_dir(model_dir)
     assert shape.tie_word_embeddings and shape.rope_theta == 100000.0
@@ -112,6 +112,6 @@ def test_smollm2_round_trip_and_logits_tp1(model_dir: Path, par1: object) -> Non
             assert torch.equal(t, hf.get(name)), name
     ids = torch.randint(0, shape.vocab_size, (1, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        ours = model(ids, torch.arange(24)[None], attention_mask(24, torch.device("cpu")))
+        ours = model(ids, torch.arange(24)[None], None)
         ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits
     assert (ours[..., : shape.vocab_size] - ref).abs().max().item() < 1e-4

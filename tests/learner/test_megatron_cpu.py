@@ -53,12 +53,38 @@ def test_rope_table_matches_the_hf_formula(par1: Any) -> None:
     assert torch.allclose(emb[:, 0, 0], torch.cat([freqs, freqs], dim=-1))
 
 
-def test_causal_mask_masks_the_future() -> None:
-    from learner.megatron_cpu import causal_mask
+@pytest.mark.parametrize(("heads", "groups"), [(4, 4), (4, 2)])
+def test_sdpa_attention_matches_megatrons_local_attention(par1: Any, heads: int, groups: int) -> None:
+    """The stand-in, causal by itself (no mask) and with megatron's explicit mask, gives megatron's own output and
+    input gradients, with and without grouped-query attention."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
-    m = causal_mask(3)
-    assert m.shape == (1, 1, 3, 3) and m[0, 0].tolist() == [[False, True, True], [False, False, True],
-                                                            [False, False, False]]
+    from learner.megatron_cpu import CpuSdpaAttention, install_cpu_attention
+
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=heads, num_query_groups=groups,
+                               attention_dropout=0.0, use_cpu_initialization=True, cuda_graph_scope=[])
+    holder = torch.nn.Module()
+    holder.core = DotProductAttention(config, layer_number=2, attn_mask_type=AttnMaskType.causal,
+                                      attention_type="self")
+    s, b, d = 7, 2, 32 // heads
+    torch.manual_seed(0)
+    q, k, v = torch.randn(s, b, heads, d), torch.randn(s, b, groups, d), torch.randn(s, b, groups, d)
+    hidden = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]  # True = masked out
+
+    def run(mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = holder.core(*inputs, mask)
+        out.pow(2).sum().backward()
+        return (out.detach(), *(t.grad for t in inputs))
+
+    megatrons = run(hidden)  # megatron's CPU path needs the explicit mask
+    install_cpu_attention(holder)
+    assert type(holder.core) is CpuSdpaAttention
+    for mask in (None, hidden):
+        for ours, theirs in zip(run(mask), megatrons):
+            assert torch.allclose(ours, theirs, atol=1e-5), (mask is None, (ours - theirs).abs().max())
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -31,7 +31,7 @@ import torch
 
 from engine.trajectory import Trajectory, pack_group
 from learner.config import LearnerConfig
-from learner.model import ModelShape, Parallel, attention_mask, build_model
+from learner.model import ModelShape, Parallel, build_model
 from learner.trainer import StepResult, Trainer
 from learner.trajectory_source import encode_frame
 
@@ -115,7 +115,7 @@ def _next_token_logprobs(model: torch.nn.Module, vocab_size: int, prompt: list[i
     from learner.logprobs import mask_padded_vocab
 
     ids = torch.tensor([prompt])
-    logits = model(ids, torch.arange(len(prompt))[None], attention_mask(len(prompt), ids.device))
+    logits = model(ids, torch.arange(len(prompt))[None], None)
     return torch.log_softmax(mask_padded_vocab(logits, vocab_size)[0, -1].float(), dim=-1)[:vocab_size]
 
 
@@ -241,7 +241,7 @@ def _response_logprobs(model: torch.nn.Module, vocab_size: int, response: list[i
 
     ids = torch.tensor([TINY_BANDIT.prompt + response])
     n = ids.shape[1] - 1
-    logits = mask_padded_vocab(model(ids[:, :-1], torch.arange(n)[None], attention_mask(n, ids.device)), vocab_size)
+    logits = mask_padded_vocab(model(ids[:, :-1], torch.arange(n)[None], None), vocab_size)
     logprobs = torch.log_softmax(logits[0, len(TINY_BANDIT.prompt) - 1:].float(), dim=-1)
     return logprobs.gather(-1, ids[0, len(TINY_BANDIT.prompt):, None])[:, 0].tolist()
 

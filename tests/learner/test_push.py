@@ -53,7 +53,7 @@ def test_push_makes_server_logprobs_equal_learners(model_dir: Path, ref_server: 
     (mismatch ~0), checkpoints, and pushes version "1"; the server then scores like the checkpointed weights."""
     from transformers import AutoTokenizer
 
-    from learner.model import ModelShape, attention_mask, build_model
+    from learner.model import ModelShape, build_model
     from learner.logprobs import mask_padded_vocab, token_logprobs
     from learner.trainer import run
     from learner_tiny import write_frames
@@ -99,7 +99,7 @@ def test_push_makes_server_logprobs_equal_learners(model_dir: Path, ref_server: 
             p.copy_(trained[name])
         ids = torch.tensor([prompt + continuation])
         logits = mask_padded_vocab(model(ids[:, :-1], torch.arange(ids.shape[1] - 1)[None],
-                                         attention_mask(ids.shape[1] - 1, torch.device("cpu"))), shape.vocab_size)
+                                         None), shape.vocab_size)
         ours = token_logprobs(logits, ids[:, 1:])[0, len(prompt) - 1:].tolist()
     assert max(abs(a - b) for a, b in zip(after, ours)) < 1e-4
     assert max(abs(a - b) for a, b in zip(after, before)) > 1e-3  # the step really changed the server's model

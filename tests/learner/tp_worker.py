@@ -26,7 +26,7 @@ def main() -> None:
     from learner.config import LearnerConfig
     from learner.convert import HfTensors, load_hf_into_model
     from learner.gather import iter_hf_weights
-    from learner.model import ModelShape, attention_mask, build_model, destroy_parallel, init_parallel
+    from learner.model import ModelShape, build_model, destroy_parallel, init_parallel
     from learner.trainer import Trainer
     from megatron.core import parallel_state
     from ssp.config import build
@@ -48,7 +48,7 @@ def main() -> None:
         load_hf_into_model(model, Path(model_dir), shape, tp=2, tp_rank=par.tp_rank, vocab_divisor=8)
         ids = case["ids"]
         with torch.no_grad():
-            local = model(ids, torch.arange(ids.shape[1]).expand_as(ids), attention_mask(ids.shape[1], par.device))
+            local = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
             parts = [torch.empty_like(local) for _ in range(2)]
             dist.all_gather(parts, local.contiguous(), group=tp_group)
         logits = torch.cat(parts, dim=-1)[..., : shape.vocab_size]
