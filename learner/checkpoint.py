@@ -4,7 +4,9 @@ the stream position.
 Layout under `root`:
 
     step-000007/            one complete checkpoint (only ever appears complete: built as step-000007.tmp/,
-      tp0.pt, tp1.pt ...    every file fsynced, then renamed); written by DP rank 0 of each TP rank: the model
+      tp0.pt, tp1.pt ...    every file fsynced, then renamed; a second save of step 7 becomes step-000007-1/, so no
+                            good checkpoint is deleted before its replacement is in place); written by DP rank 0 of
+                            each TP rank: the model
                             shard as the model's dtype, DP rank 0's optimizer partition (AdamW state + fp32 master
                             weights) and the LR scheduler
       tp0-dp1.pt ...        with data_parallel > 1: the optimizer partition of each further DP rank (learner.optimizer
@@ -68,7 +70,7 @@ def _write_durable(path: Path, write: Any) -> None:
 
 
 def save(root: Path, state: StreamState, model: torch.nn.Module, optimizer: MasterWeightAdamW,
-         scheduler: Any, *, tp_rank: int, dp_rank: int, keep: int) -> Path:
+         scheduler: Any, *, tp_rank: int, dp_rank: int, keep: int) -> None:
     """Collective: every rank calls it and writes its files (see the module docstring); rank 0 publishes."""
     root = Path(root)
     name = f"step-{state.step:06d}"
@@ -89,26 +91,45 @@ def save(root: Path, state: StreamState, model: torch.nn.Module, optimizer: Mast
         partition = {"optimizer": optimizer.state_dict()}
         _write_durable(tmp / f"tp{tp_rank}-dp{dp_rank}.pt", lambda f: torch.save(partition, f))
     dist.barrier()
-    final = root / name
     if rank == 0:
         _write_durable(tmp / "state.json", lambda f: f.write(json.dumps(asdict(state)).encode()))
         _fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        final = _free_name(root, name)
         os.rename(tmp, final)
         _fsync_dir(root)
         pointer = root / "latest.tmp"
-        _write_durable(pointer, lambda f: f.write(name.encode()))
+        _write_durable(pointer, lambda f: f.write(final.name.encode()))
         os.rename(pointer, root / "latest")
         _fsync_dir(root)
         _prune(root, keep)
     dist.barrier()
+
+
+def _free_name(root: Path, name: str) -> Path:
+    """`root / name`, or `name-1`, `name-2` ... when a checkpoint of that step is already there.
+
+    Why: saving the same step twice (a resumed run that saves before training again) must not delete the one
+    `latest` may name before its replacement is in place; a crash in between would leave no checkpoint at all. The
+    old one goes only when `_prune` runs, after `latest` names the new one. Names still sort by step, then by save."""
+    final, again = root / name, 0
+    while final.exists():
+        again += 1
+        final = root / f"{name}-{again}"
     return final
 
 
+def _save_order(path: Path) -> tuple[int, ...]:
+    """(step, repeat) of a checkpoint folder: step-000007-10 is saved after step-000007-9."""
+    return tuple(int(part) for part in path.name.split("-")[1:] if part.isdigit())
+
+
 def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    """Remove all but the newest `keep` complete checkpoints (never the one `latest` names) and leftover *.tmp."""
+    named = (root / "latest").read_text().strip()
+    done = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")), key=_save_order)
     for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != named:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
 
