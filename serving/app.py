@@ -9,7 +9,10 @@ State the front keeps (one asyncio loop, so no locks beyond the two below):
   SGLang's tokenizer manager does), then the backend aborts by prefix.
 - `gate`: an Event, clear while paused. New /generate calls wait on it before they are validated further.
 - `lock`: a writer-preferring reader/writer lock. Every /generate holds a reader share for its whole life; a weight
-  update takes the writer side (waiting for in-flight requests) unless the server is paused.
+  update takes the writer side (waiting for in-flight requests) unless the server is paused. So a call must never
+  end while its samples still run (a failed sample cancels its siblings), and every sample must end (the backend
+  finishes a sample that fails with an error instead of dropping it).
+- `calls`: /generate calls in flight, bounded by `max_concurrent_requests` (503 with Retry-After beyond it).
 - `session_open`: the begin/end_weight_update session (§3.2).
 """
 
@@ -23,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -46,6 +49,9 @@ ADMIN_PATHS = frozenset({
     "/update_weight_version", "/get_weights_by_name",
 })
 LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
+RETRY_AFTER_S = 1
+"""Retry-After of a 503 (queue full, too many calls): overload clears as running requests finish."""
+T = TypeVar("T")
 
 
 class RWLock:
@@ -137,6 +143,7 @@ class Front:
         self.flush_in_progress = False
         self.startup_time = time.time()
         self.live_changed = asyncio.Condition()
+        self.calls = 0
 
     # ---- app wiring ------------------------------------------------------------------------------------------------
 
@@ -169,7 +176,7 @@ class Front:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
-        """Auth (§0), and ApiError -> SGLang error shapes."""
+        """Auth (§0), and ApiError / an over-long body -> SGLang error shapes."""
         denied = self._check_auth(request)
         if denied is not None:
             return denied
@@ -177,6 +184,11 @@ class Front:
             return await handler(request)
         except ApiError as e:
             return json_response(e.body(), status=e.status)
+        except web.HTTPRequestEntityTooLarge:
+            size = f" ({request.content_length} bytes)" if request.content_length else ""
+            return error_reply(f"The request body{size} is larger than {self.cfg.max_body_bytes} bytes, the most this "
+                               "server reads (serving.max_body_bytes); split the batch into smaller calls or raise the "
+                               "cap.", 413)
 
     def _check_auth(self, request: web.Request) -> web.Response | None:
         if request.path in PUBLIC_PATHS or request.path.startswith(("/health", "/ready", "/metrics")):
@@ -186,7 +198,7 @@ class Front:
             return None
         if request.headers.get("Authorization") == f"Bearer {key}":
             return None
-        return json_response(error_response("Unauthorized: send `Authorization: Bearer <api key>`", 401), status=401)
+        return error_reply("Unauthorized: send `Authorization: Bearer <api key>`", 401)
 
     async def on_startup(self, _app: web.Application) -> None:
         await self.backend.start()
@@ -199,12 +211,23 @@ class Front:
     # ---- /generate -------------------------------------------------------------------------------------------------
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
+        """Count the call against max_concurrent_requests before reading its body (which is what the cap bounds)."""
+        if self.calls >= self.cfg.max_concurrent_requests:
+            return error_reply(f"Too many concurrent requests: {self.calls} /generate calls are in flight, the most "
+                               f"this server takes (serving.max_concurrent_requests); retry later.", 503)
+        self.calls += 1
+        try:
+            return await self._generate(request)
+        finally:
+            self.calls -= 1
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = parse_json(await request.read())
         stream = isinstance(body, dict) and body.get("stream") is True
         # Held while paused, before validation (SGLang holds before tokenization).
         await self.gate.wait()
         try:
-            call = parse_generate(body, desc=self.backend.describe(), encode=self.backend.encode)
+            call = parse_generate(body, desc=self.backend.describe(), cfg=self.cfg, encode=self.backend.encode)
             for item in call.items:
                 if item.rid in self.live:
                     raise ApiError("invalid", f"Duplicate request ID detected: {item.rid}")
@@ -246,13 +269,16 @@ class Front:
     async def _generate_once(self, call: GenerateCall) -> web.Response:
         t0 = time.monotonic()
         try:
-            outs = await asyncio.gather(*(self._run_item(item, lambda _o: None) for item in call.items))
+            outs = await _all_or_none([self._run_item(item, lambda _o: None) for item in call.items])
         except BackendError as e:
-            return json_response(error_response(e.message, e.status), status=e.status)
+            return error_reply(e.message, e.status)
         for out in outs:
             f = out.finish
             if f is not None and f.status_code is not None and 400 <= f.status_code < 600:
-                return json_response({"error": {"message": f.message}}, status=f.status_code)
+                # As SGLang answers a scheduler-side abort: 400 as a value error, 5xx as an ErrorResponse.
+                if f.status_code < 500:
+                    return json_response({"error": {"message": f.message}}, status=f.status_code)
+                return error_reply(f.message or "Internal error", f.status_code)
         results = [self._format(call, item, out, t0) for item, out in zip(call.items, outs)]
         return json_response(results if call.batched else results[0])
 
@@ -276,7 +302,7 @@ class Front:
 
         async def run_all() -> None:
             try:
-                await asyncio.gather(*(self._run_item(item, forward(i)) for i, item in enumerate(call.items)))
+                await _all_or_none([self._run_item(item, forward(i)) for i, item in enumerate(call.items)])
                 chunks.put_nowait(None)
             except BaseException as e:  # noqa: BLE001 - re-raised on the writer side
                 chunks.put_nowait(e)
@@ -612,6 +638,25 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=dumps(obj), status=status, content_type="application/json")
 
 
+def error_reply(message: str, status: int) -> web.Response:
+    """SGLang's ErrorResponse; a 503 (overload) also carries Retry-After, and clients retry it (engine/client.py)."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return web.Response(body=dumps(error_response(message, status)), status=status, content_type="application/json",
+                        headers=headers)
+
+
+async def _all_or_none(coros: list[Awaitable[T]]) -> list[T]:
+    """Await every sample of a call. If one fails, cancel the others (their backends abort them) and wait for that
+    before re-raising: the call is about to release its reader share, and nothing of it may run on without one."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def sse(obj: Any) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
 
@@ -621,14 +666,18 @@ def _bound_address(request: web.Request) -> tuple[str, int]:
     return (sock[0], sock[1]) if sock else ("", 0)
 
 
+FRONT = web.AppKey("front", Front)
+"""The app's Front (its protocol state), for in-process callers."""
+
+
 def create_app(backend: Backend, cfg: ServingConfig) -> web.Application:
     """The aiohttp application for `backend`. The backend is started on app start-up and closed on clean-up."""
     front = Front(backend, cfg)
-    app = web.Application(middlewares=[front.middleware], client_max_size=512 * 2**20)
+    app = web.Application(middlewares=[front.middleware], client_max_size=cfg.max_body_bytes)
     app.add_routes(front.routes())
     app.on_startup.append(front.on_startup)
     app.on_cleanup.append(front.on_cleanup)
-    app["front"] = front
+    app[FRONT] = front
     return app
 
 

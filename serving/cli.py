@@ -26,7 +26,10 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         help="serve a model (or a simulation) over SGLang's native HTTP API",
         description="Run the ssp reference server: SGLang's native /generate, abort, pause, flush and "
         "weight-update routes (shared/docs/sglang-api.md §6) over a transformers model with continuous batching "
-        "on CPU (CUDA when available). Tuning keys live in the [serving] config section.",
+        "on CPU (CUDA when available). Tuning keys live in the [serving] config section, among them the caps "
+        "that bound every request (max_body_bytes, max_concurrent_requests, max_queued_requests, max_batch_size, "
+        "max_n, max_top_logprobs_num, max_token_ids_logprob, max_stop_strings, max_stop_string_chars, "
+        "max_rid_chars); `ssp config show` documents each.",
     )
     add_config_args(serve)
     serve.add_argument("--model", type=Path, default=None, help="HF model directory (default: serving.model, "

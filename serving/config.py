@@ -24,8 +24,34 @@ class ServingConfig:
     2-core machine); raise it on a dedicated machine."""
     max_running_requests: int = 16
     """Requests decoded together in one batch; more wait in a FIFO queue (SGLang's --max-running-requests)."""
-    max_queued_requests: int | None = None
-    """Waiting-queue bound; a request beyond it gets 503 "The request queue is full." (unset: unbounded)."""
+    max_queued_requests: int = 8192
+    """Waiting-queue bound (SGLang's --max-queued-requests): a sample beyond it gets 503 "The request queue is full."
+    with Retry-After, which clients retry; 0 refuses every sample that would wait. Bounded by default (SGLang's is
+    not) so that overload turns into retries instead of memory growth. A burst is queued before it is admitted, so
+    keep it above max_running_requests (4096 in the 7B sim profile)."""
+    max_concurrent_requests: int = 8192
+    """/generate calls in flight at once, held-while-paused ones included; one more gets 503 with Retry-After before
+    its body is read. With max_body_bytes it bounds the memory request bodies can hold. The engine sends at most a
+    server's max_running_requests (or inference.capacity_per_server) at once."""
+    max_body_bytes: int = 8 * 2**20
+    """Largest request body on any route; a larger one gets 413. 8 MiB holds a full batch (max_batch_size = 64
+    prompts) of 12,288-token prompts as JSON (at most 8 bytes a token id); raise it with max_batch_size or for longer
+    contexts (SGLang's router allows 512 MiB, which lets one request pin that much memory per connection)."""
+    max_batch_size: int = 64
+    """Samples one /generate call may expand into (prompts x n); also caps the length of its rid list."""
+    max_n: int = 64
+    """Largest `n` (parallel samples per prompt) in sampling_params."""
+    max_top_logprobs_num: int = 20
+    """Largest top_logprobs_num (alternatives returned at every position, also never above the vocabulary); each
+    costs a top-k per position and grows the response by an entry per token."""
+    max_token_ids_logprob: int = 64
+    """Most token ids in one token_ids_logprob list; each adds an entry per position to the response."""
+    max_stop_strings: int = 32
+    """Most stop strings per request (SGLang's limit); every one is searched in the output after every token."""
+    max_stop_string_chars: int = 256
+    """Longest stop string; holding back a partial match tries every prefix of every stop string after each token."""
+    max_rid_chars: int = 256
+    """Longest request id; a batch call with one rid string copies it into every sample's id."""
     context_length: int | None = None
     """Longest prompt + output in tokens; unset means the model's max_position_embeddings."""
     prefix_cache_tokens: int = 16384
@@ -56,8 +82,16 @@ class ServingConfig:
             raise ValueError(f"prefix_cache_tokens = {self.prefix_cache_tokens}: must be >= 0 (0 disables it)")
         if self.threads < 0:
             raise ValueError(f"threads = {self.threads}: must be >= 0 (0 = torch's default)")
-        if self.max_queued_requests is not None and self.max_queued_requests < 0:
-            raise ValueError(f"max_queued_requests = {self.max_queued_requests}: must be >= 0 or unset")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests = {self.max_queued_requests}: must be >= 0 (0 refuses every "
+                             "request that would wait)")
+        for key in ("max_concurrent_requests", "max_body_bytes", "max_batch_size", "max_n", "max_stop_string_chars",
+                    "max_rid_chars"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} = {getattr(self, key)}: must be >= 1")
+        for key in ("max_top_logprobs_num", "max_token_ids_logprob", "max_stop_strings"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} = {getattr(self, key)}: must be >= 0 (0 refuses any)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
         if self.context_length is not None and self.context_length < 2:

@@ -5,7 +5,8 @@ SGLang's order and error shapes, because clients (ours and others) branch on the
 
 1. body parse and top-level field types  -> 400 {"object": "error", "message", "type": "Bad Request", ...}
 2. the contract gate: `sampling_params` keys and JSON types -> 400 {"error": "<serde-style text>"}
-3. values (ranges, lengths, ids)           -> 400 {"error": {"message": ...}} (in a stream: 200 + SSE error event)
+3. values (ranges, lengths, ids, and this server's caps on what one call may cost: n, batch size, logprob asks,
+   stop strings, rids; ServingConfig) -> 400 {"error": {"message": ...}} (in a stream: 200 + SSE error event)
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from typing import Any, Literal
 import orjson
 
 from serving.backend import GenerateOutput, GenerateRequest, ModelDescription, SamplingOptions, TopLogprobs
+from serving.config import ServingConfig
 
 ErrorKind = Literal["request", "contract", "invalid"]
 
 GREEDY_TEMPERATURE = 1e-6
 """SGLang treats temperature below this as greedy."""
-MAX_STOP_STRINGS = 32
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+"""The contract gate reads integer fields as i64 (serde); orjson also accepts up to 2**64 - 1."""
 
 
 class ApiError(Exception):
@@ -103,6 +106,14 @@ def _contract_type_error(v: Any, expected: str) -> ApiError:
     return ApiError("contract", f"invalid type: {_serde_desc(v)}, expected {expected}")
 
 
+def _check_i64(v: Any) -> None:
+    """An integer field of the contract: a JSON integer that fits i64 (serde's wording when it does not)."""
+    if not _is_int(v):
+        raise _contract_type_error(v, "i64")
+    if not I64_MIN <= v <= I64_MAX:
+        raise ApiError("contract", f"invalid value: integer `{v}`, expected i64")
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -147,8 +158,8 @@ def check_sampling_contract(params: Any) -> dict[str, Any]:
     for key, v in out.items():
         if v is None:
             continue
-        if key in _INT_KEYS and not _is_int(v):
-            raise _contract_type_error(v, "i64")
+        if key in _INT_KEYS:
+            _check_i64(v)
         if key in _FLOAT_KEYS and not _is_number(v):
             raise _contract_type_error(v, "f64")
         if key in _BOOL_KEYS and not isinstance(v, bool):
@@ -163,15 +174,16 @@ def check_sampling_contract(params: Any) -> dict[str, Any]:
             if not isinstance(v, list):
                 raise _contract_type_error(v, "a sequence")
             for t in v:
-                if not _is_int(t):
-                    raise _contract_type_error(t, "i64")
+                _check_i64(t)
         if key == "logit_bias" and not isinstance(v, dict):
             raise _contract_type_error(v, "a map")
     return out
 
 
-def build_sampling(params: dict[str, Any], *, prompt_len: int, desc: ModelDescription) -> SamplingOptions:
-    """Stage 3: value checks of one request's sampling params (SGLang's messages), resolved against the prompt."""
+def build_sampling(params: dict[str, Any], *, prompt_len: int, desc: ModelDescription,
+                   cfg: ServingConfig) -> SamplingOptions:
+    """Stage 3: value checks of one request's sampling params (SGLang's messages, and this server's caps from `cfg`),
+    resolved against the prompt."""
     for key, default in _UNSUPPORTED_DEFAULTS.items():
         if key in params and params[key] != default:
             raise ApiError("invalid", f"{key}={params[key]!r} is not supported by the ssp reference server; leave it "
@@ -190,8 +202,13 @@ def build_sampling(params: dict[str, Any], *, prompt_len: int, desc: ModelDescri
         raise ApiError("invalid", f"min_p must be in [0, 1], got {min_p}.")
     stop = params.get("stop", ())
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    if len(stop) > MAX_STOP_STRINGS:
-        raise ApiError("invalid", f"stop must contain at most {MAX_STOP_STRINGS} strings, got {len(stop)}.")
+    if len(stop) > cfg.max_stop_strings:
+        raise ApiError("invalid", f"stop must contain at most {cfg.max_stop_strings} strings, got {len(stop)} "
+                                  "(serving.max_stop_strings).")
+    longest = max(map(len, stop), default=0)
+    if longest > cfg.max_stop_string_chars:
+        raise ApiError("invalid", f"stop strings must be at most {cfg.max_stop_string_chars} characters long, got one "
+                                  f"of {longest} (serving.max_stop_string_chars); use a shorter stop string.")
     stop_token_ids = tuple(params.get("stop_token_ids", ()))
     for t in stop_token_ids:
         if not 0 <= t < desc.vocab_size:
@@ -285,8 +302,9 @@ def _is_int_list(v: Any) -> bool:
     return isinstance(v, list) and (not v or set(map(type, v)) == {int})
 
 
-def parse_generate(body: Any, *, desc: ModelDescription, encode: Any) -> GenerateCall:
-    """Validate a /generate body (all three stages) and expand it. `encode(text) -> ids` tokenizes text prompts."""
+def parse_generate(body: Any, *, desc: ModelDescription, cfg: ServingConfig, encode: Any) -> GenerateCall:
+    """Validate a /generate body (all three stages, with this server's caps from `cfg`) and expand it.
+    `encode(text) -> ids` tokenizes text prompts."""
     if not isinstance(body, dict):
         raise ApiError("request", f"body: Input should be a JSON object, got {json.dumps(body)[:80]}")
     # Stage 1: declared top-level types.
@@ -311,19 +329,21 @@ def parse_generate(body: Any, *, desc: ModelDescription, encode: Any) -> Generat
     sampling_list = raw_sampling if isinstance(raw_sampling, list) else [raw_sampling or {}]
     sampling_list = [check_sampling_contract(p) for p in sampling_list]
 
-    # Stage 3: values.
+    # Stage 3: values. The call's size first: nothing below may do work that grows with a refused n or batch.
     if input_ids is not None:
         if not input_ids:
             raise ApiError("invalid", "input_ids cannot be empty.")
         batched = isinstance(input_ids[0], list)
-        prompts: list[list[int]] = input_ids if batched else [input_ids]
+        given: list[Any] = input_ids if batched else [input_ids]
     elif text is not None:
         batched = isinstance(text, list)
-        prompts = [encode(t) for t in (text if batched else [text])]
+        given = text if batched else [text]
     else:
         raise ApiError("invalid", "Either text, input_ids or input_embeds should be provided.")
-    if not prompts:
+    if not given:
         raise ApiError("invalid", "The batch is empty: send at least one prompt.")
+    n = _check_call_size(len(given), sampling_list, rid, cfg)
+    prompts: list[list[int]] = given if input_ids is not None else [encode(t) for t in given]
     for ids in prompts:
         if not ids:
             raise ApiError("invalid", "input_ids cannot be empty.")
@@ -338,12 +358,6 @@ def parse_generate(body: Any, *, desc: ModelDescription, encode: Any) -> Generat
                                       f"batch size ({n_prompts}).")
     else:
         sampling_list = sampling_list * n_prompts
-    ns = {p.get("n") or 1 for p in sampling_list}
-    if len(ns) > 1:
-        raise ApiError("invalid", "The n parameter must be the same for all samples in a batch.")
-    n = ns.pop()
-    if n < 1:
-        raise ApiError("invalid", f"n must be at least 1, got {n}.")
 
     per_item_keys = ("return_logprob", "logprob_start_len", "top_logprobs_num", "token_ids_logprob")
     if n > 1:
@@ -373,8 +387,8 @@ def parse_generate(body: Any, *, desc: ModelDescription, encode: Any) -> Generat
             if len(rid) != n_prompts:
                 raise ApiError("invalid", "The specified rids length mismatch with the batch_size for batch "
                                           "processing.")
-            if len(set(rid)) != len(rid):
-                dup = next(r for r in rid if rid.count(r) > 1)
+            dup = _first_repeat(rid)
+            if dup is not None:
                 raise ApiError("invalid", f"Duplicate request ID detected: {dup}")
             rids = list(rid)
         elif isinstance(rid, str):
@@ -392,19 +406,15 @@ def parse_generate(body: Any, *, desc: ModelDescription, encode: Any) -> Generat
     items: list[GenerateRequest] = []
     intervals: list[int] = []
     for p, ids in enumerate(prompts):
-        params = {k: v for k, v in sampling_list[p].items() if k not in ("n", "stream_interval")}
-        sampling = build_sampling(params, prompt_len=len(ids), desc=desc)
+        params = {k: v for k, v in sampling_list[p].items() if k != "n"}
+        sampling = build_sampling(params, prompt_len=len(ids), desc=desc, cfg=cfg)
         start = start_lens[p]
         if return_logprob[p]:
             if start < -1 or start > len(ids):
                 raise ApiError("invalid", f"req.logprob_start_len={start} is higher than the number of input tokens "
                                           f"{len(ids)}. Please use a smaller logprob_start_len (-1 = no prompt "
                                           "logprobs).")
-            if top_nums[p] < 0:
-                raise ApiError("invalid", f"top_logprobs_num must be at least 0, got {top_nums[p]}.")
-            bad = next((t for t in token_ids[p] if not 0 <= t < desc.vocab_size), None)
-            if bad is not None:
-                raise ApiError("invalid", f"token_ids_logprob contains {bad}, outside [0, {desc.vocab_size}).")
+            _check_logprob_asks(top_nums[p], token_ids[p], desc, cfg)
         for s in range(n):
             items.append(GenerateRequest(
                 rid=rids[p * n + s], input_ids=list(ids), sampling=sampling, return_logprob=return_logprob[p],
@@ -418,6 +428,60 @@ def parse_generate(body: Any, *, desc: ModelDescription, encode: Any) -> Generat
         return_text_in_logprobs=bool(body.get("return_text_in_logprobs")),
         return_prompt_token_ids=bool(body.get("return_prompt_token_ids")), stream_intervals=intervals,
     )
+
+
+def _check_call_size(n_prompts: int, sampling_list: list[dict[str, Any]], rid: Any, cfg: ServingConfig) -> int:
+    """The caps on what one call expands into: n, prompts x n samples, the rid list. Returns n."""
+    ns = {p.get("n") or 1 for p in sampling_list}
+    if len(ns) > 1:
+        raise ApiError("invalid", "The n parameter must be the same for all samples in a batch.")
+    n = ns.pop()
+    if n < 1:
+        raise ApiError("invalid", f"n must be at least 1, got {n}.")
+    if n > cfg.max_n:
+        raise ApiError("invalid", f"n must be at most {cfg.max_n} (serving.max_n), got {n}; send several requests "
+                                  "or raise serving.max_n.")
+    if n_prompts * n > cfg.max_batch_size:
+        raise ApiError("invalid", f"The call expands into {n_prompts * n} samples ({n_prompts} prompts x n={n}), more "
+                                  f"than {cfg.max_batch_size} (serving.max_batch_size); split it into smaller calls.")
+    rids = rid if isinstance(rid, list) else [] if rid is None else [rid]
+    if len(rids) > cfg.max_batch_size:
+        raise ApiError("invalid", f"rid lists {len(rids)} ids, more than {cfg.max_batch_size} per call "
+                                  "(serving.max_batch_size); split the batch.")
+    longest = max(map(len, rids), default=0)
+    if longest > cfg.max_rid_chars:
+        raise ApiError("invalid", f"rid must be at most {cfg.max_rid_chars} characters long (serving.max_rid_chars), "
+                                  f"got one of {longest}; use shorter request ids.")
+    return n
+
+
+def _first_repeat(items: list[str]) -> str | None:
+    """The first item seen a second time, in one pass."""
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
+
+
+def _check_logprob_asks(top_num: int, token_ids: tuple[int, ...], desc: ModelDescription, cfg: ServingConfig) -> None:
+    """top_logprobs_num and token_ids_logprob of one prompt that returns logprobs: each costs work and response size
+    per position, and top_logprobs_num above the vocabulary cannot be answered."""
+    if top_num < 0:
+        raise ApiError("invalid", f"top_logprobs_num must be at least 0, got {top_num}.")
+    if top_num > desc.vocab_size:
+        raise ApiError("invalid", f"top_logprobs_num must be at most the vocabulary size ({desc.vocab_size}), got "
+                                  f"{top_num}.")
+    if top_num > cfg.max_top_logprobs_num:
+        raise ApiError("invalid", f"top_logprobs_num must be at most {cfg.max_top_logprobs_num} "
+                                  f"(serving.max_top_logprobs_num), got {top_num}.")
+    if len(token_ids) > cfg.max_token_ids_logprob:
+        raise ApiError("invalid", f"token_ids_logprob must list at most {cfg.max_token_ids_logprob} ids "
+                                  f"(serving.max_token_ids_logprob), got {len(token_ids)}.")
+    bad = next((t for t in token_ids if not 0 <= t < desc.vocab_size), None)
+    if bad is not None:
+        raise ApiError("invalid", f"token_ids_logprob contains {bad}, outside [0, {desc.vocab_size}).")
 
 
 # ---- responses -----------------------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@
 Every state change happens on this thread, between forward passes: commands from the event loop are closures
 queued with `call()` and run at the top of the loop, so requests, weights and the KV cache never race.
 
+Failures: every request that leaves the queue ends with a final snapshot, whatever happens. Work that belongs to one
+request (its prefill, sampling its token, its logprobs, its stop rules) that raises finishes that request alone with
+a 500 abort and the batch runs on; only a failed batch-wide decode pass finishes the whole running batch. A request
+that never ended would hang its HTTP call, and with it the reader share every weight update waits for.
+
 Why not transformers' ContinuousBatchingManager: it samples with one generation config for all requests, and
 we need per-request temperature/top-p/top-k/seeds, SGLang's logprob definition (before truncation), prompt
 logprobs, stop strings, retract-and-recompute on pause, and weight swaps between steps with per-token versions.
@@ -47,6 +52,9 @@ class Seq:
     req: GenerateRequest
     emit: Emit
     gen: torch.Generator
+    stop_ids: frozenset[int]
+    """Token ids that end it (EOS and stop_token_ids, none with ignore_eos), built once: the request's own list may
+    be long, and it is consulted for every token."""
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top: list[list[tuple[float, int]]] = field(default_factory=list)
@@ -70,7 +78,7 @@ class Seq:
 class Scheduler:
     """The batching loop and the request table; runs on its own thread (`start()`), driven through `call()`."""
 
-    def __init__(self, runner: ModelRunner, *, max_running: int, max_queued: int | None, max_total_tokens: int,
+    def __init__(self, runner: ModelRunner, *, max_running: int, max_queued: int, max_total_tokens: int,
                  context_length: int, weight_version: str, prefix_cache_tokens: int) -> None:
         self.runner = runner
         self.max_running = max_running
@@ -120,11 +128,10 @@ class Scheduler:
                 self._admit()
                 if self.running:
                     self._step()
-            except Exception as e:  # noqa: BLE001 - a model failure must finish requests, not hang them
+            except Exception as e:  # noqa: BLE001 - a batch-wide failure must finish requests, not hang them
                 log.exception("scheduler step failed; aborting the running batch")
                 for seq in self.running:
-                    self._finish(seq, Finish("abort", message=f"Internal error: {e}", status_code=500,
-                                             err_type="InternalServerError"))
+                    self._finish(seq, _internal_error(e))
                 self.running = []
                 self.runner.clear()
             self._deliver()
@@ -160,7 +167,10 @@ class Scheduler:
             if self.running and used + len(seq.tokens) > self.max_total_tokens:
                 return  # KV budget full: wait for a running request to finish
             self.waiting.popleft()
-            self._prefill(seq)
+            try:
+                self._prefill(seq)
+            except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
+                self._fail(seq, e)
 
     def _prefill(self, seq: Seq) -> None:
         req = seq.req
@@ -211,7 +221,11 @@ class Scheduler:
                                        [len(s.tokens) - 1 for s in self.running])
         keep: list[int] = []
         for row, seq in enumerate(self.running):
-            self._accept(seq, logits_BV[row])
+            try:
+                self._accept(seq, logits_BV[row])
+            except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
+                self._fail(seq, e)
+                continue  # out of the batch; its KV is not cached (its last token may be half recorded)
             if seq.finish is None:
                 keep.append(row)
             else:  # its KV covers every token but the last sampled one
@@ -225,7 +239,7 @@ class Scheduler:
     def _accept(self, seq: Seq, logits_V: torch.Tensor) -> None:
         """Sample one token for `seq`, record it, check the stop rules, emit a snapshot."""
         opts = seq.req.sampling
-        stop_ids = set() if opts.ignore_eos else (self.eos_ids | set(opts.stop_token_ids))
+        stop_ids = seq.stop_ids
         if len(seq.output_ids) < opts.min_new_tokens and stop_ids:
             logits_V = suppress(logits_V, sorted(stop_ids))
         token, logprob, logprobs_V = sample(logits_V, opts, seq.gen)
@@ -269,6 +283,12 @@ class Scheduler:
         seq.finish = finish
         self._outbox.append((seq, self._snapshot(seq)))
 
+    def _fail(self, seq: Seq, error: Exception) -> None:
+        """Finish a request whose own work raised `error`, unless it had already ended before that."""
+        log.error("request %s failed in the scheduler; finishing it alone with a 500", seq.req.rid, exc_info=error)
+        if seq.finish is None:
+            self._finish(seq, _internal_error(error))
+
     def _snapshot(self, seq: Seq) -> GenerateOutput:
         return GenerateOutput(
             rid=seq.req.rid, output_ids=list(seq.output_ids), text=seq.text, prompt_tokens=len(seq.req.input_ids),
@@ -284,9 +304,11 @@ class Scheduler:
     # ---- commands (run on the scheduler thread via call()) ---------------------------------------------------------
 
     def add(self, req: GenerateRequest, emit: Emit) -> None:
-        if self.max_queued is not None and len(self.waiting) >= self.max_queued:
+        if len(self.waiting) >= self.max_queued:
             raise BackendError(503, "The request queue is full.")
-        self.waiting.append(Seq(req=req, emit=emit, gen=make_generator(req.sampling.sampling_seed)))
+        opts = req.sampling
+        stop_ids = frozenset() if opts.ignore_eos else frozenset(self.eos_ids.union(opts.stop_token_ids))
+        self.waiting.append(Seq(req=req, emit=emit, gen=make_generator(opts.sampling_seed), stop_ids=stop_ids))
 
     def abort(self, prefix: str, *, abort_all: bool) -> int:
         """Finish matching requests (running: ABORTED, queued: ABORTED_QUEUED); returns how many."""
@@ -350,3 +372,8 @@ class Scheduler:
             num_retracted_reqs=sum(1 for s in self.waiting if s.ran),
             num_paused_reqs=len(self.running) if self.paused == "in_place" else 0,
         )
+
+
+def _internal_error(error: Exception) -> Finish:
+    """SGLang's scheduler-side 500 abort (the front answers it with a 500 ErrorResponse)."""
+    return Finish("abort", message=f"Internal error: {error}", status_code=500, err_type="InternalServerError")

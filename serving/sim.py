@@ -185,7 +185,7 @@ class SimBackend(Backend):
 
     def __init__(self, profile: SimProfile, tokenizer: Tokenizer, *, tokenizer_path: str, time_scale: float | None,
                  served_model_name: str | None = None, weight_version: str = "default",
-                 max_queued_requests: int | None = None) -> None:
+                 max_queued_requests: int = ServingConfig().max_queued_requests) -> None:
         self.profile = profile
         self._tok = tokenizer
         self._tokenizer_path = tokenizer_path
@@ -259,7 +259,7 @@ class SimBackend(Backend):
     # ---------------------------------------------------------------- requests
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        if self._max_queued is not None and len(self._waiting) >= self._max_queued:
+        if len(self._waiting) >= self._max_queued:
             raise BackendError(503, "The request queue is full.")
         plan = self._text.plan(req.input_ids, req.sampling)
         self._seq += 1
