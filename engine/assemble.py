@@ -29,6 +29,7 @@ from engine.scheduler import Scheduler
 from engine.search_batcher import SearchBatcher
 from engine.seeds import Seed, load_seed_answers, seed_stream
 from engine.stream import FileSink, FrameSink, TcpSink, TrajectoryStream
+from engine.wire import terms_of
 from retriever.protocol import Retriever
 from retriever.registry import make_retriever
 from ssp.metrics import MetricsLog
@@ -119,7 +120,8 @@ async def run_engine(cfg: SSPConfig, *, episodes: int | None, out: Path | None =
     try:
         async with open_engine(cfg) as parts:
             sink: FrameSink = (FileSink(out) if out is not None else
-                               await TcpSink.connect(cfg.stream.host, cfg.stream.port, cfg.stream.connect_timeout_s))
+                               await TcpSink.connect(cfg.stream.host, cfg.stream.port, cfg.stream.connect_timeout_s,
+                                                     terms_of(cfg.stream)))
             stream = TrajectoryStream(sink, max_frame_bytes=cfg.stream.max_frame_bytes,
                                       queue_groups=cfg.stream.queue_groups, spill_path=spill)
             try:

@@ -247,27 +247,54 @@ class SchedulerConfig:
                              "during the run)")
 
 
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+"""The default frame limit (stream.max_frame_bytes): far above any episode's group, far below a corrupt header's."""
+MAX_RUN_ID_CHARS = 200
+"""Longest stream.run_id (it is sent in the handshake, whose size is bounded)."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StreamConfig:
+    """The trajectory stream between the engine and the learner (engine/stream.py sends, learner/trajectory_source.py
+    receives, engine/wire.py is the format and handshake). Both ends read this one section."""
+
     host: str = "127.0.0.1"
     """Address of the learner's trajectory listener."""
     port: int = 0
     """Port of the learner's trajectory listener (0 = not streaming over TCP)."""
-    max_frame_bytes: int = 64 * 1024 * 1024
-    """Largest frame written or read; a bigger group goes to the spill file instead (never dropped)."""
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    """Largest frame, the same on both ends (the handshake refuses a mismatch): the engine writes a bigger group to
+    the spill file instead (never dropped), the learner stops at a bigger frame."""
     queue_groups: int = 64
     """Finished groups buffered for the learner; when full, episodes wait (back-pressure on the scheduler)."""
     spill_path: Path | None = None
     """Where frames go when the learner connection breaks; unset = artifacts/runs/spill-<time>.frames."""
     connect_timeout_s: float = 30.0
     """How long to keep trying to connect to the learner at start-up."""
+    run_id: str = ""
+    """The run's name in the handshake: the learner refuses an engine of another run. `ssp train` and `ssp launch`
+    set it to the run folder's name."""
+    key_file: Path | None = None
+    """File holding the run key both ends must have (engine/run_key.py); unset = the environment variable
+    SSP_RUN_KEY. `ssp train` and `ssp launch` write a fresh one per run (<run>/stream.key) and set this."""
+    handshake_timeout_s: float = 10.0
+    """A peer that has not completed the handshake this long after connecting is refused (the learner keeps
+    waiting for the engine); the engine gives up on a learner that does not answer within it."""
+    read_timeout_s: float = 1800.0
+    """The learner stops when the connected engine sends nothing for this long (a hung or vanished engine); raise it
+    if one episode can take longer."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port = {self.port}: must be in 0..65535")
-        if self.max_frame_bytes < 1024:
-            raise ValueError(f"max_frame_bytes = {self.max_frame_bytes}: must be >= 1024")
+        if not 1024 <= self.max_frame_bytes < 1 << 32:
+            raise ValueError(f"max_frame_bytes = {self.max_frame_bytes}: must be in 1024..2**32-1 (the frame "
+                             "header is a 32-bit length)")
         if self.queue_groups < 1:
             raise ValueError(f"queue_groups = {self.queue_groups}: must be >= 1")
-        if self.connect_timeout_s <= 0:
-            raise ValueError(f"connect_timeout_s = {self.connect_timeout_s}: must be > 0")
+        for name in ("connect_timeout_s", "handshake_timeout_s", "read_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be > 0 seconds")
+        if len(self.run_id) > MAX_RUN_ID_CHARS:
+            raise ValueError(f"run_id has {len(self.run_id)} characters: at most {MAX_RUN_ID_CHARS} (it is sent in "
+                             "the handshake)")

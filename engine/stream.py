@@ -1,8 +1,8 @@
 """The trajectory stream: finished episode groups as length-prefixed msgpack frames, to the learner or a file.
 
 Frame = 4-byte big-endian payload length + payload, payload = `engine.trajectory.pack_group(records)`. The same
-frames go over TCP to the learner and into `.frames` files (`ssp rollout --out`, spill files), and `read_frames`
-reads both.
+frames go over TCP to the learner (after the handshake that proves the engine holds the run's key, engine/wire.py)
+and into `.frames` files (`ssp rollout --out`, spill files), which `read_frames` reads.
 
     episodes ─ put(group) ─► queue (≤ stream.queue_groups; a full queue blocks the episode: back-pressure)
                                 └─► sender loop ─ write + drain ─► sink (TCP to the learner, or a file)
@@ -16,31 +16,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from engine.config import MAX_FRAME_BYTES
 from engine.trajectory import Trajectory, pack_group
+from engine.wire import HEADER, FrameError, Terms, encode_frame, offer
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct(">I")
 
-
-class FrameError(ValueError):
-    """A frame is larger than the limit, or a frame file is truncated."""
-
-
-def encode_frame(payload: bytes, max_frame_bytes: int) -> bytes:
-    if len(payload) > max_frame_bytes:
-        raise FrameError(f"frame of {len(payload)} bytes exceeds the limit of {max_frame_bytes} "
-                         "(stream.max_frame_bytes); raise the limit on both ends or shorten rollouts")
-    return HEADER.pack(len(payload)) + payload
-
-
-def iter_frames(f: BinaryIO, max_frame_bytes: int = 1 << 31) -> Iterator[bytes]:
+def iter_frames(f: BinaryIO, max_frame_bytes: int = MAX_FRAME_BYTES) -> Iterator[bytes]:
     """Payloads of a frame file, in order. A torn last frame (the writer was killed) raises FrameError."""
     while True:
         head = f.read(HEADER.size)
@@ -50,30 +38,17 @@ def iter_frames(f: BinaryIO, max_frame_bytes: int = 1 << 31) -> Iterator[bytes]:
             raise FrameError(f"{getattr(f, 'name', 'stream')}: truncated frame header at the end")
         (n,) = HEADER.unpack(head)
         if n > max_frame_bytes:
-            raise FrameError(f"frame of {n} bytes exceeds the limit of {max_frame_bytes}")
+            raise FrameError(f"{getattr(f, 'name', 'stream')}: frame of {n} bytes exceeds the limit of "
+                             f"{max_frame_bytes} (stream.max_frame_bytes)")
         payload = f.read(n)
         if len(payload) < n:
             raise FrameError(f"{getattr(f, 'name', 'stream')}: last frame is truncated ({len(payload)} of {n} bytes)")
         yield payload
 
 
-def read_frames(path: Path, max_frame_bytes: int = 1 << 31) -> list[bytes]:
+def read_frames(path: Path, max_frame_bytes: int = MAX_FRAME_BYTES) -> list[bytes]:
     with path.open("rb") as f:
         return list(iter_frames(f, max_frame_bytes))
-
-
-async def read_frame(reader: asyncio.StreamReader, max_frame_bytes: int) -> bytes | None:
-    """One payload from a socket, or None at a clean end of stream."""
-    try:
-        head = await reader.readexactly(HEADER.size)
-    except asyncio.IncompleteReadError as e:
-        if not e.partial:
-            return None
-        raise FrameError("connection closed inside a frame header") from None
-    (n,) = HEADER.unpack(head)
-    if n > max_frame_bytes:
-        raise FrameError(f"frame of {n} bytes exceeds the limit of {max_frame_bytes} (stream.max_frame_bytes)")
-    return await reader.readexactly(n)
 
 
 class FrameSink(Protocol):
@@ -104,7 +79,8 @@ class FileSink:
 
 
 class TcpSink:
-    """Frames over one TCP connection to the learner; `drain` gives back-pressure when the learner is slow."""
+    """Frames over one TCP connection to the learner, opened by the handshake (engine/wire.py); `drain` gives
+    back-pressure when the learner is slow."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                  close_timeout_s: float = 10.0) -> None:
@@ -114,17 +90,26 @@ class TcpSink:
         self._closed = False
 
     @classmethod
-    async def connect(cls, host: str, port: int, timeout_s: float) -> TcpSink:
+    async def connect(cls, host: str, port: int, timeout_s: float, terms: Terms) -> TcpSink:
+        """Connect (retrying for `timeout_s` while the learner starts), then run the handshake once: a refusal
+        (wrong key, run or limit, another engine already streaming) is a configuration error, raised as
+        engine.wire.HandshakeError with the learner's reason, not retried."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             try:
                 reader, writer = await asyncio.open_connection(host, port)
-                return cls(reader, writer)
+                break
             except OSError as e:
                 if asyncio.get_running_loop().time() > deadline:
                     raise ConnectionError(f"cannot connect to the learner at {host}:{port} within {timeout_s} s "
                                           f"(stream.connect_timeout_s): {e}; is the learner listening?") from None
                 await asyncio.sleep(0.2)
+        try:
+            await offer(reader, writer, terms)
+        except BaseException:
+            writer.close()
+            raise
+        return cls(reader, writer)
 
     async def write(self, frame: bytes) -> None:
         if self._closed or self._writer.is_closing():

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.run_key import write_run_key
 from launcher.commands import Launch, render_launches
 from launcher.config import ClusterConfig
 from launcher.plan import LearnerFootprint, Plan, PlanError, make_plan
@@ -34,6 +35,8 @@ class PreparedLaunch:
     launches: list[Launch]
     run_dir: Path
     learner_config: dict[str, object]
+    stream_config: dict[str, object]
+    """The [stream] section both ends read: the learner from <run>/stream_config.json, the engine from --set."""
 
 
 def slurm_allocation_nodes() -> list[str]:
@@ -76,12 +79,17 @@ def prepare_launch(root: SSPConfig, *, config_path: Path | None, overrides: list
     except ValueError as e:
         raise PlanError(f"the learner cannot run this plan: {e}") from None
 
+    # One key per run, written by launch_run into the run folder every node reads; both ends get its path.
+    stream = dataclasses.replace(root.stream, run_id=root.stream.run_id or run_dir.name,
+                                 key_file=run_dir / "stream.key")
     retriever = next(p for p in plan.processes if p.role == "retriever")
     engine_argv = ["ssp", "train"] + (["--config", str(config_path)] if config_path else [])
     for override in [
         *overrides,
         f"train.server_urls={json.dumps(list(plan.servers))}",
         f'train.learner_address="{_trainer0(plan)}:{cluster.trajectory_port}"',
+        f"stream.run_id={json.dumps(stream.run_id)}",
+        f"stream.key_file={json.dumps(str(stream.key_file))}",
         f'learner.out_dir="{run_dir / "learner"}"',
         f'rollout.tokenizer_dir="{cluster.model_path}"',  # the servers' model, not the demo's SmolLM2
         'retriever.kind="http"',
@@ -90,8 +98,9 @@ def prepare_launch(root: SSPConfig, *, config_path: Path | None, overrides: list
         engine_argv += ["--set", override]
     index_dir = root.retrieval_server.index_dir or root.retriever.index_dir or default_index_dir()
     launches = render_launches(cluster, plan, index_dir=index_dir,
-                               learner_config_json=run_dir / "learner_config.json", engine_argv=engine_argv)
-    return PreparedLaunch(cluster, plan, launches, run_dir, to_dict(learner))
+                               learner_config_json=run_dir / "learner_config.json",
+                               stream_config_json=run_dir / "stream_config.json", engine_argv=engine_argv)
+    return PreparedLaunch(cluster, plan, launches, run_dir, to_dict(learner), to_dict(stream))
 
 
 def _trainer0(plan: Plan) -> str:
@@ -104,6 +113,8 @@ def launch_run(prepared: PreparedLaunch, *, server_timeout_s: float = 1800.0) ->
     run_dir, cluster = prepared.run_dir, prepared.cluster
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "learner_config.json").write_text(json.dumps(prepared.learner_config, indent=1))
+    (run_dir / "stream_config.json").write_text(json.dumps(prepared.stream_config, indent=1))
+    write_run_key(run_dir / "stream.key")
     workdir = Path.cwd()
     by_name = {launch.name: launch for launch in prepared.launches}
     with ProcessSet() as processes:

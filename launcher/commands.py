@@ -38,7 +38,7 @@ class Launch:
 
 
 def render_launches(cfg: ClusterConfig, plan: Plan, *, index_dir: Path, learner_config_json: Path,
-                    engine_argv: list[str]) -> list[Launch]:
+                    stream_config_json: Path, engine_argv: list[str]) -> list[Launch]:
     """Every process of the plan, in start order: retriever, SGLang servers, learner ranks, then the engine."""
     launches = []
     for process in plan.processes:
@@ -58,7 +58,7 @@ def render_launches(cfg: ClusterConfig, plan: Plan, *, index_dir: Path, learner_
             f"--nnodes={len(training)}", f"--node-rank={rank}", f"--nproc-per-node={cfg.gpus_per_node}",
             f"--master-addr={training[0].node}", f"--master-port={cfg.rendezvous_port}",
             "-m", "learner.trainer", "--config-json", str(learner_config_json),
-            "--trajectories", f"tcp://0.0.0.0:{cfg.trajectory_port}",
+            "--stream-json", str(stream_config_json), "--trajectories", f"tcp://0.0.0.0:{cfg.trajectory_port}",
         ]
         for url in plan.servers:
             argv += ["--server", url]

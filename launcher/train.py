@@ -40,6 +40,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
+from engine.run_key import RunKeyError, load_run_key, write_run_key
 from launcher.processes import ManagedProcess, ProcessFailed, ProcessSet, free_port
 from launcher.progress import PLOT_KEYS, ProgressDisplay, Snapshot, format_summary, step_row
 from ssp.config import to_toml
@@ -298,11 +299,17 @@ async def run_engine(cfg: SSPConfig, monitor: Monitor, run_dir: Path) -> dict[st
     with the monitor feeding the scheduler the learner's policy version. Returns the scheduler's summary."""
     from engine.assemble import build_scheduler, open_engine, served_version
     from engine.stream import FileSink, TcpSink, TrajectoryStream
+    from engine.wire import HandshakeError, terms_of
 
     # A resumed run draws new seeds and distractors instead of replaying the first run's.
     cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler,
                                                                  seed=cfg.scheduler.seed + monitor.start_step))
-    tcp = await monitor.guard(TcpSink.connect(cfg.stream.host, cfg.stream.port, cfg.train.learner_start_timeout_s))
+    try:
+        tcp = await monitor.guard(TcpSink.connect(cfg.stream.host, cfg.stream.port,
+                                                  cfg.train.learner_start_timeout_s, terms_of(cfg.stream)))
+    except HandshakeError as e:
+        raise ComponentFailed("trajectory stream", f"{cfg.stream.host}:{cfg.stream.port}: {e}",
+                              monitor.learner.log_path if monitor.learner is not None else None) from None
     sink = SampleSink(tcp, FileSink(run_dir / "samples.frames"), cfg.train.sample_every)
     stream = TrajectoryStream(sink, max_frame_bytes=cfg.stream.max_frame_bytes, queue_groups=cfg.stream.queue_groups,
                               spill_path=cfg.stream.spill_path or run_dir / "spill.frames")
@@ -430,16 +437,24 @@ def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Pat
     else:
         ports = [free_port() for _ in range(tc.servers)]
         urls = [f"http://127.0.0.1:{p}" for p in ports]
+    stream = dataclasses.replace(cfg.stream, spill_path=cfg.stream.spill_path or run_dir / "spill.frames")
     if tc.learner_address is None:
-        stream_host, stream_port = "127.0.0.1", free_port()
-    else:
+        # Both ends are ours: a fresh key for this run (also on --resume), read by the learner from its file.
+        stream = dataclasses.replace(stream, host="127.0.0.1", port=free_port(),
+                                     run_id=stream.run_id or run_dir.name,
+                                     key_file=write_run_key(run_dir / "stream.key"))
+    else:  # attached: the learner's key and run id come from the config (stream.key_file or $SSP_RUN_KEY)
         host, _, port = tc.learner_address.rpartition(":")
-        stream_host, stream_port = host, int(port)
+        stream = dataclasses.replace(stream, host=host, port=int(port))
+        try:
+            load_run_key(stream.key_file)  # before any server starts: the engine cannot stream without it
+        except RunKeyError as e:
+            raise TrainError(f"train.learner_address is set: {e}") from None
+    stream_host, stream_port = stream.host, stream.port
     cfg = dataclasses.replace(
         cfg,
         inference=dataclasses.replace(cfg.inference, server_urls=tuple(urls)),
-        stream=dataclasses.replace(cfg.stream, host=stream_host, port=stream_port,
-                                   spill_path=cfg.stream.spill_path or run_dir / "spill.frames"),
+        stream=stream,
         learner=dataclasses.replace(cfg.learner, out_dir=learner_dir, max_steps=tc.steps,
                                     max_staleness=learner_staleness_bound(cfg)),
     )

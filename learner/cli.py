@@ -28,7 +28,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     )
     add_config_args(train)
     train.add_argument("--trajectories", required=True, metavar="FILE|tcp://HOST:PORT",
-                       help="trajectory stream: frames of 4-byte big-endian length + msgpack (engine.trajectory)")
+                       help="trajectory stream: frames of 4-byte big-endian length + msgpack (engine.trajectory); "
+                       "over tcp:// the engine must hold the run key ([stream] key_file, or $SSP_RUN_KEY)")
     train.add_argument("--server", action="append", default=[], metavar="URL",
                        help="inference server to push weights to after every step (repeatable; none = no push)")
     train.set_defaults(run=run_train)
@@ -68,10 +69,12 @@ def run_train(args: argparse.Namespace) -> int:
     (cfg.out_dir / "config.toml").write_text(to_toml(root))
     section = cfg.out_dir / "learner_config.json"
     section.write_text(json.dumps(to_dict(cfg), indent=1))
+    stream = cfg.out_dir / "stream_config.json"  # the key file's path, never the key
+    stream.write_text(json.dumps(to_dict(root.stream), indent=1))
     nproc = cfg.tensor_parallel * cfg.data_parallel * cfg.pipeline_parallel
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", "-m", "learner.trainer", "--config-json", str(section),
-           "--trajectories", args.trajectories]
+           "--stream-json", str(stream), "--trajectories", args.trajectories]
     for url in args.server:
         cmd += ["--server", url]
     print(f"ssp learner: launching {nproc} rank(s): {' '.join(cmd)}", file=sys.stderr)

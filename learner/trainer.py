@@ -31,7 +31,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.trajectory import Trajectory, unpack_group
+from engine.config import StreamConfig
+from engine.trajectory import SchemaError, Trajectory, unpack_group
+from engine.wire import HEADER
 from learner import checkpoint
 from learner.batching import collate, pack, plan_batch, shard
 from learner.config import LearnerConfig
@@ -40,7 +42,7 @@ from learner.dedup import RecentGroups
 from learner.loss import aggregation_weights, policy_loss
 from learner.model import ModelShape, Parallel, build_model, init_parallel, logits_only_at
 from learner.optimizer import build_optimizer, clip_grad_norm
-from learner.trajectory_source import HEADER, FrameSource, open_source
+from learner.trajectory_source import FrameSource, StreamError, open_source
 
 log = logging.getLogger(__name__)
 
@@ -165,18 +167,26 @@ class Trainer:
                               dp_group=self.dp_group if self.par.dp > 1 else None, tp_group=self.tp_group)
 
 
-def read_batch(source: FrameSource, n_groups: int,
-               recent: RecentGroups) -> tuple[list[bytes], list[str], list[int]]:
+def read_batch(source: FrameSource, n_groups: int, recent: RecentGroups,
+               vocab_size: int) -> tuple[list[bytes], list[str], list[int]]:
     """Up to n_groups new frames, their group ids and frame sizes (groups already trained are skipped); fewer only
-    at the end of the stream."""
+    at the end of the stream. A frame that is not a valid group for this model (engine.trajectory validation: token
+    ids outside the vocabulary, non-finite rewards or logprobs, bad masks) raises StreamError naming the frame, so
+    the learner stops before training any of this batch."""
     payloads: list[bytes] = []
     ids: list[str] = []
     sizes: list[int] = []
     while len(payloads) < n_groups:
+        start = source.offset
         payload = source.next_frame()
         if payload is None:
             break
-        group = unpack_group(payload)
+        try:
+            group = unpack_group(payload, vocab_size)
+        except SchemaError as e:
+            raise StreamError(f"{source.name}: the frame at byte {start} ({len(payload)} bytes, frame "
+                              f"{len(payloads) + 1} of this batch) is not a valid trajectory group: {e}. The learner "
+                              "stops without training this batch; fix the engine that wrote it") from None
         gid = group[0].group_id if group else ""
         if gid in recent or gid in ids:
             log.warning("group %s was already trained; skipping the repeat", gid)
@@ -187,8 +197,9 @@ def read_batch(source: FrameSource, n_groups: int,
     return payloads, ids, sizes
 
 
-def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str]) -> int:
-    """One rank's whole run: build, resume, loop over batches, checkpoint, push, log. Returns an exit code."""
+def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str], stream: StreamConfig | None = None) -> int:
+    """One rank's whole run: build, resume, loop over batches, checkpoint, push, log. Returns an exit code.
+    `stream` is the run's [stream] section (frame limit; over TCP also run id, key and timeouts), defaults if None."""
     par = init_parallel(tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel, device=cfg.device, dtype=cfg.dtype,
                         seed=cfg.seed)
     if par.dp != cfg.data_parallel:
@@ -216,7 +227,7 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str]) -> int:
                                 dp_rank=par.dp_rank)
         log.info("resumed from %s: step %d, stream offset %d", resume_from, state.step, state.offset)
     is_root = par.rank == 0
-    source = open_source(source_spec, state.offset) if is_root else None
+    source = open_source(source_spec, state.offset, stream) if is_root else None
     pusher = _connect_pusher(cfg, server_urls, par) if server_urls else None
     metrics = _open_metrics(cfg) if is_root else None
     recent = RecentGroups(cfg.dedup_window_bytes, state.consumed_group_ids, state.consumed_group_bytes)
@@ -227,8 +238,8 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str]) -> int:
                 metrics.write({"step": state.step, "initial_push": True, **initial})
         saved_step = state.step if resume_from is not None else -1  # the step the newest checkpoint holds
         while not cfg.max_steps or state.step < cfg.max_steps:
-            payloads, ids, sizes = (read_batch(source, cfg.groups_per_step, recent) if source is not None
-                                    else ([], [], []))
+            payloads, ids, sizes = (read_batch(source, cfg.groups_per_step, recent, shape.vocab_size)
+                                    if source is not None else ([], [], []))
             box: list[Any] = [(payloads, ids, sizes, source.offset if source is not None else 0)]
             dist.broadcast_object_list(box, src=0)
             payloads, ids, sizes, offset = box[0]
@@ -312,9 +323,13 @@ def _open_metrics(cfg: LearnerConfig) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Per-rank entry point under torchrun: `python -m learner.trainer --config-json FILE --trajectories SRC`."""
+    """Per-rank entry point under torchrun: `python -m learner.trainer --config-json FILE [--stream-json FILE]
+    --trajectories SRC`."""
     parser = argparse.ArgumentParser(description="one learner rank (launched by `ssp learner train`)")
     parser.add_argument("--config-json", type=Path, required=True, help="resolved [learner] section as JSON")
+    parser.add_argument("--stream-json", type=Path, help="resolved [stream] section as JSON: the frame limit, and "
+                        "for tcp:// the run id, the run key's file and the timeouts (default: [stream] defaults, "
+                        "the key from $SSP_RUN_KEY)")
     parser.add_argument("--trajectories", required=True, help="trajectory file or tcp://HOST:PORT")
     parser.add_argument("--server", action="append", default=[], help="inference server URL (repeatable)")
     args = parser.parse_args(argv)
@@ -325,11 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     from ssp.config import build
 
     cfg = build(LearnerConfig, json.loads(args.config_json.read_text()), source=str(args.config_json))
+    stream = (build(StreamConfig, json.loads(args.stream_json.read_text()), source=str(args.stream_json))
+              if args.stream_json is not None else None)
     # Same thread count on every run of a config: CPU reductions, hence resumed weights, depend on it.
     default_threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1")))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", default_threads)))
     try:
-        return run(cfg, args.trajectories, args.server)
+        return run(cfg, args.trajectories, args.server, stream)
     finally:
         from learner.model import destroy_parallel
 

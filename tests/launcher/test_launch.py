@@ -1,5 +1,6 @@
 """`ssp launch --dry-run` on the shipped cluster configs, and the errors of an impossible or unallocated launch."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,12 @@ def test_engine_and_learner_agree_on_addresses() -> None:
     engine = next(launch for launch in prepared.launches if launch.name == "engine")
     assert any(arg.startswith('learner.out_dir="') and arg.endswith('/learner"') for arg in engine.argv)
     assert 'rollout.tokenizer_dir="/models/Qwen2.5-32B-Instruct"' in engine.argv
+    # The trajectory stream's handshake: both ends read the same key file (its path, never the key) and run id.
+    stream = prepared.stream_config
+    assert stream["key_file"] == str(prepared.run_dir / "stream.key") and stream["run_id"] == prepared.run_dir.name
+    assert all(str(prepared.run_dir / "stream_config.json") in launch.argv for launch in learners)
+    assert f"stream.key_file={json.dumps(stream['key_file'])}" in engine.argv
+    assert f"stream.run_id={json.dumps(stream['run_id'])}" in engine.argv
 
 
 def test_pipeline_parallel_is_refused_until_the_learner_runs_it(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@ files for the learner tests: real architectures at a size that runs in well unde
 
 from __future__ import annotations
 
+import asyncio
 import random
 import subprocess
 import time
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from engine.stream import TcpSink
 from engine.trajectory import Trajectory, pack_group
-from learner.trajectory_source import encode_frame
+from engine.wire import Terms, encode_frame
 
 
 def make_tiny_model(out: Path, family: str = "llama", seed: int = 0) -> Path:
@@ -71,3 +73,22 @@ def wait_for_metric_lines(metrics: Path, proc: subprocess.Popen[bytes], lines: i
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
             return
         time.sleep(0.01)
+
+
+class EngineStream:
+    """The real engine's end of the trajectory stream (engine.stream.TcpSink: handshake, then frames) for a test's
+    synchronous engine thread, on an event loop of its own."""
+
+    def __init__(self, port: int, terms: Terms, timeout_s: float = 30.0) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._sink = self._loop.run_until_complete(TcpSink.connect("127.0.0.1", port, timeout_s, terms))
+
+    def send(self, group: list[Trajectory]) -> None:
+        self._loop.run_until_complete(self._sink.write(encode_frame(pack_group(group))))
+
+    def close(self) -> None:
+        """Half-close and wait for the learner to close its side (TcpSink.close), then drop the loop."""
+        try:
+            self._loop.run_until_complete(self._sink.close())
+        finally:
+            self._loop.close()

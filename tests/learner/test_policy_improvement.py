@@ -29,11 +29,14 @@ from typing import Any
 import pytest
 import torch
 
-from engine.trajectory import Trajectory, pack_group
+from engine.config import StreamConfig
+from engine.run_key import write_run_key
+from engine.trajectory import Trajectory
+from engine.wire import Terms, terms_of
 from learner.config import LearnerConfig
 from learner.model import ModelShape, Parallel, build_model
 from learner.trainer import StepResult, Trainer
-from learner.trajectory_source import encode_frame
+from learner_tiny import EngineStream
 
 VOCAB_DIVISOR = 8
 """The tiny model's vocab (250) padded to 256: the padded logits exist and must stay masked."""
@@ -346,25 +349,14 @@ def _server_rollouts(url: str, bandit: Bandit, *, seed: int, n: int) -> ServerRo
         versions={o["meta_info"]["weight_version"] for o in outs})
 
 
-def _connect(port: int, timeout_s: float = 30.0) -> socket.socket:
-    """Connect to the learner's listener, which opens once run() has started."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return socket.create_connection(("127.0.0.1", port))
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def _play_engine(port: int, url: str, bandit: Bandit, server_prob: list[float],
+def _play_engine(port: int, terms: Terms, url: str, bandit: Bandit, server_prob: list[float],
                  errors: list[BaseException], timeout_s: float = 300.0) -> None:
     """The engine's part of the loop: for each version 0..REAL_STEPS, wait until the server has it, sample there,
     record the server's P(S), and stream the rewarded rollouts to the learner (not after the last push). Closing
     the connection ends the learner's stream, also on failure (so run() never waits for frames that won't come)."""
-    conn = _connect(port)
+    engine: EngineStream | None = None
     try:
+        engine = EngineStream(port, terms)  # the real engine's handshake and frames
         deadline = time.monotonic() + timeout_s
         for version in range(REAL_STEPS + 1):
             while _weight_version(url) != str(version):
@@ -375,11 +367,12 @@ def _play_engine(port: int, url: str, bandit: Bandit, server_prob: list[float],
             server_prob.append(rollouts.prob)
             if version < REAL_STEPS:
                 for group in _groups(bandit, rollouts.samples, "solver", version, version, REWARD_S):
-                    conn.sendall(encode_frame(pack_group(group)))
+                    engine.send(group)
     except BaseException as e:  # re-raised by the test thread
         errors.append(e)
     finally:
-        conn.close()
+        if engine is not None:
+            engine.close()
 
 
 @pytest.mark.slow
@@ -409,11 +402,12 @@ def test_server_policy_improves_through_stream_and_push(model_dir: Path, ref_ser
     original_version = _weight_version(ref_server)
     server_prob: list[float] = []
     errors: list[BaseException] = []
-    engine = threading.Thread(target=_play_engine, args=(port, ref_server, bandit, server_prob, errors),
-                              daemon=True)
+    stream = StreamConfig(key_file=write_run_key(tmp_path / "stream.key"))
+    engine = threading.Thread(target=_play_engine, args=(port, terms_of(stream), ref_server, bandit, server_prob,
+                                                         errors), daemon=True)
     engine.start()
     try:
-        assert run(cfg, f"tcp://127.0.0.1:{port}", [ref_server]) == 0
+        assert run(cfg, f"tcp://127.0.0.1:{port}", [ref_server], stream) == 0
         engine.join(timeout=60)
     finally:  # restore the session-shared server's weights and version
         restored = _post(ref_server, "/update_weights_from_disk", {"model_path": str(model_dir),

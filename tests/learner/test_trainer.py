@@ -196,37 +196,44 @@ def test_sigkill_mid_run_resumes_to_the_same_weights(tiny_llama: Path, tmp_path:
 
 
 def test_tcp_source_listens_for_the_engine(tmp_path: Path) -> None:
-    """Over TCP the learner listens and the engine connects (engine/stream.py); frames arrive whole and in order."""
+    """Over TCP the learner listens and the engine connects (engine/stream.py); after the handshake, frames arrive
+    whole and in order, also when a frame is split across writes."""
+    import asyncio
     import socket
     import threading
 
+    from engine.config import StreamConfig
+    from engine.run_key import write_run_key
     from engine.trajectory import pack_group
-    from learner.trajectory_source import encode_frame
+    from engine.wire import encode_frame, offer, terms_of
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    stream = StreamConfig(key_file=write_run_key(tmp_path / "stream.key"), run_id="t")
     groups = make_groups(3, seed=9)
 
-    def engine() -> None:
+    async def engine() -> None:
         deadline = time.monotonic() + 30
         while True:
             try:
-                conn = socket.create_connection(("127.0.0.1", port))
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.05)
-        with conn:
-            for g in groups:
-                frame = encode_frame(pack_group(g))
-                conn.sendall(frame[:3])  # a frame split across writes still arrives whole
-                conn.sendall(frame[3:])
+                await asyncio.sleep(0.05)
+        await offer(reader, writer, terms_of(stream))
+        for g in groups:
+            frame = encode_frame(pack_group(g))
+            for part in (frame[:3], frame[3:]):  # a frame split across writes still arrives whole
+                writer.write(part)
+                await writer.drain()
+        writer.close()
 
-    sender = threading.Thread(target=engine)
+    sender = threading.Thread(target=asyncio.run, args=(engine(),))
     sender.start()
-    src = open_source(f"tcp://127.0.0.1:{port}")
+    src = open_source(f"tcp://127.0.0.1:{port}", stream=stream)
     got = []
     while (payload := src.next_frame()) is not None:
         got.append(unpack_group(payload)[0].group_id)
