@@ -32,6 +32,7 @@ import dataclasses
 import json
 import logging
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -43,10 +44,11 @@ from typing import Any, TypeVar
 from engine.run_key import RunKeyError, load_run_key, write_run_key
 from launcher.processes import ManagedProcess, ProcessFailed, ProcessSet, free_port
 from launcher.progress import PLOT_KEYS, ProgressDisplay, Snapshot, format_summary, step_row
-from ssp.config import to_toml
+from ssp.config import to_dict, to_toml
 from ssp.metrics import MetricsLog, plot_metrics, read_metrics
 from ssp.paths import artifacts_dir
 from ssp.run_config import SSPConfig, check_sampling_matches_learner, learner_staleness_bound
+from ssp.trackers import Trackers, open_trackers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -412,9 +414,12 @@ def train(cfg: SSPConfig, *, resume: bool, progress: bool = True, out: Any = Non
                          f"raise it (--set train.steps={start_step + tc.steps}) to train further")
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    with _signals_as_interrupt(), _log_to(logs / "engine.log"), ProcessSet() as procs:
+    # Trackers open first: a missing tracker library fails the run before anything starts.
+    with contextlib.closing(open_trackers(list(tc.trackers), run_dir, project=tc.wandb_project, run_name=tc.name,
+                                          config=to_dict(cfg))) as trackers, \
+            _signals_as_interrupt(), _log_to(logs / "engine.log"), ProcessSet() as procs:
         try:
-            return _train(cfg, procs, run_dir=run_dir, learner_dir=learner_dir, start_step=start_step,
+            return _train(cfg, procs, trackers, run_dir=run_dir, learner_dir=learner_dir, start_step=start_step,
                           progress=progress, out=out, started=started)
         except ProcessFailed as e:  # a process that died or never answered while starting
             name = next((p.name for p in procs.processes if str(e).startswith(p.name)), "a process")
@@ -425,8 +430,8 @@ def train(cfg: SSPConfig, *, resume: bool, progress: bool = True, out: Any = Non
             procs.stop_all(timeout_s=10.0)
 
 
-def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Path, start_step: int,
-           progress: bool, out: Any, started: float) -> TrainResult:
+def _train(cfg: SSPConfig, procs: ProcessSet, trackers: Trackers, *, run_dir: Path, learner_dir: Path,
+           start_step: int, progress: bool, out: Any, started: float) -> TrainResult:
     tc = cfg.train
     logs = run_dir / "logs"
     config_path = run_dir / "config.toml"
@@ -486,7 +491,7 @@ def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Pat
           f"{cfg.learner.tensor_parallel} x {cfg.learner.data_parallel} rank(s); engine streaming to "
           f"{stream_host}:{stream_port}", file=out)
     display = ProgressDisplay(total_steps=tc.steps, start_step=start_step, enabled=progress, out=out)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", trackers)
     monitor = Monitor(cfg, procs=procs, learner=learner, start_step=start_step,
                       learner_metrics=learner_dir / "metrics.jsonl", display=display, metrics=metrics)
     try:
@@ -495,9 +500,13 @@ def _train(cfg: SSPConfig, procs: ProcessSet, *, run_dir: Path, learner_dir: Pat
         display.close()
         metrics.close()
     if learner is not None:  # it exits by itself after its last checkpoint
-        with contextlib.suppress(Exception):
+        try:
             learner.proc.wait(tc.stop_timeout_s)
-        if learner.proc.returncode not in (0, None):
+        except subprocess.TimeoutExpired:  # still writing its last checkpoint, or hung: the run is not done
+            raise ComponentFailed("learner", f"still running {tc.stop_timeout_s:g} s after the last step, so its last "
+                                  "checkpoint may be cut off; raise train.stop_timeout_s on a slow disk and resume "
+                                  "the run (--resume)", learner.log_path) from None
+        if learner.proc.returncode != 0:
             raise ComponentFailed("learner", f"exited with code {learner.proc.returncode} after the last step",
                                   learner.log_path)
     policy = None

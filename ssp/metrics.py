@@ -13,15 +13,22 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ssp.trackers import Trackers
+
 
 class MetricsLog:
-    """Append-only JSONL writer. Each record gets `time_s` (seconds since the log was opened) unless given."""
+    """Append-only JSONL writer. Each record gets `time_s` (seconds since the log was opened) unless given.
 
-    def __init__(self, path: Path | str) -> None:
+    `trackers` (ssp.trackers: TensorBoard, W&B) receive the numbers of every record that has a `step`, at that
+    step, so a run's rows reach them without a second logging call anywhere. Their owner closes them (they may
+    outlive the log)."""
+
+    def __init__(self, path: Path | str, trackers: Trackers | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
         self._start = time.monotonic()
+        self._trackers = trackers
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._file.closed:
@@ -29,6 +36,8 @@ class MetricsLog:
         line = {"time_s": round(time.monotonic() - self._start, 4), **record}
         self._file.write(json.dumps(line, default=_jsonable) + "\n")
         self._file.flush()
+        if self._trackers is not None and isinstance(record.get("step"), int):
+            self._trackers.log(line, step=record["step"])
 
     def close(self) -> None:
         self._file.close()

@@ -166,7 +166,7 @@ def test_killed_server_is_named_and_resume_continues(tmp_path: Path, model_dir: 
     # --resume: the step counter goes on from the checkpoint, and no group is trained twice.
     proc, err = _start(run_dir, model_dir, demo_index, f"train.steps={killed_at + 1}", "train.eval_datasets="
                        "['data/qa/hotpotqa_dev300_questions.jsonl']", "eval.limit=1", "eval.max_turns=1",
-                       "eval.max_new_tokens_per_turn=8", resume=True)
+                       "eval.max_new_tokens_per_turn=8", 'train.trackers=["tensorboard"]', resume=True)
     out, _ = proc.communicate(timeout=900)
     stderr = err.read_text()
     assert proc.returncode == 0, stderr
@@ -185,6 +185,11 @@ def test_killed_server_is_named_and_resume_continues(tmp_path: Path, model_dir: 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["start_step"] == killed_at and summary["steps"] == killed_at + 1
     assert summary["eval_before"]["datasets"][0]["questions"] == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))  # the resumed run's step rows, at their steps
+    events.Reload()
+    assert [e.step for e in events.Scalars("episodes")] == [killed_at + 1], events.Tags()["scalars"]
 
 
 def test_killed_learner_is_named_with_its_log(tmp_path: Path, model_dir: Path, demo_index: Path) -> None:
