@@ -224,6 +224,10 @@ class SchedulerConfig:
     version_poll_s: float = 1.0
     """When streaming to a learner: how often the servers' weight version is read; the lowest one is the policy
     version the staleness gate counts from (the learner labels each weight push str(policy_version))."""
+    max_consecutive_failures: int = 64
+    """Stop the run (with the last failure's message) after this many episodes in a row failed and none finished:
+    a retriever that stays down or servers that are all gone fail every episode, and retrying them forever would
+    hang the run silently. 0 = never stop for failures."""
     gc_full_every_s: float = 300.0
     """Seconds between full garbage collections during a run (0 = none until the run ends). CPython would start
     them by itself every few seconds at thousands of rollouts, each a ~250 ms stop of every rollout; the engine
@@ -242,6 +246,9 @@ class SchedulerConfig:
             raise ValueError(f"metrics_interval_s = {self.metrics_interval_s}: must be > 0")
         if self.version_poll_s <= 0:
             raise ValueError(f"version_poll_s = {self.version_poll_s}: must be > 0")
+        if self.max_consecutive_failures < 0:
+            raise ValueError(f"max_consecutive_failures = {self.max_consecutive_failures}: must be >= 0 (0 = never "
+                             "stop for failed episodes)")
         if self.gc_full_every_s < 0:
             raise ValueError(f"gc_full_every_s = {self.gc_full_every_s}: must be >= 0 (0 = no full collection "
                              "during the run)")

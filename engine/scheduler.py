@@ -160,6 +160,10 @@ class StalenessGate:
             self._cond.notify_all()
 
 
+class EpisodesFailing(RuntimeError):
+    """scheduler.max_consecutive_failures episodes in a row failed: something every episode needs is down."""
+
+
 @dataclass(slots=True)
 class Counters:
     """Everything counted over a run (the metrics lines and the final summary read these)."""
@@ -167,6 +171,8 @@ class Counters:
     launched: int = 0
     finished: int = 0
     failed: int = 0
+    failed_in_a_row: int = 0
+    """Episodes failed since the last one that finished (scheduler.max_consecutive_failures bounds it)."""
     questions: int = 0
     checked: int = 0
     """Questions that passed the rule checks (valid or not after verification)."""
@@ -364,6 +370,7 @@ class Scheduler:
         await self.stream.put(result.trajectories)
         c = self.counters
         c.finished += 1
+        c.failed_in_a_row = 0
         c.groups += 1
         c.questions += "no_question" not in result.reasons
         c.checked += all(r == "failed_verification" for r in result.reasons)
@@ -379,12 +386,20 @@ class Scheduler:
             self._on_episode(True)
 
     def _record_failure(self, gid: str, err: Exception) -> None:
-        self.counters.failed += 1
+        c = self.counters
+        c.failed += 1
+        c.failed_in_a_row += 1
         cause = err.__cause__ or err
-        self.counters.failure_reasons[type(cause).__name__] += 1
+        c.failure_reasons[type(cause).__name__] += 1
         log.warning("episode %s failed and is dropped: %s", gid, err)
         if self._on_episode is not None:
             self._on_episode(False)
+        budget = self.cfg.max_consecutive_failures
+        if budget and c.failed_in_a_row >= budget and self._crash is not None and not self._crash.done():
+            self._crash.set_exception(EpisodesFailing(
+                f"{c.failed_in_a_row} episodes in a row failed and none finished (scheduler.max_consecutive_failures"
+                f" = {budget}); the last: {type(cause).__name__}: {err}. Check that the retriever and the inference "
+                "servers answer; raise the budget, or set it to 0 to retry forever"))
 
     # -- metrics ----------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

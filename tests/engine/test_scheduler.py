@@ -15,7 +15,7 @@ from engine.config import GameConfig, RolloutConfig, SchedulerConfig, SearchBatc
 from engine.game import Game
 from engine.judge import Judge
 from engine.rollout import RolloutRunner
-from engine.scheduler import Scheduler, StalenessGate
+from engine.scheduler import EpisodesFailing, Scheduler, StalenessGate
 from engine.search_batcher import SearchBatcher
 from engine.seeds import SeedAnswer, seed_stream
 from engine.stream import FileSink, TrajectoryStream, read_frames
@@ -124,6 +124,20 @@ async def test_failed_episodes_are_counted_and_others_delivered(chat: ChatTokeni
     assert summary["episodes_finished"] + summary["episodes_failed"] == 6
     assert summary["failure_reasons"] == {"ConnectionFailed": summary["episodes_failed"]}
     assert len(read_frames(out)) == summary["episodes_finished"]
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+async def test_a_run_whose_every_episode_fails_stops_after_the_budget(chat: ChatTokenizer, tmp_path: Path,
+                                                                      mode: str) -> None:
+    """Servers that never answer fail every episode: without the budget the run would retry forever."""
+    async with Judge(GameConfig().judge) as judge:
+        sched, batcher, out = build(chat, ScriptedPolicy(chat, fail_every=1),
+                                    SchedulerConfig(mode=mode, max_inflight=2, eta=None, episodes_per_step=2,
+                                                    max_consecutive_failures=5), tmp_path, judge)
+        with pytest.raises(EpisodesFailing, match=r"5 episodes in a row failed .*ConnectionFailed.*raise the budget"):
+            await asyncio.wait_for(sched.run(episodes=None), timeout=20)
+        await batcher.close()
+    assert 5 <= sched.counters.failed <= 6 and sched.counters.finished == 0  # (2 in flight: one more may fail)
 
 
 async def test_sync_mode_runs_phase_by_phase(chat: ChatTokenizer, tmp_path: Path) -> None:
