@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.run_key import RunKeyError, load_run_key, write_run_key
 from launcher.processes import ManagedProcess, ProcessFailed, ProcessSet, free_port
@@ -49,6 +49,9 @@ from ssp.metrics import MetricsLog, plot_metrics, read_metrics
 from ssp.paths import artifacts_dir
 from ssp.run_config import SSPConfig, check_sampling_matches_learner, learner_staleness_bound
 from ssp.trackers import Trackers, open_trackers
+
+if TYPE_CHECKING:
+    from engine.stream import FileSink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -170,27 +173,46 @@ def learner_argv(config_path: Path, trajectories: str, server_urls: list[str]) -
 # ------------------------------------------------------------------------------------------------ the engine
 
 
+class SamplesWriteFailed(RuntimeError):
+    """The run's copy of its trajectory groups could not be written (a full disk, most often)."""
+
+
 class SampleSink:
     """A FrameSink that forwards every frame to the learner and keeps a copy of every `every`-th one in a file
-    (the run's trajectory samples, readable with `ssp inspect`)."""
+    (the run's trajectory samples, readable with `ssp inspect`).
 
-    def __init__(self, inner: Any, samples: Any, every: int) -> None:
+    A failed copy raises SamplesWriteFailed, not the OSError itself: the stream takes an OSError for a broken
+    learner connection, and a full disk must be reported as what it is."""
+
+    def __init__(self, inner: Any, samples: FileSink, every: int) -> None:
         self._inner = inner
         self._samples = samples
         self._every = every
         self._n = 0
+        self._failed = False
 
     async def write(self, frame: bytes) -> None:
         await self._inner.write(frame)
-        if self._every and self._n % self._every == 0:
-            await self._samples.write(frame)
+        if self._every and self._n % self._every == 0 and not self._failed:
+            try:
+                await self._samples.write(frame)
+            except OSError as e:
+                self._failed = True
+                raise SamplesWriteFailed(
+                    f"keeping a copy of the trajectory groups in {self._samples.path} failed ({e}); the learner got "
+                    "the group. Free disk space there, or keep no copies (train.sample_every = 0), and continue "
+                    "with --resume") from e
         self._n += 1
 
     async def close(self) -> None:
         try:
             await self._inner.close()
         finally:
-            await self._samples.close()
+            if self._failed:  # closing flushes what the full disk refused: it would fail the same way again
+                with contextlib.suppress(OSError):
+                    await self._samples.close()
+            else:
+                await self._samples.close()
 
 
 class Monitor:

@@ -221,3 +221,18 @@ def test_sigterm_stops_every_process(tmp_path: Path, model_dir: Path, demo_index
     assert proc.returncode == 130, stderr
     assert "stopped by SIGTERM; every process was stopped" in stderr and "--resume" in stderr, stderr
     assert not any(_alive(pid) for pid in children), "a child outlived ssp train"
+
+
+async def test_a_full_disk_under_the_samples_is_reported_as_such(tmp_path: Path) -> None:
+    """/dev/full refuses every write with ENOSPC, as a full disk does."""
+    from engine.stream import FileSink
+    from launcher.train import SampleSink, SamplesWriteFailed
+
+    learner = FileSink(tmp_path / "to-learner.frames")
+    sink = SampleSink(learner, FileSink(Path("/dev/full")), every=1)
+    with pytest.raises(SamplesWriteFailed, match=r"/dev/full failed \(\[Errno 28\] No space left on device\); the "
+                                                 r"learner got the group.*train.sample_every = 0"):
+        await sink.write(b"frame-1")
+    await sink.write(b"frame-2")  # the learner's stream goes on; no second copy is attempted
+    await sink.close()
+    assert (tmp_path / "to-learner.frames").read_bytes() == b"frame-1frame-2"
