@@ -35,7 +35,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -437,7 +437,7 @@ def train(cfg: SSPConfig, *, resume: bool, progress: bool = True, out: Any = Non
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     # Trackers open first: a missing tracker library fails the run before anything starts.
-    with contextlib.closing(open_trackers(list(tc.trackers), run_dir, project=tc.wandb_project, run_name=tc.name,
+    with contextlib.closing(open_trackers(cfg.metrics, run_dir, run_name=run_dir.name,
                                           config=to_dict(cfg))) as trackers, \
             _signals_as_interrupt(), _log_to(logs / "engine.log"), ProcessSet() as procs:
         try:
@@ -502,6 +502,7 @@ def _train(cfg: SSPConfig, procs: ProcessSet, trackers: Trackers, *, run_dir: Pa
         print(f"ssp train: evaluating the initial policy on {len(tc.eval_datasets)} QA dataset(s)"
               f"{' and the held-out seeds of ' + str(tc.eval_seeds[0]) if tc.eval_seeds else ''}", file=out)
         before = _evaluate(cfg, run_dir / "eval-before", progress)
+        trackers.log_values(eval_scalars(before.to_json()), step=start_step)
         _check_alive(procs)
 
     learner: ManagedProcess | None = None
@@ -542,6 +543,7 @@ def _train(cfg: SSPConfig, procs: ProcessSet, trackers: Trackers, *, run_dir: Pa
     if evaluated:
         print("ssp train: evaluating the trained policy", file=out)
         after = _evaluate(cfg, run_dir / "eval-after", progress)
+        trackers.log_values(eval_scalars(after.to_json()), step=tc.steps)
         _check_alive(procs, finished=learner)
     result = TrainResult(run_dir=run_dir, start_step=start_step, steps=monitor.last_step, rows=monitor.rows,
                          engine=engine, before=before, after=after, policy=policy,
@@ -612,6 +614,22 @@ def summary_items(result: TrainResult) -> list[tuple[str, Any]]:
     return items
 
 
+def eval_scalars(scores: Mapping[str, Any]) -> dict[str, float]:
+    """An evaluation's headline numbers for the trackers: eval/<dataset>/em and /f1 (and the average), and
+    eval/proposer/<rate> on the held-out seeds. Rates that are undefined (no valid question) are left out."""
+    out: dict[str, float] = {}
+    for entry in [*scores.get("datasets", []), *([scores["average"]] if scores.get("average") else [])]:
+        for key in ("em", "f1"):
+            if isinstance(entry.get(key), (int, float)):
+                out[f"eval/{entry['name']}/{key}"] = float(entry[key])
+    proposer = scores.get("proposer") or {}
+    for key in ("question_rate", "checks_rate", "valid_rate", "verify_pass_rate", "searches_per_rollout",
+                "solver_accuracy"):
+        if isinstance(proposer.get(key), (int, float)):
+            out[f"eval/proposer/{key}"] = float(proposer[key])
+    return out
+
+
 def _finish(result: TrainResult) -> None:
     """Plots and summary.json in the run folder."""
     run_dir = result.run_dir
@@ -639,7 +657,8 @@ def format_result(result: TrainResult) -> str:
 
         parts.append("the trained policy:\n" + format_table(result.after))
     parts.append(format_summary(summary_items(result)))
-    files = [f"{result.run_dir}/{name}" for name in ("metrics.jsonl", "train.png", "summary.json", "samples.frames")]
+    files = [f"{result.run_dir}/{name}" for name in ("metrics.jsonl", "train.png", "summary.json", "samples.frames",
+                                                     "tensorboard", "wandb") if (result.run_dir / name).exists()]
     parts.append("files: " + ", ".join(files) + f", {result.run_dir}/learner/ (checkpoints, learner metrics)"
                  + (f", {result.policy} (the trained policy, Hugging Face format)" if result.policy else ""))
     return "\n\n".join(parts)

@@ -17,8 +17,6 @@ started by `ssp train` on this machine or attached to (already running elsewhere
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssp.trackers import TRACKERS
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrainConfig:
@@ -65,14 +63,6 @@ class TrainConfig:
     sample_every: int = 1
     """Keep a copy of every N-th trajectory group sent to the learner in <run>/samples.frames (read it with
     `ssp inspect`). 0 = keep none."""
-    trackers: tuple[str, ...] = ()
-    """Experiment trackers that get every step row of metrics.jsonl, stepped by the policy version: "tensorboard"
-    (<run>/tensorboard; `tensorboard --logdir <run>/tensorboard`) and/or "wandb" (offline files under <run>/wandb
-    unless WANDB_MODE or WANDB_API_KEY says otherwise; `wandb sync` uploads them). Both need `pip install
-    'ssp[tracking]'`. Example: --set 'train.trackers=["tensorboard"]'."""
-    wandb_project: str = "ssp"
-    """The W&B project of a run logged with "wandb" in trackers (the W&B run id is the run name, so --resume
-    continues it)."""
     poll_interval_s: float = 0.5
     """How often the run checks its processes, the servers' weight version and the learner's metrics."""
     stop_timeout_s: float = 120.0
@@ -98,9 +88,6 @@ class TrainConfig:
         if len(self.eval_seeds) > 1:
             raise ValueError(f"eval_seeds = {[str(p) for p in self.eval_seeds]}: give at most one seed file (join "
                              "them into one file to evaluate on all)")
-        unknown = sorted(set(self.trackers) - set(TRACKERS))
-        if unknown:
-            raise ValueError(f"trackers = {list(self.trackers)}: unknown {unknown}; the trackers are {list(TRACKERS)}")
         if self.sample_every < 0:
             raise ValueError(f"sample_every = {self.sample_every}: must be >= 0 (0 = keep no samples)")
         for name in ("server_start_timeout_s", "learner_start_timeout_s", "poll_interval_s", "stop_timeout_s"):

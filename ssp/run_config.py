@@ -10,6 +10,7 @@ from launcher.train_config import TrainConfig
 from learner.config import LearnerConfig
 from retriever.config import RetrievalServerConfig, RetrieverConfig
 from serving.config import ServingConfig
+from ssp.trackers import MetricsConfig
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -40,6 +41,8 @@ class SSPConfig:
     """`ssp train`: the run folder and length, and which pieces it starts or attaches to (servers, learner)."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """`ssp launch` / `just train-32b`: nodes, GPUs, model shape and how SGLang and Megatron are split across them."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Experiment trackers (TensorBoard, W&B) beside the JSONL metrics that every run writes."""
 
 
 def check_sampling_matches_learner(cfg: SSPConfig) -> None:

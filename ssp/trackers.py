@@ -1,4 +1,4 @@
-"""Experiment trackers beside the JSONL metrics: TensorBoard and Weights & Biases.
+"""Config section [metrics] and the experiment trackers beside the JSONL metrics: TensorBoard and Weights & Biases.
 
 Why: RL users read their runs in TensorBoard or W&B (verl's `trainer.logger`, slime's `--use-wandb`, TRL's
 `report_to`); the JSONL file stays the record `ssp` itself reads (plots, resume, summaries), and a tracker gets a
@@ -14,11 +14,45 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 TRACKERS = ("tensorboard", "wandb")
-"""The trackers `train.trackers` may name."""
+"""The trackers `metrics.trackers` may name."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MetricsConfig:
+    trackers: tuple[str, ...] = ()
+    """Experiment trackers that get every step row of <run>/metrics.jsonl at its step (the policy version), and the
+    before/after evaluation scores: "tensorboard" (<run>/tensorboard; `tensorboard --logdir <run>/tensorboard`)
+    and/or "wandb" (offline files under <run>/wandb unless WANDB_MODE or WANDB_API_KEY says otherwise; `wandb sync`
+    uploads them). Keys are grouped as rollout/, train/, perf/ and eval/. JSONL is always written. Both need
+    `pip install 'ssp[tracking]'` (`just setup` installs it). Example: --set 'metrics.trackers=["tensorboard"]'."""
+    wandb_project: str = "ssp"
+    """The W&B project (the W&B run id is the run name, so `ssp train --resume` continues the same W&B run)."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.trackers) - set(TRACKERS))
+        if unknown:
+            raise ValueError(f"trackers = {list(self.trackers)}: unknown {unknown}; the trackers are {list(TRACKERS)}")
+
+
+ROLLOUT_KEYS = frozenset({"episodes", "episodes_failed", "solver_accuracy", "proposer_reward", "valid_rate",
+                          "question_rate", "checks_rate"})
+"""Step-row keys about the episodes themselves (rollout/); the learner's go to train/, speeds and times to perf/."""
+PERF_KEYS = frozenset({"episodes_per_s", "tokens_per_s", "learner_tokens_per_s", "engine_s", "step_s", "push_s",
+                       "time_s"})
+
+
+def grouped_key(key: str) -> str:
+    """The tracker name of a step-row key: rollout/..., perf/... or train/..."""
+    if key in ROLLOUT_KEYS:
+        return f"rollout/{key}"
+    if key in PERF_KEYS:
+        return f"perf/{key}"
+    return f"train/{key}"
 
 
 class TrackerError(RuntimeError):
@@ -49,8 +83,8 @@ class TensorBoardTracker:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise TrackerError(f"train.trackers names 'tensorboard' but it is not installed ({e}); "
-                               "pip install 'ssp[tracking]' (or tensorboard), or drop it from train.trackers") from None
+            raise TrackerError(f"metrics.trackers names 'tensorboard' but it is not installed ({e}); "
+                               "pip install 'ssp[tracking]' (or tensorboard), or drop it from metrics.trackers") from None
         self.log_dir = log_dir
         self._writer = SummaryWriter(log_dir=str(log_dir))
 
@@ -70,8 +104,8 @@ class WandbTracker:
         try:
             import wandb
         except ImportError as e:
-            raise TrackerError(f"train.trackers names 'wandb' but it is not installed ({e}); "
-                               "pip install 'ssp[tracking]' (or wandb), or drop it from train.trackers") from None
+            raise TrackerError(f"metrics.trackers names 'wandb' but it is not installed ({e}); "
+                               "pip install 'ssp[tracking]' (or wandb), or drop it from metrics.trackers") from None
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         self._run = wandb.init(project=project, name=run_name, id=run_name, resume="allow", dir=str(run_dir),
                                config=dict(config), mode=mode)
@@ -90,7 +124,11 @@ class Trackers:
         self._trackers = trackers
 
     def log(self, record: Mapping[str, Any], step: int) -> None:
-        values = numeric(record)
+        """A step row: its numbers under their groups (`grouped_key`); `step` itself is the x axis, not a value."""
+        self.log_values({grouped_key(k): v for k, v in numeric(record).items() if k != "step"}, step)
+
+    def log_values(self, values: Mapping[str, float], step: int) -> None:
+        """Numbers already named as the trackers should show them (e.g. eval/...)."""
         for tracker in self._trackers:
             tracker.log(values, step)
 
@@ -99,19 +137,15 @@ class Trackers:
             tracker.close()
 
 
-def open_trackers(names: list[str], run_dir: Path, *, project: str, run_name: str,
-                  config: Mapping[str, Any]) -> Trackers:
-    """The trackers `names` asks for, writing under `run_dir`; `config` is the run's resolved configuration."""
-    unknown = sorted(set(names) - set(TRACKERS))
-    if unknown:
-        raise TrackerError(f"train.trackers = {names}: unknown {unknown}; the trackers are {list(TRACKERS)}")
+def open_trackers(cfg: MetricsConfig, run_dir: Path, *, run_name: str, config: Mapping[str, Any]) -> Trackers:
+    """The trackers `cfg` asks for, writing under `run_dir`; `config` is the run's resolved configuration."""
     opened: list[Tracker] = []
     try:
-        for name in names:
+        for name in cfg.trackers:
             if name == "tensorboard":
                 opened.append(TensorBoardTracker(run_dir / "tensorboard"))
             else:
-                opened.append(WandbTracker(run_dir, project=project, run_name=run_name, config=config))
+                opened.append(WandbTracker(run_dir, project=cfg.wandb_project, run_name=run_name, config=config))
     except BaseException:
         Trackers(opened).close()
         raise

@@ -94,7 +94,7 @@ TINY = [
     "rollout.max_context_tokens=1024", "game.solver_group_size=2", "game.verify_samples=1",
     "game.verify_max_new_tokens=8", "serving.context_length=1024", "train.poll_interval_s=0.25",
     "learner.warmup_steps=0", "learner.lr=1e-5", "learner.checkpoint_every=1", "train.eval_datasets=[]",
-    "train.eval_seeds=[]", "train.export_policy=false",
+    "train.eval_seeds=[]", "train.export_policy=false", "metrics.trackers=[]",
 ]
 
 
@@ -166,7 +166,7 @@ def test_killed_server_is_named_and_resume_continues(tmp_path: Path, model_dir: 
     # --resume: the step counter goes on from the checkpoint, and no group is trained twice.
     proc, err = _start(run_dir, model_dir, demo_index, f"train.steps={killed_at + 1}", "train.eval_datasets="
                        "['data/qa/hotpotqa_dev300_questions.jsonl']", "eval.limit=1", "eval.max_turns=1",
-                       "eval.max_new_tokens_per_turn=8", 'train.trackers=["tensorboard"]', resume=True)
+                       "eval.max_new_tokens_per_turn=8", 'metrics.trackers=["tensorboard"]', resume=True)
     out, _ = proc.communicate(timeout=900)
     stderr = err.read_text()
     assert proc.returncode == 0, stderr
@@ -189,7 +189,8 @@ def test_killed_server_is_named_and_resume_continues(tmp_path: Path, model_dir: 
 
     events = EventAccumulator(str(run_dir / "tensorboard"))  # the resumed run's step rows, at their steps
     events.Reload()
-    assert [e.step for e in events.Scalars("episodes")] == [killed_at + 1], events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("rollout/episodes")] == [killed_at + 1], events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("eval/average/em")] == [killed_at, killed_at + 1]  # before and after
 
 
 def test_killed_learner_is_named_with_its_log(tmp_path: Path, model_dir: Path, demo_index: Path) -> None:
