@@ -1,12 +1,19 @@
 """The transformers model behind the reference server, and the KV cache of the running batch.
 
 Continuous batching needs one forward pass over sequences of different lengths that join and leave at any step.
-We keep one `DynamicCache` for the running batch, left-padded: every row ends at the same column, so a decode step
-appends one column for all rows; a 2-D attention mask hides the padding and explicit position ids keep RoPE right.
-A new sequence is prefilled alone (batch of one, no padding: exactly what `model.generate` computes) and then
-merged into the batch cache; finished rows are cut out, and columns that became padding in every row are trimmed.
+The batch KV cache is a set of slots (`SlotCache`): per layer one preallocated buffer (R, H, C, D) that forward
+passes write into in place. Row r holds its sequence at columns [0, len_r), so a decode step writes each row's new
+token at its own column and never moves anything; a 4-D mask hides each row's columns past its length and explicit
+position ids keep RoPE right. A new sequence is prefilled alone (batch of one, transformers' own causal mask: what
+`model.generate` computes) straight into the next free slot; joining the batch is then free, and finished rows are
+compacted out with one copy of the rows after them.
 
-Legend: B = running rows, T = cache columns, L = prompt length, V = vocabulary, H = KV heads, D = head dim.
+Why not transformers' DynamicCache: it concatenates every layer's K/V on each step (a copy of the whole cache per
+generated token), and joining or leaving the batch needs left-padding copies of every layer; on CPU those copies were
+~30% of a batched step.
+
+Legend: R = slot capacity, B = running rows, C = column capacity, W = columns a pass attends over, S = tokens fed per
+row in a pass, L = prompt length, T = prefix-cached tokens, V = vocabulary, H = KV heads, D = head dim.
 """
 
 from __future__ import annotations
@@ -14,21 +21,134 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 log = logging.getLogger(__name__)
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per layer (keys, values), each (1, H, T, D)."""
+
+COLUMN_ALIGN = 64
+"""Column capacity grows in steps of this many (at least doubling), so growth copies are rare."""
 
 
 @dataclass(slots=True)
 class Prefilled:
-    """One sequence after its prefill: its own cache (B=1, T=L) and the logits it produced."""
+    """One sequence after its prefill: its KV sits in slot `slot` of the batch cache, columns [0, length)."""
 
-    cache: DynamicCache
+    slot: int
     length: int
     logits_NV: torch.Tensor
     """Logits of the last N prompt positions (N = 1 unless prompt logprobs were asked for)."""
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's K/V buffers (R, H, C, D); `update` writes where the owner's current pass says and returns the
+    columns that pass attends over."""
+
+    is_sliding = False
+
+    def __init__(self, owner: SlotCache) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise AssertionError("SlotCache allocates its buffers itself")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """key_states/value_states (n, H, S, D) of rows owner.rows go to columns owner.cols (n, S)."""
+        o = self.owner
+        assert self.keys is not None and self.values is not None
+        keys, values = self.keys[o.rows], self.values[o.rows]
+        keys[o.row_index, :, o.cols] = key_states.transpose(1, 2)
+        values[o.row_index, :, o.cols] = value_states.transpose(1, 2)
+        return keys[:, :, : o.width], values[:, :, : o.width]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.past + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.past
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class SlotCache(Cache):
+    """The batch KV cache as slots. Before each forward pass `plan()` says which rows it feeds and where their
+    tokens go; transformers' layers then call `SlotLayer.update`."""
+
+    def __init__(self, num_layers: int, *, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+        self.shape_HD = (kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.capacity_rows = self.capacity_cols = 0
+        self.rows = slice(0, 0)
+        self.row_index = torch.zeros((0, 1), dtype=torch.long, device=device)
+        self.cols = torch.zeros((0, 0), dtype=torch.long, device=device)
+        self.width = 0
+        self.past = 0
+
+    def slot_layers(self) -> list[SlotLayer]:
+        return self.layers  # type: ignore[return-value]
+
+    def reserve(self, rows: int, cols: int) -> None:
+        """Make room for `rows` slots of `cols` columns, keeping what is there. Buffers start zeroed: masked
+        columns must hold finite numbers, since attention multiplies them by a zero weight."""
+        if rows <= self.capacity_rows and cols <= self.capacity_cols:
+            return
+        new_rows = _grown(self.capacity_rows, rows)
+        new_cols = -(-_grown(self.capacity_cols, cols) // COLUMN_ALIGN) * COLUMN_ALIGN
+        for layer in self.slot_layers():
+            for name in ("keys", "values"):
+                buf = torch.zeros((new_rows, self.shape_HD[0], new_cols, self.shape_HD[1]), dtype=self.dtype,
+                                  device=self.device)
+                old = getattr(layer, name)
+                if old is not None:
+                    buf[: self.capacity_rows, :, : self.capacity_cols] = old
+                setattr(layer, name, buf)
+        self.capacity_rows, self.capacity_cols = new_rows, new_cols
+
+    def plan(self, rows: slice, cols_nS: torch.Tensor, *, width: int, past: int = 0) -> None:
+        """The next pass feeds rows `rows` (n of them), row i's tokens going to columns cols_nS[i], and attends
+        over columns [0, width). `past` is the prefix length transformers' own causal mask must assume (a pass
+        without a 4-D mask)."""
+        self.rows, self.cols, self.width, self.past = rows, cols_nS, width, past
+        n = cols_nS.shape[0]
+        if self.row_index.shape[0] != n:
+            self.row_index = torch.arange(n, device=self.device).unsqueeze(1)
+
+    def write(self, slot: int, kv: KV) -> None:
+        """Copy a cached prefix (per layer (1, H, T, D)) into columns [0, T) of `slot`."""
+        for layer, (k, v) in zip(self.slot_layers(), kv):
+            assert layer.keys is not None and layer.values is not None
+            layer.keys[slot, :, : k.shape[2]] = k[0]
+            layer.values[slot, :, : v.shape[2]] = v[0]
+
+    def read(self, slot: int, length: int) -> KV:
+        """Views of columns [0, length) of `slot` (valid until the slot is overwritten)."""
+        kv: KV = []
+        for layer in self.slot_layers():
+            assert layer.keys is not None and layer.values is not None
+            kv.append((layer.keys[slot: slot + 1, :, :length], layer.values[slot: slot + 1, :, :length]))
+        return kv
+
+    def compact(self, rows: list[int], width: int) -> None:
+        """Move slots `rows` to slots 0..len(rows)-1, in that order; only columns [0, width) matter."""
+        first = next((i for i, r in enumerate(rows) if r != i), len(rows))
+        if first == len(rows):
+            return  # a prefix of the slots stays where it is
+        index = torch.tensor(rows[first:], dtype=torch.long, device=self.device)
+        for layer in self.slot_layers():
+            for buf in (layer.keys, layer.values):
+                assert buf is not None
+                buf[first: len(rows), :, :width] = buf[index, :, :width]  # the gather copies first: overlap is safe
 
 
 class ModelRunner:
@@ -43,8 +163,16 @@ class ModelRunner:
         self.model.to(self.device).eval()
         self.config = self.model.config
         self.num_layers = int(self.config.num_hidden_layers)
-        self.cache: DynamicCache | None = None
-        self.mask_BT = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self.lens: list[int] = []
+        """Tokens in the cache per running row (row i = slot i)."""
+        self._pending: Prefilled | None = None
+        self.cache = self._new_cache()
+
+    def _new_cache(self) -> SlotCache:
+        heads = int(getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads)
+        head_dim = int(getattr(self.config, "head_dim", None) or self.config.hidden_size
+                       // self.config.num_attention_heads)
+        return SlotCache(self.num_layers, kv_heads=heads, head_dim=head_dim, dtype=self.dtype, device=self.device)
 
     # ---- facts -----------------------------------------------------------------------------------------------------
 
@@ -67,88 +195,76 @@ class ModelRunner:
 
     @property
     def rows(self) -> int:
-        return int(self.mask_BT.shape[0])
+        return len(self.lens)
 
     # ---- forward passes --------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int], *, keep_logits: int = 1,
-                past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Prefilled:
-        """Run a sequence alone; keep the logits of its last `keep_logits` positions. With `past` (the KV of
-        ids[:T], T = its length, from the prefix cache) only ids[T:] run."""
-        cache = self._rebuild(past) if past else DynamicCache(config=self.config)
-        done = int(past[0][0].shape[2]) if past else 0
-        input_1L = torch.tensor([ids[done:]], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_1L, cache=cache, use_cache=True, logits_to_keep=keep_logits)
-        return Prefilled(cache=out.cache, length=len(ids), logits_NV=out.logits[0].float())
+    def prefill(self, ids: list[int], *, keep_logits: int = 1, past: KV | None = None) -> Prefilled:
+        """Run a sequence alone into the next free slot; keep the logits of its last `keep_logits` positions. With
+        `past` (the KV of ids[:T], T = its length, from the prefix cache) only ids[T:] run. The result stays valid
+        until the next prefill or batch change: `add` it, or read its KV with `kv_of`, before that."""
+        slot, done = self.rows, int(past[0][0].shape[2]) if past else 0
+        self.cache.reserve(slot + 1, len(ids) + 1)
+        if past:
+            self.cache.write(slot, past)
+        cols_1S = torch.arange(done, len(ids), device=self.device).unsqueeze(0)
+        self.cache.plan(slice(slot, slot + 1), cols_1S, width=len(ids), past=done)
+        # No mask: transformers builds the causal one (or none at all), exactly as `model.generate` runs a prompt.
+        out = self.model(input_ids=torch.tensor([ids[done:]], dtype=torch.long, device=self.device),
+                         position_ids=cols_1S, cache=self.cache, use_cache=True, logits_to_keep=keep_logits)
+        self._pending = Prefilled(slot=slot, length=len(ids), logits_NV=out.logits[0].float())
+        return self._pending
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One step for every row: feed each row's newest token at its position; returns logits (B, V)."""
-        assert self.cache is not None and len(tokens) == self.rows, "decode() needs one token per running row"
-        input_B1 = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
-        pos_B1 = torch.tensor(positions, dtype=torch.long, device=self.device).unsqueeze(1)
-        ones_B1 = torch.ones((self.rows, 1), dtype=torch.long, device=self.device)
-        mask_BT1 = torch.cat([self.mask_BT, ones_B1], dim=1)
-        out = self.model(input_ids=input_B1, attention_mask=mask_BT1, position_ids=pos_B1,
+        assert len(tokens) == self.rows > 0, "decode() needs one token per running row"
+        self._pending = None
+        width = max(self.lens) + 1
+        self.cache.reserve(self.rows, width)
+        cols_B1 = torch.tensor(self.lens, dtype=torch.long, device=self.device).unsqueeze(1)
+        self.cache.plan(slice(0, self.rows), cols_B1, width=width)
+        # Row b attends to its own columns [0, len_b] (the new token included), nothing past them.
+        mask_B11W = (torch.arange(width, device=self.device).unsqueeze(0) <= cols_B1).view(self.rows, 1, 1, width)
+        out = self.model(input_ids=torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1),
+                         attention_mask=mask_B11W,
+                         position_ids=torch.tensor(positions, dtype=torch.long, device=self.device).unsqueeze(1),
                          cache=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.cache
-        self.mask_BT = mask_BT1
+        self.lens = [n + 1 for n in self.lens]
         return out.logits[:, -1].float()
 
-    # ---- batch cache surgery ---------------------------------------------------------------------------------------
-
-    def _layers(self, cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(layer.keys, layer.values) for layer in cache.layers[: self.num_layers]]
-
-    def _rebuild(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-        cache = DynamicCache(config=self.config)
-        for i, (k, v) in enumerate(kv):
-            cache.update(k, v, i)
-        return cache
+    # ---- batch membership ------------------------------------------------------------------------------------------
 
     def add(self, p: Prefilled) -> None:
-        """Append a prefilled sequence as the last row of the batch."""
-        if self.cache is None or self.rows == 0:
-            self.cache, self.mask_BT = p.cache, torch.ones((1, p.length), dtype=torch.long, device=self.device)
-            return
-        width = max(self.mask_BT.shape[1], p.length)
-        old_pad, new_pad = width - self.mask_BT.shape[1], width - p.length
-        merged = []
-        for (k_old, v_old), (k_new, v_new) in zip(self._layers(self.cache), self._layers(p.cache)):
-            merged.append((torch.cat([_pad_left(k_old, old_pad), _pad_left(k_new, new_pad)], dim=0),
-                           torch.cat([_pad_left(v_old, old_pad), _pad_left(v_new, new_pad)], dim=0)))
-        mask_new = torch.cat([torch.zeros(new_pad, dtype=torch.long, device=self.device),
-                              torch.ones(p.length, dtype=torch.long, device=self.device)]).unsqueeze(0)
-        self.mask_BT = torch.cat([_pad_left_2d(self.mask_BT, old_pad), mask_new], dim=0)
-        self.cache = self._rebuild(merged)
+        """Append the latest prefilled sequence as the last row of the batch (it already sits in that slot)."""
+        assert p is self._pending and p.slot == self.rows, "add() takes the latest prefill, before any batch change"
+        self.lens.append(p.length)
+        self._pending = None
 
+    @torch.inference_mode()
     def keep(self, rows: list[int]) -> None:
-        """Keep only these rows (in this order), then drop columns that are padding in every row."""
+        """Keep only these rows (in this order). In inference mode like the passes: the buffers were made there."""
+        self._pending = None
         if not rows:
             self.clear()
             return
-        if rows == list(range(self.rows)):
-            return
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        mask_BT = self.mask_BT.index_select(0, index)
-        first = int(mask_BT.any(dim=0).nonzero()[0].item())
-        self.mask_BT = mask_BT[:, first:]
-        self.cache = self._rebuild([(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
-                                    for k, v in self._layers(self.cache)])  # type: ignore[arg-type]
+        lens = [self.lens[i] for i in rows]
+        self.cache.compact(rows, max(lens))
+        self.lens = lens
 
-    def row_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The KV of one running row without its padding (for the prefix cache)."""
-        assert self.cache is not None
-        first = int(self.mask_BT[row].nonzero()[0].item())
-        return [(k[row:row + 1, :, first:], v[row:row + 1, :, first:]) for k, v in self._layers(self.cache)]
+    def row_kv(self, row: int) -> KV:
+        """The KV of one running row (for the prefix cache): views, valid until the batch changes."""
+        return self.cache.read(row, self.lens[row])
 
-    def kv_of(self, p: Prefilled) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return self._layers(p.cache)
+    def kv_of(self, p: Prefilled) -> KV:
+        assert p is self._pending, "kv_of() takes the latest prefill, before any batch change"
+        return self.cache.read(p.slot, p.length)
 
     def clear(self) -> None:
-        self.cache = None
-        self.mask_BT = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        """Empty the batch and free the buffers (they may have grown for one long request)."""
+        self.lens, self._pending = [], None
+        self.cache = self._new_cache()
 
     # ---- weights ---------------------------------------------------------------------------------------------------
 
@@ -157,14 +273,6 @@ class ModelRunner:
         return dict(self.model.state_dict(keep_vars=False))
 
 
-def _pad_left(x_BHTD: torch.Tensor, n: int) -> torch.Tensor:
-    if n == 0:
-        return x_BHTD
-    b, h, _, d = x_BHTD.shape
-    return torch.cat([x_BHTD.new_zeros((b, h, n, d)), x_BHTD], dim=2)
-
-
-def _pad_left_2d(mask_BT: torch.Tensor, n: int) -> torch.Tensor:
-    if n == 0:
-        return mask_BT
-    return torch.cat([mask_BT.new_zeros((mask_BT.shape[0], n)), mask_BT], dim=1)
+def _grown(have: int, need: int) -> int:
+    """A capacity that fits `need`: unchanged when it already does, else at least doubled (amortised copies)."""
+    return have if need <= have else max(need, 2 * have)
