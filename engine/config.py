@@ -4,7 +4,7 @@
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from engine.prompts import PROPOSER_PREFILLS, SEARCH_OPEN, SOLVER_PREFILLS, VERIFIER_PREFILLS
 from ssp.paths import DATA_DIR
@@ -154,6 +154,13 @@ class GameConfig:
     """A solver response with more <answer> (or </answer>) tags than this is tag spam ..."""
     answer_tag_penalty_reward: float = 0.25
     """... and a correct answer then earns this instead of 1.0 (SSP's rule)."""
+    solver_reward: str = "ssp"
+    """The solver's GRPO reward: "ssp" (1 correct, 0 wrong, the tag-spam rule above), "token_f1" (partial credit:
+    the answer's best token F1 against the aliases), or a plug-in: an entry point of group "ssp.solver_rewards" or
+    "package.module:ClassName" (engine/solver_rewards.py gives the contract). Correctness, and with it the solver
+    accuracy that pays the proposer, is the judge's verdict whatever the reward."""
+    solver_reward_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for a plug-in solver reward's constructor (none for the built-in ones)."""
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     """Rule checks on an extracted question."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)

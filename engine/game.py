@@ -25,7 +25,8 @@ from engine.config import GameConfig
 from engine.judge import Judge, Verdict
 from engine.prompts import (ANSWER_CLOSE, ANSWER_OPEN, QUESTION_CLOSE, QUESTION_OPEN, SEARCH_OPEN, proposer_messages,
                             solver_messages)
-from engine.rewards import proposer_reward, solver_accuracy, solver_reward, zero_variance
+from engine.rewards import proposer_reward, solver_accuracy, zero_variance
+from engine.solver_rewards import SolverOutcome, make_solver_reward
 from engine.rollout import Rollout, RolloutRunner, RolloutSpec
 from engine.seeds import Seed
 from engine.trajectory import Trajectory
@@ -75,6 +76,7 @@ class Game:
         self._rng = rng
         self.distractors = DistractorPool(cfg.distractor_pool_size, rng)
         self.verifier = Verifier(runner, chat, judge, cfg)
+        self._solver_reward = make_solver_reward(cfg)
         self.proposer_spec = RolloutSpec(final_open=QUESTION_OPEN, final_close=QUESTION_CLOSE, search=True,
                                          temperature=cfg.proposer_temperature, top_p=cfg.top_p,
                                          prefill=cfg.proposer_prefill)
@@ -119,16 +121,18 @@ class Game:
                                                affinity=f"{p.group_id}-s")
         runs = []
         for ro in rollouts:
-            verdict = await self._judge.judge(p.question, extract_answer(ro.generated_text), p.seed.aliases)
+            prediction = extract_answer(ro.generated_text)
+            verdict = await self._judge.judge(p.question, prediction, p.seed.aliases)
             tags = count_answer_tags(ro.generated_text)
-            runs.append(SolverRun(ro, verdict, solver_reward(verdict.correct, tags, self._cfg), tags))
+            reward = self._solver_reward(SolverOutcome(p.question, prediction, p.seed.aliases, verdict, tags))
+            runs.append(SolverRun(ro, verdict, reward, tags))
         return runs
 
     def assemble(self, p: Proposal, v: Verification | None, solvers: list[SolverRun]) -> EpisodeResult:
         valid = not p.reasons and v is not None and v.passed
-        rewards = [s.reward for s in solvers]
-        accuracy = solver_accuracy(rewards) if valid else None
-        r_p = proposer_reward(valid, p.reasons, rewards, self._cfg)
+        correct = [s.verdict.correct for s in solvers]  # the judge's, whatever reward the solver is trained on
+        accuracy = solver_accuracy(correct) if valid else None
+        r_p = proposer_reward(valid, p.reasons, correct, self._cfg)
         common: dict[str, Any] = {"answer": list(p.seed.aliases), "question": p.question}
         group = [p.rollout.trajectory(role="proposer", group_id=p.group_id, reward=r_p, meta={
             **common, "hops": p.seed.hops, "answer_type": p.seed.type, "valid": valid, "invalid_reasons": p.reasons,
@@ -143,5 +147,5 @@ class Game:
         rollouts = [p.rollout, *(ro for ro, _ in (v.samples if v else [])), *(s.rollout for s in solvers)]
         return EpisodeResult(
             group_id=p.group_id, trajectories=group, valid=valid, reasons=list(p.reasons), solver_accuracy=accuracy,
-            proposer_reward=r_p, zero_variance=bool(solvers) and zero_variance(rewards),
+            proposer_reward=r_p, zero_variance=bool(solvers) and zero_variance([s.reward for s in solvers]),
             generated_tokens=sum(r.generated_tokens for r in rollouts))

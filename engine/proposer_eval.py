@@ -41,7 +41,6 @@ from engine.config import GameConfig
 from engine.game import Game, Proposal, SolverRun
 from engine.intervals import Interval, mean_interval, wilson_interval
 from engine.judge import Judge
-from engine.rewards import solver_accuracy
 from engine.rollout import RolloutError, RolloutRunner
 from engine.seeds import Seed, load_seed_answers
 from engine.verify import Verification
@@ -129,8 +128,8 @@ class SeedRecord:
     response: str
     """The proposer's whole response as it saw it: its turns and the <information> blocks, decoded."""
     solved: bool | None
-    """The solver's rollout on the valid question counts as solved by the game's rule (engine.rewards.solver_accuracy:
-    a positive reward); None when there was no valid question."""
+    """The judge found the solver's answer to the valid question correct (the game's rule for solver accuracy,
+    engine.rewards.solver_accuracy); None when there was no valid question."""
     solver_prediction: str | None
     solver_judge: str | None
     """Which rule decided the solver's verdict (engine.judge.Method)."""
@@ -189,7 +188,7 @@ def _record(ep: _Episode, chat: ChatTokenizer) -> SeedRecord:
         turns=ro.turns if ro else 0, end=str(ro.end) if ro else "error",
         generated_tokens=ro.generated_tokens if ro else 0,
         text=ro.generated_text if ro else "", response=chat.decode(ro.response_ids) if ro else "",
-        solved=solver_accuracy([s.reward]) == 1.0 if s is not None else None,
+        solved=s.verdict.correct if s is not None else None,
         solver_prediction=extract_answer(s.rollout.generated_text) if s is not None else None,
         solver_judge=s.verdict.method.value if s is not None else None,
         solver_searches=len(s.rollout.searches) if s is not None else None,

@@ -16,11 +16,13 @@ def solver_reward(correct: bool, answer_tags: int, cfg: GameConfig) -> float:
     return cfg.answer_tag_penalty_reward if answer_tags > cfg.answer_tag_limit else 1.0
 
 
-def solver_accuracy(rewards: Sequence[float]) -> float:
-    """Fraction of solver rollouts with a positive reward (a penalised 0.25 still counts as solved, as in SSP)."""
-    if not rewards:
+def solver_accuracy(correct: Sequence[bool]) -> float:
+    """Fraction of a valid question's solver rollouts that the judge found correct (a tag-spam answer, rewarded
+    only `answer_tag_penalty_reward`, still counts as solved, as in SSP; so does any answer a plug-in reward
+    scores below 1: accuracy is the judge's, not the reward's)."""
+    if not correct:
         raise ValueError("solver accuracy of an empty group is undefined; a valid question always has solvers")
-    return sum(1 for r in rewards if r > 0) / len(rewards)
+    return sum(1 for c in correct if c) / len(correct)
 
 
 def invalid_stage(reasons: Sequence[str]) -> str:
@@ -33,12 +35,12 @@ def invalid_stage(reasons: Sequence[str]) -> str:
     return "failed_checks"
 
 
-def proposer_reward(valid: bool, reasons: Sequence[str], solver_rewards: Sequence[float], cfg: GameConfig) -> float:
+def proposer_reward(valid: bool, reasons: Sequence[str], solvers_correct: Sequence[bool], cfg: GameConfig) -> float:
     """1 - solver accuracy for a valid question (the proposer is paid for the solver's failures), otherwise the
     invalid reward of the stage where it failed (game.invalid_reward_by_stage, else game.invalid_reward)."""
     if not valid:
         return cfg.invalid_reward_by_stage.get(invalid_stage(reasons), cfg.invalid_reward)
-    return 1.0 - solver_accuracy(solver_rewards)
+    return 1.0 - solver_accuracy(solvers_correct)
 
 
 def zero_variance(rewards: Sequence[float]) -> bool:

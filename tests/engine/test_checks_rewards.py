@@ -71,10 +71,11 @@ def test_solver_reward_rules() -> None:
 
 def test_proposer_reward_is_one_minus_accuracy_or_invalid_reward() -> None:
     cfg = GameConfig(invalid_reward=-0.5)
-    assert proposer_reward(True, [], [1.0, 0.0, 0.25, 0.0, 0.0], cfg) == pytest.approx(0.6)  # 0.25 counts as solved
-    assert proposer_reward(True, [], [0.0] * 5, cfg) == 1.0
+    # the judge's verdicts: a tag-spam answer (rewarded 0.25) is still correct, so it counts as solved
+    assert proposer_reward(True, [], [True, False, True, False, False], cfg) == pytest.approx(0.6)
+    assert proposer_reward(True, [], [False] * 5, cfg) == 1.0
     assert proposer_reward(False, ["no_question"], [], cfg) == -0.5
-    assert solver_accuracy([1.0, 0.0]) == 0.5
+    assert solver_accuracy([True, False]) == 0.5
     with pytest.raises(ValueError, match="empty group"):
         solver_accuracy([])
 
