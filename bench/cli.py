@@ -14,6 +14,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         "bench",
         help="throughput benchmarks (ratios measured side by side in one run)",
         description="Run one benchmark; each prints a table and writes JSON under artifacts/bench/.",
+        epilog="Example: ssp bench learner --tp --model-dir artifacts/models/SmolLM2-135M-Instruct --steps 3 "
+        "(`just bench` runs every part's quick version and writes artifacts/bench/REPORT.md)",
     )
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     _add_retrieval(bench_sub)

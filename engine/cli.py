@@ -23,6 +23,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         description="Play self-play episodes (proposer -> checks -> RAG verification -> solver group -> rewards) "
         "with the configured inference servers ([inference]) and retriever ([retriever]), and write one frame per "
         "episode to --out (the exact frames the learner reads). Prints a summary; see `ssp inspect` to read them.",
+        epilog="Example (the demo's servers started first: `ssp model serve &`): ssp rollout --config configs/demo.toml "
+        "--episodes 8 --out artifacts/runs/demo.frames",
     )
     add_config_args(rollout)
     rollout.add_argument("--episodes", type=int, default=8, help="episodes to play (default: 8)")
@@ -37,6 +39,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         description="Read a frames file (from `ssp rollout --out` or a spill file). By default prints each "
         "trajectory with its masks: generated text as is, tool output (loss mask 0) in [[ ]] and dimmed on a "
         "terminal. --json prints one JSON object per trajectory with the schema fields.",
+        epilog="Example: ssp inspect artifacts/runs/<run>/samples.frames --role proposer --limit 3",
     )
     inspect.add_argument("file", type=Path, help="frames file")
     inspect.add_argument("--json", action="store_true", help="one JSON object per trajectory (schema fields)")

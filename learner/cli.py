@@ -25,6 +25,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         "learner.groups_per_step trajectory groups, takes one AdamW step, checkpoints (atomically) and pushes the "
         "weights to every --server. Re-running the same command resumes from the last complete checkpoint in "
         "learner.out_dir without training any trajectory twice. Metrics: OUT_DIR/metrics.jsonl (+ metrics.png).",
+        epilog="Example (from a file of frames, no weight push): ssp learner train --config configs/demo.toml "
+        "--trajectories artifacts/runs/<run>/samples.frames --set learner.out_dir=artifacts/learner-offline",
     )
     add_config_args(train)
     train.add_argument("--trajectories", required=True, metavar="FILE|tcp://HOST:PORT",

@@ -15,16 +15,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 COMMAND_MODULES = (
-    "ssp.config_cli",
-    "serving.cli",
-    "retriever.cli",
-    "bench.cli",
-    "learner.cli",
-    "engine.cli",
-    "engine.eval_cli",
+    # running: train (one machine), launch (a cluster), eval, rollout and inspect (engine.cli)
     "launcher.train_cli",
     "launcher.cli",
+    "engine.eval_cli",
+    "engine.cli",
+    # the pieces alone: learner and export, model (serving), index and retriever
+    "learner.cli",
+    "serving.cli",
+    "retriever.cli",
+    # tools
+    "bench.cli",
+    "ssp.config_cli",
 )
+"""In the order `ssp --help` lists their commands: what users run first, then the pieces, then the tools."""
 
 
 def add_config_args(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
@@ -52,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Search Self-Play: train LLM deep-search agents by self-play between a question proposer and a "
             "search-using solver, without human labels."
         ),
-        epilog="Run `ssp COMMAND --help` for each command's options. Quick start: `just demo`.",
+        epilog=("Commands: train / launch / eval / rollout / inspect run and read training; learner, export, "
+                "model, index and retriever start or convert one piece; bench and config are tools. Run `ssp "
+                "COMMAND --help` for each command's options and an example. Quick start: `just demo`."),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -14,6 +14,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         help="print the resolved config with every key documented",
         description="Print the config that a command would run with (defaults < --config file < --set), as TOML "
         "with each key's documentation as a comment. Save it, edit it, pass it back with --config.",
+        epilog="Example: ssp config show --config configs/demo.toml --set train.steps=20 > mine.toml",
     )
     add_config_args(show)
     show.set_defaults(run=run_show)
