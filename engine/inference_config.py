@@ -1,6 +1,7 @@
 """Config section [inference]: which SGLang-compatible servers the engine generates with, and how it routes to them."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -47,9 +48,16 @@ class InferenceConfig:
     affinity_entries: int = 200_000
     """Affinity keys remembered (least recently used are forgotten); one per live rollout or prompt group is enough."""
     api_key: str | None = None
-    """Bearer token for servers started with --api-key / --admin-api-key. Unset: no Authorization header."""
+    """Bearer token for servers started with --api-key / --admin-api-key. Unset: no Authorization header. Prefer
+    api_key_file: a key in the config is readable wherever the config is."""
+    api_key_file: Path | None = None
+    """File holding the bearer token (read when the pool opens); ssp train and ssp launch point it at the run key.
+    Every call, control calls included, sends it, so it must open the servers' admin routes too."""
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError(f"api_key and api_key_file = {self.api_key_file} are both set; keep api_key_file (a key "
+                             "in the config is readable wherever the config is)")
         if not self.server_urls:
             raise ValueError("server_urls is empty: give at least one server, e.g. server_urls = "
                              "[\"http://127.0.0.1:30000\"]")
@@ -72,3 +80,9 @@ class InferenceConfig:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be > 0 seconds")
         if self.retry_backoff_s < 0:
             raise ValueError(f"retry_backoff_s = {self.retry_backoff_s}: must be >= 0 seconds")
+
+    def bearer_key(self) -> str | None:
+        """The key clients send: api_key, or the content of api_key_file (engine.run_key.RunKeyError if unreadable)."""
+        from engine.run_key import load_api_key
+
+        return self.api_key or load_api_key(self.api_key_file, "inference.api_key_file")

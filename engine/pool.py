@@ -159,6 +159,7 @@ class InferencePool:
 
     def __init__(self, cfg: InferenceConfig, *, rids: RequestIds | None = None) -> None:
         self._cfg = cfg
+        self._api_key = cfg.bearer_key()
         self._rids = rids if rids is not None else RequestIds()
         self._state = PoolState.UNOPENED
         self._session: aiohttp.ClientSession | None = None
@@ -248,7 +249,7 @@ class InferencePool:
         cfg = self._cfg
         return ServerClient(url, self._session, request_timeout_s=cfg.request_timeout_s,
                             admin_timeout_s=cfg.admin_timeout_s, connect_timeout_s=cfg.connect_timeout_s,
-                            api_key=cfg.api_key, routing_header=routing_header)
+                            api_key=self._api_key, routing_header=routing_header)
 
     async def _capacities(self) -> list[int]:
         """Slots per generate target: from config, or each server's max_running_requests (router: their sum)."""
@@ -258,7 +259,7 @@ class InferencePool:
         else:
             timeout = aiohttp.ClientTimeout(total=cfg.admin_timeout_s, sock_connect=cfg.connect_timeout_s)
             async with aiohttp.ClientSession(timeout=timeout) as session:
-                infos = await asyncio.gather(*(ServerClient(url, session, api_key=cfg.api_key).server_info()
+                infos = await asyncio.gather(*(ServerClient(url, session, api_key=self._api_key).server_info()
                                                for url in cfg.server_urls), return_exceptions=True)
             per_server = []
             for url, info in zip(cfg.server_urls, infos, strict=True):

@@ -30,6 +30,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
 
 
 def run_launch(args: argparse.Namespace) -> int:
+    from engine.run_key import masked
     from launcher.cluster_run import launch_run, prepare_launch
     from launcher.plan import PlanError, render_plan
     from ssp.config import load_config
@@ -44,9 +45,12 @@ def run_launch(args: argparse.Namespace) -> int:
         print(f"ssp launch: {e}", file=sys.stderr)
         return 2
     print(render_plan(root.cluster, prepared.plan))
-    print("\ncommands (run from the launching host):")
+    print(f"\nrun key {masked(prepared.run_key)} (written to {prepared.run_dir / 'stream.key'}, mode 0600, at start; "
+          "every process below reads it from a file, never from its command line)")
+    print("commands (run from the launching host):")
     for launch in prepared.launches:
-        print(f"  [{launch.name} @ {launch.node}] {launch.shell()}")
+        print(f"  [{launch.name} @ {launch.node}, key {masked(prepared.run_key)} via {launch.key_via}] "
+              f"{launch.shell()}")
     if args.dry_run:
         return 0
     return launch_run(prepared)

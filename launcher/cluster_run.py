@@ -15,10 +15,10 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.run_key import write_run_key
+from engine.run_key import new_run_key, write_run_key, write_secret
 from launcher.commands import Launch, render_launches
 from launcher.config import ClusterConfig
 from launcher.plan import LearnerFootprint, Plan, PlanError, make_plan
@@ -26,6 +26,10 @@ from launcher.processes import ProcessFailed, ProcessSet
 from ssp.config import to_dict
 from ssp.paths import artifacts_dir, default_index_dir
 from ssp.run_config import SSPConfig, learner_staleness_bound
+
+
+SGLANG_AUTH = "sglang-auth.yaml"
+"""The SGLang servers' `--config` file in the run folder: their API and admin keys (mode 0600)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +41,8 @@ class PreparedLaunch:
     learner_config: dict[str, object]
     stream_config: dict[str, object]
     """The [stream] section both ends read: the learner from <run>/stream_config.json, the engine from --set."""
+    run_key: str = field(repr=False)
+    """The run's one secret, made here so that the dry run can show it (masked) and launch_run writes this one."""
 
 
 def slurm_allocation_nodes() -> list[str]:
@@ -68,20 +74,21 @@ def prepare_launch(root: SSPConfig, *, config_path: Path | None, overrides: list
     )
     plan = make_plan(cluster, footprint)
     run_dir = root.train.run_dir or artifacts_dir() / "runs" / root.train.name
+    # One key per run, written by launch_run into the run folder every node reads: the trajectory stream's key and
+    # every server's API key (admin routes included); each process gets the file's path, never the key.
+    key_file = run_dir / "stream.key"
     try:
         learner = dataclasses.replace(
             root.learner, model_dir=Path(cluster.model_path), out_dir=run_dir / "learner",
             tensor_parallel=cluster.train_tp, pipeline_parallel=cluster.train_pp, data_parallel=plan.train_dp,
             max_steps=root.train.steps, push_master_address=_trainer0(plan),
             max_staleness=learner_staleness_bound(root),
-            push_master_port=cluster.weight_update_port,
+            push_master_port=cluster.weight_update_port, push_api_key_file=key_file,
         )
     except ValueError as e:
         raise PlanError(f"the learner cannot run this plan: {e}") from None
 
-    # One key per run, written by launch_run into the run folder every node reads; both ends get its path.
-    stream = dataclasses.replace(root.stream, run_id=root.stream.run_id or run_dir.name,
-                                 key_file=run_dir / "stream.key")
+    stream = dataclasses.replace(root.stream, run_id=root.stream.run_id or run_dir.name, key_file=key_file)
     retriever = next(p for p in plan.processes if p.role == "retriever")
     engine_argv = ["ssp", "train"] + (["--config", str(config_path)] if config_path else [])
     for override in [
@@ -89,7 +96,9 @@ def prepare_launch(root: SSPConfig, *, config_path: Path | None, overrides: list
         f"train.server_urls={json.dumps(list(plan.servers))}",
         f'train.learner_address="{_trainer0(plan)}:{cluster.trajectory_port}"',
         f"stream.run_id={json.dumps(stream.run_id)}",
-        f"stream.key_file={json.dumps(str(stream.key_file))}",
+        f"stream.key_file={json.dumps(str(key_file))}",
+        f"inference.api_key_file={json.dumps(str(key_file))}",
+        f"retriever.api_key_file={json.dumps(str(key_file))}",
         f'learner.out_dir="{run_dir / "learner"}"',
         f'rollout.tokenizer_dir="{cluster.model_path}"',  # the servers' model, not the demo's SmolLM2
         'retriever.kind="http"',
@@ -99,13 +108,21 @@ def prepare_launch(root: SSPConfig, *, config_path: Path | None, overrides: list
     index_dir = root.retrieval_server.index_dir or root.retriever.index_dir or default_index_dir()
     launches = render_launches(cluster, plan, index_dir=index_dir,
                                learner_config_json=run_dir / "learner_config.json",
-                               stream_config_json=run_dir / "stream_config.json", engine_argv=engine_argv)
-    return PreparedLaunch(cluster, plan, launches, run_dir, to_dict(learner), to_dict(stream))
+                               stream_config_json=run_dir / "stream_config.json", key_file=key_file,
+                               sglang_auth=run_dir / SGLANG_AUTH, engine_argv=engine_argv)
+    return PreparedLaunch(cluster, plan, launches, run_dir, to_dict(learner), to_dict(stream), new_run_key())
 
 
 def _trainer0(plan: Plan) -> str:
     """The node of learner rank 0: it listens for trajectories and hosts the weight-update group."""
     return next(p.node for p in plan.processes if p.role == "learner")
+
+
+def write_run_secrets(run_dir: Path, key: str) -> None:
+    """The run key for our processes (<run>/stream.key) and for the SGLang servers (SGLANG_AUTH), both mode 0600."""
+    write_run_key(run_dir / "stream.key", key)
+    # JSON is YAML: the key's hex digits stay a string whatever they look like.
+    write_secret(run_dir / SGLANG_AUTH, json.dumps({"api-key": key, "admin-api-key": key}) + "\n")
 
 
 def launch_run(prepared: PreparedLaunch, *, server_timeout_s: float = 1800.0) -> int:
@@ -114,7 +131,7 @@ def launch_run(prepared: PreparedLaunch, *, server_timeout_s: float = 1800.0) ->
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "learner_config.json").write_text(json.dumps(prepared.learner_config, indent=1))
     (run_dir / "stream_config.json").write_text(json.dumps(prepared.stream_config, indent=1))
-    write_run_key(run_dir / "stream.key")
+    write_run_secrets(run_dir, prepared.run_key)
     workdir = Path.cwd()
     by_name = {launch.name: launch for launch in prepared.launches}
     with ProcessSet() as processes:

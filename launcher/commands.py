@@ -4,10 +4,17 @@ Kept apart from the plan (pure placement arithmetic) because the commands depend
 SLURM's `srun`, or `ssh` to a host list. Each process becomes one `Launch`: the node, the environment (which GPUs it
 sees) and the argv to run there. The learner's ranks start with torchrun's static rendezvous on the first training
 node; SGLang servers are started with sglang's own launcher (the `gpu` extra).
+
+Every server binds its node's name (the address the other nodes reach it at), never 0.0.0.0, and every process gets
+the run key (engine/run_key.py) from a file in the run folder, never on its command line (`ps` shows those to every
+user of a node): ours through their `api_key_file` keys, SGLang through `--config <run>/sglang-auth.yaml`, the YAML
+config file that `sglang.launch_server` merges with its command line (sglang/srt/server_args_config_parser.py), which
+holds `api-key` and `admin-api-key`. `Launch.key_via` names that path for the dry run's listing.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +29,8 @@ class Launch:
     node: str
     env: dict[str, str]
     argv: list[str]
+    key_via: str
+    """How the process reads the run key (a config key or option naming a file), shown by `ssp launch --dry-run`."""
 
     def shell(self) -> str:
         """The process as one shell line (environment assignments, then the command)."""
@@ -38,19 +47,23 @@ class Launch:
 
 
 def render_launches(cfg: ClusterConfig, plan: Plan, *, index_dir: Path, learner_config_json: Path,
-                    stream_config_json: Path, engine_argv: list[str]) -> list[Launch]:
-    """Every process of the plan, in start order: retriever, SGLang servers, learner ranks, then the engine."""
+                    stream_config_json: Path, key_file: Path, sglang_auth: Path,
+                    engine_argv: list[str]) -> list[Launch]:
+    """Every process of the plan, in start order: retriever, SGLang servers, learner ranks, then the engine.
+    `key_file` holds the run key, `sglang_auth` the SGLang config file with it (both written by launch_run);
+    the learner ranks and the engine name `key_file` in their own configs."""
     launches = []
     for process in plan.processes:
         if process.role == "retriever":
-            argv = ["ssp", "retriever", "serve", "--index", str(index_dir), "--host", "0.0.0.0",
-                    "--port", str(process.port)]
-            launches.append(Launch("retriever", process.node, {}, argv))
+            argv = ["ssp", "retriever", "serve", "--index", str(index_dir), "--host", process.node,
+                    "--port", str(process.port), "--set", f"retrieval_server.api_key_file={json.dumps(str(key_file))}"]
+            launches.append(Launch("retriever", process.node, {}, argv, "retrieval_server.api_key_file"))
     for i, process in enumerate(p for p in plan.processes if p.role == "sglang"):
         argv = ["python", "-m", "sglang.launch_server", "--model-path", cfg.model_path,
-                "--tp-size", str(cfg.sglang_tp), "--host", "0.0.0.0", "--port", str(process.port),
-                "--mem-fraction-static", str(cfg.sglang_mem_fraction)]
-        launches.append(Launch(f"sglang-{i}", process.node, _gpu_env(process), argv))
+                "--tp-size", str(cfg.sglang_tp), "--host", process.node, "--port", str(process.port),
+                "--mem-fraction-static", str(cfg.sglang_mem_fraction), "--config", str(sglang_auth)]
+        launches.append(Launch(f"sglang-{i}", process.node, _gpu_env(process), argv,
+                               f"--config {sglang_auth.name} (api-key, admin-api-key)"))
     training = [p for p in plan.processes if p.role == "learner"]
     for rank, process in enumerate(training):
         argv = [
@@ -58,13 +71,16 @@ def render_launches(cfg: ClusterConfig, plan: Plan, *, index_dir: Path, learner_
             f"--nnodes={len(training)}", f"--node-rank={rank}", f"--nproc-per-node={cfg.gpus_per_node}",
             f"--master-addr={training[0].node}", f"--master-port={cfg.rendezvous_port}",
             "-m", "learner.trainer", "--config-json", str(learner_config_json),
-            "--stream-json", str(stream_config_json), "--trajectories", f"tcp://0.0.0.0:{cfg.trajectory_port}",
+            "--stream-json", str(stream_config_json),
+            "--trajectories", f"tcp://{training[0].node}:{cfg.trajectory_port}",
         ]
         for url in plan.servers:
             argv += ["--server", url]
-        launches.append(Launch(f"learner-{rank}", process.node, _gpu_env(process), argv))
+        launches.append(Launch(f"learner-{rank}", process.node, _gpu_env(process), argv,
+                               "stream.key_file, learner.push_api_key_file"))
     engine = next(p for p in plan.processes if p.role == "engine")
-    launches.append(Launch("engine", engine.node, {}, engine_argv))
+    launches.append(Launch("engine", engine.node, {}, engine_argv,
+                           "stream.key_file, inference.api_key_file, retriever.api_key_file"))
     return launches
 
 

@@ -150,9 +150,11 @@ def check_config(cfg: SSPConfig) -> None:
 # ------------------------------------------------------------------------------------------------ the processes
 
 
-def start_retriever(procs: ProcessSet, cfg: SSPConfig, *, logs: Path, timeout_s: float) -> str:
+def start_retriever(procs: ProcessSet, cfg: SSPConfig, *, key_file: Path, logs: Path, timeout_s: float) -> str:
+    """Start `ssp retriever serve` on a free loopback port, keyed with `key_file`; its base URL once it answers."""
     port = free_port()
-    argv = [sys.executable, "-m", "ssp.cli", "retriever", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [sys.executable, "-m", "ssp.cli", "retriever", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--set", f"retrieval_server.api_key_file={json.dumps(str(key_file))}"]
     if cfg.retrieval_server.index_dir is not None:
         argv += ["--index", str(cfg.retrieval_server.index_dir)]
     process = procs.start("retriever", argv, log_path=logs / "retriever.log")
@@ -478,16 +480,26 @@ def _train(cfg: SSPConfig, procs: ProcessSet, trackers: Trackers, *, run_dir: Pa
         except RunKeyError as e:
             raise TrainError(f"train.learner_address is set: {e}") from None
     stream_host, stream_port = stream.host, stream.port
+    # One secret per run: the servers and the retriever started here take the run key as their API key (admin
+    # routes included), and their clients (the engine's pool, the evaluation, the learner's pusher) read the same
+    # file. An attached learner whose key is in $SSP_RUN_KEY has no file to share: those servers get a key of their
+    # own, in <run>/server.key.
+    key_file = stream.key_file or write_run_key(run_dir / "server.key")
+    inference = dataclasses.replace(cfg.inference, server_urls=tuple(urls))
+    if not tc.server_urls:  # attached servers keep the config's key
+        inference = dataclasses.replace(inference, api_key=None, api_key_file=key_file)
     cfg = dataclasses.replace(
         cfg,
-        inference=dataclasses.replace(cfg.inference, server_urls=tuple(urls)),
+        inference=inference,
+        serving=dataclasses.replace(cfg.serving, api_key=None, admin_api_key=None, api_key_file=key_file),
         stream=stream,
         learner=dataclasses.replace(cfg.learner, out_dir=learner_dir, max_steps=tc.steps,
-                                    max_staleness=learner_staleness_bound(cfg)),
+                                    max_staleness=learner_staleness_bound(cfg),
+                                    push_api_key_file=cfg.learner.push_api_key_file or inference.api_key_file),
     )
     if cfg.retriever.kind == "http" and tc.start_retriever:
-        url = start_retriever(procs, cfg, logs=logs, timeout_s=tc.server_start_timeout_s)
-        cfg = dataclasses.replace(cfg, retriever=dataclasses.replace(cfg.retriever, url=url))
+        url = start_retriever(procs, cfg, key_file=key_file, logs=logs, timeout_s=tc.server_start_timeout_s)
+        cfg = dataclasses.replace(cfg, retriever=dataclasses.replace(cfg.retriever, url=url, api_key_file=key_file))
     config_path.write_text(to_toml(cfg), encoding="utf-8")
     print(f"ssp train: run folder {run_dir} ({'resuming at step ' + str(start_step) if start_step else 'new run'}, "
           f"{tc.steps} steps of {cfg.scheduler.episodes_per_step} episodes)", file=out)

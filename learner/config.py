@@ -127,6 +127,9 @@ class LearnerConfig:
     group there). Local runs use loopback; on a cluster it is the first training node (`ssp launch` sets it)."""
     push_master_port: int = 0
     """Weight push: the port of that group's rendezvous on rank 0; 0 picks a free one (fine on one machine)."""
+    push_api_key_file: Path | None = None
+    """Weight push: file holding the servers' admin key (every push call is an admin route); ssp train and ssp
+    launch point it at the run key. Unset: no Authorization header, which a keyed server refuses."""
     logprob_temperature: float = 1.0
     """Logits are divided by this before log-softmax, to match the rollout's sampling temperature."""
 

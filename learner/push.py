@@ -178,7 +178,9 @@ class WeightPusher:
 
     def __init__(self, server_urls: list[str], *, backend: str, master_address: str = "127.0.0.1",
                  master_port: int = 0, group_name: str = "weight_update_group", bytes_per_bucket: int = 512 << 20,
-                 timeout_s: float = 600.0, kv_refresh_every: int = 1) -> None:
+                 timeout_s: float = 600.0, kv_refresh_every: int = 1, api_key: str | None = None) -> None:
+        """`api_key`: the servers' admin key (learner.push_api_key_file), sent with every call: all of them are
+        admin routes."""
         if not server_urls:
             raise ValueError("WeightPusher needs at least one server URL")
         self.urls = [u.rstrip("/") for u in server_urls]
@@ -188,6 +190,7 @@ class WeightPusher:
         self.group_name = group_name
         self.bytes_per_bucket = bytes_per_bucket
         self.timeout_s = timeout_s
+        self._api_key = api_key
         pause_mode(1, kv_refresh_every)  # validates it
         self.kv_refresh_every = kv_refresh_every
         self.pushes = 0
@@ -216,7 +219,8 @@ class WeightPusher:
         from engine.client import ServerClient
 
         self._session = aiohttp.ClientSession()
-        self._clients = [ServerClient(u, self._session, admin_timeout_s=self.timeout_s) for u in self.urls]
+        self._clients = [ServerClient(u, self._session, admin_timeout_s=self.timeout_s, api_key=self._api_key)
+                         for u in self.urls]
 
     async def _all(self, method: str, **kwargs: Any) -> list[Any]:
         return list(await asyncio.gather(*(getattr(c, method)(**kwargs) for c in self._clients)))

@@ -287,12 +287,14 @@ def _connect_pusher(cfg: LearnerConfig, server_urls: list[str], par: Parallel) -
     """Rank 0 owns the update group; the other ranks only help gather."""
     if par.rank != 0:
         return None
+    from engine.run_key import load_api_key
     from learner.push import WeightPusher
 
     pusher = WeightPusher(server_urls, backend="nccl" if par.device.type == "cuda" else "gloo",
                           master_address=cfg.push_master_address, master_port=cfg.push_master_port,
                           bytes_per_bucket=cfg.push_bytes_per_bucket, timeout_s=cfg.push_timeout_s,
-                          kv_refresh_every=cfg.push_kv_refresh_every)
+                          kv_refresh_every=cfg.push_kv_refresh_every,
+                          api_key=load_api_key(cfg.push_api_key_file, "learner.push_api_key_file"))
     pusher.connect()
     return pusher
 

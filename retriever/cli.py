@@ -59,6 +59,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     serve.add_argument("--index", type=Path, metavar="DIR", help="index directory (retrieval_server.index_dir)")
     serve.add_argument("--host", help="listen address (retrieval_server.host, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port, 0 = any free one (retrieval_server.port, default 8000)")
+    serve.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key "
+                       "(retrieval_server.api_key_file); anyone reaching the port can then search")
     add_config_args(serve)
     serve.set_defaults(run=run_serve)
 
@@ -123,7 +125,8 @@ def run_serve(args: argparse.Namespace) -> int:
     flags = {"index_dir": args.index, "host": args.host, "port": args.port}
     try:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-        uvloop.run(serve(cfg, cfg.index_dir or default_index_dir(), ready=lambda line: print(line, flush=True)))
+        uvloop.run(serve(cfg, cfg.index_dir or default_index_dir(), ready=lambda line: print(line, flush=True),
+                         insecure=args.insecure))
     except (RetrieverError, ValueError) as e:
         print(f"ssp retriever serve: {e}", file=sys.stderr)
         return 1

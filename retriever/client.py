@@ -33,13 +33,15 @@ log = logging.getLogger(__name__)
 class HttpRetriever:
     """Search over HTTP with one pooled session, bounded retries and typed errors."""
 
-    def __init__(self, url: str, *, timeout_s: float = 10.0, max_retries: int = 3, backoff_s: float = 0.1) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 10.0, max_retries: int = 3, backoff_s: float = 0.1,
+                 api_key: str | None = None) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url = {url!r}: must start with http:// or https:// (set retriever.url)")
         self.endpoint = url.rstrip("/") + "/retrieve"
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._max_retries = max_retries
         self._backoff_s = backoff_s
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self.retries = 0
@@ -59,7 +61,7 @@ class HttpRetriever:
 
     async def _post(self, payload: dict[str, Any]) -> Any:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         last = ""
         for attempt in range(self._max_retries + 1):
             if attempt:

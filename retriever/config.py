@@ -22,6 +22,9 @@ class RetrieverConfig:
     """Per-request timeout of the HTTP retriever."""
     max_retries: int = 3
     """HTTP retriever: retries after a connection error or 5xx, with exponential backoff, before failing."""
+    api_key_file: Path | None = None
+    """HTTP retriever: file holding the server's bearer key (retrieval_server.api_key_file on the server); ssp train
+    and ssp launch point it at the run key. Unset: no Authorization header."""
     options: dict[str, Any] = field(default_factory=dict)
     """Options passed as keyword arguments to a user retriever class (kind = "module:Class")."""
 
@@ -41,7 +44,11 @@ class RetrievalServerConfig:
     index_dir: Path | None = None
     """Tantivy index the server searches (`ssp retriever serve --index`); unset means the demo index."""
     host: str = "127.0.0.1"
-    """Address to listen on; 0.0.0.0 serves other machines (there is no authentication: trusted networks only)."""
+    """Address to listen on. Any address other machines reach needs api_key_file (or --insecure on a trusted
+    network): the server refuses to start otherwise."""
+    api_key_file: Path | None = None
+    """File holding the bearer key every route but /health needs (`Authorization: Bearer <key>`), read at start-up;
+    ssp train and ssp launch point it at the run key. Unset: no authentication."""
     port: int = 8000
     """TCP port (0 picks a free one and prints it)."""
     search_threads: int = 2

@@ -2,7 +2,7 @@
 
 `retriever.kind` is one of:
 - "tantivy": `TantivyRetriever` over `index_dir` (default: the demo index) with `search_threads` threads;
-- "http": `HttpRetriever` calling `url` with `timeout_s` and `max_retries`;
+- "http": `HttpRetriever` calling `url` with `timeout_s`, `max_retries` and the key of `api_key_file`;
 - the name of an entry point in the group `ssp.retrievers` (a package registers
   `[project.entry-points."ssp.retrievers"] mine = "mypkg.search:MyRetriever"`);
 - "package.module:ClassName", imported directly.
@@ -56,9 +56,11 @@ def _make_builtin(cfg: RetrieverConfig) -> Retriever:
         from retriever.tantivy_index import TantivyRetriever
 
         return TantivyRetriever(cfg.index_dir or default_index_dir(), threads=cfg.search_threads)
+    from engine.run_key import load_api_key
     from retriever.client import HttpRetriever
 
-    return HttpRetriever(cfg.url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)
+    return HttpRetriever(cfg.url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+                         api_key=load_api_key(cfg.api_key_file, "retriever.api_key_file"))
 
 
 def _load_user_factory(kind: str) -> Callable[..., Any]:

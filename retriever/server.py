@@ -15,6 +15,7 @@ Searches run on the TantivyRetriever's thread pool, so the event loop keeps pars
 """
 
 import asyncio
+import hmac
 import json
 import logging
 import signal
@@ -25,6 +26,7 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
+from engine.run_key import check_bind, load_api_key
 from retriever.config import RetrievalServerConfig
 from retriever.corpus import join_contents
 from retriever.protocol import Doc
@@ -39,6 +41,8 @@ REQUEST_KEYS = {"queries", "topk", "return_scores"}
 
 RETRIEVER_KEY = web.AppKey("retriever", TantivyRetriever)
 CONFIG_KEY = web.AppKey("config", RetrievalServerConfig)
+PUBLIC_PATHS = frozenset({"/health"})
+"""Routes open without the API key: launchers poll /health before they hold a client."""
 
 
 class BadRequest(ValueError):
@@ -136,11 +140,30 @@ async def json_errors(
         return web.json_response({"error": "internal error while searching; see the server log"}, status=500)
 
 
-def make_app(retriever: TantivyRetriever, cfg: RetrievalServerConfig) -> web.Application:
-    """The aiohttp application; the caller owns `retriever` and closes it after the app stops."""
+def bearer_check(api_key: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Middleware: every route but PUBLIC_PATHS needs `Authorization: Bearer <api_key>`, else 401 {"error": ...}."""
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def check(request: web.Request,
+                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        # constant-time: a timing difference would let a caller guess the key byte by byte
+        if request.path in PUBLIC_PATHS or hmac.compare_digest(request.headers.get("Authorization", "").encode(),
+                                                               expected):
+            return await handler(request)
+        return web.json_response({"error": "unauthorized: send `Authorization: Bearer <key>` with the key of "
+                                  "retrieval_server.api_key_file (set retriever.api_key_file on the client)"},
+                                 status=401)
+    return check
+
+
+def make_app(retriever: TantivyRetriever, cfg: RetrievalServerConfig, api_key: str | None = None) -> web.Application:
+    """The aiohttp application; the caller owns `retriever` and closes it after the app stops. With `api_key`,
+    every route but /health needs it as a bearer token."""
     # Room for max_queries queries of max_query_chars characters (up to 4 UTF-8 bytes each) plus JSON framing.
     max_body = cfg.max_queries * (cfg.max_query_chars * 4 + 16) + 1024
-    app = web.Application(client_max_size=max_body, middlewares=[json_errors])
+    middlewares = [json_errors] if api_key is None else [bearer_check(api_key), json_errors]
+    app = web.Application(client_max_size=max_body, middlewares=middlewares)
     app[RETRIEVER_KEY] = retriever
     app[CONFIG_KEY] = cfg
     app.router.add_post("/retrieve", retrieve)
@@ -148,10 +171,14 @@ def make_app(retriever: TantivyRetriever, cfg: RetrievalServerConfig) -> web.App
     return app
 
 
-async def serve(cfg: RetrievalServerConfig, index_dir: Path, ready: Callable[[str], None] = print) -> None:
-    """Run the server until SIGINT/SIGTERM; calls `ready(url)` once the socket is listening."""
+async def serve(cfg: RetrievalServerConfig, index_dir: Path, ready: Callable[[str], None] = print, *,
+                insecure: bool = False) -> None:
+    """Run the server until SIGINT/SIGTERM; calls `ready(url)` once the socket is listening. Refuses
+    (engine.run_key.RunKeyError) a non-loopback host without retrieval_server.api_key_file unless `insecure`."""
+    api_key = load_api_key(cfg.api_key_file, "retrieval_server.api_key_file")
+    check_bind(cfg.host, keyed=api_key is not None, insecure=insecure, setting="retrieval_server.api_key_file")
     retriever = TantivyRetriever(index_dir, threads=cfg.search_threads)
-    runner = web.AppRunner(make_app(retriever, cfg), access_log=None)
+    runner = web.AppRunner(make_app(retriever, cfg, api_key), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, cfg.host, cfg.port)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 import uuid
@@ -196,8 +197,8 @@ class Front:
         key = self.cfg.admin_api_key if (request.path in ADMIN_PATHS and self.cfg.admin_api_key) else self.cfg.api_key
         if key is None:
             return None
-        if request.headers.get("Authorization") == f"Bearer {key}":
-            return None
+        if hmac.compare_digest(request.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
+            return None  # constant-time: a timing difference would let a caller guess the key byte by byte
         return error_reply("Unauthorized: send `Authorization: Bearer <api key>`", 401)
 
     async def on_startup(self, _app: web.Application) -> None:

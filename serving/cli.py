@@ -36,6 +36,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
                        "else the prepared SmolLM2-135M-Instruct)")
     serve.add_argument("--host", default=None, help="bind address (default: serving.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default: serving.port, 30000; 0 = any free)")
+    serve.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key "
+                       "(serving.api_key_file); anyone reaching the port can then pause, abort and replace weights")
     serve.add_argument("--sim", action="store_true", help="serve the simulated backend (no weights) instead")
     serve.add_argument("--sim-profile", type=Path, default=None, help="simulation profile TOML (with --sim)")
     serve.add_argument("--sim-time-scale", type=float, default=None, metavar="X",
@@ -59,6 +61,9 @@ def run_prepare(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     import dataclasses
 
+    import sys
+
+    from engine.run_key import RunKeyError
     from serving.server import serve
     from ssp.config import load_config
     from ssp.run_config import SSPConfig
@@ -66,4 +71,9 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg = load_config(SSPConfig, args.config, args.overrides).serving
     flags = {"model": args.model, "host": args.host, "port": args.port}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    return serve(cfg, sim=args.sim, sim_profile=args.sim_profile, sim_time_scale=args.sim_time_scale)
+    try:
+        return serve(cfg, sim=args.sim, sim_profile=args.sim_profile, sim_time_scale=args.sim_time_scale,
+                     insecure=args.insecure)
+    except RunKeyError as e:
+        print(f"ssp model serve: {e}", file=sys.stderr)
+        return 2

@@ -63,7 +63,11 @@ class ServingConfig:
     weight_version: str = "default"
     """Initial weight version reported in responses (SGLang's --weight-version)."""
     api_key: str | None = None
-    """If set, every route except /health*, /ready needs `Authorization: Bearer <api_key>`."""
+    """If set, every route except /health*, /ready needs `Authorization: Bearer <api_key>`. Anything in the config
+    lands in run folders and, with --set, on command lines others can read: prefer api_key_file."""
+    api_key_file: Path | None = None
+    """File holding the API key (its content, whitespace stripped, 32 to 4096 bytes); read at start-up. ssp train
+    points it at the run key (<run>/stream.key). Set api_key or api_key_file, not both."""
     admin_api_key: str | None = None
     """If set, control routes (abort, pause, flush, weight updates) need this key instead of api_key."""
     log_requests: bool = False
@@ -76,6 +80,9 @@ class ServingConfig:
     fallback)."""
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError(f"api_key and api_key_file = {self.api_key_file} are both set; keep api_key_file (a key "
+                             "in the config is readable wherever the config is)")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests = {self.max_running_requests}: must be >= 1")
         if self.prefix_cache_tokens < 0:

@@ -28,12 +28,28 @@ def build_backend(cfg: ServingConfig, *, sim: bool, sim_profile: Path | None,
     return ModelBackend(cfg)
 
 
+def with_key(cfg: ServingConfig, *, insecure: bool) -> ServingConfig:
+    """`cfg` with the key of serving.api_key_file read into api_key; refuses (RunKeyError) a non-loopback bind
+    without any key unless `insecure`. Runs before the model loads, so a bad setup fails in a second."""
+    import dataclasses
+
+    from engine.run_key import check_bind, load_api_key
+
+    if cfg.api_key_file is not None:
+        key = load_api_key(cfg.api_key_file, "serving.api_key_file")
+        cfg = dataclasses.replace(cfg, api_key=key, api_key_file=None)
+    check_bind(cfg.host, keyed=cfg.api_key is not None, insecure=insecure, setting="serving.api_key_file")
+    return cfg
+
+
 def serve(cfg: ServingConfig, *, sim: bool = False, sim_profile: Path | None = None,
-          sim_time_scale: float | None = None) -> int:
+          sim_time_scale: float | None = None, insecure: bool = False) -> int:
+    """Serve until interrupted; `insecure` allows a non-loopback bind without an API key (`with_key`)."""
     import uvloop
 
     from serving.app import create_app, run_app
 
+    cfg = with_key(cfg, insecure=insecure)
     backend = build_backend(cfg, sim=sim, sim_profile=sim_profile, sim_time_scale=sim_time_scale)
     app = create_app(backend, cfg)
 

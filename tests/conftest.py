@@ -76,6 +76,22 @@ class ServerProcess:
         self._log.close()
 
 
+@pytest.fixture
+def server_launcher(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Start `ssp model serve ARGS...` processes for one test: launch(args, timeout_s=300) -> ServerProcess, each
+    stopped when the test ends (for servers a test configures itself, e.g. with a key)."""
+    started: list[ServerProcess] = []
+
+    def launch(args: list[str], timeout_s: float = 300.0) -> ServerProcess:
+        server = ServerProcess(args, tmp_path / f"server{len(started)}.log", timeout_s=timeout_s)
+        started.append(server)
+        return server
+
+    yield launch
+    for server in started:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def sim_launcher(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """Start simulated servers (`ssp model serve --sim`) as processes: launch(time_scale=20.0, port=0,

@@ -1,11 +1,12 @@
 """`ssp launch --dry-run` on the shipped cluster configs, and the errors of an impossible or unallocated launch."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from launcher.cluster_run import prepare_launch, slurm_allocation_nodes
+from launcher.cluster_run import prepare_launch, slurm_allocation_nodes, write_run_secrets
 from launcher.plan import PlanError
 from ssp.cli import main
 from ssp.config import load_config
@@ -36,7 +37,7 @@ def test_engine_and_learner_agree_on_addresses() -> None:
     root = load_config(SSPConfig, CONFIG_32B)
     prepared = prepare_launch(root, config_path=CONFIG_32B, overrides=[], use_allocation=False)
     learners = [launch for launch in prepared.launches if launch.name.startswith("learner")]
-    assert all("tcp://0.0.0.0:29600" in launch.argv for launch in learners)
+    assert all("tcp://node2:29600" in launch.argv for launch in learners)  # rank 0's node, not 0.0.0.0
     assert prepared.learner_config["tensor_parallel"] == 8 and prepared.learner_config["data_parallel"] == 2
     assert prepared.learner_config["max_steps"] == root.train.steps
     assert prepared.learner_config["max_staleness"] == root.scheduler.eta  # the learner's backstop of the gate
@@ -50,6 +51,41 @@ def test_engine_and_learner_agree_on_addresses() -> None:
     assert all(str(prepared.run_dir / "stream_config.json") in launch.argv for launch in learners)
     assert f"stream.key_file={json.dumps(stream['key_file'])}" in engine.argv
     assert f"stream.run_id={json.dumps(stream['run_id'])}" in engine.argv
+
+
+def test_dry_run_shows_every_process_keyed_and_no_wildcard_bind(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["launch", "--config", str(CONFIG_32B), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    commands = [line for line in out.splitlines() if line.startswith("  [")]
+    shown = re.search(r"run key ([0-9a-f]{4})\.\.\. ", out)
+    assert shown and len(commands) == 1 + 4 + 2 + 1
+    assert all(f"key {shown.group(1)}... via " in line for line in commands)
+    assert "0.0.0.0" not in out and not re.search(r"[0-9a-f]{8}", out.replace("qwen2.5", ""))  # no key in full
+
+
+def test_every_server_and_client_gets_the_run_key_file(tmp_path: Path) -> None:
+    root = load_config(SSPConfig, CONFIG_32B, [f"train.run_dir={json.dumps(str(tmp_path))}"])
+    prepared = prepare_launch(root, config_path=CONFIG_32B, overrides=[], use_allocation=False)
+    key_file = json.dumps(str(tmp_path / "stream.key"))
+    by_name = {launch.name: launch for launch in prepared.launches}
+    assert f"retrieval_server.api_key_file={key_file}" in by_name["retriever"].argv
+    assert by_name["retriever"].argv[by_name["retriever"].argv.index("--host") + 1] == "node0"
+    sglang = by_name["sglang-0"].argv
+    assert sglang[sglang.index("--config") + 1] == str(tmp_path / "sglang-auth.yaml")
+    assert sglang[sglang.index("--host") + 1] == "node0"
+    assert prepared.learner_config["push_api_key_file"] == str(tmp_path / "stream.key")
+    for key in ("stream.key_file", "inference.api_key_file", "retriever.api_key_file"):
+        assert f"{key}={key_file}" in by_name["engine"].argv
+    assert all(prepared.run_key not in " ".join(launch.argv) for launch in prepared.launches)
+
+
+def test_run_secrets_are_owner_only_and_sglang_reads_its_keys(tmp_path: Path) -> None:
+    yaml = pytest.importorskip("yaml")
+    write_run_secrets(tmp_path, "k" * 64)
+    assert (tmp_path / "stream.key").read_text().strip() == "k" * 64
+    auth = tmp_path / "sglang-auth.yaml"
+    assert yaml.safe_load(auth.read_text()) == {"api-key": "k" * 64, "admin-api-key": "k" * 64}
+    assert (auth.stat().st_mode & 0o777) == (tmp_path / "stream.key").stat().st_mode & 0o777 == 0o600
 
 
 def test_pipeline_parallel_is_refused_until_the_learner_runs_it(capsys: pytest.CaptureFixture[str]) -> None:
