@@ -3,13 +3,14 @@ HTTP retriever sends it from retriever.api_key_file, and a wildcard bind without
 
 import asyncio
 import json
+import re
 import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from engine.run_key import RunKeyError, load_api_key, write_run_key
+from engine.run_key import RunKeyError, check_bind, load_api_key, write_run_key
 from retriever.client import HttpRetriever
 from retriever.config import RetrievalServerConfig, RetrieverConfig
 from retriever.errors import RetrieverRequestError
@@ -61,3 +62,13 @@ def test_key_file_rules(tmp_path: Path) -> None:
         load_api_key(short, "retriever.api_key_file")
     with pytest.raises(RunKeyError, match="cannot read the run key"):
         load_api_key(tmp_path / "missing.key", "retriever.api_key_file")
+
+
+def test_only_loopback_binds_go_without_a_key() -> None:
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        check_bind(host, keyed=False, insecure=False, setting="x.api_key_file")
+    for host in ("0.0.0.0", "::", "10.0.0.7", "node0"):
+        with pytest.raises(RunKeyError, match=f"host = '{re.escape(host)}' .* set x.api_key_file"):
+            check_bind(host, keyed=False, insecure=False, setting="x.api_key_file")
+        check_bind(host, keyed=True, insecure=False, setting="x.api_key_file")
+        check_bind(host, keyed=False, insecure=True, setting="x.api_key_file")
