@@ -469,22 +469,22 @@ def _train(cfg: SSPConfig, procs: ProcessSet, trackers: Trackers, *, run_dir: Pa
     stream = dataclasses.replace(cfg.stream, spill_path=cfg.stream.spill_path or run_dir / "spill.frames")
     if tc.learner_address is None:
         # Both ends are ours: a fresh key for this run (also on --resume), read by the learner from its file.
+        key_file = write_run_key(run_dir / "stream.key")
         stream = dataclasses.replace(stream, host="127.0.0.1", port=free_port(),
-                                     run_id=stream.run_id or run_dir.name,
-                                     key_file=write_run_key(run_dir / "stream.key"))
+                                     run_id=stream.run_id or run_dir.name, key_file=key_file)
     else:  # attached: the learner's key and run id come from the config (stream.key_file or $SSP_RUN_KEY)
         host, _, port = tc.learner_address.rpartition(":")
-        stream = dataclasses.replace(stream, host=host, port=int(port))
         try:
-            load_run_key(stream.key_file)  # before any server starts: the engine cannot stream without it
+            key = load_run_key(stream.key_file)  # before any server starts: the engine cannot stream without it
         except RunKeyError as e:
             raise TrainError(f"train.learner_address is set: {e}") from None
+        # $SSP_RUN_KEY goes into a file (mode 0600): a file is the one way the servers below take a key.
+        key_file = stream.key_file or write_run_key(run_dir / "stream.key", key.decode())
+        stream = dataclasses.replace(stream, host=host, port=int(port), key_file=key_file)
     stream_host, stream_port = stream.host, stream.port
     # One secret per run: the servers and the retriever started here take the run key as their API key (admin
     # routes included), and their clients (the engine's pool, the evaluation, the learner's pusher) read the same
-    # file. An attached learner whose key is in $SSP_RUN_KEY has no file to share: those servers get a key of their
-    # own, in <run>/server.key.
-    key_file = stream.key_file or write_run_key(run_dir / "server.key")
+    # file.
     inference = dataclasses.replace(cfg.inference, server_urls=tuple(urls))
     if not tc.server_urls:  # attached servers keep the config's key
         inference = dataclasses.replace(inference, api_key=None, api_key_file=key_file)

@@ -224,6 +224,23 @@ def test_sigterm_stops_every_process(tmp_path: Path, model_dir: Path, demo_index
     assert not any(_alive(pid) for pid in children), "a child outlived ssp train"
 
 
+def test_attached_learners_env_key_becomes_the_run_key(tmp_path: Path, model_dir: Path, demo_index: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.learner_address with $SSP_RUN_KEY: the key goes to <run>/stream.key (0600) and keys the servers this
+    run starts, so the run still has one secret. (No learner listens: the run fails, after the servers started.)"""
+    key = "e" * 64
+    monkeypatch.setenv("SSP_RUN_KEY", key)
+    run_dir = tmp_path / "run"
+    proc, err = _start(run_dir, model_dir, demo_index, 'train.learner_address="127.0.0.1:9"',
+                       "train.learner_start_timeout_s=2")
+    proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "cannot connect to the learner at 127.0.0.1:9" in err.read_text()
+    key_file = run_dir / "stream.key"
+    assert key_file.read_text().strip() == key and key_file.stat().st_mode & 0o777 == 0o600
+    run = load_config(SSPConfig, run_dir / "config.toml")
+    assert run.stream.key_file == run.serving.api_key_file == run.inference.api_key_file == key_file
+
+
 async def test_a_full_disk_under_the_samples_is_reported_as_such(tmp_path: Path) -> None:
     """/dev/full refuses every write with ENOSPC, as a full disk does."""
     from engine.stream import FileSink
