@@ -9,7 +9,11 @@ Every server binds its node's name (the address the other nodes reach it at), ne
 the run key (engine/run_key.py) from a file in the run folder, never on its command line (`ps` shows those to every
 user of a node): ours through their `api_key_file` keys, SGLang through `--config <run>/sglang-auth.yaml`, the YAML
 config file that `sglang.launch_server` merges with its command line (sglang/srt/server_args_config_parser.py), which
-holds `api-key` and `admin-api-key`. `Launch.key_via` names that path for the dry run's listing.
+holds `api-key` and `admin-api-key`, both the run key (SGLang 0.5.23 checked: with both set, admin routes accept
+only the admin key and the rest only the API key, and some admin routes refuse to run on a server without an admin
+key; the merged options never reach /proc/PID/cmdline). `Launch.key_via` names that path for the dry run's listing.
+A node name must resolve, on its own node, to the address the others reach (not to 127.0.1.1, as a Debian-style
+/etc/hosts maps a machine's own name); where it does, use launcher = "hosts" with addresses in cluster.hosts.
 """
 
 from __future__ import annotations
