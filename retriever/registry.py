@@ -14,15 +14,13 @@ A user's class (or factory) is called with `**retriever.options` and must give a
     options = { endpoint = "http://10.0.0.5:9000", rerank = true }
 """
 
-import importlib
 import inspect
-from collections.abc import Callable
-from importlib.metadata import entry_points
 from typing import Any
 
 from retriever.config import RetrieverConfig
 from retriever.errors import RetrieverLoadError
 from retriever.protocol import Retriever
+from ssp.plugins import load_factory
 
 ENTRY_POINT_GROUP = "ssp.retrievers"
 BUILTIN_KINDS = ("tantivy", "http")
@@ -37,7 +35,8 @@ def make_retriever(cfg: RetrieverConfig) -> Retriever:
                 "configured by the [retriever] keys themselves (index_dir, search_threads, url, ...)"
             )
         return _make_builtin(cfg)
-    factory = _load_user_factory(cfg.kind)
+    factory = load_factory(cfg.kind, group=ENTRY_POINT_GROUP, key="retriever.kind", builtin=BUILTIN_KINDS,
+                           error=RetrieverLoadError)
     try:
         retriever = factory(**cfg.options)
     except TypeError as e:
@@ -61,35 +60,6 @@ def _make_builtin(cfg: RetrieverConfig) -> Retriever:
 
     return HttpRetriever(cfg.url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
                          api_key=load_api_key(cfg.api_key_file, "retriever.api_key_file"))
-
-
-def _load_user_factory(kind: str) -> Callable[..., Any]:
-    if ":" not in kind:
-        names = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-        for ep in entry_points(group=ENTRY_POINT_GROUP, name=kind):
-            try:
-                return ep.load()  # type: ignore[no-any-return]
-            except (ImportError, AttributeError) as e:
-                raise RetrieverLoadError(
-                    f"entry point {kind!r} in group {ENTRY_POINT_GROUP!r} ({ep.value}) failed to load: {e}"
-                ) from None
-        raise RetrieverLoadError(
-            f"retriever.kind = {kind!r} is not a known retriever; use one of {list(BUILTIN_KINDS)}, an entry point "
-            f"of group {ENTRY_POINT_GROUP!r} (installed: {names or 'none'}), or 'package.module:ClassName'"
-        )
-    module_name, _, attr = kind.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise RetrieverLoadError(
-            f"retriever.kind = {kind!r}: cannot import module {module_name!r} ({e}); install it or fix the name"
-        ) from None
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise RetrieverLoadError(
-            f"retriever.kind = {kind!r}: module {module_name!r} has no class {attr!r}; write 'package.module:ClassName'"
-        )
-    return factory  # type: ignore[no-any-return]
 
 
 def _check_protocol(kind: str, retriever: Any) -> None:

@@ -47,7 +47,7 @@ async def test_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert (await retriever.search(["yellow"], 3))[0][0].id == "p3"
     with pytest.raises(RetrieverLoadError, match=r"entry point 'broken' in group 'ssp.retrievers' .* failed to load"):
         make_retriever(RetrieverConfig(kind="broken"))
-    expected = r"'nope' is not a known retriever; .*installed: \['broken', 'keyword'\]"
+    expected = r"retriever.kind = 'nope' is not known; .*installed: \['broken', 'keyword'\]"
     with pytest.raises(RetrieverLoadError, match=expected):
         make_retriever(RetrieverConfig(kind="nope"))
 
@@ -60,7 +60,7 @@ async def test_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         ("custom_retriever:NotARetriever", {}, r"NotARetriever, which lacks async method\(s\) \['search', 'close'\]"),
         ("custom_retriever:KeywordRetriever", {}, r"could not be constructed with retriever.options \{\}: .*passages"),
         ("custom_retriever:KeywordRetriever", {"passages": {}, "colour": 1}, r"unexpected keyword argument 'colour'"),
-        ("bm25", {}, r"'bm25' is not a known retriever; use one of \['tantivy', 'http'\]"),
+        ("bm25", {}, r"'bm25' is not known; use one of \['tantivy', 'http'\]"),
     ],
 )
 def test_bad_kinds(kind: str, options: dict[str, object], error: str) -> None:
