@@ -1,7 +1,7 @@
 """What an ssp Tantivy index is on disk: schema, text analyzer, manifest, and how queries meet the analyzer.
 
 Schema: `id` (stored, untokenized), `title` and `text` (stored, analyzed, with positions). Search is BM25 over
-title and text, the title counting TITLE_BOOST times (a question naming an entity should find that entity's page).
+title and text, counted alike (how a query is built, and why without a title boost: `retriever/query.py`).
 
 Analyzer "ssp_en" (the documented English choice): Tantivy's simple tokenizer (split on anything that is not a
 Unicode letter or digit) -> drop tokens over 40 bytes (base64, URLs: noise that bloats the term dictionary) ->
@@ -27,7 +27,6 @@ from retriever.errors import IndexOpenError
 FORMAT_VERSION = 1
 ANALYZER_NAME = "ssp_en"
 MANIFEST_NAME = "ssp-index.json"
-TITLE_BOOST = 2.0
 SEARCH_FIELDS = ["title", "text"]
 MAX_TOKEN_BYTES = 40
 
@@ -107,11 +106,12 @@ def open_index(index_dir: Path) -> tantivy.Index:
 
 
 def query_text(query: str) -> str:
-    """An LLM-written query reduced to plain words, safe for Tantivy's query parser.
+    """An LLM-written query reduced to plain words, safe for the analyzer and for Tantivy's query parser.
 
-    Why not parse the query as written: the parser gives meaning to quotes, `field:`, brackets, `+`/`-`, `AND`/`OR`/
-    `NOT`, `*` and `~`, and raises on unbalanced ones; an agent's `<search>` text is not a query language. Keeping
-    only letter/digit runs, lowercased (so `AND`/`OR`/`IN`/`TO` are words, not operators), leaves a string every
-    parse succeeds on, and the analyzer then sees the same words it saw when indexing. "" means no words.
+    Why: an agent's `<search>` text is not a query language, yet the parser gives meaning to quotes, `field:`,
+    brackets, `+`/`-`, `AND`/`OR`/`NOT`, `*` and `~` and raises on unbalanced ones, and a lone surrogate cannot
+    cross into Rust at all. Keeping only letter/digit runs, lowercased (so `AND`/`OR`/`IN`/`TO` are words, not
+    operators), leaves a string every parse and every analysis succeeds on, with the words the analyzer saw when
+    indexing. "" means no words.
     """
     return " ".join(_WORD.findall(query.lower()))

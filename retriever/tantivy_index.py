@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retriever.errors import RetrieverClosedError
-from retriever.index_format import SEARCH_FIELDS, TITLE_BOOST, open_index, query_text
+from retriever.index_format import open_index
 from retriever.protocol import Doc
+from retriever.query import QueryBuilder
 
 HAND_OFF_MAX_QUERIES = 16
 """Most queries one thread takes per hand-off: large enough to amortize it, small enough to keep threads even."""
@@ -39,16 +40,17 @@ class TantivySearcher:
         self.index_dir = Path(index_dir)
         self._index = open_index(self.index_dir)
         self._searcher = self._index.searcher()
+        self._queries = QueryBuilder(self._index, self._searcher)
         self.num_docs: int = self._searcher.num_docs
 
     def search(self, query: str, k: int) -> list[Doc]:
         """Top-k passages for one query, best first; [] when the query has no words. Never raises on query text."""
-        words = query_text(query)
-        if not words:
+        built = self._queries.build(query)
+        if built is None:
             return []
-        parsed = self._index.parse_query(words, SEARCH_FIELDS, field_boosts={"title": TITLE_BOOST})
         docs = []
-        for score, address in self._searcher.search(parsed, k, count=False).hits:
+        # count=False: nobody reads the number of matches, and counting them costs a collector call per match.
+        for score, address in self._searcher.search(built, k, count=False).hits:
             stored = self._searcher.doc(address)
             docs.append(
                 Doc(
