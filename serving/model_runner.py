@@ -4,9 +4,11 @@ Continuous batching needs one forward pass over sequences of different lengths t
 The batch KV cache is a set of slots (`SlotCache`): per layer one preallocated buffer (R, H, C, D) that forward
 passes write into in place. Row r holds its sequence at columns [0, len_r), so a decode step writes each row's new
 token at its own column and never moves anything; a 4-D mask hides each row's columns past its length and explicit
-position ids keep RoPE right. A new sequence is prefilled alone (batch of one, transformers' own causal mask: what
-`model.generate` computes) straight into the next free slot; joining the batch is then free, and finished rows are
-compacted out with one copy of the rows after them.
+position ids keep RoPE right. New sequences are prefilled straight into the next free slots, all those admitted
+together in one pass (one matmul per weight for all of them, as `model.generate` prefills its prompts); a sequence
+alone runs without a mask (transformers' own causal mask: what `model.generate` computes). Joining the batch is then
+free (or one row copy when an earlier sequence of the same pass did not join), and finished rows are compacted out
+with one copy of the rows after them.
 
 Why not transformers' DynamicCache: it concatenates every layer's K/V on each step (a copy of the whole cache per
 generated token), and joining or leaving the batch needs left-padding copies of every layer; on CPU those copies were
@@ -34,6 +36,21 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 COLUMN_ALIGN = 64
 """Column capacity grows in steps of this many (at least doubling), so growth copies are rare."""
+
+
+@dataclass(slots=True)
+class Prompt:
+    """One sequence to prefill: run `ids[T:]` on top of `past` (the KV of ids[:T] from the prefix cache, or None)
+    and keep the logits of its last `keep_logits` positions."""
+
+    ids: list[int]
+    keep_logits: int = 1
+    past: KV | None = None
+
+    @property
+    def done(self) -> int:
+        """T: the tokens `past` covers, which this prefill skips."""
+        return int(self.past[0][0].shape[2]) if self.past else 0
 
 
 @dataclass(slots=True)
@@ -139,6 +156,13 @@ class SlotCache(Cache):
             kv.append((layer.keys[slot: slot + 1, :, :length], layer.values[slot: slot + 1, :, :length]))
         return kv
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy columns [0, length) of slot `src` to slot `dst`."""
+        for layer in self.slot_layers():
+            for buf in (layer.keys, layer.values):
+                assert buf is not None
+                buf[dst, :, :length] = buf[src, :, :length]
+
     def compact(self, rows: list[int], width: int) -> None:
         """Move slots `rows` to slots 0..len(rows)-1, in that order; only columns [0, width) matter."""
         first = next((i for i, r in enumerate(rows) if r != i), len(rows))
@@ -165,7 +189,8 @@ class ModelRunner:
         self.num_layers = int(self.config.num_hidden_layers)
         self.lens: list[int] = []
         """Tokens in the cache per running row (row i = slot i)."""
-        self._pending: Prefilled | None = None
+        self._pending: list[Prefilled] = []
+        """The latest prefill's sequences that may still join, in slot order."""
         self.cache = self._new_cache()
 
     def _new_cache(self) -> SlotCache:
@@ -199,28 +224,58 @@ class ModelRunner:
 
     # ---- forward passes --------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def prefill(self, ids: list[int], *, keep_logits: int = 1, past: KV | None = None) -> Prefilled:
-        """Run a sequence alone into the next free slot; keep the logits of its last `keep_logits` positions. With
-        `past` (the KV of ids[:T], T = its length, from the prefix cache) only ids[T:] run. The result stays valid
-        until the next prefill or batch change: `add` it, or read its KV with `kv_of`, before that."""
-        slot, done = self.rows, int(past[0][0].shape[2]) if past else 0
-        self.cache.reserve(slot + 1, len(ids) + 1)
-        if past:
-            self.cache.write(slot, past)
-        cols_1S = torch.arange(done, len(ids), device=self.device).unsqueeze(0)
-        self.cache.plan(slice(slot, slot + 1), cols_1S, width=len(ids), past=done)
-        # No mask: transformers builds the causal one (or none at all), exactly as `model.generate` runs a prompt.
-        out = self.model(input_ids=torch.tensor([ids[done:]], dtype=torch.long, device=self.device),
-                         position_ids=cols_1S, cache=self.cache, use_cache=True, logits_to_keep=keep_logits)
-        self._pending = Prefilled(slot=slot, length=len(ids), logits_NV=out.logits[0].float())
-        return self._pending
+        """Prefill one sequence alone (see `prefill_batch`)."""
+        return self.prefill_batch([Prompt(ids, keep_logits, past)])[0]
+
+    @torch.inference_mode()
+    def prefill_batch(self, prompts: list[Prompt]) -> list[Prefilled]:
+        """Run these sequences in one pass into the next free slots, in order. The results stay valid until the
+        next prefill or batch change: `add` them (in order), or read their KV with `kv_of`, before that.
+
+        Rows are left-padded to the longest uncached part (S tokens), so every row's last logits sit at the same
+        positions and `logits_to_keep` keeps only those. A padded position's K/V go to columns past the row's end
+        (L + j), never into [0, L): the column-space causal mask (a query at column c sees columns <= c) then hides
+        them from every real token, and decode's mask hides them until decode overwrites them."""
+        n, slot = len(prompts), self.rows
+        self._pending = []
+        runs = [len(p.ids) - p.done for p in prompts]
+        assert min(runs) > 0, "every prompt must run at least one token"
+        S, keep = max(runs), max(p.keep_logits for p in prompts)
+        ids_nS = torch.zeros((n, S), dtype=torch.long)
+        cols_nS = torch.empty((n, S), dtype=torch.long)
+        for i, (p, run) in enumerate(zip(prompts, runs)):
+            pad = S - run
+            ids_nS[i, pad:] = torch.tensor(p.ids[p.done:], dtype=torch.long)
+            cols_nS[i, :pad] = torch.arange(len(p.ids), len(p.ids) + pad)
+            cols_nS[i, pad:] = torch.arange(p.done, len(p.ids))
+        width = int(cols_nS.max()) + 1
+        self.cache.reserve(slot + n, width)
+        for i, p in enumerate(prompts):
+            if p.past:
+                self.cache.write(slot + i, p.past)
+        ids_nS, cols_nS = ids_nS.to(self.device), cols_nS.to(self.device)
+        if n == 1:
+            # No mask: transformers builds the causal one (or none at all), exactly as `model.generate` runs a prompt.
+            self.cache.plan(slice(slot, slot + 1), cols_nS, width=width, past=prompts[0].done)
+            out = self.model(input_ids=ids_nS, position_ids=cols_nS, cache=self.cache, use_cache=True,
+                             logits_to_keep=keep)
+        else:
+            self.cache.plan(slice(slot, slot + n), cols_nS, width=width)
+            mask_n1SW = (torch.arange(width, device=self.device).view(1, 1, width) <= cols_nS.unsqueeze(2)).unsqueeze(1)
+            out = self.model(input_ids=ids_nS, attention_mask=mask_n1SW, position_ids=cols_nS, cache=self.cache,
+                             use_cache=True, logits_to_keep=keep)
+        logits_nKV = out.logits
+        self._pending = [Prefilled(slot=slot + i, length=len(p.ids),
+                                   logits_NV=logits_nKV[i, keep - p.keep_logits:].float())
+                         for i, p in enumerate(prompts)]
+        return list(self._pending)
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One step for every row: feed each row's newest token at its position; returns logits (B, V)."""
         assert len(tokens) == self.rows > 0, "decode() needs one token per running row"
-        self._pending = None
+        self._pending = []
         width = max(self.lens) + 1
         self.cache.reserve(self.rows, width)
         cols_B1 = torch.tensor(self.lens, dtype=torch.long, device=self.device).unsqueeze(1)
@@ -236,16 +291,22 @@ class ModelRunner:
 
     # ---- batch membership ------------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def add(self, p: Prefilled) -> None:
-        """Append the latest prefilled sequence as the last row of the batch (it already sits in that slot)."""
-        assert p is self._pending and p.slot == self.rows, "add() takes the latest prefill, before any batch change"
+        """Append a sequence of the latest prefill as the last row of the batch. It already sits in that slot unless
+        an earlier one of the same prefill did not join; then one row copy moves it down, over slots whose sequences
+        can no longer join (this one and those before it leave `_pending`)."""
+        assert any(p is q for q in self._pending), "add() takes the latest prefill, before any batch change"
+        row = self.rows
+        if p.slot != row:
+            self.cache.move(p.slot, row, p.length)
+        self._pending = self._pending[[q is p for q in self._pending].index(True) + 1:]
         self.lens.append(p.length)
-        self._pending = None
 
     @torch.inference_mode()
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order). In inference mode like the passes: the buffers were made there."""
-        self._pending = None
+        self._pending = []
         if not rows:
             self.clear()
             return
@@ -258,12 +319,12 @@ class ModelRunner:
         return self.cache.read(row, self.lens[row])
 
     def kv_of(self, p: Prefilled) -> KV:
-        assert p is self._pending, "kv_of() takes the latest prefill, before any batch change"
+        assert any(p is q for q in self._pending), "kv_of() takes the latest prefill, before any batch change"
         return self.cache.read(p.slot, p.length)
 
     def clear(self) -> None:
         """Empty the batch and free the buffers (they may have grown for one long request)."""
-        self.lens, self._pending = [], None
+        self.lens, self._pending = [], []
         self.cache = self._new_cache()
 
     # ---- weights ---------------------------------------------------------------------------------------------------

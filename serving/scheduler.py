@@ -3,7 +3,8 @@
     HTTP front (asyncio) ──commands──► Scheduler thread ──snapshots──► each request's asyncio.Queue
                                         loop:  run queued commands (add / abort / pause / resume / weights ...)
                                                admit waiting requests (FIFO) while running < max_running_requests:
-                                                   prefill alone, sample the first token, join the batch
+                                                   prefill them in one pass, sample each one's first token,
+                                                   join the batch
                                                one decode step for the whole running batch
                                                sample per row (own temperature/top-k/top-p/seed), check stop rules,
                                                emit a snapshot per request, cut finished rows out of the batch
@@ -13,7 +14,8 @@ queued with `call()` and run at the top of the loop, so requests, weights and th
 
 Failures: every request that leaves the queue ends with a final snapshot, whatever happens. Work that belongs to one
 request (its prefill, sampling its token, its logprobs, its stop rules) that raises finishes that request alone with
-a 500 abort and the batch runs on; only a failed batch-wide decode pass finishes the whole running batch. A request
+a 500 abort and the batch runs on (a batched prefill pass that raises is rerun one request at a time, so the failure
+lands on the request that causes it); only a failed batch-wide decode pass finishes the whole running batch. A request
 that never ended would hang its HTTP call, and with it the reader share every weight update waits for.
 
 Why not transformers' ContinuousBatchingManager: it samples with one generation config for all requests, and
@@ -36,7 +38,7 @@ from typing import Any, TypeVar
 import torch
 
 from serving.backend import ABORTED, ABORTED_QUEUED, BackendError, Finish, GenerateOutput, GenerateRequest, LoadStats
-from serving.model_runner import ModelRunner
+from serving.model_runner import ModelRunner, Prefilled, Prompt
 from serving.prefix_cache import PrefixCache
 from serving.sampling import clamp_logprob, make_generator, sample, suppress, top_logprobs
 
@@ -161,31 +163,69 @@ class Scheduler:
                 return
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_running:
-            used = sum(len(s.tokens) for s in self.running)
-            seq = self.waiting[0]
-            if self.running and used + len(seq.tokens) > self.max_total_tokens:
-                return  # KV budget full: wait for a running request to finish
-            self.waiting.popleft()
-            try:
-                self._prefill(seq)
-            except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
-                self._fail(seq, e)
+        while batch := self._next_batch():
+            plans: list[tuple[Seq, Prompt, bool]] = []
+            for seq in batch:
+                try:
+                    plans.append((seq, *self._plan(seq)))
+                except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
+                    self._fail(seq, e)
+            prefilled: list[Prefilled] | None = None
+            if len(plans) > 1:
+                try:
+                    prefilled = self.runner.prefill_batch([prompt for _, prompt, _ in plans])
+                except Exception:  # noqa: BLE001 - rerun one by one below: the failure is then the request's own
+                    log.warning("batched prefill of %d requests failed; prefilling them one by one", len(plans),
+                                exc_info=True)
+            for i, (seq, prompt, want_input) in enumerate(plans):
+                try:
+                    pre = prefilled[i] if prefilled is not None else self.runner.prefill(
+                        prompt.ids, keep_logits=prompt.keep_logits, past=prompt.past)
+                    self._start(seq, pre, want_input)
+                except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
+                    self._fail(seq, e)
 
-    def _prefill(self, seq: Seq) -> None:
+    def _next_batch(self) -> list[Seq]:
+        """Waiting requests (FIFO) that fit next to the running ones, to prefill together. A request that only warms
+        the prefix cache (max_new_tokens 0: SGLang's n > 1 prompt) ends the batch, so the ones after it reuse its
+        KV as they would if prefilled one by one. A request that wants prompt logprobs runs alone: the pass keeps
+        as many logits per row as its longest ask, (rows x prompt x vocabulary) floats in a shared batch."""
+        batch: list[Seq] = []
+        used = sum(len(s.tokens) for s in self.running)
+        while self.waiting and len(self.running) + len(batch) < self.max_running:
+            seq = self.waiting[0]
+            if (self.running or batch) and used + len(seq.tokens) > self.max_total_tokens:
+                break  # KV budget full: wait for a running request to finish
+            if batch and self._wants_input(seq):
+                break
+            batch.append(self.waiting.popleft())
+            used += len(seq.tokens)
+            if seq.req.sampling.max_new_tokens == 0 or self._wants_input(seq):
+                break
+        return batch
+
+    @staticmethod
+    def _wants_input(seq: Seq) -> bool:
+        """Whether `seq`'s prefill must return prompt logprobs (only its first run: a retracted one already has)."""
+        return not seq.ran and seq.req.return_logprob and seq.req.logprob_start_len >= 0
+
+    def _plan(self, seq: Seq) -> tuple[Prompt, bool]:
+        """What to prefill for `seq` (its prefix-cached KV, how many logits), and whether it wants prompt logprobs."""
         req = seq.req
-        first_run = not seq.ran
+        first_run, want_input = not seq.ran, self._wants_input(seq)
         seq.ran = True
-        want_input = first_run and req.return_logprob and req.logprob_start_len >= 0
         keep = len(seq.tokens) - req.logprob_start_len if want_input else 1
         # Prompt logprobs need logits at every prompt position, so such requests run their whole prompt.
         cached, past = (0, None) if want_input else self.prefix.lookup(seq.tokens)
         if first_run:
             seq.cached_tokens = cached
-        pre = self.runner.prefill(seq.tokens, keep_logits=max(1, keep), past=past)
+        return Prompt(list(seq.tokens), keep_logits=max(1, keep), past=past), want_input
+
+    def _start(self, seq: Seq, pre: Prefilled, want_input: bool) -> None:
+        """Sample the first token from the prefill's logits; join the batch, or finish (caching the prompt's KV)."""
         if want_input:
             self._input_logprobs(seq, pre.logits_NV)
-        if req.sampling.max_new_tokens == 0:
+        if seq.req.sampling.max_new_tokens == 0:
             self.prefix.insert(seq.tokens, self.runner.kv_of(pre))  # also SGLang's n > 1 prompt warm-up
             self._finish(seq, Finish("length", length=0))
             return

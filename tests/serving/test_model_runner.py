@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving.model_runner import ModelRunner
+from serving.model_runner import ModelRunner, Prompt
 
 TOL = 1e-4
 
@@ -31,6 +31,12 @@ def alone(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
 
 def prompt(seed: int, n: int) -> list[int]:
     return [1] + [(seed * 7919 + i * 104729) % 40000 + 100 for i in range(n - 1)]
+
+
+def same_kv(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Equal up to fp32 rounding: K/V grow to ~20 in the deep layers, where matmuls of another shape (a padded batch
+    vs one prompt) round differently at ~1e-5 of that scale; a padded token leaking in would be off by O(1)."""
+    return float((got - ref).abs().max()) <= TOL * max(1.0, float(ref.abs().max()))
 
 
 def step(runner: ModelRunner, seqs: list[list[int]]) -> None:
@@ -108,4 +114,43 @@ def test_prefill_keeps_prompt_logits_and_its_kv_until_the_next_change(runner: Mo
     runner.keep([0])  # not added (say it finished at its first token): the batch moves on
     with pytest.raises(AssertionError):
         runner.add(pre)
+    step(runner, seqs)
+
+
+def test_prompts_prefilled_together_compute_what_each_computes_alone(runner: ModelRunner) -> None:
+    """One padded pass over prompts of different lengths (one on a reused prefix, one keeping prompt logits) gives
+    each the logits and KV of its own prefill alone; padding never reaches a row's columns, and rows that skip the
+    batch (finished at their first token) leave the others' KV intact when these move down."""
+    runner.clear()
+    seqs: list[list[int]] = []
+    join(runner, seqs, prompt(12, 7))
+    step(runner, seqs)
+    base = prompt(13, 11)
+    alone_pre = runner.prefill(base)
+    cached = [(k.clone(), v.clone()) for k, v in runner.kv_of(alone_pre)]
+    prompts = [Prompt(prompt(14, 3)), Prompt(base + prompt(15, 4), past=cached), Prompt(prompt(16, 30)),
+               Prompt(prompt(17, 9), keep_logits=5)]
+    reference = []
+    for p in prompts:  # each alone, from an empty batch: logits and KV
+        runner.clear()
+        pre = runner.prefill(p.ids, keep_logits=p.keep_logits)
+        reference.append((pre.logits_NV.clone(), [(k.clone(), v.clone()) for k, v in runner.kv_of(pre)]))
+    runner.clear()
+    seqs = []
+    join(runner, seqs, prompt(12, 7))
+    step(runner, seqs)
+    together = runner.prefill_batch(prompts)
+    for pre, p, (logits, kv) in zip(together, prompts, reference):
+        assert pre.length == len(p.ids) and pre.logits_NV.shape == logits.shape
+        assert torch.allclose(pre.logits_NV, logits, atol=TOL)
+        got = runner.kv_of(pre)
+        for (k, v), (k_ref, v_ref) in zip(got, kv):
+            assert k.shape == k_ref.shape and same_kv(k, k_ref) and same_kv(v, v_ref)
+    for i in (1, 3):  # the first and third finished at their first token: the others join and move down
+        runner.add(together[i])
+        seqs.append(prompts[i].ids + [int(together[i].logits_NV[-1].argmax())])
+    with pytest.raises(AssertionError):
+        runner.add(together[2])  # skipped: its slot may now hold another row
+    assert runner.rows == 3
+    step(runner, seqs)
     step(runner, seqs)
