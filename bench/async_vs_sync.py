@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "eta 0 at 256 episodes per step needs ~20 min of wall time per run)")
     p.add_argument("--episodes-per-step", type=int, default=256,
                    help="episodes (groups) the learner trains per step, the sync step size (default: 256, the batch "
-                        "sim-profiles.md §7 times the learner on). Async keeps at most (eta + 1) x this many episodes "
+                        "the profiles' learner time is for). Async keeps at most (eta + 1) x this many episodes "
                         "in flight, so small steps bind the run by episode latency (Little's law), not by servers "
                         "or learner")
     p.add_argument("--steps", type=int, default=8,
@@ -183,7 +183,7 @@ class ShapeTally:
 
 
 def server_seconds_per_episode(profile: Any, shape: dict[str, float], batch: int) -> float:
-    """Simulated server seconds one episode costs at a full batch (profile §1-§2 formulas)."""
+    """Simulated server seconds one episode costs at a full batch (the profile's decode and prefill formulas)."""
     d, s, p = profile.decode, profile.server, profile.prefill
     batch = max(1, min(batch, s.max_running_requests, int(s.kv_capacity_tokens // max(1.0, shape["mean_context"]))))
     step_ms = d.a_ms + d.b_ms_per_request * batch + d.c_ms_per_kv_token * batch * shape["mean_context"]

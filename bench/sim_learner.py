@@ -3,7 +3,7 @@ learner model gives, then pushes weights through the real pool to the simulated 
 
 Why simulated: the async-vs-sync question is about schedules on GPUs this machine does not have. The engine side
 stays real (scheduler, rollouts, search, game, stream); only the two GPU costs are modeled, both from the profile
-(shared/docs/sim-profiles.md §5, §7):
+([learner] and [weight_update]):
 
     train step  t = fixed_s + tokens * flops_per_token * passes * attn_overhead / (gpus * peak_flops_per_gpu * mfu)
     weight push pause_generation(in_place, or retract every kv_refresh_every-th push: learner.push.pause_mode) ->
@@ -39,7 +39,7 @@ TRAINED_ROLES = ("proposer", "solver")
 
 
 def learner_step_s(spec: LearnerSpec, *, flops_per_token: float, tokens: int, gpus: int) -> float:
-    """Seconds of one training step over `tokens` tokens on `gpus` GPUs (sim-profiles.md §7); linear in tokens/gpus."""
+    """Seconds of one training step over `tokens` tokens on `gpus` GPUs (profile [learner]); linear in tokens/gpus."""
     if gpus < 1:
         raise ValueError(f"gpus = {gpus}: a learner needs at least one GPU")
     if tokens < 0:

@@ -1,4 +1,5 @@
-"""Tag parsing and the rule checks on a proposed question (ssp-spec.md §1.4, with the fixes of G1/G2).
+"""Tag parsing and the rule checks on a proposed question (SSP's rule filters: length, answer leakage, distinct
+searches; leakage is checked against every alias, case-insensitively, where the reference checked one string).
 
 Pure functions over text: they never see tokens, and the rollout keeps the token ids untouched.
 """
@@ -45,7 +46,7 @@ def count_answer_tags(generated_text: str) -> int:
 
 
 def leaks(text: str, aliases: Sequence[str]) -> bool:
-    """True when any alias occurs in `text`, case-insensitively (every alias, not only the first: G1/G2)."""
+    """True when any alias occurs in `text`, case-insensitively (every alias, not only the first)."""
     lowered = text.lower()
     return any(alias.strip().lower() in lowered for alias in check_aliases(aliases))
 

@@ -2,7 +2,7 @@
 
 The session (and its connection pool) belongs to the `InferencePool`, which sizes it to the concurrency; a client is
 just a URL, timeouts and parsing. Every failure becomes an `engine.errors` exception carrying the server's message
-and URL, classified as retryable or fatal (sglang-api.md §4). Control calls return `AdminResult`, SGLang's
+and URL, classified as retryable or fatal (the rule is in `engine.errors`). Control calls return `AdminResult`, SGLang's
 `{"success", "message"}` reply, instead of raising on `success: false`, so a fan-out can report every server.
 
     async with aiohttp.ClientSession() as session:
@@ -118,7 +118,7 @@ class ServerClient:
         await self._admin_expect_ok("/abort_request", {"abort_all": True})
 
     async def pause(self, mode: PauseMode = "abort") -> AdminResult:
-        """Pause generation (sglang-api.md §2.2): new requests are held; `mode` says what happens to running ones."""
+        """Pause generation (`/pause_generation`): new requests are held; `mode` says what happens to running ones."""
         return await self._admin_result("/pause_generation", {"mode": mode})
 
     async def continue_(self) -> AdminResult:
@@ -147,7 +147,7 @@ class ServerClient:
         """`/model_info` (falling back to `/get_model_info`); `weight_version` there is the authoritative version."""
         return await self._info("/model_info", "/get_model_info")
 
-    # ---------------------------------------------------------------- weight updates (sglang-api.md §3)
+    # ---------------------------------------------------------------- weight updates (SGLang's update routes)
 
     async def init_weights_update_group(
         self,
@@ -303,7 +303,8 @@ class ServerClient:
 
 
 def parse_generate_response(payload: Any, *, prompt_len: int, url: str) -> GenerateResult:
-    """Turn one non-streaming `/generate` answer (sglang-api.md §1.5) into a GenerateResult, checking invariants."""
+    """Turn one non-streaming `/generate` answer (`output_ids` + `meta_info`) into a GenerateResult, checking
+    invariants."""
     try:
         output_ids = payload["output_ids"]
         meta = payload["meta_info"]
@@ -320,7 +321,7 @@ def parse_generate_response(payload: Any, *, prompt_len: int, url: str) -> Gener
     raw_logprobs = meta.get("output_token_logprobs")
     if raw_logprobs is None:
         raise ProtocolError("/generate answer has no output_token_logprobs although return_logprob was sent", url=url)
-    # NOTE: with no token emitted the server may still send one logprob entry; truncate to the output (§1.3).
+    # NOTE: with no token emitted the server may still send one logprob entry; truncate to the output.
     if len(raw_logprobs) < n:
         raise ProtocolError(f"/generate returned {n} output_ids but only {len(raw_logprobs)} logprobs", url=url)
     # NOTE: this runs for every token of every turn, so the entries are split into columns by zip (in C) and checked
@@ -332,7 +333,7 @@ def parse_generate_response(payload: Any, *, prompt_len: int, url: str) -> Gener
             logprob_column, token_column = list(zip(*entries))[:2]
             try:
                 logprobs = array("d", logprob_column)
-            except TypeError:  # orjson writes a -inf logprob as null (§0): keep it as -inf rather than invent a value
+            except TypeError:  # orjson (SGLang's JSON) writes -inf as null: keep it as -inf rather than invent a value
                 logprobs = array("d", [NEG_INF if v is None else v for v in logprob_column])
             entry_tokens = array("l", token_column)
         except (TypeError, ValueError, OverflowError):
@@ -352,7 +353,7 @@ def parse_generate_response(payload: Any, *, prompt_len: int, url: str) -> Gener
         finish=finish,
         weight_version=weight_version,
         weight_versions=spans,
-        # prompt_tokens is missing on a request aborted while still queued (§1.5).
+        # prompt_tokens is missing on a request aborted while still queued.
         prompt_tokens=int(meta.get("prompt_tokens", prompt_len)),
         cached_tokens=int(meta.get("cached_tokens", 0)),
         text=str(payload.get("text", "")),

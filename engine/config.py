@@ -130,7 +130,7 @@ class GameConfig:
     earns invalid_reward. A curriculum for a policy that fails at every stage, so that getting further pays; SSP's
     configs leave it empty (one invalid reward)."""
     proposer_temperature: float = 1.0
-    """Sampling temperature of proposer turns (sent in every request; reference bug G8 ignored it)."""
+    """Sampling temperature of proposer turns (sent in every request; SSP's reference code never passed it on)."""
     solver_temperature: float = 1.0
     """Sampling temperature of solver turns."""
     verifier_temperature: float = 1.0

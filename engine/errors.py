@@ -11,7 +11,7 @@
         ├── ServerError            HTTP 5xx other than 503 (a server bug), or another unexpected status
         └── ProtocolError          a 200 answer that breaks the protocol (bad JSON, misaligned output lists)
 
-Retry rule (sglang-api.md §4): 400 -> never retry; 503 -> retry, the old rid is gone; connection errors and timeouts ->
+Retry rule, by SGLang's status: 400 -> never retry; 503 -> retry, the old rid is gone; connection errors and timeouts ->
 the request may still run on the server, so abort its rid there before re-sending under a new rid.
 """
 

@@ -1,7 +1,7 @@
 """Config section [eval]: how `ssp eval` (and `engine.evaluation.evaluate`) scores a model: the solver on QA
 benchmarks, and the proposer on held-out seed answers.
 
-Solver (QA files and the questions the proposer writes): Search-R1's protocol (ssp-spec.md §4.2), the solver prompt
+Solver (QA files and the questions the proposer writes): Search-R1's evaluation protocol (as in SSP), the solver prompt
 without prefill, `temperature` (greedy), `topk` documents per search, at most `max_turns` turns of
 `max_new_tokens_per_turn` tokens, one rollout per question.
 

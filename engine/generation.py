@@ -1,6 +1,6 @@
 """Token-in/token-out generation types shared by the inference client, the pool and the rollout loop.
 
-These mirror SGLang's native /generate request and response (shared/docs/sglang-api.md §1) with only what an RL
+These mirror SGLang's native /generate request and response (its HTTP API) with only what an RL
 rollout needs. Model output is never re-tokenized: `output_ids` and `logprobs` are appended to trajectories as is.
 """
 

@@ -1,7 +1,7 @@
 """Request ids for SGLang `/generate`: unique within a process and never a prefix of one another.
 
 Why fixed width: SGLang's `/abort_request` aborts every live request whose rid *starts with* the given string
-(sglang-api.md §2.1), so with counters like "r-1" and "r-17" an abort of "r-1" would also kill "r-17". Every id made
+(a prefix match), so with counters like "r-1" and "r-17" an abort of "r-1" would also kill "r-17". Every id made
 here has the same length ("<12 hex>-<12 digits>", 25 characters), and two different strings of equal length are never
 prefixes of one another. That also holds between generators: each draws its own random 12-hex-digit prefix, so two
 pools in one process (or in two processes talking to one server) neither collide nor prefix each other.

@@ -17,7 +17,8 @@ class InferenceConfig:
     capacity_per_server: int = 0
     """Most requests in flight to one server (its slots); further requests wait in the pool's queue. 0 = the
     server's own `max_running_requests` from /server_info. For real SGLang set it: the default there (4096) is far
-    above what KV memory sustains (about 160-512 per H100 server, sim-profiles.md §3). In router mode the router gets
+    above what KV memory sustains (about 160-512 per H100 server: SGLang's CUDA-graph batch cap is 160, and slime
+    caps client concurrency at 512 per server). In router mode the router gets
     capacity_per_server x number of workers."""
     request_timeout_s: float = 1800.0
     """Longest one /generate may take, queueing and pauses for weight updates included (sglang-router's default)."""

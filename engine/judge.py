@@ -1,9 +1,9 @@
 """Is an answer correct? EM after SQuAD normalisation against every alias, then an optional token-F1 threshold, then
 an optional OpenAI-compatible LLM judge. Every error fails closed (the answer counts as wrong) and is counted.
 
-Fixes of the reference (ssp-spec.md §6): ground truths are always a list of alias strings (G1: a bare string is
-rejected, not silently mis-compared); the LLM verdict must be exactly "Correct" or "Wrong" (G7: "Incorrect" was
-parsed as correct); a judge error is never a pass (G6).
+Fixes of the SSP reference code: ground truths are always a list of alias strings (it stored a list but compared
+it as a string; here a bare string is rejected, not silently mis-compared); the LLM verdict must be exactly "Correct"
+or "Wrong" (it parsed "Incorrect" as correct); a judge error is never a pass (its verification failed open).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def normalize_answer(text: str) -> str:
 
 def check_aliases(aliases: Sequence[str]) -> tuple[str, ...]:
     """Ground truths as a tuple of non-empty strings. A bare string is an error: iterating it would compare
-    characters (the reference's list-vs-string bug, G1, in reverse)."""
+    characters (the reference's list-vs-string bug in reverse)."""
     if isinstance(aliases, str):
         raise TypeError(f"ground truth must be a list of alias strings, got the bare string {aliases!r}; "
                         f"pass [{aliases!r}]")

@@ -514,7 +514,7 @@ class InferencePool:
         return out
 
     async def pause(self, mode: PauseMode = "abort") -> dict[str, AdminResult]:
-        """Pause every server (sglang-api.md §2.2). Health checks tolerate 503s until `continue_`."""
+        """Pause every server (SGLang's /pause_generation). Health checks tolerate 503s until `continue_`."""
         self._paused = mode
         return await self._fan_out(lambda c: c.pause(mode))
 

@@ -1,6 +1,6 @@
 """Every prompt of the SSP game, in one place: proposer, solver, verifier, and the tool-result block.
 
-The texts follow the shape of the SSP reference prompts (ssp-spec.md §1.3, §1.5, §1.7) in our own words. They are
+The texts follow the shape of the SSP reference prompts (proposer, RAG verifier, solver) in our own words. They are
 chat messages; `engine.chat.ChatTokenizer` renders them once with the model's own chat template. The tag protocol
 (<think>, <search>, <information>, <answer>, <question>) is shared by all roles, and the tool block written by
 `information_block` is exactly what the prompts tell the model to expect.

@@ -1,4 +1,4 @@
-"""SSP rewards (ssp-spec.md §1.8-1.10): solver 0 / penalty / 1, proposer 1 - solver accuracy or `invalid_reward`.
+"""SSP rewards (as SSP's reference code): solver 0 / penalty / 1, proposer 1 - solver accuracy or `invalid_reward`.
 
 Rewards only: advantages are RL maths and belong to the learner.
 """

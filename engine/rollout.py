@@ -6,7 +6,7 @@
            ├─ ends with the final closer (</answer>, </question>)                          → done ("answer"/"question")
            └─ EOS / budget / turn limit / malformed search                                 → done, reason recorded
 
-Why token-in/token-out: the ids the policy sampled are exactly the ids trained on (reference gotcha G10), and the
+Why token-in/token-out: the ids the policy sampled are exactly the ids trained on (no re-tokenising), and the
 server's per-token logprobs and weight versions stay aligned with them. A generation the server aborts (a weight
 update paused it in "abort" mode) is resumed by re-sending prompt + partial output; the partial tokens keep the
 versions that produced them.

@@ -1,7 +1,7 @@
 """Seed answers: the ground truths the proposer writes questions for, each with a requested hop count.
 
 File format (data/seeds/seed_answers.jsonl): one JSON object per line, `{"answer": str, "type": str,
-"aliases": [str, ...] (optional), ...}`. Answers are always handled as a list of aliases (reference bug G1).
+"aliases": [str, ...] (optional), ...}`. Answers are always handled as a list of aliases, never as a bare string.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ are sampled on one shared prompt (sent together with one affinity, so the server
 document prefix once). The question passes when the fraction judged correct reaches `verify_threshold`.
 
 Fails closed: a judge error counts that answer as wrong; an inference failure raises (the episode is dropped and
-reported), never a pass (reference bug G6).
+reported), never a pass (SSP's reference code passed a question when its check raised).
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ Shapes: N = trajectories of one role in the batch. `group_ids` is an int tensor 
 group (for the solver: the G rollouts of one question). The trainer broadcasts each advantage over the
 trajectory's loss tokens.
 
-- Solver: GRPO. A_i = (r_i - mean_g) / (std_g + eps) with torch's unbiased std (ssp-spec §3.1), or
+- Solver: GRPO. A_i = (r_i - mean_g) / (std_g + eps) with torch's unbiased std (as SSP's reference), or
   A_i = r_i - mean_g without std normalisation. All-equal groups give exactly 0 (and are dropped by default
   before training, see `zero_variance_groups`).
 - Proposer: REINFORCE. A_i = r_i - b with b = the batch mean of proposer rewards (our default), or b = 0
-  (the reference script's accidental choice, ssp-spec §3.2).
+  (the reference script's accidental choice: verl's GRPO over singleton groups).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Literal
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LossConfig:
-    """The PPO-style policy loss shared by both roles (ssp-spec §3.3)."""
+    """The PPO-style policy loss shared by both roles (clipped surrogate with dual clip, as SSP's reference script)."""
 
     clip_low: float = 0.2
     """Ratio clip below: the surrogate uses clamp(ratio, 1 - clip_low, 1 + clip_high)."""

@@ -1,4 +1,4 @@
-"""Push the learner's weights to inference servers with SGLang's distributed update (sglang-api.md §3.5).
+"""Push the learner's weights to inference servers with SGLang's distributed update (NCCL/gloo broadcast).
 
 Lifecycle of a `WeightPusher` (run on learner rank 0 only; other TP ranks only help gather):
 
@@ -296,7 +296,7 @@ class WeightPusher:
     def _stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str, *, flush: bool) -> _Streamed:
         """Send every bucket. The bucket after the one on the wire is already fetched (so the last one is known: it
         carries the version and the flush), packed during the send, and its HTTP call is chained to the current one's
-        reply in the HTTP thread, so it goes out the moment the server acknowledges (sglang-api.md §3.5: one call at
+        reply in the HTTP thread, so it goes out the moment the server acknowledges (SGLang takes one update call at
         a time per server), without a hop through this thread."""
         queue = plan_buckets(named_tensors, self.bytes_per_bucket)
         current = next(queue, None)

@@ -1,6 +1,6 @@
 """The SGLang-compatible HTTP front (aiohttp): routes, request holding while paused, the writer lock, auth, SSE.
 
-It speaks the subset of SGLang 0.5.23's native API in shared/docs/sglang-api.md §6 over any `serving.backend.Backend`
+It speaks the subset of SGLang 0.5.23's native API an RL rollout uses over any `serving.backend.Backend`
 (the transformers model backend, or the simulated one). Everything protocol-level lives here and in
 `serving/protocol.py`; nothing here knows about models.
 
@@ -13,7 +13,7 @@ State the front keeps (one asyncio loop, so no locks beyond the two below):
   end while its samples still run (a failed sample cancels its siblings), and every sample must end (the backend
   finishes a sample that fails with an error instead of dropping it).
 - `calls`: /generate calls in flight, bounded by `max_concurrent_requests` (503 with Retry-After beyond it).
-- `session_open`: the begin/end_weight_update session (§3.2).
+- `session_open`: the begin/end_weight_update session (required around updates since SGLang 0.5.23).
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ class Front:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
-        """Auth (§0), and ApiError / an over-long body -> SGLang error shapes."""
+        """Auth (API keys), and ApiError / an over-long body -> SGLang error shapes."""
         denied = self._check_auth(request)
         if denied is not None:
             return denied
@@ -541,7 +541,7 @@ class Front:
     async def _update(self, route: str, args: dict[str, Any], needs_session: bool,
                       load: Callable[[], Awaitable[Any]], extra: dict[str, Any] | None = None) -> web.Response:
         """The common part of every weight-loading route: session rule, abort_all, writer lock unless paused,
-        version label, cache flush (§3.1)."""
+        version label, cache flush (as SGLang)."""
         if needs_session and not self.session_open and not self.cfg.old_server:
             return json_response({"success": False, "message": f"{route} must run between begin_weight_update() "
                                   "and end_weight_update()"}, status=400)

@@ -44,7 +44,7 @@ class BackendError(Exception):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SamplingOptions:
-    """Validated `sampling_params` of one request (the front has checked types and ranges, §1.2 of sglang-api.md).
+    """Validated `sampling_params` of one request (the front has checked types and ranges as SGLang does).
 
     Greedy is `temperature == 0.0` (the front maps anything below 1e-6 to exactly 0.0).
     """

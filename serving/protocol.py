@@ -1,4 +1,4 @@
-"""SGLang's /generate request parsing, validation and response shapes (shared/docs/sglang-api.md §1 and §4).
+"""SGLang's /generate request parsing, validation and response shapes, and its error answers.
 
 Pure functions, no I/O: `serving/app.py` calls them and turns `ApiError` into HTTP answers. Validation follows
 SGLang's order and error shapes, because clients (ours and others) branch on them:

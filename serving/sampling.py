@@ -1,7 +1,7 @@
 """Next-token sampling and SGLang's logprob semantics for the reference server.
 
 The logprob of a sampled token is log_softmax(logits / T) at that token, computed over the full vocabulary
-*before* top-k / top-p / min-p truncation (T = 1 for greedy), as SGLang returns it (sglang-api.md §1.3). This is
+*before* top-k / top-p / min-p truncation (T = 1 for greedy), as SGLang returns it. This is
 what the learner recomputes, so the two must agree to ~1e-5 in fp32.
 
 Shapes: V = vocabulary size. Functions take one row (V,) at a time: batches are small on CPU and per-request

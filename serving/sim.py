@@ -1,5 +1,5 @@
 """The simulated backend of `ssp model serve --sim`: SGLang's protocol (via serving's HTTP front), no weights, and
-the timing of a continuous-batching GPU server as modeled in shared/docs/sim-profiles.md.
+the timing of a continuous-batching GPU server as modeled by a profile (serving/sim_profile.py).
 
 One stepping loop (task "sim-stepper") plays the server's scheduler; no task or callback per token:
 
@@ -372,7 +372,7 @@ class SimBackend(Backend):
                                    "no weights); use update_weights_from_distributed or update_weights_from_disk")
 
     async def update_weights_from_disk(self, *, model_path: str, load_format: str | None) -> UpdateResult:
-        """Models a whole push: tp_gather + bytes/bandwidth + buckets x per-bucket overhead (sim-profiles §5)."""
+        """Models a whole push: tp_gather + bytes/bandwidth + buckets x per-bucket overhead (profile)."""
         await self._sleep_sim(self.full_update_s())
         return UpdateResult(True, "Succeeded to update model weights.")
 

@@ -1,10 +1,10 @@
 """Simulator profiles: the GPU server model and rollout shapes that `ssp model serve --sim` follows.
 
-A profile is a TOML file (bench/profiles/*.toml; every constant and its source is in shared/docs/sim-profiles.md),
+A profile is a TOML file (bench/profiles/*.toml: SGLang defaults, published measurements, estimates),
 read through the same typed loader as run configs, so a typo or wrong type is an error naming the key and file.
 Times in the file are in the units their key names say (ms or s); `SimProfile` keeps them as written.
 
-Formulas it feeds (sim-profiles.md §1-§5):
+Formulas it feeds:
     decode step     t_ms = a_ms + b_ms_per_request*B + c_ms_per_kv_token*K (+ eager_penalty_ms if B > cuda_graph_max_bs)
     prefill         t_s  = sum over new tokens of (1 + ctx/attn_ctx_half_tokens) / tokens_per_s, <= chunk per step
     weight update   t_s  = tp_gather_s + bytes/bandwidth + buckets*per_bucket_overhead_ms (+ pause_ms, resume_ms)
@@ -198,7 +198,7 @@ class ShapesSpec:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SimSpec:
     proposer_marker: str = "The answer I provided is:"
-    """Text in a prompt that makes the sim play the proposer (SSP's proposer user prompt, ssp-spec §1.2)."""
+    """Text in a prompt that makes the sim play the proposer (a phrase of SSP's proposer user prompt)."""
     verifier_marker: str = "using only the documents"
     """Text in a prompt (matched case-insensitively) that makes the sim play a RAG verifier: one short answer turn,
     no search (engine/prompts.py's verifier prompt)."""

@@ -53,7 +53,7 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 def receive(group: dist.ProcessGroup, *, dtypes: list[str], shapes: list[list[int]], flattened: bool,
             device: torch.device) -> list[torch.Tensor]:
-    """Receive the tensors rank 0 broadcasts for one update call, in `names` order (§3.4)."""
+    """Receive the tensors rank 0 broadcasts for one update call, in `names` order (as SGLang does)."""
     torch_dtypes = [dtype_from_name(d) for d in dtypes]
     if not flattened:
         tensors = [torch.empty(shape, dtype=dt, device=device) for dt, shape in zip(torch_dtypes, shapes)]

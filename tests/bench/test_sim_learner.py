@@ -1,4 +1,4 @@
-"""The simulated learner: its timing formula (sim-profiles.md §7) and how it consumes the trajectory stream."""
+"""The simulated learner: its timing formula (profile [learner]) and how it consumes the trajectory stream."""
 
 import asyncio
 
@@ -11,7 +11,7 @@ from serving.sim_profile import load_profile
 
 
 def test_step_time_matches_the_profile_note() -> None:
-    """sim-profiles.md §7: 3.33 M tokens of the 7B model on 8 H100 take 88 s of FLOPs + 3 s fixed, about 91 s."""
+    """The profile's note: 3.33 M tokens of the 7B model on 8 H100 take 88 s of FLOPs + 3 s fixed, about 91 s."""
     p = load_profile()
     t = learner_step_s(p.learner, flops_per_token=p.model.flops_per_token, tokens=3_330_000, gpus=8)
     assert t == pytest.approx(91.0, abs=1.0)

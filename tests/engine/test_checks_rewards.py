@@ -38,7 +38,7 @@ def test_length_and_word_rules() -> None:
 
 
 def test_leakage_checks_every_alias_case_insensitively() -> None:
-    # G1/G2: the reference compared only one spelling, and crashed (silently) on list-typed answers.
+    # SSP's reference code compared only one spelling, and crashed (silently) on list-typed answers.
     aliases = ["United States of America", "USA"]
     assert leaks("Which country, the usa or another, ...", aliases)
     assert "answer_leak" in check_question(Q + " (hint: the USA)", aliases, TWO, ChecksConfig())

@@ -1,5 +1,5 @@
 """One SSP episode end to end over a scripted policy (pure logic: the real-server run is test_rollout_e2e.py):
-group layout, rewards, validity reasons, verification fail-closed, per-role temperatures (G8)."""
+group layout, rewards, validity reasons, verification fail-closed, per-role temperatures."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ async def test_valid_episode_group_layout_and_rewards(chat: ChatTokenizer) -> No
 
 
 async def test_per_role_temperatures_reach_the_requests(chat: ChatTokenizer) -> None:
-    # G8: the reference set a proposer temperature that never reached the sampler.
+    # SSP's reference code set a proposer temperature that never reached the sampler.
     policy = ScriptedPolicy(chat)
     cfg = GameConfig(proposer_temperature=0.8, solver_temperature=0.6, verifier_temperature=0.1, top_p=0.9)
     await play(chat, policy, cfg, DANUBE)

@@ -28,7 +28,7 @@ def test_exact_match_against_every_alias() -> None:
 
 
 def test_ground_truth_must_be_a_list_not_a_string() -> None:
-    # G1: the reference stored [gt] but compared it as a string; we accept lists only and say so clearly.
+    # SSP's reference code stored [gt] but compared it as a string; we accept lists only and say so clearly.
     with pytest.raises(TypeError, match="list of alias strings"):
         exact_match("Paris", "Paris")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="non-empty string"):
@@ -48,7 +48,7 @@ def test_parse_verdict_accepts_exact_words(reply: str, verdict: bool) -> None:
 
 @pytest.mark.parametrize("reply", ["Incorrect", "incorrect.", "Not correct", "Correct, mostly", "", "Yes"])
 def test_parse_verdict_rejects_everything_else(reply: str) -> None:
-    # G7: the reference accepted any reply containing "correct", including "Incorrect".
+    # SSP's reference code accepted any reply containing "correct", including "Incorrect".
     with pytest.raises(JudgeError):
         parse_verdict(reply)
 
@@ -118,7 +118,7 @@ async def test_llm_judge_incorrect_reply_fails_closed_and_is_counted(judge_serve
 
 
 async def test_llm_judge_server_errors_fail_closed(judge_server) -> None:  # type: ignore[no-untyped-def]
-    # G6: the reference passed questions when the check itself raised; every judge failure here is "wrong".
+    # SSP's reference code passed questions when the check itself raised; every judge failure here is "wrong".
     url = await judge_server(lambda body: web.Response(status=500, text="boom"))
     async with Judge(JudgeConfig(llm_url=url, llm_max_retries=1)) as judge:
         v = await judge.judge("q", "Lyon", ["Paris"])

@@ -1,4 +1,5 @@
-"""A stand-in trainer (rank 0) that pushes modified weights to one server with SGLang's update sequence (§3.5).
+"""A stand-in trainer (rank 0) that pushes modified weights to one server with SGLang's update sequence
+(pause, begin, buckets, end, continue).
 
 Run as its own process by test_weight_update.py: `python push_weights.py URL MODEL_DIR VERSION`. It joins the
 weight-update group exactly as a trainer would (TCP rendezvous it hosts -> PrefixStore(group_name) -> a separate

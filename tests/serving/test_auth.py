@@ -1,4 +1,4 @@
-"""API keys (sglang-api.md §0), checked on the HTTP front over the simulated backend (same front, no weights):
+"""API keys (as SGLang's), checked on the HTTP front over the simulated backend (same front, no weights):
 --api-key guards every route but health/ready; --admin-api-key guards the control routes and the API key does not
 open them."""
 

@@ -1,4 +1,4 @@
-"""Conformance of a server with SGLang's native API subset (shared/docs/sglang-api.md §6 and its invariants).
+"""Conformance of a server with SGLang's native API subset (the routes an RL rollout uses, and their invariants).
 
 Every test takes `url`, parameterised over two targets: "reference" (the session's `ref_server`, ssp's CPU server)
 and "sglang" (a real SGLang server at $SSP_SGLANG_URL, skipped when unset). Run the suite against a real server with

@@ -244,7 +244,7 @@ def test_solver_searches_follow_the_profile_and_lengths_are_heavy_tailed(tokeniz
     for k in (0, 1, 2, 3):  # the common counts, within sampling error
         assert searches[k] / 1500 == pytest.approx(weights[k] * (1 - 0.02), abs=0.035)
     mean = statistics.mean(n for n, _, _ in rollouts)
-    assert 2.2 < mean < 2.9  # sim-profiles.md §6: solver mean 2.5 searches
+    assert 2.2 < mean < 2.9  # the profile's solver search_weights average about 2.4
     search_turns = [n for _, lengths, _ in rollouts for n in lengths[:-1]]
     median = statistics.median(search_turns)
     assert 70 < median < 115  # gen_turn median 90 (plus the closing tags)
