@@ -95,7 +95,7 @@ class SimServers:
 
     def __init__(self, n: int, profile: Path, time_scale: float, log_dir: Path, cpus: set[int] | None = None) -> None:
         from bench.cores import pin
-        from launcher.processes import ProcessSet, free_port
+        from ssp.processes import ProcessSet, free_port
 
         self.procs = ProcessSet()
         self.urls: list[str] = []

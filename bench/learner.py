@@ -38,7 +38,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from launcher.processes import free_port
+from ssp.processes import free_port
 from ssp.paths import PROJECT_ROOT, artifacts_dir
 
 SHAPES: dict[str, dict[str, Any]] = {

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from launcher.processes import ManagedProcess, free_port
+    from ssp.processes import ManagedProcess, free_port
     from learner.push import Staging, WeightPusher
 
     if args.rounds < 1 or args.warmup_rounds < 0:

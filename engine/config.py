@@ -289,7 +289,7 @@ class StreamConfig:
     """The run's name in the handshake: the learner refuses an engine of another run. `ssp train` and `ssp launch`
     set it to the run folder's name."""
     key_file: Path | None = None
-    """File holding the run key both ends must have (engine/run_key.py); unset = the environment variable
+    """File holding the run key both ends must have (ssp/run_key.py); unset = the environment variable
     SSP_RUN_KEY. `ssp train` and `ssp launch` write a fresh one per run (<run>/stream.key) and set this."""
     handshake_timeout_s: float = 10.0
     """A peer that has not completed the handshake this long after connecting is refused (the learner keeps

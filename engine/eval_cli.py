@@ -72,7 +72,7 @@ def qa_files(dataset: list[Path] | None, *, seeds: Path | None, limit: int | Non
 def run_eval(args: argparse.Namespace) -> int:
     from engine.errors import InferenceError
     from engine.evaluation import EvalDataError, evaluate, format_table
-    from launcher.processes import ProcessFailed
+    from ssp.processes import ProcessFailed
     from retriever.errors import RetrieverError
     from ssp.config import load_config
     from ssp.run_config import SSPConfig

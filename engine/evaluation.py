@@ -68,7 +68,7 @@ from engine.proposer_eval import (
 from engine.rollout import RolloutError, RolloutRunner, RolloutSpec
 from engine.search_batcher import SearchBatcher
 from engine.seeds import SeedError
-from launcher.processes import ManagedProcess, free_port
+from ssp.processes import ManagedProcess, free_port
 from retriever.registry import make_retriever
 from ssp.config import to_toml
 from ssp.metrics import MetricsLog

@@ -83,7 +83,7 @@ class InferenceConfig:
             raise ValueError(f"retry_backoff_s = {self.retry_backoff_s}: must be >= 0 seconds")
 
     def bearer_key(self) -> str | None:
-        """The key clients send: api_key, or the content of api_key_file (engine.run_key.RunKeyError if unreadable)."""
-        from engine.run_key import load_api_key
+        """The key clients send: api_key, or the content of api_key_file (ssp.run_key.RunKeyError if unreadable)."""
+        from ssp.run_key import load_api_key
 
         return self.api_key or load_api_key(self.api_key_file, "inference.api_key_file")

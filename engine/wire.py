@@ -1,7 +1,7 @@
 """The trajectory stream's wire format, byte for byte, and the handshake both ends run before the first frame.
 
 The learner listens, the engine connects. Before any frame the learner proves nothing and trusts nothing: it sends
-a fresh random challenge, and only an engine that answers it with the run's key (engine/run_key.py), for the
+a fresh random challenge, and only an engine that answers it with the run's key (ssp/run_key.py), for the
 learner's run and frame limit, may stream. Integers are big-endian.
 
     learner -> engine   CHALLENGE  b"SSPT" | version u8 | nonce (32 random bytes)
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from engine.config import MAX_FRAME_BYTES, MAX_RUN_ID_CHARS, StreamConfig
-from engine.run_key import load_run_key
+from ssp.run_key import load_run_key
 
 MAGIC = b"SSPT"
 VERSION = 1
@@ -78,7 +78,7 @@ class Terms:
 
 
 def terms_of(cfg: StreamConfig) -> Terms:
-    """The handshake terms of a [stream] section; reads the run key (engine.run_key.RunKeyError if there is none)."""
+    """The handshake terms of a [stream] section; reads the run key (ssp.run_key.RunKeyError if there is none)."""
     return Terms(run_id=cfg.run_id, key=load_run_key(cfg.key_file), max_frame_bytes=cfg.max_frame_bytes,
                  timeout_s=cfg.handshake_timeout_s)
 

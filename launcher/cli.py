@@ -32,7 +32,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    from engine.run_key import masked
+    from ssp.run_key import masked
     from launcher.cluster_run import launch_run, prepare_launch
     from launcher.plan import PlanError, render_plan
     from ssp.config import load_config

@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.run_key import new_run_key, write_run_key, write_secret
+from ssp.run_key import new_run_key, write_run_key, write_secret
 from launcher.commands import Launch, render_launches
 from launcher.config import ClusterConfig
 from launcher.plan import LearnerFootprint, Plan, PlanError, make_plan
-from launcher.processes import ProcessFailed, ProcessSet
+from ssp.processes import ProcessFailed, ProcessSet
 from ssp.config import to_dict
 from ssp.paths import artifacts_dir, default_index_dir
 from ssp.run_config import SSPConfig, learner_staleness_bound

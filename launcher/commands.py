@@ -6,7 +6,7 @@ sees) and the argv to run there. The learner's ranks start with torchrun's stati
 node; SGLang servers are started with sglang's own launcher (the `gpu` extra).
 
 Every server binds its node's name (the address the other nodes reach it at), never 0.0.0.0, and every process gets
-the run key (engine/run_key.py) from a file in the run folder, never on its command line (`ps` shows those to every
+the run key (ssp/run_key.py) from a file in the run folder, never on its command line (`ps` shows those to every
 user of a node): ours through their `api_key_file` keys, SGLang through `--config <run>/sglang-auth.yaml`, the YAML
 config file that `sglang.launch_server` merges with its command line (sglang/srt/server_args_config_parser.py), which
 holds `api-key` and `admin-api-key`, both the run key (SGLang 0.5.23 checked: with both set, admin routes accept

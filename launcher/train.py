@@ -2,7 +2,7 @@
 
     ssp train --config configs/demo.toml [--resume] [--set key=value ...]
 
-    ┌ processes (launcher.processes.ProcessSet, logs in <run>/logs/) ──────────────────────────────────────────┐
+    ┌ processes (ssp.processes.ProcessSet, logs in <run>/logs/) ──────────────────────────────────────────┐
     │ server-0..N-1   `ssp model serve` on free ports            (or attach: train.server_urls)                │
     │ retriever       `ssp retriever serve` (kind = "http" with train.start_retriever; "tantivy" is in-process)│
     │ learner         `ssp learner train` → torchrun, TP x DP ranks, listens on tcp://127.0.0.1:<free port>    │
@@ -41,8 +41,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine.run_key import RunKeyError, load_run_key, write_run_key
-from launcher.processes import ManagedProcess, ProcessFailed, ProcessSet, free_port
+from ssp.run_key import RunKeyError, load_run_key, write_run_key
+from ssp.processes import ManagedProcess, ProcessFailed, ProcessSet, free_port
 from launcher.progress import PLOT_KEYS, ProgressDisplay, Snapshot, format_summary, step_row
 from ssp.config import to_dict, to_toml
 from ssp.metrics import MetricsLog, plot_metrics, read_metrics

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.processes import free_port
+from ssp.processes import free_port
 from ssp.cli import add_config_args
 
 

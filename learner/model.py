@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from launcher.processes import free_port
+from ssp.processes import free_port
 
 log = logging.getLogger(__name__)
 

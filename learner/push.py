@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
-from launcher.processes import free_port
+from ssp.processes import free_port
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

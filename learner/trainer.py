@@ -287,7 +287,7 @@ def _connect_pusher(cfg: LearnerConfig, server_urls: list[str], par: Parallel) -
     """Rank 0 owns the update group; the other ranks only help gather."""
     if par.rank != 0:
         return None
-    from engine.run_key import load_api_key
+    from ssp.run_key import load_api_key
     from learner.push import WeightPusher
 
     pusher = WeightPusher(server_urls, backend="nccl" if par.device.type == "cuda" else "gloo",

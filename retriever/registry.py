@@ -55,7 +55,7 @@ def _make_builtin(cfg: RetrieverConfig) -> Retriever:
         from retriever.tantivy_index import TantivyRetriever
 
         return TantivyRetriever(cfg.index_dir or default_index_dir(), threads=cfg.search_threads)
-    from engine.run_key import load_api_key
+    from ssp.run_key import load_api_key
     from retriever.client import HttpRetriever
 
     return HttpRetriever(cfg.url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,

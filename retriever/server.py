@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
-from engine.run_key import check_bind, load_api_key
+from ssp.run_key import check_bind, load_api_key
 from retriever.config import RetrievalServerConfig
 from retriever.corpus import join_contents
 from retriever.protocol import Doc
@@ -174,7 +174,7 @@ def make_app(retriever: TantivyRetriever, cfg: RetrievalServerConfig, api_key: s
 async def serve(cfg: RetrievalServerConfig, index_dir: Path, ready: Callable[[str], None] = print, *,
                 insecure: bool = False) -> None:
     """Run the server until SIGINT/SIGTERM; calls `ready(url)` once the socket is listening. Refuses
-    (engine.run_key.RunKeyError) a non-loopback host without retrieval_server.api_key_file unless `insecure`."""
+    (ssp.run_key.RunKeyError) a non-loopback host without retrieval_server.api_key_file unless `insecure`."""
     api_key = load_api_key(cfg.api_key_file, "retrieval_server.api_key_file")
     check_bind(cfg.host, keyed=api_key is not None, insecure=insecure, setting="retrieval_server.api_key_file")
     retriever = TantivyRetriever(index_dir, threads=cfg.search_threads)

@@ -66,7 +66,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import sys
 
-    from engine.run_key import RunKeyError
+    from ssp.run_key import RunKeyError
     from serving.server import serve
     from ssp.config import load_config
     from ssp.run_config import SSPConfig

@@ -33,7 +33,7 @@ def with_key(cfg: ServingConfig, *, insecure: bool) -> ServingConfig:
     without any key unless `insecure`. Runs before the model loads, so a bad setup fails in a second."""
     import dataclasses
 
-    from engine.run_key import check_bind, load_api_key
+    from ssp.run_key import check_bind, load_api_key
 
     if cfg.api_key_file is not None:
         key = load_api_key(cfg.api_key_file, "serving.api_key_file")

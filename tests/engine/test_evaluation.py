@@ -32,7 +32,7 @@ from engine.evaluation import (
 )
 from engine.intervals import Interval, mean_interval, mean_of_rates_interval, separation, wilson_interval
 from serving.server import READY_LINE
-from launcher.processes import ManagedProcess, ProcessFailed
+from ssp.processes import ManagedProcess, ProcessFailed
 from ssp.config import load_config
 from ssp.run_config import SSPConfig
 

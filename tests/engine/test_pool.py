@@ -14,7 +14,7 @@ from engine.errors import BadRequest, ConnectionFailed, NoServerAvailable
 from engine.generation import SamplingParams
 from engine.inference_config import InferenceConfig
 from engine.pool import InferencePool
-from launcher.processes import free_port
+from ssp.processes import free_port
 from ssp.config import ConfigError, load_config
 from ssp.run_config import SSPConfig
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.run_key import KEY_ENV, RunKeyError, load_run_key, write_run_key
+from ssp.run_key import KEY_ENV, RunKeyError, load_run_key, write_run_key
 from engine.stream import FileSink, TcpSink, TrajectoryStream, iter_frames, read_frames
 from engine.trajectory import Trajectory, unpack_group
 from engine.wire import FrameError, HandshakeError, Terms, challenge, encode_frame, read_frame, send_verdict

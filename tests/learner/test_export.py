@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from export_worker import TOKEN_IDS, train_and_save
-from launcher.processes import free_port
+from ssp.processes import free_port
 from learner.convert import HfTensors, hf_to_megatron
 from learner.export import ExportError, export_checkpoint
 from learner.model import ModelShape

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from engine.config import StreamConfig
-from engine.run_key import write_run_key
+from ssp.run_key import write_run_key
 from engine.trajectory import Trajectory
 from engine.wire import Terms, terms_of
 from learner.config import LearnerConfig

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from engine.config import StreamConfig
-from engine.run_key import write_run_key
+from ssp.run_key import write_run_key
 from engine.stream import TcpSink, TrajectoryStream
 from engine.trajectory import Trajectory, pack_group, unpack_group
 from engine.wire import HEADER, HandshakeError, Terms, encode_frame, offer, terms_of

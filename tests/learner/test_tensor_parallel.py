@@ -15,7 +15,7 @@ import torch
 
 from engine.trajectory import pack_group
 from learner.config import LearnerConfig
-from launcher.processes import free_port
+from ssp.processes import free_port
 from learner_tiny import make_groups
 from ssp.config import to_dict
 from ssp.paths import PROJECT_ROOT

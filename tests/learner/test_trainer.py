@@ -203,7 +203,7 @@ def test_tcp_source_listens_for_the_engine(tmp_path: Path) -> None:
     import threading
 
     from engine.config import StreamConfig
-    from engine.run_key import write_run_key
+    from ssp.run_key import write_run_key
     from engine.trajectory import pack_group
     from engine.wire import encode_frame, offer, terms_of
 

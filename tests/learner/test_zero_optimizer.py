@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.processes import free_port
+from ssp.processes import free_port
 from learner.config import LearnerConfig
 from learner.optimizer import partition
 from learner_tiny import make_groups, wait_for_metric_lines, write_frames

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from engine.run_key import RunKeyError, check_bind, load_api_key, write_run_key
+from ssp.run_key import RunKeyError, check_bind, load_api_key, write_run_key
 from retriever.client import HttpRetriever
 from retriever.config import RetrievalServerConfig, RetrieverConfig
 from retriever.errors import RetrieverRequestError

@@ -17,7 +17,7 @@ import pytest
 from engine.errors import ServerError
 from engine.inference_config import InferenceConfig
 from engine.pool import InferencePool
-from engine.run_key import write_run_key
+from ssp.run_key import write_run_key
 
 API, ADMIN = "user-key", "admin-key"
 

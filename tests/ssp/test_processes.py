@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.processes import ManagedProcess, ProcessFailed, ProcessSet, free_port
+from ssp.processes import ManagedProcess, ProcessFailed, ProcessSet, free_port
 
 SERVE = "import http.server, sys; http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), " \
         "http.server.SimpleHTTPRequestHandler).serve_forever()"
@@ -51,7 +51,7 @@ def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
     parent_code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from launcher.processes import ManagedProcess\n"
+        "from ssp.processes import ManagedProcess\n"
         f"p = ManagedProcess('child', [sys.executable, '-c', 'import time; time.sleep(60)'], "
         f"log_path=Path({str(tmp_path / 'c.log')!r}))\n"
         f"Path({str(pid_file)!r}).write_text(str(p.pid))\n"
@@ -78,7 +78,7 @@ def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
 def test_free_ports_come_from_below_the_ephemeral_range_and_bind() -> None:
     """Outgoing connections take their local ports from the ephemeral range; a server port picked there can be
     taken before the server binds it (seen in bench async-vs-sync with 16 sim servers)."""
-    from launcher.processes import EPHEMERAL_RANGE_FILE
+    from ssp.processes import EPHEMERAL_RANGE_FILE
 
     low = int(EPHEMERAL_RANGE_FILE.read_text().split()[0]) if EPHEMERAL_RANGE_FILE.exists() else 32768
     for _ in range(20):
