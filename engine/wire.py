@@ -28,10 +28,12 @@ files, a run's samples).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import secrets
 import struct
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgpack
@@ -136,27 +138,40 @@ def _check_prefix(prefix: bytes, what: str) -> None:
                              "the same ssp version on the engine and the learner")
 
 
+@contextlib.asynccontextmanager
+async def _handshake_io(timeout_s: float, on_timeout: str) -> AsyncIterator[None]:
+    """One side's handshake I/O, bounded by `timeout_s`: running out of time raises HandshakeError(`on_timeout`), a
+    broken connection a HandshakeError saying so (HandshakeErrors raised inside pass through as they are)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except TimeoutError:
+        raise HandshakeError(on_timeout) from None
+    except HandshakeError:
+        raise
+    except OSError as e:
+        raise HandshakeError(f"the connection failed during the handshake: {e}") from None
+
+
+async def _read_announced(reader: asyncio.StreamReader, n: int, what: str) -> bytes:
+    """A handshake body whose length `n` the peer announced, refused above MAX_HANDSHAKE_BODY before reading."""
+    if n > MAX_HANDSHAKE_BODY:
+        raise HandshakeError(f"the {what} announces {n} bytes, more than the {MAX_HANDSHAKE_BODY} allowed")
+    return await _read(reader, n, what)
+
+
 async def challenge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, terms: Terms) -> None:
     """Learner side: challenge a peer that just connected and check its answer; raises HandshakeError naming the
     reason to refuse it. The caller sends the verdict (`send_verdict`), since only it knows whether another engine
     got in first."""
     nonce = secrets.token_bytes(NONCE_BYTES)
-    try:
-        async with asyncio.timeout(terms.timeout_s):
-            writer.write(_PREFIX.pack(MAGIC, VERSION) + nonce)
-            await writer.drain()
-            _check_prefix(await _read(reader, _PREFIX.size, "hello"), "hello")
-            (n,) = _LENGTH.unpack(await _read(reader, _LENGTH.size, "hello"))
-            if n > MAX_HANDSHAKE_BODY:
-                raise HandshakeError(f"the hello announces {n} bytes, more than the {MAX_HANDSHAKE_BODY} allowed")
-            body = await _read(reader, n, "hello")
-    except TimeoutError:
-        raise HandshakeError(f"no complete hello within {terms.timeout_s} s of connecting "
-                             "(stream.handshake_timeout_s)") from None
-    except HandshakeError:
-        raise
-    except OSError as e:
-        raise HandshakeError(f"the connection failed during the handshake: {e}") from None
+    async with _handshake_io(terms.timeout_s, f"no complete hello within {terms.timeout_s} s of connecting "
+                                              "(stream.handshake_timeout_s)"):
+        writer.write(_PREFIX.pack(MAGIC, VERSION) + nonce)
+        await writer.drain()
+        _check_prefix(await _read(reader, _PREFIX.size, "hello"), "hello")
+        (n,) = _LENGTH.unpack(await _read(reader, _LENGTH.size, "hello"))
+        body = await _read_announced(reader, n, "hello")
     run_id, max_frame_bytes, mac = _parse_hello(body)
     if not hmac.compare_digest(mac, _mac(terms.key, nonce, run_id, max_frame_bytes)):
         raise HandshakeError("wrong run key: the hello was not made with this run's key (stream.key_file, or "
@@ -196,25 +211,16 @@ async def send_verdict(writer: asyncio.StreamWriter, refusal: str | None) -> Non
 async def offer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, terms: Terms) -> None:
     """Engine side: answer the learner's challenge and wait for its verdict; raises HandshakeError with the
     learner's reason when it refuses (or when what answered is not an ssp learner)."""
-    try:
-        async with asyncio.timeout(terms.timeout_s):
-            _check_prefix(await _read(reader, _PREFIX.size, "challenge"), "challenge")
-            nonce = await _read(reader, NONCE_BYTES, "challenge")
-            body = msgpack.packb({"run_id": terms.run_id, "max_frame_bytes": terms.max_frame_bytes,
-                                  "mac": _mac(terms.key, nonce, terms.run_id, terms.max_frame_bytes)},
-                                 use_bin_type=True)
-            writer.write(_PREFIX.pack(MAGIC, VERSION) + _LENGTH.pack(len(body)) + body)
-            await writer.drain()
-            status, n = _VERDICT.unpack(await _read(reader, _VERDICT.size, "verdict"))
-            if n > MAX_HANDSHAKE_BODY:
-                raise HandshakeError(f"the verdict announces {n} bytes, more than the {MAX_HANDSHAKE_BODY} allowed")
-            reason = (await _read(reader, n, "verdict")).decode(errors="replace")
-    except TimeoutError:
-        raise HandshakeError(f"the learner did not complete the handshake within {terms.timeout_s} s "
-                             "(stream.handshake_timeout_s); is an ssp learner listening there?") from None
-    except HandshakeError:
-        raise
-    except OSError as e:
-        raise HandshakeError(f"the connection failed during the handshake: {e}") from None
+    async with _handshake_io(terms.timeout_s, f"the learner did not complete the handshake within {terms.timeout_s}"
+                                              " s (stream.handshake_timeout_s); is an ssp learner listening there?"):
+        _check_prefix(await _read(reader, _PREFIX.size, "challenge"), "challenge")
+        nonce = await _read(reader, NONCE_BYTES, "challenge")
+        body = msgpack.packb({"run_id": terms.run_id, "max_frame_bytes": terms.max_frame_bytes,
+                              "mac": _mac(terms.key, nonce, terms.run_id, terms.max_frame_bytes)},
+                             use_bin_type=True)
+        writer.write(_PREFIX.pack(MAGIC, VERSION) + _LENGTH.pack(len(body)) + body)
+        await writer.drain()
+        status, n = _VERDICT.unpack(await _read(reader, _VERDICT.size, "verdict"))
+        reason = (await _read_announced(reader, n, "verdict")).decode(errors="replace")
     if status != ACCEPTED:
         raise HandshakeError(f"the learner refused the trajectory stream: {reason}")

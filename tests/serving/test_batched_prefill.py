@@ -4,8 +4,6 @@ raises is rerun one request at a time so only the request that causes the failur
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,14 +15,6 @@ from serving.scheduler import Scheduler
 PROMPTS = [[1, 504, 3010], [1] + list(range(400, 430)), [1, 900, 901, 902, 903, 904, 905, 906, 907],
            [1, 77, 78, 79, 80, 81]]
 NEW_TOKENS = 4
-
-
-@pytest.fixture(scope="module")
-def runner(model_dir: Path) -> Iterator[ModelRunner]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like the server
-    yield ModelRunner(model_dir, device="cpu", dtype=torch.float32)
-    torch.set_num_threads(threads)
 
 
 def run_together(runner: ModelRunner, prompts: list[list[int]]) -> dict[str, GenerateOutput]:

@@ -4,8 +4,6 @@ cache, and buffers growing past their first capacity. Reference: one plain forwa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,14 +11,6 @@ import torch
 from serving.model_runner import ModelRunner, Prompt
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def runner(model_dir: Path) -> Iterator[ModelRunner]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like the server
-    yield ModelRunner(model_dir, device="cpu", dtype=torch.float32)
-    torch.set_num_threads(threads)
 
 
 @torch.no_grad()
