@@ -21,8 +21,8 @@ bench's session, so when other work saturates the cores every arm gets the same 
 ratios of their "CPU ms/query" columns instead of showing the second core's gain. The load line says when: raw on
 2 threads runs near 2x its 1-thread rate only when the bench has both cores.
 
-Corpus: --corpus, else the shared 211k-passage enwiki corpus when present (the issue's measurements), else the demo
-corpora in data/corpus. On those 19k passages the goal is out of reach and the bench says so (exit 1): a raw search
+Corpus: --corpus (docs/benchmarks.md: the goal was measured on a 211k-passage enwiki corpus), else the demo corpora
+in data/corpus. On those 19k passages the goal is out of reach and the bench says so (exit 1): a raw search
 there costs about 0.3 ms, less than an HTTP request and its client (about 0.25 ms of CPU on their own).
 """
 
@@ -43,7 +43,6 @@ from typing import NamedTuple
 
 from ssp.paths import DATA_DIR, DEMO_CORPORA, PROJECT_ROOT, artifacts_dir
 
-SHARED_CORPUS = PROJECT_ROOT.parent / "shared" / "data" / "corpus" / "enwiki2015_core_p10.jsonl.gz"
 QA_FILE = DATA_DIR / "qa" / "nq_test500_questions.jsonl"
 BATCH = 64
 REPEATS = 5
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     out_json = args.out or artifacts_dir() / "bench" / "retrieval.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    corpora = list(args.corpus or ([SHARED_CORPUS] if SHARED_CORPUS.exists() else DEMO_CORPORA))
+    corpora = list(args.corpus or DEMO_CORPORA)
     key = hashlib.sha256("\n".join(str(p.resolve()) for p in corpora).encode()).hexdigest()[:12]
     index_dir = artifacts_dir() / "index" / f"bench-{key}"
     print(f"index {index_dir} over {', '.join(map(str, corpora))}")
