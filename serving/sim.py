@@ -14,7 +14,9 @@ One stepping loop (task "sim-stepper") plays the server's scheduler; no task or 
 B is the number of running requests and K the KV tokens they hold. Emission is implicit: a running request that
 joined at step j with `base` tokens has base + (steps - j) tokens now, so K and finish times are kept as sums and a
 heap, and one step costs O(requests that change state). The loop sleeps each step's duration / time_scale against
-a wall-clock anchor, so a slow host shows up as lag (`stats().lag_s`) rather than as drift. Aborts take effect at the
+a wall-clock anchor, so a slow host shows up as lag (`stats().lag_s`) rather than as drift. The anchor of a busy
+stretch is the moment its first request (or the resume) arrived, not the moment the host got round to stepping, and
+a stretch's worst lag stays counted after the server goes idle (`sim_clock()["behind_s"]`). Aborts take effect at the
 end of the current step (as in SGLang, a few more tokens may appear); pause, weight updates and resume cost the
 profile's modeled times. What the sim says (token ids of SSP-shaped turns) is planned by `serving.sim_text`.
 """
@@ -134,6 +136,10 @@ class SimStats:
     finished: int = 0
     lag_s: float = 0.0
     """Largest amount by which the loop fell behind the scaled wall clock (host too slow for the time scale)."""
+    behind_s: float = 0.0
+    """Wall seconds the server fell behind its clock, summed over its finished busy stretches (each counts its
+    largest lag; a stretch ends when the server goes idle or pauses). Monotone, so a bench can guard any interval
+    by the difference of two readings: idle time never forgives lag."""
     recent: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=4096))
 
 
@@ -215,6 +221,12 @@ class SimBackend(Backend):
         self._steps = 0
         self._due: float | None = None
         """Loop time by which the current step should end (None while idle): how far behind the host runs."""
+        self._sleeping = False
+        """The stepping loop waits for work (idle or paused)."""
+        self._woken_at: float | None = None
+        """Loop time the first work arrived while the loop slept: the next busy stretch's clock starts there."""
+        self._stretch_lag = 0.0
+        """Largest lag of the current busy stretch (added to stats.behind_s when it ends)."""
         self._seq = 0
         self._paused = False
         self._paused_at = 0.0
@@ -267,7 +279,7 @@ class SimBackend(Backend):
                  spans=[[self._version, 0]])
         self._live[req.rid] = r
         self._waiting.append(r)
-        self._wake.set()
+        self._wake_for_work()
         try:
             await asyncio.shield(r.done)
             yield self._snapshot(r)
@@ -297,6 +309,14 @@ class SimBackend(Backend):
         if self._paused:
             self.stats.paused_s += (asyncio.get_running_loop().time() - self._paused_at) * self.time_scale
         self._paused = False
+        self._woken_at = None  # the work queued during the pause starts its clock now, not when it arrived
+        self._wake_for_work()
+
+    def _wake_for_work(self) -> None:
+        """Work arrived: wake the stepping loop. Its clock starts now, so a host that runs the loop late (busy with
+        other processes) shows as lag instead of vanishing into idle time."""
+        if self._sleeping and not self._paused and self._woken_at is None:
+            self._woken_at = asyncio.get_running_loop().time()
         self._wake.set()
 
     def is_idle(self, *, ignore_queued: bool) -> bool:
@@ -320,14 +340,16 @@ class SimBackend(Backend):
 
     def sim_clock(self) -> dict[str, float]:
         """Cumulative simulated seconds and tokens since start, so a bench can say where a server's time went:
-        elapsed = decode + prefill (busy stepping) + paused (weight updates) + idle (nothing to run)."""
+        elapsed = decode + prefill (busy stepping) + paused (weight updates) + idle (nothing to run); behind_s: wall
+        seconds the server ran late, cumulative (SimStats.behind_s plus the current stretch's lag)."""
         now = asyncio.get_running_loop().time()
         s = self.stats
         paused = s.paused_s + ((now - self._paused_at) * self.time_scale if self._paused else 0.0)
+        late_now = 0.0 if self._due is None else max(0.0, now - self._due)
         return {"elapsed_s": (now - self._started_at) * self.time_scale, "decode_s": s.decode_s,
                 "prefill_s": s.prefill_s, "paused_s": paused, "output_tokens": s.output_tokens,
                 "prefill_tokens": s.prefill_tokens, "recomputed_tokens": s.recomputed_tokens,
-                "retractions": s.retractions}
+                "retractions": s.retractions, "behind_s": s.behind_s + max(self._stretch_lag, late_now)}
 
     # ---------------------------------------------------------------- weights (modeled, nothing is received)
 
@@ -408,9 +430,14 @@ class SimBackend(Backend):
                 self._apply_pause(self._pause_request)
             if self._paused or not (self._waiting or self._prefilling or self._running):
                 self._due = None
+                self.stats.behind_s += self._stretch_lag
+                self._stretch_lag = 0.0
+                self._sleeping, self._woken_at = True, None
                 self._wake.clear()
                 await self._wake.wait()
-                anchor, sim_clock = loop.time(), 0.0  # idle time is not lag
+                self._sleeping = False
+                # Idle time is not lag, but the host's delay in getting here after the work arrived is.
+                anchor, sim_clock = self._woken_at if self._woken_at is not None else loop.time(), 0.0
                 continue
             self._admit()
             chunks = self._prefill_chunks()
@@ -427,6 +454,7 @@ class SimBackend(Backend):
             else:
                 self.stats.lag_s = max(self.stats.lag_s, -delay)
                 await asyncio.sleep(0)
+            self._stretch_lag = max(self._stretch_lag, loop.time() - self._due)
             self._end_step(record, chunks)
 
     def _apply_pause(self, mode: PauseMode) -> None:

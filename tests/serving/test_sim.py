@@ -190,6 +190,25 @@ async def test_sim_clock_splits_time_into_decode_prefill_recompute_and_pause(mak
     assert busy <= clock["elapsed_s"] + 1e-6
 
 
+async def test_lag_is_counted_from_arrival_and_kept_after_idle(make: Factory) -> None:
+    """A host that blocks the server's loop when work arrives (here: 0.3 s of synchronous work right after the
+    request) makes the server late by that much; the lag stays in sim_clock's behind_s after the server went idle,
+    so a bench comparing two readings sees it whenever it happened."""
+    import time
+
+    backend = make(time_scale=1.0)
+    await backend.start()
+    await _run(backend, _req(_prompt(100), 5))  # a stretch on time first
+    assert backend.sim_clock()["behind_s"] < 0.05
+    task = asyncio.create_task(_run(backend, _req(_prompt(100, 1), 5)))
+    await asyncio.sleep(0)  # the request arrives
+    time.sleep(0.3)  # the host is busy elsewhere before the server's loop gets to step
+    await task
+    await asyncio.sleep(0.05)  # idle again
+    behind = backend.sim_clock()["behind_s"]
+    assert 0.25 <= behind < 0.6
+
+
 async def test_abort_running_and_queued(make: Factory) -> None:
     backend = make(time_scale=20.0, server={"max_running_requests": 1})
     await backend.start()
