@@ -222,6 +222,9 @@ class Scheduler:
         self.counters = Counters()
         self.lag = LoopLagMonitor()
         self.collector = CollectorSchedule(cfg.gc_full_every_s)
+        self.on_phase: Callable[[str], None] | None = None
+        """Sync mode: called with "propose", "verify", "solve" and "deliver" as each phase of a step begins (a bench
+        reads the servers' clocks there); it must not block."""
         self._crash: asyncio.Future[None] | None = None
         """While `run()` runs: set to the first unexpected error of an episode task, which `run()` then raises."""
         self._t0 = time.perf_counter()
@@ -343,15 +346,23 @@ class Scheduler:
             self.counters.launched += n
             gids = [f"{self._run_id}-{next(self._ids):08d}" for _ in range(n)]
             seeds = [next(self._seeds) for _ in range(n)]
+            self._phase_begins("propose")
             proposals = await self._phase([self.game.propose(g, s) for g, s in zip(gids, seeds)], gids)
+            self._phase_begins("verify")
             verifs = await self._phase([self.game.verify(p) for p in proposals.values()], list(proposals))
             passed = [g for g, v in verifs.items() if v is not None and v.passed]
+            self._phase_begins("solve")
             solves = await self._phase([self.game.solve(proposals[g]) for g in passed], passed)
+            self._phase_begins("deliver")
             for gid in gids:
                 ok = gid in verifs and (gid not in passed or gid in solves)
                 if ok:
                     await self._deliver(self.game.assemble(proposals[gid], verifs[gid], solves.get(gid, [])))
                 await self.gate.release(version, delivered=ok)
+
+    def _phase_begins(self, name: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(name)
 
     async def _phase(self, coros: list[Any], gids: list[str]) -> dict[str, Any]:
         """Run one phase for every episode of a step; failed episodes are recorded and left out."""

@@ -145,6 +145,10 @@ async def test_sync_mode_runs_phase_by_phase(chat: ChatTokenizer, tmp_path: Path
     async with Judge(GameConfig().judge) as judge:
         sched, batcher, out = build(chat, policy, SchedulerConfig(mode="sync", eta=None, episodes_per_step=3),
                                     tmp_path, judge, game_cfg=GameConfig(solver_group_size=2, verify_samples=1))
+        # Each phase is announced before its first call (benches read the servers' clocks there): record how many
+        # calls the policy had seen at each announcement.
+        marks: list[tuple[str, int]] = []
+        sched.on_phase = lambda name: marks.append((name, len(policy.calls)))
         summary = await sched.run(episodes=5)
         await batcher.close()
     assert summary["episodes_finished"] == 5 and len(read_frames(out)) == 5
@@ -152,6 +156,10 @@ async def test_sync_mode_runs_phase_by_phase(chat: ChatTokenizer, tmp_path: Path
     # Step 1 (3 episodes): every proposer call comes before any verifier call, and those before any solver call.
     first_step = roles[:roles.index("proposer", roles.index("solver"))]
     assert first_step == sorted(first_step, key=["proposer", "verifier", "solver"].index)
+    assert [name for name, _ in marks] == ["propose", "verify", "solve", "deliver"] * 2
+    expected = {"propose": "proposer", "verify": "verifier", "solve": "solver"}
+    for (name, begin), (_, end) in zip(marks, marks[1:]):
+        assert {r for r, _, _ in policy.calls[begin:end]} <= {expected.get(name)}, name
 
 
 async def test_policy_version_is_followed_from_the_servers(chat: ChatTokenizer, tmp_path: Path) -> None:
