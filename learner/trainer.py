@@ -55,6 +55,34 @@ class StepResult:
     metrics: dict[str, float]
 
 
+class StepSums:
+    """Per-rank sums over a step's micro-batches, by name, reduced over the DP ranks in one all_reduce.
+
+    The loss parts are already batch-normalised (see learner.loss.aggregation_weights), so their sums over
+    micro-batches and ranks are the step's values. One tensor on the training device because NCCL reduces only GPU
+    tensors, and one collective instead of one per metric; the names keep the packing and the unpacking in step.
+    """
+
+    NAMES = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "dual_clip_frac", "mismatch_sum", "mismatch_count",
+             "tokens")
+    """mismatch_sum / mismatch_count: |learner - rollout| logprob summed over trained tokens, and their number."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.values = torch.zeros(len(self.NAMES), dtype=torch.float64, device=device)
+
+    def add(self, **parts: torch.Tensor | float) -> None:
+        """Add one micro-batch's value of every name (all of them, no other)."""
+        if set(parts) != set(self.NAMES):
+            raise ValueError(f"StepSums.add got {sorted(parts)}; it needs exactly {sorted(self.NAMES)}")
+        self.values += torch.stack([torch.as_tensor(parts[name], dtype=torch.float64, device=self.values.device)
+                                    for name in self.NAMES])
+
+    def reduced(self, group: Any) -> dict[str, float]:
+        """The sums over every DP rank of `group`, by name."""
+        dist.all_reduce(self.values, group=group)
+        return dict(zip(self.NAMES, self.values.tolist(), strict=True))
+
+
 class Trainer:
     """Model, optional frozen reference, optimizer; `train_step` is one optimizer step on one batch."""
 
@@ -107,9 +135,7 @@ class Trainer:
         micro_batches = pack(mine, cfg.micro_batch_tokens)
         self.model.train()
         self.optimizer.zero_grad()
-        # Sums over this rank's micro-batches; reduced over DP below. Loss parts are already batch-normalised.
-        # On the training device: NCCL reduces only GPU tensors.
-        sums = torch.zeros(9, dtype=torch.float64, device=par.device)
+        sums = StepSums(par.device)
         mismatch_max = torch.zeros(1, dtype=torch.float64, device=par.device)
         for samples in micro_batches:
             mb = collate(samples, cfg.role_loss_weights, par.device)
@@ -141,22 +167,21 @@ class Trainer:
             with torch.no_grad():
                 diff = (logprobs.detach() - old_logprobs).abs()
                 mismatch_max = torch.maximum(mismatch_max, diff.max().double().reshape(1))
-                sums += torch.stack([parts.loss.detach(), parts.pg_loss, parts.kl, parts.entropy, parts.clip_frac,
-                                     parts.dual_clip_frac, diff.sum(), torch.tensor(float(diff.numel()),
-                                                                                     device=par.device),
-                                     torch.tensor(float(mb.n_tokens), device=par.device)]).double()
+                sums.add(loss=parts.loss.detach(), pg_loss=parts.pg_loss, kl=parts.kl, entropy=parts.entropy,
+                         clip_frac=parts.clip_frac, dual_clip_frac=parts.dual_clip_frac, mismatch_sum=diff.sum(),
+                         mismatch_count=diff.numel(), tokens=mb.n_tokens)
         self.optimizer.collect_grads()
         grad_norm = self._reduce_and_clip_grads()
         self.optimizer.step()
         self.scheduler.step()
-        dist.all_reduce(sums, group=self.dp_group)
+        total = sums.reduced(self.dp_group)
         dist.all_reduce(mismatch_max, op=dist.ReduceOp.MAX, group=self.dp_group)
-        loss, pg, kl, ent_mean, clip, dual, mis_sum, mask_sum, tokens = sums.tolist()
         return StepResult(trained=True, metrics={
-            **counts, "loss": loss, "pg_loss": pg, "kl": kl, "entropy": ent_mean, "clip_frac": clip,
-            "dual_clip_frac": dual, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
-            "logprob_mismatch_mean": mis_sum / max(mask_sum, 1.0), "logprob_mismatch_max": mismatch_max.item(),
-            "tokens": tokens, "micro_batches": float(len(micro_batches)),
+            **counts, **{name: total[name] for name in ("loss", "pg_loss", "kl", "entropy", "clip_frac",
+                                                        "dual_clip_frac", "tokens")},
+            "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+            "logprob_mismatch_mean": total["mismatch_sum"] / max(total["mismatch_count"], 1.0),
+            "logprob_mismatch_max": mismatch_max.item(), "micro_batches": float(len(micro_batches)),
         })
 
     def _reduce_and_clip_grads(self) -> float:
