@@ -67,7 +67,7 @@ def _measure(variant: str, args: argparse.Namespace, par: Any, groups: list[Any]
     trainer = Trainer(cfg, par, shape, model, None)
     if variant == "plain bf16":
         trainer.optimizer = PlainBf16AdamW(canonical_params(model), cfg)  # type: ignore[assignment]
-        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer.inner, lambda _: 1.0)
+        trainer.lr_schedule = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer.inner, lambda _: 1.0)
     start = {n: p.detach().clone() for n, p in canonical_params(model)}
     times = []
     for step in tqdm(range(args.steps), desc=variant, unit="step"):

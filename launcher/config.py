@@ -5,7 +5,7 @@ from typing import Literal
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class ModelShape:
+class ClusterModelConfig:
     """The architecture numbers that placement and memory depend on (a Llama/Qwen2-family decoder).
 
     They are in the config, not read from the checkpoint, so a plan can be checked on a laptop before the weights
@@ -56,7 +56,7 @@ class ModelShape:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ClusterConfig:
-    model: ModelShape = field(default_factory=ModelShape)
+    model: ClusterModelConfig = field(default_factory=ClusterModelConfig)
     """The model's architecture numbers (see [cluster.model])."""
     model_path: str = "/models/Qwen2.5-32B-Instruct"
     """Hugging Face checkpoint directory, readable from every node."""

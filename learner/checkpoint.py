@@ -1,4 +1,4 @@
-"""Atomic training checkpoints: model shard and scheduler per TP rank, optimizer partition per (TP, DP) rank, plus
+"""Atomic training checkpoints: model shard and LR schedule per TP rank, optimizer partition per (TP, DP) rank, plus
 the stream position.
 
 Layout under `root`:
@@ -8,7 +8,7 @@ Layout under `root`:
                             good checkpoint is deleted before its replacement is in place); written by DP rank 0 of
                             each TP rank: the model
                             shard as the model's dtype, DP rank 0's optimizer partition (AdamW state + fp32 master
-                            weights) and the LR scheduler
+                            weights) and the LR schedule
       tp0-dp1.pt ...        with data_parallel > 1: the optimizer partition of each further DP rank (learner.optimizer
                             shards masters and moments over the DP ranks, ZeRO-1); the model is not repeated
       state.json            step, stream offset, ids of the recently consumed groups
@@ -70,7 +70,7 @@ def _write_durable(path: Path, write: Any) -> None:
 
 
 def save(root: Path, state: StreamState, model: torch.nn.Module, optimizer: MasterWeightAdamW,
-         scheduler: Any, *, tp_rank: int, dp_rank: int, keep: int) -> None:
+         lr_schedule: Any, *, tp_rank: int, dp_rank: int, keep: int) -> None:
     """Collective: every rank calls it and writes its files (see the module docstring); rank 0 publishes."""
     root = Path(root)
     name = f"step-{state.step:06d}"
@@ -84,7 +84,7 @@ def save(root: Path, state: StreamState, model: torch.nn.Module, optimizer: Mast
         shard = {
             "model": {n: p.detach().clone() for n, p in canonical_params(model)},
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "scheduler": lr_schedule.state_dict(),
         }
         _write_durable(tmp / f"tp{tp_rank}.pt", lambda f: torch.save(shard, f))
     else:
@@ -147,9 +147,9 @@ def latest(root: Path) -> Path | None:
 
 
 @torch.no_grad()
-def load(path: Path, model: torch.nn.Module, optimizer: MasterWeightAdamW, scheduler: Any, *,
+def load(path: Path, model: torch.nn.Module, optimizer: MasterWeightAdamW, lr_schedule: Any, *,
          tp_rank: int, dp_rank: int) -> StreamState:
-    """Restore this rank's model shard and scheduler (saved by DP rank 0 of the same TP rank), its optimizer
+    """Restore this rank's model shard and LR schedule (saved by DP rank 0 of the same TP rank), its optimizer
     partition and the stream position. Files are memory-mapped: a DP rank > 0 reads no one else's partition."""
     file = Path(path) / f"tp{tp_rank}.pt"
     if not file.is_file():
@@ -173,5 +173,5 @@ def load(path: Path, model: torch.nn.Module, optimizer: MasterWeightAdamW, sched
                              f"{tuple(p.shape)}; resume with the tensor_parallel it was saved with")
         p.copy_(shard["model"][name])
     optimizer.load_state_dict(shard["optimizer"], source=str(opt_file))
-    scheduler.load_state_dict(shard["scheduler"])
+    lr_schedule.load_state_dict(shard["scheduler"])
     return StreamState(**json.loads((Path(path) / "state.json").read_text()))

@@ -98,7 +98,7 @@ class Trainer:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         # ZeRO-1: fp32 masters and moments sharded over the DP ranks (learner.optimizer); none at DP = 1.
-        self.optimizer, self.scheduler = build_optimizer(
+        self.optimizer, self.lr_schedule = build_optimizer(
             canonical_params(model), cfg, dp_group=self.dp_group if par.dp > 1 else None)
         self._grad_names = [n for n, p in canonical_params(model) if p.requires_grad]
 
@@ -173,13 +173,13 @@ class Trainer:
         self.optimizer.collect_grads()
         grad_norm = self._reduce_and_clip_grads()
         self.optimizer.step()
-        self.scheduler.step()
+        self.lr_schedule.step()
         total = sums.reduced(self.dp_group)
         dist.all_reduce(mismatch_max, op=dist.ReduceOp.MAX, group=self.dp_group)
         return StepResult(trained=True, metrics={
             **counts, **{name: total[name] for name in ("loss", "pg_loss", "kl", "entropy", "clip_frac",
                                                         "dual_clip_frac", "tokens")},
-            "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm, "lr": self.lr_schedule.get_last_lr()[0],
             "logprob_mismatch_mean": total["mismatch_sum"] / max(total["mismatch_count"], 1.0),
             "logprob_mismatch_max": mismatch_max.item(), "micro_batches": float(len(micro_batches)),
         })
@@ -248,7 +248,7 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str], stream: St
     state = checkpoint.StreamState()
     resume_from = checkpoint.latest(ckpt_root)
     if resume_from is not None:
-        state = checkpoint.load(resume_from, model, trainer.optimizer, trainer.scheduler, tp_rank=par.tp_rank,
+        state = checkpoint.load(resume_from, model, trainer.optimizer, trainer.lr_schedule, tp_rank=par.tp_rank,
                                 dp_rank=par.dp_rank)
         log.info("resumed from %s: step %d, stream offset %d", resume_from, state.step, state.offset)
     is_root = par.rank == 0
@@ -283,7 +283,7 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str], stream: St
                                       "step_s": time.perf_counter() - started, **result.metrics}
             record["tokens_per_s"] = record.get("tokens", 0.0) / record["step_s"]
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                checkpoint.save(ckpt_root, state, model, trainer.optimizer, trainer.scheduler,
+                checkpoint.save(ckpt_root, state, model, trainer.optimizer, trainer.lr_schedule,
                                 tp_rank=par.tp_rank, dp_rank=par.dp_rank, keep=cfg.keep_checkpoints)
                 saved_step = state.step
             if server_urls and result.trained:
@@ -296,7 +296,7 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str], stream: St
                          record.get("loss", float("nan")), record.get("logprob_mismatch_mean", float("nan")),
                          record.get("grad_norm", float("nan")), record["tokens_per_s"])
         if state.step != saved_step:
-            checkpoint.save(ckpt_root, state, model, trainer.optimizer, trainer.scheduler, tp_rank=par.tp_rank,
+            checkpoint.save(ckpt_root, state, model, trainer.optimizer, trainer.lr_schedule, tp_rank=par.tp_rank,
                             dp_rank=par.dp_rank, keep=cfg.keep_checkpoints)
     finally:
         if pusher is not None:
