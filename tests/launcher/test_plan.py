@@ -2,15 +2,15 @@
 
 import pytest
 
-from launcher.config import ClusterConfig, ModelShape
+from launcher.config import ClusterConfig, ClusterModelConfig
 from launcher.plan import PlanError, make_plan, render_plan
 
-QWEN_7B = ModelShape(name="Qwen2.5-7B-Instruct", num_layers=28, hidden_size=3584, num_attention_heads=28,
+QWEN_7B = ClusterModelConfig(name="Qwen2.5-7B-Instruct", num_layers=28, hidden_size=3584, num_attention_heads=28,
                      num_key_value_heads=4, intermediate_size=18944)
 
 
 def test_parameter_counts_match_the_published_checkpoints() -> None:
-    assert ModelShape().param_count == 32_763_876_352  # Qwen2.5-32B-Instruct
+    assert ClusterModelConfig().param_count == 32_763_876_352  # Qwen2.5-32B-Instruct
     assert QWEN_7B.param_count == 7_615_616_512  # Qwen2.5-7B-Instruct
 
 
@@ -66,6 +66,6 @@ def test_32b_fits_only_with_the_optimizer_state_sharded_over_two_training_nodes(
     two = make_plan(ClusterConfig())
     with pytest.raises(PlanError, match=r"trainer needs ~\d+\.\d GiB per GPU at TP 8 x PP 1 x DP 1"):
         make_plan(ClusterConfig(gpu_nodes=3, rollout_nodes=2))
-    p = ModelShape().param_count / 8  # about the per-GPU parameter count at TP 8
+    p = ClusterModelConfig().param_count / 8  # about the per-GPU parameter count at TP 8
     one_node_gib = two.trainer_memory_gib + p * (12 / 1 - 12 / 2 + 4 - 2) / 2**30
     assert one_node_gib > ClusterConfig().gpu_memory_gib > two.trainer_memory_gib
