@@ -3,7 +3,9 @@
 Lifecycle of a `WeightPusher` (run on learner rank 0 only; other TP ranks only help gather):
 
     pusher = WeightPusher(["http://127.0.0.1:30000"], backend="gloo")
-    pusher.connect()        # POST /init_weights_update_group to every server (as tasks) while rank 0 joins
+    pusher.connect()        # reset what a dead pusher left (end_weight_update, destroy_weights_update_group,
+                            # continue_generation), then POST /init_weights_update_group to every server (as tasks)
+                            # while rank 0 joins
     stats = pusher.push(iter_hf_weights(...), version="1")
                             # pause(in_place | retract) -> begin_weight_update (404: not needed) -> per bucket:
                             #   update_weights_from_distributed(flattened_bucket) while rank 0 broadcasts it
@@ -238,6 +240,7 @@ class WeightPusher:
         if self.state is not PushState.NEW:
             raise RuntimeError(f"connect() on a pusher in state {self.state.value}; create a new WeightPusher")
         self._run(self._open_clients())
+        self._reset_servers()
         infos = self._run(self._all("server_info"))
         tp_sizes = [int(info.get("tp_size", 1)) for info in infos]
         world_size = 1 + sum(tp_sizes)
@@ -252,6 +255,19 @@ class WeightPusher:
         self.state = PushState.CONNECTED
         log.info("weight-update group %s up: %d server(s), world size %d", self.group_name, len(self.urls),
                  world_size)
+
+    def _reset_servers(self) -> None:
+        """Undo what a pusher that died mid-push left on the servers: an open weight-update session, our group, a
+        pause. Without this a restarted learner could not push until the servers were restarted too ("already
+        open", "already exists"). Plain SGLang calls, so a real SGLang server takes them; each one finding nothing
+        to undo answers success false, which is expected here."""
+        self._run(self._all("end_weight_update"))
+        destroyed = self._run(self._all("destroy_weights_update_group", group_name=self.group_name))
+        for url, destroy in zip(self.urls, destroyed):
+            if destroy.success:
+                log.warning("%s still held weight-update group %r from an earlier pusher; destroyed it", url,
+                            self.group_name)
+        self._check(self._run(self._all("continue_")), "continue_generation")
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> PushStats:
         """One full weight update, bracketed by pause/continue; any failure leaves the pusher BROKEN."""

@@ -14,6 +14,13 @@ State the front keeps (one asyncio loop, so no locks beyond the two below):
   finishes a sample that fails with an error instead of dropping it).
 - `calls`: /generate calls in flight, bounded by `max_concurrent_requests` (503 with Retry-After beyond it).
 - `session_open`: the begin/end_weight_update session (required around updates since SGLang 0.5.23).
+- `update_groups`: the weight-update groups joined (by name), and when a weight-update call last came.
+
+A trainer that dies mid-push leaves the server paused, its session open and its group registered (an ssp extension
+cleans this up; SGLang has none): a session with no weight-update call for `weight_update_idle_timeout_s` is ended,
+every group destroyed and generation continued. A new trainer need not wait for that: the plain SGLang sequence
+end_weight_update -> destroy_weights_update_group -> continue_generation, which `learner.push.WeightPusher` sends
+before it joins, resets the same state (each step tolerates finding nothing to undo).
 """
 
 from __future__ import annotations
@@ -31,7 +38,15 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from serving.backend import Backend, BackendError, GenerateOutput, GenerateRequest, PauseMode, SamplingOptions
+from serving.backend import (
+    Backend,
+    BackendError,
+    GenerateOutput,
+    GenerateRequest,
+    PauseMode,
+    SamplingOptions,
+    UpdateResult,
+)
 from serving.config import ServingConfig
 from serving.protocol import ApiError, GenerateCall, dumps, error_response, format_output, parse_generate, parse_json
 
@@ -145,6 +160,11 @@ class Front:
         self.startup_time = time.time()
         self.live_changed = asyncio.Condition()
         self.calls = 0
+        self.update_groups: set[str] = set()
+        self.updates_running = 0
+        """init_weights_update_group / update_weights_* calls now running (a running one is never abandoned)."""
+        self.last_update_call_s = time.monotonic()
+        self._expiry: asyncio.Task[None] | None = None
 
     # ---- app wiring ------------------------------------------------------------------------------------------------
 
@@ -204,9 +224,15 @@ class Front:
     async def on_startup(self, _app: web.Application) -> None:
         await self.backend.start()
         self.started = True
+        if self.cfg.weight_update_idle_timeout_s > 0:
+            self._expiry = asyncio.create_task(self._expire_abandoned_sessions(), name="weight-update-expiry")
 
     async def on_cleanup(self, _app: web.Application) -> None:
         self.started = False
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
         await self.backend.close()
 
     # ---- /generate -------------------------------------------------------------------------------------------------
@@ -499,6 +525,38 @@ class Front:
 
     # ---- weight updates --------------------------------------------------------------------------------------------
 
+    async def _counted(self, work: Awaitable[T]) -> T:
+        """Run a weight-update call's backend work, marking it as running (and the session as alive) meanwhile.
+        Callers shield it: the work goes on if the caller's connection drops, and so does the mark."""
+        self.updates_running += 1
+        self.last_update_call_s = time.monotonic()
+        try:
+            return await work
+        finally:
+            self.updates_running -= 1
+            self.last_update_call_s = time.monotonic()
+
+    async def _expire_abandoned_sessions(self) -> None:
+        """Clean up after a trainer that died mid-push (see the module docstring); runs for the server's life."""
+        timeout_s = self.cfg.weight_update_idle_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout_s / 4))
+            idle_s = time.monotonic() - self.last_update_call_s
+            if self.session_open and self.updates_running == 0 and idle_s > timeout_s:
+                log.warning("weight-update session idle for %.1f s (serving.weight_update_idle_timeout_s = %g): its "
+                            "trainer is taken for dead; ending it, destroying groups %s, continuing generation",
+                            idle_s, timeout_s, sorted(self.update_groups))
+                self.session_open = False
+                for name in sorted(self.update_groups):
+                    result = await self.backend.destroy_weights_update_group(group_name=name)
+                    if not result.success:
+                        log.warning("destroying abandoned group %r: %s", name, result.message)
+                self.update_groups.clear()
+                if self.pause_mode is not None:
+                    await self.backend.resume()
+                    self.pause_mode = None
+                    self.gate.set()
+
     async def begin_weight_update(self, request: web.Request) -> web.Response:
         if self.cfg.old_server:
             raise web.HTTPNotFound()
@@ -510,6 +568,7 @@ class Front:
             return json_response({"success": False, "message": "a weight-update session is already open; call "
                                   "end_weight_update() first"}, status=400)
         self.session_open = True
+        self.last_update_call_s = time.monotonic()
         return json_response({"success": True, "message": "Success"})
 
     async def end_weight_update(self, request: web.Request) -> web.Response:
@@ -528,13 +587,21 @@ class Front:
             "world_size": _Field((int,)), "group_name": _Field((str,), "weight_update_group"),
             "backend": _Field((str,), "nccl"),
         })
-        result = await asyncio.shield(self.backend.init_weights_update_group(**args))
+
+        async def join() -> UpdateResult:
+            result = await self.backend.init_weights_update_group(**args)
+            if result.success:
+                self.update_groups.add(args["group_name"])
+            return result
+
+        result = await asyncio.shield(self._counted(join()))
         return json_response({"success": result.success, "message": result.message},
                              status=200 if result.success else 400)
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
         args = _struct(parse_json(await request.read()), {"group_name": _Field((str,), "weight_update_group")})
         result = await self.backend.destroy_weights_update_group(**args)
+        self.update_groups.discard(args["group_name"])
         return json_response({"success": result.success, "message": result.message},
                              status=200 if result.success else 400)
 
@@ -565,10 +632,10 @@ class Front:
             return success, message
 
         if self.pause_mode is not None:
-            success, message = await asyncio.shield(run())
+            success, message = await asyncio.shield(self._counted(run()))
         else:
             async with self.lock.writer():
-                success, message = await asyncio.shield(run())
+                success, message = await asyncio.shield(self._counted(run()))
         return json_response({"success": success, "message": message, **(extra or {})},
                              status=200 if success else 400)
 

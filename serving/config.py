@@ -75,6 +75,15 @@ class ServingConfig:
     thousands of requests a second the lines cost the server more CPU than the simulated model does."""
     served_model_name: str | None = None
     """Name reported by /model_info and /v1/models; unset means the model path."""
+    weight_update_idle_timeout_s: float = 300.0
+    """An ssp extension: a weight-update session (begin_weight_update) that sees no weight-update call for this
+    long, with none running, is taken for abandoned by a dead trainer. The server then ends it, destroys every
+    weight-update group and continues generation if paused, so it serves on and the next trainer's push starts
+    clean. Between the buckets of a live push the gap is milliseconds; 0 disables (SGLang has no such timeout)."""
+    weight_receive_timeout_s: float = 600.0
+    """Longest wait for a trainer's broadcast (one receive) and for the weight-update group's rendezvous: a hung
+    trainer then fails that update call instead of holding the server. A dead trainer fails it at once (its
+    connection closes). SGLang's process-group default is 1800 s; raise it for buckets that take longer to send."""
     old_server: bool = False
     """Answer 404 on /begin_weight_update and /end_weight_update, like SGLang before mid-2026 (tests the engine's
     fallback)."""
@@ -101,5 +110,10 @@ class ServingConfig:
                 raise ValueError(f"{key} = {getattr(self, key)}: must be >= 0 (0 refuses any)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
+        if self.weight_update_idle_timeout_s < 0:
+            raise ValueError(f"weight_update_idle_timeout_s = {self.weight_update_idle_timeout_s}: must be >= 0 "
+                             "seconds (0 = never expire a weight-update session)")
+        if self.weight_receive_timeout_s <= 0:
+            raise ValueError(f"weight_receive_timeout_s = {self.weight_receive_timeout_s}: must be > 0 seconds")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length = {self.context_length}: must be >= 2 or unset")

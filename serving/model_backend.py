@@ -2,16 +2,24 @@
 
 It glues the asyncio front to the scheduler thread (`serving/scheduler.py`): each request gets an asyncio.Queue that
 the scheduler fills with snapshots through `loop.call_soon_threadsafe`; every state change is a closure run on the
-scheduler thread between forward passes. Weight updates receive tensors on a worker thread (the broadcast can take a
-while) and copy them into the model on the scheduler thread.
+scheduler thread between forward passes.
+
+Weight updates receive broadcasts on their own thread (one, so they run in order), never on the scheduler thread: a
+receive waits on the trainer, and a scheduler stuck behind a hung trainer would neither resume nor abort when asked.
+A receive is bounded by serving.weight_receive_timeout_s (the group's timeout). What keeps the forward pass from
+reading half-received weights is the caller's pause or writer lock, not the thread. Copies into the model (from
+tensors received into fresh buffers, or read from disk) still run on the scheduler thread, between steps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +55,8 @@ class ModelBackend(Backend):
         self.scheduler: Scheduler | None = None
         self.groups: dict[str, dist.ProcessGroup] = {}
         self.landings = weight_sync.FlatLandings()
+        self._receiver = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                               thread_name_prefix="ssp-weight-receive")
         self._desc: ModelDescription | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
@@ -89,9 +99,11 @@ class ModelBackend(Backend):
     async def close(self) -> None:
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.stop)
-        for group in self.groups.values():
-            dist.destroy_process_group(group)
+        groups = list(self.groups.values())
         self.groups.clear()
+        for group in groups:
+            await self._on_receiver(functools.partial(dist.destroy_process_group, group))
+        self._receiver.shutdown(wait=False, cancel_futures=True)
 
     def describe(self) -> ModelDescription:
         if self._desc is None:
@@ -101,6 +113,10 @@ class ModelBackend(Backend):
     async def _call(self, fn: Any) -> Any:
         assert self.scheduler is not None
         return await asyncio.wrap_future(self.scheduler.call(fn))
+
+    async def _on_receiver(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the weight-receive thread, after every receive posted before it."""
+        return await asyncio.wrap_future(self._receiver.submit(fn))
 
     @property
     def _sched(self) -> Scheduler:
@@ -188,7 +204,7 @@ class ModelBackend(Backend):
             group = await asyncio.to_thread(
                 weight_sync.init_custom_process_group, backend=backend,
                 init_method=f"tcp://{master_address}:{master_port}", world_size=world_size, rank=rank_offset,
-                group_name=group_name)
+                group_name=group_name, timeout=timedelta(seconds=self.cfg.weight_receive_timeout_s))
         except Exception as e:  # noqa: BLE001 - reported to the trainer
             return UpdateResult(False, f"Failed to initialize custom process group: {e}.")
         self.groups[group_name] = group
@@ -198,7 +214,8 @@ class ModelBackend(Backend):
         group = self.groups.pop(group_name, None)
         if group is None:
             return UpdateResult(False, "The group to be destroyed does not exist.")
-        dist.destroy_process_group(group)
+        # After any receive still waiting on it: destroying a group under a running collective is undefined.
+        await self._on_receiver(lambda: dist.destroy_process_group(group))
         return UpdateResult(True, "Succeeded to destroy custom process group.")
 
     async def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
@@ -212,27 +229,28 @@ class ModelBackend(Backend):
                                        "(use null or 'flattened_bucket').")
         runner = self._runner
         if load_format == "flattened_bucket":
-            # NOTE: the received buffer becomes the parameters' storage (weight_sync.FlatLandings), on the scheduler
-            # thread, first: a state_dict() (~4 ms) before posting the receive would stall the wire each bucket.
+            # NOTE: the received buffer becomes the parameters' storage (weight_sync.FlatLandings), tried first: a
+            # state_dict() (~4 ms) before posting the receive would stall the wire each bucket.
             try:
-                if await self._call(lambda: self.landings.receive(group, runner.model, names=names, dtypes=dtypes,
-                                                                  shapes=shapes)):
+                if await self._on_receiver(lambda: self.landings.receive(group, runner.model, names=names,
+                                                                         dtypes=dtypes, shapes=shapes)):
                     return UpdateResult(True, "Succeeded to update parameter online.")
             except Exception as e:  # noqa: BLE001 - reported to the trainer
                 return UpdateResult(False, f"Failed to receive weights: {e}")
         params = runner.parameters_by_name()
         if load_format is None and weight_sync.fits_in_place(params, names, dtypes, shapes):
-            # NOTE: straight into the parameters, on the scheduler thread: no staging buffer and no second copy (on
-            # CPU that copy cost about as much as the broadcast itself, `ssp bench push`). Updates run while the
-            # server is paused or holds the writer lock, so no step reads the weights meanwhile.
+            # NOTE: straight into the parameters: no staging buffer and no second copy (on CPU that copy cost about
+            # as much as the broadcast itself, `ssp bench push`). Updates run while the server is paused or holds
+            # the writer lock, so no step reads the weights meanwhile.
             try:
-                await self._call(lambda: weight_sync.receive_into(group, [params[n] for n in names]))
+                await self._on_receiver(lambda: weight_sync.receive_into(group, [params[n] for n in names]))
             except Exception as e:  # noqa: BLE001 - reported to the trainer
                 return UpdateResult(False, f"Failed to receive weights: {e}")
             return UpdateResult(True, "Succeeded to update parameter online.")
         try:
-            tensors = await asyncio.to_thread(weight_sync.receive, group, dtypes=dtypes, shapes=shapes,
-                                              flattened=load_format == "flattened_bucket", device=runner.device)
+            tensors = await self._on_receiver(lambda: weight_sync.receive(
+                group, dtypes=dtypes, shapes=shapes, flattened=load_format == "flattened_bucket",
+                device=runner.device))
         except Exception as e:  # noqa: BLE001 - reported to the trainer
             return UpdateResult(False, f"Failed to receive weights: {e}")
         named = list(zip(names, tensors))

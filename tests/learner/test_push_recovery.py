@@ -1,0 +1,157 @@
+"""A learner that dies mid-push, and one that hangs, against a real reference server (`ssp model serve`, its own
+process, over sockets on 127.0.0.1): the server is not left stuck.
+
+- killed mid-push (SIGKILL between buckets: paused, session open, group registered), a restarted learner's
+  WeightPusher resets what was left and pushes into the same server, which then serves the new version;
+- with nobody coming back, the abandoned session expires after serving.weight_update_idle_timeout_s;
+- a trainer that joins and never broadcasts holds neither generation after continue_generation nor the server: its
+  update call fails after serving.weight_receive_timeout_s.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+
+
+def call(url: str, path: str, body: dict[str, Any] | None = None, timeout_s: float = 120) -> tuple[int, Any]:
+    """(status, parsed body) of a GET (body None) or POST; HTTP errors are returned, not raised."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method="GET" if body is None else "POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            raw = r.read()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        raw, status = e.read(), e.code
+    try:
+        return status, json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        return status, raw.decode()
+
+
+def generate(url: str, timeout_s: float = 60) -> dict[str, Any]:
+    status, out = call(url, "/generate", {"input_ids": PROMPT, "sampling_params": {"temperature": 0,
+                                                                                   "max_new_tokens": 4}}, timeout_s)
+    assert status == 200, out
+    return out
+
+
+def kill_mid_push(url: str, model_dir: Path) -> None:
+    """Run tests/learner/dying_pusher.py against `url` until it SIGKILLs itself at tensor 40 (a few buckets in)."""
+    script = Path(__file__).parent / "dying_pusher.py"
+    done = subprocess.run([sys.executable, str(script), url, str(model_dir), "40"], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == -9 and "killing myself mid-push" in done.stdout, done.stdout + done.stderr
+
+
+def start_server(server_launcher: Any, model_dir: Path, *settings: str) -> str:
+    args = ["--model", str(model_dir), "--port", "0", "--set", "serving.context_length=1024"]
+    for s in settings:
+        args += ["--set", s]
+    return server_launcher(args).url
+
+
+def test_a_restarted_learner_pushes_into_the_server_a_killed_one_left(server_launcher: Any,
+                                                                      model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    from learner.push import WeightPusher
+
+    url = start_server(server_launcher, model_dir, "serving.weight_update_idle_timeout_s=0")  # no expiry: reset only
+    kill_mid_push(url, model_dir)
+    assert call(url, "/ready")[0] == 503  # left paused ...
+    status, reply = call(url, "/begin_weight_update", {})
+    assert status == 400 and "already open" in reply["message"]  # ... with its session open
+
+    state = load_file(str(model_dir / "model.safetensors"))
+    state["model.norm.weight"] = state["model.norm.weight"] * 1.5
+    pusher = WeightPusher([url], backend="gloo", bytes_per_bucket=4 << 20, timeout_s=60)
+    try:
+        pusher.connect()  # finds the dead learner's group still registered: "already exists" without the reset
+        stats = pusher.push(iter(state.items()), version="after-crash")
+    finally:
+        pusher.close()
+    assert stats.tensors == len(state)
+    assert call(url, "/model_info")[1]["weight_version"] == "after-crash"
+    status, norm = call(url, "/get_weights_by_name", {"name": "model.norm.weight", "truncate_size": 576})
+    assert status == 200 and norm == state["model.norm.weight"].tolist()
+    out = generate(url)
+    assert out["meta_info"]["weight_version"] == "after-crash" and len(out["output_ids"]) == 4
+
+
+def test_an_abandoned_session_expires(server_launcher: Any, model_dir: Path) -> None:
+    url = start_server(server_launcher, model_dir, "serving.weight_update_idle_timeout_s=4")
+    kill_mid_push(url, model_dir)
+    killed = time.monotonic()
+    assert call(url, "/ready")[0] == 503  # paused by the dead learner
+    while call(url, "/ready")[0] != 200:
+        assert time.monotonic() - killed < 60, "the abandoned weight-update session never expired"
+        time.sleep(0.2)
+    assert generate(url)["meta_info"]["weight_version"] == "default"
+    status, reply = call(url, "/destroy_weights_update_group", {"group_name": "weight_update_group"})
+    assert status == 400 and "does not exist" in reply["message"]  # the dead learner's group is gone
+    assert call(url, "/begin_weight_update", {})[0] == 200  # and its session closed
+    assert call(url, "/end_weight_update", {})[0] == 200
+
+
+def test_a_hung_trainer_holds_neither_generation_nor_the_server(server_launcher: Any, model_dir: Path) -> None:
+    """The trainer pauses in place, opens a session, posts a bucket and never broadcasts it. continue_generation
+    must not queue behind that receive (it did while receives ran on the scheduler thread), and the receive must
+    end at the configured bound instead of the 30-minute group default."""
+    import torch.distributed as dist
+
+    from ssp.processes import free_port
+    from serving.weight_sync import init_custom_process_group
+
+    receive_timeout_s = 15.0
+    url = start_server(server_launcher, model_dir, "serving.weight_update_idle_timeout_s=0",
+                       f"serving.weight_receive_timeout_s={receive_timeout_s}")
+    port = free_port()
+    joined: list[tuple[int, Any]] = []
+    join = threading.Thread(target=lambda: joined.append(call(url, "/init_weights_update_group", {
+        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+        "group_name": "hung", "backend": "gloo"})))
+    join.start()
+    group = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=0,
+                                      group_name="hung")
+    join.join()
+    assert joined[0][0] == 200, joined
+    try:
+        assert call(url, "/pause_generation", {"mode": "in_place"})[0] == 200
+        assert call(url, "/begin_weight_update", {})[0] == 200
+        update: list[tuple[int, Any]] = []
+        posted = time.monotonic()
+        receiving = threading.Thread(target=lambda: update.append(call(url, "/update_weights_from_distributed", {
+            "names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[576]], "group_name": "hung",
+            "load_format": "flattened_bucket"})))
+        receiving.start()
+        time.sleep(1.0)  # the server posts its receive
+
+        t0 = time.monotonic()
+        assert call(url, "/continue_generation", {}, timeout_s=60)[0] == 200
+        assert time.monotonic() - t0 < 5.0, "continue_generation waited for the hung receive"
+        generate(url, timeout_s=30)
+        assert receiving.is_alive(), "the update call should still be waiting for the broadcast"
+
+        receiving.join(timeout=receive_timeout_s + 30)
+        assert not receiving.is_alive(), "the receive was not bounded by serving.weight_receive_timeout_s"
+        status, reply = update[0]
+        assert status == 400 and "Timed out" in reply["message"], reply
+        assert time.monotonic() - posted < receive_timeout_s + 20
+        assert call(url, "/end_weight_update", {})[0] == 200
+        assert call(url, "/destroy_weights_update_group", {"group_name": "hung"})[0] == 200
+    finally:
+        dist.destroy_process_group(group)
+    generate(url)
