@@ -26,12 +26,13 @@ import sys
 import time
 from typing import Any
 
+from engine.config import EngineConfig
 from ssp.paths import artifacts_dir, default_index_dir
 
 STALL_S = 0.050
 
 
-def _config(url: str, *, mode: str, max_inflight: int, seed: int) -> Any:
+def _config(url: str, *, mode: str, max_inflight: int, seed: int) -> EngineConfig:
     from ssp.config import load_config
     from ssp.run_config import SSPConfig
 
@@ -46,10 +47,10 @@ def _config(url: str, *, mode: str, max_inflight: int, seed: int) -> Any:
         "search.window_ms=5",
         # Thousands of rollouts open their connections at once: give the accept queue time.
         "inference.connect_timeout_s=60",
-    ])
+    ]).engine()
 
 
-async def _measure(cfg: Any, *, duration_s: float, ramp_s: float, episodes: int | None) -> dict[str, Any]:
+async def _measure(cfg: EngineConfig, *, duration_s: float, ramp_s: float, episodes: int | None) -> dict[str, Any]:
     """Run the engine (eta unbounded) for ramp + duration seconds, or until `episodes` are done; sample gauges."""
     from engine.assemble import build_scheduler, open_engine, pool_summary
     from engine.stream import FileSink, TrajectoryStream

@@ -1,4 +1,4 @@
-"""Builds the engine from the root config and runs it: the one place that knows every component.
+"""Builds the engine from its config sections (EngineConfig) and runs it: the one place that knows every component.
 
     async with InferencePool(cfg.inference) as pool:          # generation
       retriever = make_retriever(cfg.retriever)                # search (+ SearchBatcher over it)
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.chat import ChatTokenizer
-from engine.config import SchedulerConfig
+from engine.config import EngineConfig, SchedulerConfig
 from engine.game import Game
 from engine.judge import Judge
 from engine.pool import InferencePool
@@ -34,7 +34,6 @@ from retriever.protocol import Retriever
 from retriever.registry import make_retriever
 from ssp.metrics import MetricsLog
 from ssp.paths import artifacts_dir, default_model_dir
-from ssp.run_config import SSPConfig
 
 
 def pool_summary(pool: InferencePool) -> dict[str, Any]:
@@ -64,7 +63,7 @@ def scheduler_seeds(cfg: SchedulerConfig) -> Iterator[Seed]:
                        seed=cfg.seed)
 
 
-def build_scheduler(cfg: SSPConfig, parts: EngineParts, stream: TrajectoryStream, *,
+def build_scheduler(cfg: EngineConfig, parts: EngineParts, stream: TrajectoryStream, *,
                     metrics: MetricsLog | None = None,
                     policy_version: Callable[[], Awaitable[int]] | None = None,
                     on_episode: Callable[[bool], None] | None = None) -> Scheduler:
@@ -89,7 +88,7 @@ class EngineParts:
 
 
 @contextlib.asynccontextmanager
-async def open_engine(cfg: SSPConfig) -> AsyncIterator[EngineParts]:
+async def open_engine(cfg: EngineConfig) -> AsyncIterator[EngineParts]:
     """Open the pool, retriever, search batcher and judge, and build the game on them; closes them all on exit."""
     chat = ChatTokenizer.load(cfg.rollout.tokenizer_dir or default_model_dir())
     retriever = make_retriever(cfg.retriever)
@@ -104,7 +103,7 @@ async def open_engine(cfg: SSPConfig) -> AsyncIterator[EngineParts]:
         await retriever.close()
 
 
-async def run_engine(cfg: SSPConfig, *, episodes: int | None, out: Path | None = None,
+async def run_engine(cfg: EngineConfig, *, episodes: int | None, out: Path | None = None,
                      metrics_path: Path | None = None,
                      on_episode: Callable[[bool], None] | None = None) -> dict[str, Any]:
     """Play `episodes` episodes (None: until stopped) and stream the groups to `out` (a frames file) or, when

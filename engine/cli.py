@@ -65,7 +65,7 @@ def run_rollout(args: argparse.Namespace) -> int:
     from engine.seeds import SeedError
     from retriever.errors import RetrieverError
 
-    cfg = load_config(SSPConfig, args.config, args.overrides)
+    cfg = load_config(SSPConfig, args.config, args.overrides).engine()
     metrics = args.metrics or args.out.with_suffix(".metrics.jsonl")
     from tqdm import tqdm
 

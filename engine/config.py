@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.eval_config import EvalConfig
+from engine.inference_config import InferenceConfig
 from engine.prompts import PROPOSER_PREFILLS, SEARCH_OPEN, SOLVER_PREFILLS, VERIFIER_PREFILLS
+from retriever.config import RetrieverConfig
 from ssp.paths import DATA_DIR
 
 INVALID_STAGES = ("no_question", "failed_checks", "failed_verification")
@@ -312,3 +315,21 @@ class StreamConfig:
         if len(self.run_id) > MAX_RUN_ID_CHARS:
             raise ValueError(f"run_id has {len(self.run_id)} characters: at most {MAX_RUN_ID_CHARS} (it is sent in "
                              "the handshake)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EngineConfig:
+    """The sections the engine reads, and only those: what plays episodes, searches, streams and evaluates.
+
+    The root config (ssp/run_config.py) also holds the learner, the servers, the run and the cluster; the engine is
+    handed this view of it (`SSPConfig.engine()`), so nothing in the engine can come to depend on those sections.
+    """
+
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    search: SearchBatcherConfig = field(default_factory=SearchBatcherConfig)
+    game: GameConfig = field(default_factory=GameConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

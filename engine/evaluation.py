@@ -4,9 +4,9 @@ question), and the proposer on held-out seed answers (engine/proposer_eval.py); 
     dataset files ({id, question, golden_answers} JSONL)      load_dataset: every line checked, errors name file:line
       └─ pick(limit, seed): the same seeded subset every run, so before/after scores compare like with like
     seed answers (data/seeds schema, optional)                 load_eval_seeds, then pick(seeds_limit, seed)
-    evaluate(cfg, datasets, model=DIR|URL|None, seeds=FILE|None)
-      ├─ DIR: start `ssp model serve --model DIR` on a free port (stopped at the end; its death stops the eval)
-      ├─ InferencePool([inference] or the URL), make_retriever([retriever]) + SearchBatcher(k = eval.topk), and
+    evaluate(cfg, datasets, server_url=URL|None, seeds=FILE|None)
+      ├─ InferencePool([inference] or the URL; a server started for the evaluation, `ssp eval --model DIR`, is
+      │    the launcher's: its death stops the evaluation), make_retriever([retriever]) + SearchBatcher(k = eval.topk), and
       │    for the proposer a SearchBatcher(k = retriever.topk) and the game's Judge
       ├─ seeds: proposer_eval.run_seeds, the game's propose → verify → solve per seed → SeedRecord, appended to
       │    proposer_records.jsonl at once
@@ -35,9 +35,8 @@ import dataclasses
 import json
 import random
 import statistics
-import sys
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -46,6 +45,7 @@ from tqdm import tqdm
 
 from engine.chat import ChatTokenizer
 from engine.checks import extract_answer
+from engine.config import EngineConfig
 from engine.eval_config import HELDOUT_SEEDS, EvalConfig
 from engine.intervals import (Interval, mean_interval, mean_of_means_interval, mean_of_rates_interval, separation,
                               wilson_interval)
@@ -68,12 +68,11 @@ from engine.proposer_eval import (
 from engine.rollout import RolloutError, RolloutRunner, RolloutSpec
 from engine.search_batcher import SearchBatcher
 from engine.seeds import SeedError
-from ssp.processes import ManagedProcess, free_port
 from retriever.registry import make_retriever
 from ssp.config import to_toml
 from ssp.metrics import MetricsLog
 from ssp.paths import artifacts_dir, default_model_dir
-from ssp.run_config import SSPConfig
+from ssp.processes import ManagedProcess
 
 
 T = TypeVar("T")
@@ -381,7 +380,7 @@ async def _unless_dead(work: Coroutine[Any, Any, T], process: ManagedProcess) ->
         await asyncio.gather(work_task, watch_task, return_exceptions=True)
 
 
-async def _run_all(cfg: SSPConfig, questions: Sequence[tuple[str, EvalQuestion]], seeds: Sequence[EvalSeed], *,
+async def _run_all(cfg: EngineConfig, questions: Sequence[tuple[str, EvalQuestion]], seeds: Sequence[EvalSeed], *,
                    urls: tuple[str, ...] | None, chat: ChatTokenizer, server: ManagedProcess | None,
                    on_question: Callable[[QuestionRecord], None], on_seed: Callable[[SeedRecord], None]
                    ) -> tuple[list[QuestionRecord], list[SeedRecord], dict[str, Any]]:
@@ -416,29 +415,26 @@ async def _run_all(cfg: SSPConfig, questions: Sequence[tuple[str, EvalQuestion]]
         await retriever.close()
 
 
-@contextlib.contextmanager
-def reference_server(model_dir: Path, *, config_path: Path, log_path: Path, timeout_s: float) -> Iterator[
-        tuple[str, ManagedProcess]]:
-    """`ssp model serve --model DIR` on a free local port, with the evaluation's resolved config; yields its base
-    URL and process, and stops it on exit."""
-    port = free_port()
-    argv = [sys.executable, "-m", "ssp.cli", "model", "serve", "--config", str(config_path), "--model",
-            str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
-    with ManagedProcess("reference server", argv, log_path=log_path) as process:
-        url = f"http://127.0.0.1:{port}"
-        process.wait_ready(url=f"{url}/health", timeout_s=timeout_s)
-        yield url, process
+def eval_out_dir(cfg: EvalConfig, out_dir: Path | None = None) -> Path:
+    """Where an evaluation writes (created): `out_dir`, else eval.out_dir, else artifacts/eval/<time>/. The launcher
+    asks for it before `evaluate` to put the log of a server it starts for the evaluation beside the results."""
+    out = out_dir or cfg.out_dir or artifacts_dir() / "eval" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
-def evaluate(cfg: SSPConfig, datasets: Sequence[Path], *, model: Path | str | None = None, limit: int | None = None,
-             out_dir: Path | None = None, progress: bool = True, seeds: Path | None = None,
-             seeds_limit: int | None = None) -> EvalResult:
+def evaluate(cfg: EngineConfig, datasets: Sequence[Path], *, server_url: str | None = None,
+             server_process: ManagedProcess | None = None, tokenizer_dir: Path | None = None,
+             model_label: str | None = None, limit: int | None = None, out_dir: Path | None = None,
+             progress: bool = True, seeds: Path | None = None, seeds_limit: int | None = None) -> EvalResult:
     """Score a model on QA files with the Search-R1 protocol and/or its proposer on seed answers (see the module
     docstring), and write the results.
 
-    model: a Hugging Face directory (a reference server is started for it and stopped at the end), a server base
-    URL "http://host:port", or None for the servers of cfg.inference (e.g. the ones `ssp train` runs). The tokenizer
-    is the model directory's, else cfg.rollout.tokenizer_dir, else the prepared default model.
+    server_url: one server's base URL "http://host:port", or None for the servers of cfg.inference (e.g. the ones
+    `ssp train` runs). server_process: the process behind server_url when the caller started it (the launcher does
+    for `ssp eval --model DIR`): its death fails the evaluation at once, naming its log, instead of every remaining
+    question failing slowly. tokenizer_dir: the served model's tokenizer (default cfg.rollout.tokenizer_dir, else
+    the prepared default model). model_label: how the summary names the model (default: the URL or servers).
     datasets: QA files, one dataset each; may be empty when `seeds` is given.
     limit: questions per file, overriding cfg.eval.limit (0 = all). out_dir overrides cfg.eval.out_dir.
     seeds: a seed-answer file (data/seeds schema, e.g. eval_config.HELDOUT_SEEDS) to evaluate the proposer on;
@@ -461,40 +457,28 @@ def evaluate(cfg: SSPConfig, datasets: Sequence[Path], *, model: Path | str | No
     work = [(name, q) for name, path in zip(names, datasets)
             for q in pick(load_dataset(path), limit, cfg.eval.seed)]
     seed_work = pick(_load_seeds(seeds, cfg), seeds_limit, cfg.eval.seed) if seeds is not None else []
-    is_url = model is not None and str(model).startswith(("http://", "https://"))
-    model_dir = Path(model) if model is not None and not is_url else None
-    if model_dir is not None and not (model_dir / "config.json").exists():
-        raise EvalDataError(f"--model {model_dir}: no config.json there; pass a Hugging Face model directory (e.g. "
-                            "the one `ssp model prepare` prints) or a server URL http://host:port")
-    out = out_dir or cfg.eval.out_dir or artifacts_dir() / "eval" / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "config.toml"
-    config_path.write_text(to_toml(cfg), encoding="utf-8")
+    if server_url is not None and not server_url.startswith(("http://", "https://")):
+        raise EvalDataError(f"server URL {server_url!r}: not an http(s) URL; pass a server's base URL "
+                            "http://host:port")
+    out = eval_out_dir(cfg.eval, out_dir)
+    (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
 
     started = time.perf_counter()
-    chat = ChatTokenizer.load(model_dir or cfg.rollout.tokenizer_dir or default_model_dir())
+    chat = ChatTokenizer.load(tokenizer_dir or cfg.rollout.tokenizer_dir or default_model_dir())
     for name in ("records.jsonl", "proposer_records.jsonl"):  # this run's records only, even in a reused out_dir
         (out / name).unlink(missing_ok=True)
     with contextlib.ExitStack() as stack:
-        server: ManagedProcess | None = None
-        urls: tuple[str, ...] | None = None
-        if model is None:
-            label = cfg.inference.router_url or ", ".join(cfg.inference.server_urls)
-        elif model_dir is None:
-            urls, label = (str(model).rstrip("/"),), str(model)
-        else:
-            label = str(model_dir)
-            url, server = stack.enter_context(reference_server(
-                model_dir, config_path=config_path, log_path=out / "logs" / "server.log",
-                timeout_s=cfg.eval.server_start_timeout_s))
-            urls = (url,)
+        urls = None if server_url is None else (server_url.rstrip("/"),)
+        label = model_label or (server_url if server_url is not None else
+                                cfg.inference.router_url or ", ".join(cfg.inference.server_urls))
         # A part with no work writes no records file and shows no bar (its callback is never called).
         on_question = _progress(stack, out / "records.jsonl", len(work), "eval", "q", progress,
                                 lambda r: r.em, "em") if work else lambda r: None
         on_seed = _progress(stack, out / "proposer_records.jsonl", len(seed_work), "proposer", "seed", progress,
                             lambda r: r.valid, "valid") if seed_work else lambda r: None
         records, seed_records, stats = asyncio.run(_run_all(cfg, work, seed_work, urls=urls, chat=chat,
-                                                            server=server, on_question=on_question, on_seed=on_seed))
+                                                            server=server_process, on_question=on_question,
+                                                            on_seed=on_seed))
     scores = tuple(summarize(name, [r for r in records if r.dataset == name]) for name in names)
     proposer = summarize_seeds(seed_records, max_searches=cfg.rollout.max_turns) if seed_records else None
     result = EvalResult(model=label, datasets=scores, average=average(scores) if scores else None,
@@ -522,7 +506,7 @@ def evaluate(cfg: SSPConfig, datasets: Sequence[Path], *, model: Path | str | No
     return result
 
 
-def _load_seeds(path: Path, cfg: SSPConfig) -> list[EvalSeed]:
+def _load_seeds(path: Path, cfg: EngineConfig) -> list[EvalSeed]:
     """The seed answers of `path` for the proposer evaluation; a missing file or bad line is an EvalDataError."""
     if not path.is_file():
         raise EvalDataError(f"seed file {path} does not exist; pass a JSONL of {{\"answer\": ..., \"type\": ...}} "

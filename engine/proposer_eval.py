@@ -37,14 +37,13 @@ from typing import Any, TypeVar
 
 from engine.chat import ChatTokenizer
 from engine.checks import extract_answer
-from engine.config import GameConfig
+from engine.config import EngineConfig, GameConfig
 from engine.game import Game, Proposal, SolverRun
 from engine.intervals import Interval, mean_interval, wilson_interval
 from engine.judge import Judge
 from engine.rollout import RolloutError, RolloutRunner
 from engine.seeds import Seed, load_seed_answers
 from engine.verify import Verification
-from ssp.run_config import SSPConfig
 
 T = TypeVar("T")
 
@@ -65,7 +64,7 @@ class EvalSeed:
     """The answer's aliases and type, and the hop count asked of the proposer."""
 
 
-def load_eval_seeds(path: Path, cfg: SSPConfig) -> list[EvalSeed]:
+def load_eval_seeds(path: Path, cfg: EngineConfig) -> list[EvalSeed]:
     """Every seed answer of a seeds file, each with its hop count drawn from [scheduler.hops_min, hops_max] by a
     generator seeded with eval.seed and the answer's position, so an answer keeps its hop count in any subset.
     Raises engine.seeds.SeedError naming the file and line of a malformed line."""
@@ -75,7 +74,7 @@ def load_eval_seeds(path: Path, cfg: SSPConfig) -> list[EvalSeed]:
             for i, a in enumerate(answers)]
 
 
-def eval_game_config(cfg: SSPConfig) -> GameConfig:
+def eval_game_config(cfg: EngineConfig) -> GameConfig:
     """The [game] section with the evaluation's sampling: proposer and verifier at eval.proposer_temperature and
     eval.verifier_temperature (one verification answer when greedy: more would be identical), the solver as in the
     QA protocol (eval.temperature, no prefill, one rollout per question). Everything else is training's."""
@@ -202,7 +201,7 @@ def _record(ep: _Episode, chat: ChatTokenizer) -> SeedRecord:
 
 
 async def run_seeds(game_runner: RolloutRunner, solver_runner: RolloutRunner, chat: ChatTokenizer, judge: Judge,
-                    seeds: Sequence[EvalSeed], cfg: SSPConfig, on_done: Callable[[SeedRecord], None]
+                    seeds: Sequence[EvalSeed], cfg: EngineConfig, on_done: Callable[[SeedRecord], None]
                     ) -> list[SeedRecord]:
     """Play every seed through propose → verify → solve (see the module docstring) with at most eval.concurrency
     seeds in flight per phase. `game_runner` runs proposer and verifier with training's budgets, `solver_runner`

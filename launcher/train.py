@@ -342,8 +342,8 @@ async def run_engine(cfg: SSPConfig, monitor: Monitor, run_dir: Path) -> dict[st
     monitor.stream = stream
     engine_metrics = MetricsLog(run_dir / "engine.jsonl")
     try:
-        async with open_engine(cfg) as parts:
-            scheduler = build_scheduler(cfg, parts, stream, metrics=engine_metrics)
+        async with open_engine(cfg.engine()) as parts:
+            scheduler = build_scheduler(cfg.engine(), parts, stream, metrics=engine_metrics)
             monitor.scheduler = scheduler
             engine = asyncio.create_task(scheduler.run(None), name="engine")
             watch = asyncio.create_task(monitor.run(lambda: served_version(parts.pool)), name="monitor")
@@ -595,7 +595,7 @@ def _write_processes(run_dir: Path, procs: ProcessSet, urls: list[str], cfg: SSP
 def _evaluate(cfg: SSPConfig, out_dir: Path, progress: bool) -> Any:
     from engine.evaluation import evaluate
 
-    return evaluate(cfg, list(cfg.train.eval_datasets), model=None, out_dir=out_dir, progress=progress,
+    return evaluate(cfg.engine(), list(cfg.train.eval_datasets), out_dir=out_dir, progress=progress,
                     seeds=cfg.train.eval_seeds[0] if cfg.train.eval_seeds else None)
 
 

@@ -18,7 +18,7 @@ COMMAND_MODULES = (
     # running: train (one machine), launch (a cluster), eval, rollout and inspect (engine.cli)
     "launcher.train_cli",
     "launcher.cli",
-    "engine.eval_cli",
+    "launcher.eval_cli",
     "engine.cli",
     # the pieces alone: learner and export, model (serving), index and retriever
     "learner.cli",

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from engine.config import GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig, StreamConfig
+from engine.config import EngineConfig, GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig, StreamConfig
 from engine.eval_config import EvalConfig
 from engine.inference_config import InferenceConfig
 from launcher.config import ClusterConfig
@@ -43,6 +43,12 @@ class SSPConfig:
     """`ssp launch` / `just train-32b`: nodes, GPUs, model shape and how SGLang and Megatron are split across them."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Experiment trackers (TensorBoard, W&B) beside the JSONL metrics that every run writes."""
+
+    def engine(self) -> EngineConfig:
+        """The engine's sections of this config (what `open_engine`, `run_engine` and `evaluate` take)."""
+        return EngineConfig(retriever=self.retriever, inference=self.inference, rollout=self.rollout,
+                            search=self.search, game=self.game, scheduler=self.scheduler, stream=self.stream,
+                            eval=self.eval)
 
 
 def check_sampling_matches_learner(cfg: SSPConfig) -> None:

@@ -20,6 +20,7 @@ import pytest
 
 from engine.assemble import open_engine, run_engine, served_version
 from engine.chat import ChatTokenizer
+from engine.config import EngineConfig
 from engine.game import Proposal
 from engine.rollout import Rollout
 from engine.seeds import Seed
@@ -47,10 +48,10 @@ TINY = [
 ]
 
 
-def config(url: str, index: Path, model_dir: Path, *extra: str) -> SSPConfig:
+def config(url: str, index: Path, model_dir: Path, *extra: str) -> EngineConfig:
     return load_config(SSPConfig, CONFIGS_DIR / "demo.toml", [
         f'inference.server_urls=["{url}"]', f'retriever.index_dir="{index}"', f'rollout.tokenizer_dir="{model_dir}"',
-        *TINY, *extra])
+        *TINY, *extra]).engine()
 
 
 # The simulated server needs realistic turn budgets: it takes a request with max_new_tokens <= 70 for a verifier's.

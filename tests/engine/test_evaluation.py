@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.config import EngineConfig
 from engine.evaluation import (
     EvalDataError,
     EvalQuestion,
@@ -142,14 +143,14 @@ def test_malformed_line_names_file_and_line(tmp_path: Path, bad: str, message: s
 
 
 def test_missing_or_clashing_files_fail_before_anything_starts(tmp_path: Path) -> None:
-    cfg = load_config(SSPConfig)
+    cfg = EngineConfig()
     with pytest.raises(EvalDataError, match="does not exist"):
-        evaluate(cfg, [tmp_path / "nope.jsonl"], model="http://127.0.0.1:9", out_dir=tmp_path / "o")
+        evaluate(cfg, [tmp_path / "nope.jsonl"], server_url="http://127.0.0.1:9", out_dir=tmp_path / "o")
     (tmp_path / "x").mkdir()
     one = _write(tmp_path / "qa.jsonl", [_line("a", "Who?", ["x"])])
     two = _write(tmp_path / "x" / "qa.jsonl", [_line("a", "Who?", ["x"])])
     with pytest.raises(EvalDataError, match="share a file name"):
-        evaluate(cfg, [one, two], model="http://127.0.0.1:9", out_dir=tmp_path / "o")
+        evaluate(cfg, [one, two], server_url="http://127.0.0.1:9", out_dir=tmp_path / "o")
 
 
 def test_pick_is_a_seeded_subset_in_file_order() -> None:
@@ -185,8 +186,8 @@ def _small_sets(tmp_path: Path) -> list[Path]:
     return out
 
 
-def _cfg(index: Path, *extra: str) -> SSPConfig:
-    return load_config(SSPConfig, None, [f'retriever.index_dir="{index}"', "search.window_ms=1", *extra])
+def _cfg(index: Path, *extra: str) -> EngineConfig:
+    return load_config(SSPConfig, None, [f'retriever.index_dir="{index}"', "search.window_ms=1", *extra]).engine()
 
 
 def _check_outputs(result: EvalResult, datasets: list[Path]) -> tuple[dict, list[dict]]:
@@ -216,7 +217,7 @@ def test_eval_against_a_server_counts_searches(sim_server: str, demo_index: Path
     """The simulated server's solver outputs search (real tokenizer ids); every executed search reaches the real
     Tantivy index through the batcher and is counted per question."""
     datasets = _small_sets(tmp_path)
-    result = evaluate(_cfg(demo_index, "eval.max_turns=2"), datasets, model=sim_server, out_dir=tmp_path / "out",
+    result = evaluate(_cfg(demo_index, "eval.max_turns=2"), datasets, server_url=sim_server, out_dir=tmp_path / "out",
                       progress=False)
     summary, records = _check_outputs(result, datasets)
     searches = sum(r["searches"] for r in records)
@@ -228,7 +229,7 @@ def test_eval_against_a_server_counts_searches(sim_server: str, demo_index: Path
 def test_eval_of_smollm2_on_the_reference_server(ref_server: str, demo_index: Path, tmp_path: Path) -> None:
     datasets = _small_sets(tmp_path)
     cfg = _cfg(demo_index, "eval.max_turns=2", "eval.max_new_tokens_per_turn=16")
-    result = evaluate(cfg, datasets, model=ref_server, out_dir=tmp_path / "out", progress=False)
+    result = evaluate(cfg, datasets, server_url=ref_server, out_dir=tmp_path / "out", progress=False)
     summary, records = _check_outputs(result, datasets)
     assert all(r["generated_tokens"] <= 2 * 16 and r["turns"] <= 2 for r in records)
     assert sum(summary["end_reasons"].values()) == 4

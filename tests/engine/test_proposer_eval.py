@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from engine.chat import ChatTokenizer
-from engine.config import GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig
-from engine.eval_cli import DEFAULT_DATASETS, qa_files
+from engine.config import EngineConfig, GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig
+from launcher.eval_cli import DEFAULT_DATASETS, qa_files
 from engine.eval_config import HELDOUT_SEEDS
 from engine.evaluation import EvalDataError, EvalResult, evaluate, format_comparison, format_table
 from engine.game import Game, Proposal
@@ -227,17 +227,17 @@ def test_comparison_needs_the_proposer_on_both_sides() -> None:
 
 
 def test_seed_file_problems_fail_before_anything_starts(tmp_path: Path) -> None:
-    cfg = load_config(SSPConfig)
+    cfg = EngineConfig()
     with pytest.raises(EvalDataError, match="nothing to evaluate"):
-        evaluate(cfg, [], model="http://127.0.0.1:9", out_dir=tmp_path / "o")
+        evaluate(cfg, [], server_url="http://127.0.0.1:9", out_dir=tmp_path / "o")
     with pytest.raises(EvalDataError, match=r"seed file .*nope\.jsonl does not exist.*heldout_seed_answers"):
-        evaluate(cfg, [], model="http://127.0.0.1:9", seeds=tmp_path / "nope.jsonl", out_dir=tmp_path / "o")
+        evaluate(cfg, [], server_url="http://127.0.0.1:9", seeds=tmp_path / "nope.jsonl", out_dir=tmp_path / "o")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"answer": "Paris", "type": "place"}\n{"type": "place"}\n', encoding="utf-8")
     with pytest.raises(EvalDataError, match=r"bad\.jsonl:2: 'answer' must be a non-empty string"):
-        evaluate(cfg, [], model="http://127.0.0.1:9", seeds=bad, out_dir=tmp_path / "o")
+        evaluate(cfg, [], server_url="http://127.0.0.1:9", seeds=bad, out_dir=tmp_path / "o")
     with pytest.raises(EvalDataError, match="seeds_limit = -1"):
-        evaluate(cfg, [], model="http://127.0.0.1:9", seeds=bad, seeds_limit=-1, out_dir=tmp_path / "o")
+        evaluate(cfg, [], server_url="http://127.0.0.1:9", seeds=bad, seeds_limit=-1, out_dir=tmp_path / "o")
 
 
 def test_cli_needs_no_qa_file_for_the_proposer() -> None:
@@ -251,8 +251,8 @@ def test_cli_needs_no_qa_file_for_the_proposer() -> None:
 # ---------------------------------------------------------------- real evaluations
 
 
-def _cfg(index: Path, *extra: str) -> SSPConfig:
-    return load_config(SSPConfig, None, [f'retriever.index_dir="{index}"', "search.window_ms=1", *extra])
+def _cfg(index: Path, *extra: str) -> EngineConfig:
+    return load_config(SSPConfig, None, [f'retriever.index_dir="{index}"', "search.window_ms=1", *extra]).engine()
 
 
 def _check_outputs(result: EvalResult, seeds: int) -> tuple[dict, list[dict]]:
@@ -282,7 +282,7 @@ def test_proposer_eval_on_the_sim_server_reaches_every_stage(  # type: ignore[no
     correct_answer_p = 1 its verifier and solver answer them, so verification and the solver run for real."""
     server = sim_launcher(profile_toml="[sim]\ncorrect_answer_p = 1.0")
     seeds = _seeds_file(tmp_path, 10)  # about 60% pass the checks: all 10 failing has odds of 1 in 10^4
-    result = evaluate(_cfg(demo_index), [], model=server.url, seeds=seeds, out_dir=tmp_path / "out", progress=False)
+    result = evaluate(_cfg(demo_index), [], server_url=server.url, seeds=seeds, out_dir=tmp_path / "out", progress=False)
     summary, records = _check_outputs(result, 10)
     assert result.average is None and not (result.out_dir / "records.jsonl").exists()
     valid = [r for r in records if r["valid"]]
@@ -299,7 +299,7 @@ def test_proposer_and_qa_eval_of_smollm2_on_the_reference_server(ref_server: str
                   + "\n", encoding="utf-8")
     cfg = _cfg(demo_index, "rollout.max_turns=2", "rollout.max_new_tokens_per_turn=16", "eval.max_turns=2",
                "eval.max_new_tokens_per_turn=16", "game.verify_max_new_tokens=16", 'game.proposer_prefill="<search>"')
-    result = evaluate(cfg, [qa], model=ref_server, seeds=_seeds_file(tmp_path, 2), out_dir=tmp_path / "out",
+    result = evaluate(cfg, [qa], server_url=ref_server, seeds=_seeds_file(tmp_path, 2), out_dir=tmp_path / "out",
                       progress=False)
     summary, records = _check_outputs(result, 2)
     assert all(r["turns"] <= 2 and r["generated_tokens"] <= 2 * 16 for r in records)

@@ -56,3 +56,27 @@ def test_the_scan_sees_function_level_imports(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("import os\n\ndef f():\n    from launcher.processes import free_port\n    import engine.wire\n")
     assert imported_rooms(source) == {"launcher", "engine"}
+
+
+ROOT_CONFIG = "ssp.run_config"
+SECTION_TAKERS = ("retriever", "serving", "engine", "learner")
+"""Rooms whose components are handed their own config sections; only their command-line modules load the root."""
+
+
+def imports_module(path: Path, module: str) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+        if module in names:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("path", [p for p in modules() if p.relative_to(PROJECT_ROOT).parts[0] in SECTION_TAKERS
+                                  and not p.name.endswith("cli.py")],
+                         ids=lambda p: str(p.relative_to(PROJECT_ROOT)))
+def test_components_take_their_own_sections(path: Path) -> None:
+    assert not imports_module(path, ROOT_CONFIG), (
+        f"{path.relative_to(PROJECT_ROOT)} imports the root config ({ROOT_CONFIG}); a component takes its own "
+        "section (the engine: engine.config.EngineConfig, from SSPConfig.engine()), and only a *cli.py module loads "
+        "the root")

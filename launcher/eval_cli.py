@@ -1,17 +1,23 @@
 """`ssp eval`: score a model on QA benchmarks (Search-R1 protocol) and/or its proposer on held-out seed answers, and
-print the tables with 95% intervals; the work is `engine.evaluation.evaluate`."""
+print the tables with 95% intervals. The work is `engine.evaluation.evaluate`, which talks to servers by URL; for
+`--model DIR` this command starts a reference server for the directory first (launcher/servers.py)."""
 
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
-from types import FrameType
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from engine.eval_config import HELDOUT_SEEDS
 from ssp.cli import add_config_args
 from ssp.paths import DATA_DIR
+
+if TYPE_CHECKING:
+    from engine.evaluation import EvalResult
+    from ssp.run_config import SSPConfig
 
 DEFAULT_DATASETS = (
     DATA_DIR / "qa" / "hotpotqa_dev300_questions.jsonl",
@@ -71,10 +77,10 @@ def qa_files(dataset: list[Path] | None, *, seeds: Path | None, limit: int | Non
 
 def run_eval(args: argparse.Namespace) -> int:
     from engine.errors import InferenceError
-    from engine.evaluation import EvalDataError, evaluate, format_table
-    from ssp.processes import ProcessFailed
+    from engine.evaluation import EvalDataError, format_table
     from retriever.errors import RetrieverError
     from ssp.config import load_config
+    from ssp.processes import ProcessFailed
     from ssp.run_config import SSPConfig
 
     cfg = load_config(SSPConfig, args.config, args.overrides)
@@ -82,9 +88,7 @@ def run_eval(args: argparse.Namespace) -> int:
     # stopped too: it runs in its own process group and would otherwise outlive this command.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        result = evaluate(cfg, qa_files(args.dataset, seeds=args.seeds, limit=args.limit), model=args.model,
-                          limit=args.limit, progress=not args.no_progress, seeds=args.seeds,
-                          seeds_limit=args.seeds_limit)
+        result = _evaluate(cfg, args)
     except (EvalDataError, FileNotFoundError) as e:
         print(f"ssp eval: {e}", file=sys.stderr)
         return 2
@@ -102,6 +106,30 @@ def run_eval(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _evaluate(cfg: SSPConfig, args: argparse.Namespace) -> EvalResult:
+    """`evaluate` on the [inference] servers, on the server at --model URL, or on a reference server started here
+    for --model DIR (its log in the results folder; stopped at the end)."""
+    from engine.evaluation import EvalDataError, eval_out_dir, evaluate
+    from launcher.servers import reference_server
+    from ssp.config import to_toml
+
+    common = dict(limit=args.limit, progress=not args.no_progress, seeds=args.seeds, seeds_limit=args.seeds_limit)
+    datasets = qa_files(args.dataset, seeds=args.seeds, limit=args.limit)
+    if args.model is None or args.model.startswith(("http://", "https://")):
+        return evaluate(cfg.engine(), datasets, server_url=args.model, **common)
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").exists():
+        raise EvalDataError(f"--model {model_dir}: no config.json there; pass a Hugging Face model directory (e.g. "
+                            "the one `ssp model prepare` prints) or a server URL http://host:port")
+    out = eval_out_dir(cfg.eval)
+    config_path = out / "server-config.toml"
+    config_path.write_text(to_toml(cfg), encoding="utf-8")
+    with reference_server(model_dir, config_path=config_path, log_path=out / "logs" / "server.log",
+                          timeout_s=cfg.eval.server_start_timeout_s) as (url, process):
+        return evaluate(cfg.engine(), datasets, server_url=url, server_process=process, tokenizer_dir=model_dir,
+                        model_label=str(model_dir), out_dir=out, **common)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
