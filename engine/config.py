@@ -101,8 +101,20 @@ class JudgeConfig:
     """Per-request timeout of the LLM judge; a timeout counts as an error and the answer as wrong (fail closed)."""
     llm_max_retries: int = 2
     """Retries after a connection error, timeout or 5xx before the verdict fails closed."""
+    plugin: str | None = None
+    """Your own judge, asked when EM and F1 fail (in place of the LLM judge): an entry point of group "ssp.judges"
+    or "package.module:ClassName", built with `plugin_options`; engine/judge.py gives the contract. Unset means
+    none."""
+    plugin_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the plugin judge's constructor."""
 
     def __post_init__(self) -> None:
+        if self.plugin is not None and self.llm_url is not None:
+            raise ValueError(f"judge.plugin = {self.plugin!r} and judge.llm_url = {self.llm_url!r}: both would be "
+                             "asked when EM fails; set one of them")
+        if self.plugin_options and self.plugin is None:
+            raise ValueError(f"judge.plugin_options {sorted(self.plugin_options)} without judge.plugin; set the "
+                             "plugin the options are for, or remove them")
         if self.f1_threshold is not None and not 0.0 < self.f1_threshold <= 1.0:
             raise ValueError(f"f1_threshold = {self.f1_threshold}: must be in (0, 1], or unset to disable")
         if self.llm_timeout_s <= 0 or self.llm_max_retries < 0:

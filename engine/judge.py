@@ -1,5 +1,18 @@
 """Is an answer correct? EM after SQuAD normalisation against every alias, then an optional token-F1 threshold, then
-an optional OpenAI-compatible LLM judge. Every error fails closed (the answer counts as wrong) and is counted.
+an optional OpenAI-compatible LLM judge or your own judge. Every error fails closed (the answer counts as wrong) and
+is counted.
+
+Your own judge (`game.judge.plugin`, loaded like every plug-in: an entry point of group "ssp.judges" or
+"package.module:ClassName", built with `**game.judge.plugin_options`) is asked only when EM and F1 did not accept
+the answer, so it can accept what they miss (a number written in words, a unit, a paraphrase) but never overrule an
+exact match. It needs
+
+    async def judge(self, question: str, prediction: str, aliases: tuple[str, ...]) -> bool
+    async def close(self) -> None          # optional: release what it holds (sessions, models)
+
+An exception it raises fails closed like an LLM error (counted under "error", the answer wrong): a judge that calls a
+service will sometimes fail. A return value that is not a bool is a broken plug-in, and stops the run
+(JudgePluginError) rather than quietly marking every answer wrong.
 
 Fixes of the SSP reference code: ground truths are always a list of alias strings (it stored a list but compared
 it as a string; here a bare string is rejected, not silently mis-compared); the LLM verdict must be exactly "Correct"
@@ -11,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import inspect
 import logging
 import os
 import re
@@ -18,10 +32,12 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 
 from engine.config import JudgeConfig
+from ssp.plugins import load_factory
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +91,7 @@ class Method(enum.Enum):
     EM = "em"
     F1 = "f1"
     LLM = "llm"
+    PLUGIN = "plugin"  # the user's judge accepted or rejected it
     NONE = "none"  # no rule accepted it (and no LLM judge is configured)
     ERROR = "error"  # the LLM judge failed: counted, and the answer is wrong (fail closed)
 
@@ -88,6 +105,31 @@ class Verdict:
 
 class JudgeError(Exception):
     """The LLM judge did not give a usable verdict (HTTP error, timeout, or a reply that is not Correct/Wrong)."""
+
+
+class JudgePluginError(ValueError):
+    """A judge plug-in that cannot be loaded or built, or that broke its contract (a verdict that is not a bool)."""
+
+
+JUDGE_ENTRY_POINT_GROUP = "ssp.judges"
+
+
+def load_judge_plugin(cfg: JudgeConfig) -> Any:
+    """The user's judge that `cfg.plugin` names, built with `cfg.plugin_options` (None when unset)."""
+    if cfg.plugin is None:
+        return None
+    factory = load_factory(cfg.plugin, group=JUDGE_ENTRY_POINT_GROUP, key="game.judge.plugin", builtin=(),
+                           error=JudgePluginError)
+    try:
+        plugin = factory(**cfg.plugin_options)
+    except TypeError as e:
+        raise JudgePluginError(f"game.judge.plugin = {cfg.plugin!r} could not be constructed with "
+                               f"game.judge.plugin_options {cfg.plugin_options!r}: {e}; make the options match its "
+                               "constructor's keyword arguments") from None
+    if not inspect.iscoroutinefunction(getattr(plugin, "judge", None)):
+        raise JudgePluginError(f"game.judge.plugin = {cfg.plugin!r} built a {type(plugin).__name__} without an "
+                               "`async def judge(question, prediction, aliases) -> bool` method")
+    return plugin
 
 
 def parse_verdict(reply: str) -> bool:
@@ -121,6 +163,7 @@ class Judge:
         self.cfg = cfg
         self.counts: collections.Counter[str] = collections.Counter()
         self._session: aiohttp.ClientSession | None = None
+        self._plugin = load_judge_plugin(cfg)
         self._closed = False
 
     async def __aenter__(self) -> Judge:
@@ -139,6 +182,9 @@ class Judge:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        plugin, self._plugin = self._plugin, None
+        if plugin is not None and hasattr(plugin, "close"):
+            await plugin.close()
 
     async def judge(self, question: str, prediction: str | None, aliases: Sequence[str]) -> Verdict:
         aliases = check_aliases(aliases)
@@ -153,6 +199,8 @@ class Judge:
             return Verdict(True, Method.EM)
         if self.cfg.f1_threshold is not None and token_f1(prediction, aliases) >= self.cfg.f1_threshold:
             return Verdict(True, Method.F1)
+        if self._plugin is not None:
+            return await self._ask_plugin(question, prediction, aliases)
         if self.cfg.llm_url is None:
             return Verdict(False, Method.NONE)
         try:
@@ -160,6 +208,17 @@ class Judge:
         except JudgeError as e:
             log.warning("LLM judge failed, counting the answer as wrong: %s", e)
             return Verdict(False, Method.ERROR, str(e))
+
+    async def _ask_plugin(self, question: str, prediction: str, aliases: tuple[str, ...]) -> Verdict:
+        try:
+            correct = await self._plugin.judge(question, prediction, aliases)
+        except Exception as e:  # a failing judge fails closed, as the LLM judge does
+            log.warning("judge plug-in %s failed, counting the answer as wrong: %r", self.cfg.plugin, e)
+            return Verdict(False, Method.ERROR, f"{type(e).__name__}: {e}")
+        if not isinstance(correct, bool):
+            raise JudgePluginError(f"game.judge.plugin = {self.cfg.plugin!r} returned {correct!r} for the answer "
+                                   f"{prediction!r}; a judge must return True or False")
+        return Verdict(correct, Method.PLUGIN)
 
     async def _ask_llm(self, question: str, prediction: str, aliases: tuple[str, ...]) -> bool:
         if self._session is None:

@@ -12,7 +12,8 @@ import pytest
 from aiohttp import web
 
 from engine.config import JudgeConfig
-from engine.judge import Judge, JudgeError, Method, exact_match, normalize_answer, parse_verdict, token_f1
+from engine.judge import (Judge, JudgeError, JudgePluginError, Method, Verdict, exact_match, normalize_answer,
+                          parse_verdict, token_f1)
 
 
 def test_normalize_answer_squad_rules() -> None:
@@ -133,3 +134,53 @@ async def test_llm_judge_unreachable_fails_closed() -> None:
     async with Judge(JudgeConfig(llm_url="http://127.0.0.1:9", llm_max_retries=0, llm_timeout_s=2)) as judge:
         v = await judge.judge("q", "Lyon", ["Paris"])
     assert not v.correct and v.method is Method.ERROR
+
+
+# ---------------------------------------------------------------- plug-in judges
+
+
+async def test_plugin_judge_accepts_what_em_misses_and_is_closed() -> None:
+    judge = Judge(JudgeConfig(plugin="example_judges:NumberWords"))
+    async with judge:
+        assert await judge.judge("How many?", "three", ["3"]) == Verdict(True, Method.PLUGIN)
+        assert await judge.judge("How many?", "four", ["3"]) == Verdict(False, Method.PLUGIN)
+        # EM decides first: the plug-in is never asked about an exact match or a missing answer.
+        assert (await judge.judge("How many?", "3", ["3"])).method is Method.EM
+        assert (await judge.judge("How many?", None, ["3"])).method is Method.NO_ANSWER
+        plugin = judge._plugin
+        assert plugin.asked == 2
+    assert plugin.closed and dict(judge.counts) == {"plugin": 2, "em": 1, "no_answer": 1}
+
+
+async def test_plugin_judge_takes_its_options() -> None:
+    async with Judge(JudgeConfig(plugin="example_judges:NumberWords",
+                                 plugin_options={"case_sensitive": True})) as judge:
+        assert not (await judge.judge("How many?", "Three", ["3"])).correct
+    with pytest.raises(JudgePluginError, match="could not be constructed with game.judge.plugin_options"):
+        Judge(JudgeConfig(plugin="example_judges:NumberWords", plugin_options={"colour": "red"}))
+
+
+async def test_a_failing_plugin_fails_closed_and_is_counted() -> None:
+    async with Judge(JudgeConfig(plugin="example_judges:Flaky")) as judge:
+        verdict = await judge.judge("How many?", "three", ["3"])
+    assert verdict.correct is False and verdict.method is Method.ERROR and "unreachable" in verdict.error
+    assert judge.counts["error"] == 1
+
+
+async def test_a_plugin_that_breaks_the_contract_stops_the_run() -> None:
+    async with Judge(JudgeConfig(plugin="example_judges:Sloppy")) as judge:
+        with pytest.raises(JudgePluginError, match="returned 'yes'.*must return True or False"):
+            await judge.judge("How many?", "three", ["3"])
+    with pytest.raises(JudgePluginError, match="without an `async def judge"):
+        Judge(JudgeConfig(plugin="example_judges:NotAsync"))
+    with pytest.raises(JudgePluginError, match="no class 'Missing'"):
+        Judge(JudgeConfig(plugin="example_judges:Missing"))
+    with pytest.raises(JudgePluginError, match="is not known"):
+        Judge(JudgeConfig(plugin="no-such-judge"))
+
+
+def test_plugin_judge_config_rules() -> None:
+    with pytest.raises(ValueError, match="set one of them"):
+        JudgeConfig(plugin="example_judges:NumberWords", llm_url="http://127.0.0.1:9")
+    with pytest.raises(ValueError, match="without judge.plugin"):
+        JudgeConfig(plugin_options={"x": 1})
