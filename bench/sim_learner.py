@@ -13,8 +13,8 @@ stays real (scheduler, rollouts, search, game, stream); only the two GPU costs a
 
 Clock: simulated seconds = wall seconds x time_scale, the same scale the sim servers run at (`--sim-time-scale`),
 so learner, servers and the engine's own (real, unscaled) CPU work are on one time line. The engine's CPU time
-therefore counts time_scale times over in simulated seconds: a conservative accounting for whichever mode is
-engine-bound.
+therefore counts time_scale times over in simulated seconds; a bench compares schedules at one time scale and checks
+each against its bound, so host time that leaks in shows as lost efficiency.
 
 The learner consumes `episodes_per_step` groups per step, in arrival order, as the real learner does; it trains
 the roles the real learner trains (proposer and solver; verifier samples are not trained) and counts them. With
@@ -97,6 +97,8 @@ class StepLog:
     version), before any drop."""
     dropped_groups: int
     """Groups of the batch beyond max_staleness, consumed but not trained."""
+    backlog: int
+    """Groups received but not yet trained when the step's push ended (delivered work waiting for the learner)."""
 
 
 class SimLearner:
@@ -104,18 +106,20 @@ class SimLearner:
 
     `push` is called after every step with the new version (it pauses, updates and resumes the servers),
     `on_version` after the push (it lets the scheduler start episodes on the new version), and `on_group` with every
-    group received (benches tally shapes from it).
+    group received (benches tally shapes from it). `on_version` may be assigned after construction, before `run()`:
+    the scheduler it informs is built on the stream that feeds this learner.
     """
 
     def __init__(self, profile: SimProfile, *, gpus: int, episodes_per_step: int, clock: SimClock,
-                 push: Callable[[int], Awaitable[None]], on_version: Callable[[int], Awaitable[None]],
+                 push: Callable[[int], Awaitable[None]],
+                 on_version: Callable[[int], Awaitable[None]] | None = None,
                  on_group: Callable[[list[Trajectory]], None] | None = None) -> None:
         self.profile = profile
         self.gpus = gpus
         self.per_step = episodes_per_step
         self.clock = clock
         self._push = push
-        self._on_version = on_version
+        self.on_version = on_version
         self._on_group = on_group
         self._inbox: collections.deque[tuple[int, int, int | None]] = collections.deque()
         """(trained trajectories, tokens, oldest trained version) per received group, in arrival order."""
@@ -145,6 +149,9 @@ class SimLearner:
     async def run(self, steps: int, *, max_staleness: int | None = None) -> list[StepLog]:
         """Train `steps` steps (each on the next episodes_per_step groups, those beyond `max_staleness` dropped),
         pushing after each; returns the log."""
+        if self.on_version is None:
+            raise RuntimeError("SimLearner.run: on_version is unset; assign the callback that hands each new policy "
+                               "version to the scheduler before running")
         for version in range(1, steps + 1):
             waited_from = self.clock.now()
             while len(self._inbox) < self.per_step:
@@ -162,11 +169,11 @@ class SimLearner:
             push_from = self.clock.now()
             await self._push(version)
             pushed = self.clock.now()
-            await self._on_version(version)
+            await self.on_version(version)
             self.steps.append(StepLog(version=version, ended_at=pushed, groups=len(batch), trajectories=trajectories,
                                       tokens=tokens, train_s=train_s, push_s=pushed - push_from, wait_s=wait_s,
                                       staleness_max=max(lags, default=None),
-                                      dropped_groups=len(batch) - len(kept)))
+                                      dropped_groups=len(batch) - len(kept), backlog=len(self._inbox)))
         return self.steps
 
 

@@ -66,8 +66,9 @@ class LearnerSpec:
     """Forward-equivalent passes per token: fwd+bwd (3), log-prob recompute (1), frozen reference (1)."""
     attn_overhead: float = 1.03
     """Multiplier for causal attention FLOPs at typical lengths."""
-    fixed_s: float = 3.0
-    """Per-step fixed time: optimizer step, weight push."""
+    fixed_s: float = 1.9
+    """Per-step fixed time on the learner: optimizer step, gradient all-reduce latency, bookkeeping. Not the weight
+    push: benches add that once from [weight_update]."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -11,10 +11,11 @@ from serving.sim_profile import load_profile
 
 
 def test_step_time_matches_the_profile_note() -> None:
-    """The profile's note: 3.33 M tokens of the 7B model on 8 H100 take 88 s of FLOPs + 3 s fixed, about 91 s."""
+    """The profile's note: 3.33 M tokens of the 7B model on 8 H100 take 87.3 s of FLOPs + 1.9 s fixed, about 89 s
+    (the push is not in fixed_s: benches add the modeled push once)."""
     p = load_profile()
     t = learner_step_s(p.learner, flops_per_token=p.model.flops_per_token, tokens=3_330_000, gpus=8)
-    assert t == pytest.approx(91.0, abs=1.0)
+    assert t == pytest.approx(89.2, abs=0.5)
 
 
 def test_step_time_is_linear_in_tokens_over_gpus() -> None:

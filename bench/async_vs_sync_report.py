@@ -1,0 +1,92 @@
+"""What `ssp bench async-vs-sync` prints and writes: one line per run as it ends, the verdict lines, and the markdown
+tables (also embedded in REPORT.md by `ssp bench report`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.async_vs_sync_run import CLOCK_SLIP_LIMIT
+
+EFFICIENCY_FLOOR = 0.9
+"""Both compared arms must reach this share of their own bound for their ratio to be a schedule's, not the
+harness's."""
+
+
+def valid(run: dict[str, Any]) -> bool:
+    """The run's rate measures its schedule: servers on their clock in every phase, >= EFFICIENCY_FLOOR of bound."""
+    return run["clock"]["kept"] and run["efficiency"] >= EFFICIENCY_FLOOR
+
+
+def run_line(r: dict[str, Any]) -> str:
+    c = r["clock"]
+    lines = [f"    {r['trained_trajectories_per_s']:.3f} trained traj/s = {100 * r['efficiency']:.0f}% of its bound "
+             f"{r['bound_traj_per_s']:.3f}; step {r['step_s_mean']:.1f} s (bound {r['bound_step_s']:.1f} s); "
+             f"{r['trajectories_per_episode']:.2f} traj/episode; backlog {r['backlog_groups']['window_start']} -> "
+             f"{r['backlog_groups']['window_end']} groups; {r['wall_seconds']:.0f} s wall, engine CPU "
+             f"{100 * r['engine_cpu_fraction']:.0f}%",
+             f"    clock: worst phase {c['worst_phase']} {100 * c['worst_share']:.2f}% behind "
+             f"({c['worst_behind_s']} s in {c['worst_wall_s']} s wall; limit {100 * CLOCK_SLIP_LIMIT:.0f}%)"
+             + ("" if c["kept"] else " - NOT KEPT: lower --time-scale"),
+             "    server time: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["server_time_shares"].items())]
+    if r["phase_s_mean"]:
+        bound = r["bound_parts_s"]
+        lines.append("    phases, measured / bound s: " + ", ".join(
+            f"{k} {v:.1f} / {bound.get(k, 0.0):.1f}" for k, v in r["phase_s_mean"].items() if k in bound)
+            + f"; train {r['train_s_mean']:.1f}, push {r['push_s_mean']:.2f} / {bound['push']:.2f}")
+    return "\n".join(lines)
+
+
+def verdict_lines(p: dict[str, Any]) -> list[str]:
+    """The lines the goal is judged by: both sync variants, async in place and flushing, and the ratio (only when
+    the compared runs are valid measurements)."""
+    sync, lock, best, flush = p["sync"], p["lockstep"], p["async"], p.get("async_flush")
+    better = p["better_sync"]
+    out = [f"sync (phase barriers): {sync['trained_trajectories_per_s']:.3f} traj/s, {100 * sync['efficiency']:.0f}% "
+           f"of bound; lock-step (eta 0, no barriers): {lock['trained_trajectories_per_s']:.3f} traj/s, "
+           f"{100 * lock['efficiency']:.0f}% of bound",
+           f"async g = {best['serve_gpus']}, eta = {best['eta']}: {best['trained_trajectories_per_s']:.3f} traj/s, "
+           f"{100 * best['efficiency']:.0f}% of bound ({best['bound_by']})"]
+    if flush is not None:
+        out.append(f"in-place update gain: {p['in_place_gain']:.3f}x (in place {best['trained_trajectories_per_s']:.3f}"
+                   f" vs flush every push {flush['trained_trajectories_per_s']:.3f} traj/s, "
+                   f"{100 * flush['efficiency']:.0f}% of bound)")
+    if p["valid"]:
+        out.append(f"async/sync ratio: {p['async_over_sync']:.2f} ({p['profile']}, G = {p['gpus']}, against "
+                   f"{better['arm']}; time scale {best['time_scale']:g})")
+    else:
+        bad = [f"{r['arm']} ({100 * r['efficiency']:.0f}% of bound, clock {'kept' if r['clock']['kept'] else 'NOT kept'})"
+               for r in (best, better) if not valid(r)]
+        out.append(f"async/sync ratio: not printed: {', '.join(bad)} below {100 * EFFICIENCY_FLOOR:.0f}% of its bound "
+                   "or off its clock; the figures would measure the harness")
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The tables of one async-vs-sync result."""
+    a = results["args"]
+    lines = ["## Async vs sync at equal hardware", "",
+             f"Real engine against `--sim` servers and a simulated learner, every arm at time scale {a['time_scale']}; "
+             f"{a['episodes_per_step']} episodes per learner step, {a['steps']} steps measured after {a['warmup']} "
+             "of warm-up (async: + eta), "
+             f"{a['capacity']} slots per server. Rates are trained (proposer + solver) trajectories per simulated "
+             f"second. A ratio is printed only when both compared arms reach {100 * EFFICIENCY_FLOOR:.0f}% of their "
+             f"own bound with every server within {100 * CLOCK_SLIP_LIMIT:.0f}% of its clock in every phase."]
+    for p in results["profiles"]:
+        lines += ["", f"### {p['profile']}, G = {p['gpus']}", "",
+                  "| arm | serve GPUs | learn GPUs | eta | flush every | traj/s | bound | efficiency | step s (bound) "
+                  "| traj/episode | backlog start -> end | clock worst | learner idle | staleness max | server time: "
+                  "decode / prefill / recompute / paused / idle |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in p["runs"]:
+            c = r["clock"]
+            lines.append(
+                f"| {r['arm']} | {r['serve_gpus']} | {r['learn_gpus']} | {r['eta']} | {r['kv_refresh_every']} | "
+                f"{r['trained_trajectories_per_s']:.3f} | {r['bound_traj_per_s']:.3f} "
+                f"({r.get('bound_by', 'phases')}) | {100 * r['efficiency']:.0f}% | {r['step_s_mean']:.1f} "
+                f"({r['bound_step_s']:.1f}) | {r['trajectories_per_episode']:.2f} | "
+                f"{r['backlog_groups']['window_start']} -> {r['backlog_groups']['window_end']} | "
+                f"{100 * c['worst_share']:.2f}%{'' if c['kept'] else ' (not kept)'} | "
+                f"{100 * r['learner_wait_share']:.0f}% | {r['staleness_max']} | "
+                f"{' / '.join(f'{100 * v:.0f}%' for v in r['server_time_shares'].values())} |")
+        lines += ["", *verdict_lines(p)]
+    return "\n".join(lines) + "\n"
