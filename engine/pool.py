@@ -14,8 +14,10 @@ What it owns, in the order a request meets it:
     GenerateResult (also for aborted requests: finish.type == "abort")
 
     health loop (task "pool-health"): every health_check_interval_s, GET /health on every server; eject_after_failures
-      failures in a row eject a server (its waiters are re-placed), a 200 re-admits it. While the pool has paused the
-      servers, only unreachable servers count as failures (SGLang's /health answers 503 during long pauses).
+      failures in a row eject a server (its waiters are re-placed), a 200 re-admits it once it serves a weight version
+      that an admitted server serves (a restarted server holds its initial weights until the learner's next push
+      reaches it; routing to it before would sample from a stale policy). While the pool has paused the servers,
+      only unreachable servers count as failures (SGLang's /health answers 503 during long pauses).
 
 Slots (in_flight <= capacity per server) bound what each server holds; the engine's own concurrency can be far
 higher, waiting here rather than in the servers' queues. Admin calls (pause, continue, abort, flush, the weight-update
@@ -141,6 +143,8 @@ class _Server:
     requests: int = 0
     failures: int = 0
     ejections: int = 0
+    held_out_at: str | None = None
+    """The weight version this ejected server was last held out at (logged once per version)."""
     busy_slot_s: float = 0.0
     last_change: float = 0.0
 
@@ -483,7 +487,7 @@ class InferencePool:
         for server, status in zip(self._targets, statuses, strict=True):
             if status == 200:
                 server.health_failures = 0
-                if not server.healthy:
+                if not server.healthy and await self._serves_current_weights(server):
                     self._readmit(server)
                 continue
             if self._paused is not None and status is not None:
@@ -492,6 +496,22 @@ class InferencePool:
             if server.health_failures >= eject_after:
                 self._eject(server, f"{server.health_failures} failed health checks (last: "
                                     f"{'no answer' if status is None else f'HTTP {status}'})")
+
+    async def _serves_current_weights(self, server: _Server) -> bool:
+        """Whether an ejected `server` serves a weight version that an admitted one serves (trivially so when none is
+        admitted, or behind a router, whose workers the pool does not see)."""
+        admitted = [s for s in self._targets if s.healthy]
+        if not admitted or self._cfg.router_url is not None:
+            return True
+        versions = await asyncio.gather(*(_weight_version(s.client) for s in [server, *admitted]))
+        current = {v for v in versions[1:] if v is not None}
+        if versions[0] is not None and (versions[0] in current or not current):
+            return True
+        if server.held_out_at != versions[0]:
+            server.held_out_at = versions[0]
+            log.info("not re-admitting %s yet: it serves weight version %s, the admitted servers %s", server.url,
+                     versions[0], sorted(current))
+        return False
 
     def _health_summary(self) -> str:
         healthy = sum(s.healthy for s in self._targets)
@@ -552,6 +572,18 @@ class InferencePool:
         self._check_open()
         infos = await asyncio.gather(*(c.model_info() for c in self._admin))
         return {c.url: info for c, info in zip(self._admin, infos, strict=True)}
+
+    async def weight_versions(self) -> dict[str, str | None]:
+        """Every worker's current weight version (/model_info); None for a worker that does not answer."""
+        self._check_open()
+        versions = await asyncio.gather(*(_weight_version(c) for c in self._admin))
+        return {c.url: v for c, v in zip(self._admin, versions, strict=True)}
+
+    def admitted_urls(self) -> set[str] | None:
+        """URLs of the servers the pool routes to now; None behind a router (it routes, not the pool)."""
+        if self._cfg.router_url is not None:
+            return None
+        return {s.url for s in self._targets if s.healthy}
 
     async def weight_update_layout(self) -> WeightUpdateLayout:
         """Group ranks for a weight push: the trainer is rank 0, worker k starts at 1 + sum of earlier tp_size."""
@@ -614,6 +646,13 @@ class InferencePool:
             queued_total=self._queued_total, queue_wait_s_total=self._queue_wait_s_total,
             queue_wait_s_max=self._queue_wait_s_max, requests=self._requests, retries=self._retries,
             aborts_sent=self._aborts_sent, ejections=self._ejections, readmissions=self._readmissions)
+
+
+async def _weight_version(client: ServerClient) -> str | None:
+    try:
+        return str((await client.model_info()).get("weight_version", "default"))
+    except InferenceError:
+        return None
 
 
 async def _ok_after(call: Awaitable[None], url: str) -> AdminResult:

@@ -19,7 +19,9 @@ train.poll_interval_s, together with the processes' liveness and the learner's m
 
 Ends: (1) the learner has pushed train.steps → the engine is stopped (episodes still in flight would train a step the
 run does not take, so they are cancelled), the learner exits after its final checkpoint; (2) a process dies → its
-name, exit code and log in one message, everything stopped, the last checkpoint stays resumable; (3) Ctrl-C or
+name, exit code and log in one message, everything stopped, the last checkpoint stays resumable, except a server this
+run started while another still runs: that one is restarted on its port (train.max_server_restarts in all; see
+launcher/server_restarts.py) and the run goes on; (3) Ctrl-C or
 SIGTERM → everything stopped, the same. `--resume` restarts every piece; the learner restores its latest checkpoint
 (weights, optimizer, consumed group ids) and pushes those weights before the engine's new episodes count.
 """
@@ -44,6 +46,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ssp.run_key import RunKeyError, load_run_key, write_run_key
 from ssp.processes import ManagedProcess, ProcessFailed, ProcessSet, free_port
 from launcher.progress import PLOT_KEYS, ProgressDisplay, Snapshot, format_summary, step_row
+from launcher.server_restarts import ServerRestarts
 from ssp.config import to_dict, to_toml
 from ssp.metrics import MetricsLog, plot_metrics, read_metrics
 from ssp.paths import artifacts_dir
@@ -51,6 +54,7 @@ from ssp.run_config import SSPConfig, check_sampling_matches_learner, learner_st
 from ssp.trackers import Trackers, open_trackers
 
 if TYPE_CHECKING:
+    from engine.pool import InferencePool
     from engine.stream import FileSink
 
 log = logging.getLogger(__name__)
@@ -222,9 +226,11 @@ class Monitor:
     the scheduler's staleness gate), and the learner's step records (turned into step rows)."""
 
     def __init__(self, cfg: SSPConfig, *, procs: ProcessSet, learner: ManagedProcess | None,
-                 start_step: int, learner_metrics: Path, display: ProgressDisplay, metrics: MetricsLog) -> None:
+                 start_step: int, learner_metrics: Path, display: ProgressDisplay, metrics: MetricsLog,
+                 restarts: ServerRestarts | None = None) -> None:
         self.cfg = cfg
         self.procs = procs
+        self.restarts = restarts
         self.learner = learner
         self.start_step = start_step
         self.learner_metrics = learner_metrics
@@ -239,9 +245,12 @@ class Monitor:
         self._snapshot: Snapshot | None = None
 
     def check_processes(self) -> None:
-        """Raise ComponentFailed for a dead process; a learner that exited 0 is done, not failed."""
-        for process in self.procs.processes:
+        """Raise ComponentFailed for a dead process (unless it is a server `restarts` starts again); a learner that
+        exited 0 is done, not failed."""
+        for process in list(self.procs.processes):
             if process.alive() or (process is self.learner and process.proc.returncode == 0):
+                continue
+            if self.restarts is not None and self.restarts.try_restart(process):
                 continue
             raise ComponentFailed(process.name, str(process.failure()), process.log_path)
         if self.learner is not None and not self.learner.alive() and self.last_step < self.cfg.train.steps:
@@ -271,7 +280,7 @@ class Monitor:
 
     @staticmethod
     async def server_version(read: Callable[[], Awaitable[int]]) -> int | None:
-        """The policy version every server holds (the smallest); None while a server does not answer."""
+        """The policy version every admitted server holds (the smallest); None while none answers."""
         try:
             return await read()
         except Exception as e:  # a dying server: the process check or the pool reports it
@@ -298,7 +307,7 @@ class Monitor:
 
     async def run(self, read_version: Callable[[], Awaitable[int]]) -> None:
         """Until the learner has pushed train.steps: check, feed the gate, show steps. Raises on a failure.
-        `read_version` reads the servers' policy version (engine.assemble.served_version)."""
+        `read_version` reads the servers' policy version (admitted_version)."""
         steps = self.cfg.train.steps
         self._snapshot = Snapshot.of(self.scheduler.counters)
         while True:
@@ -320,10 +329,26 @@ class Monitor:
             await asyncio.sleep(self.cfg.train.poll_interval_s)
 
 
+async def admitted_version(pool: InferencePool) -> int:
+    """The policy version of the servers the pool routes to: the lowest among them. A server that is down, or
+    restarted and waiting for the learner's weights (not re-admitted yet), does not hold the run's version back:
+    with it counted, the staleness gate would stop new episodes, the learner would wait for groups, and the push
+    that brings the restarted server its weights would never come."""
+    from engine.rollout import parse_version
+
+    versions = await pool.weight_versions()
+    admitted = pool.admitted_urls()
+    live = [parse_version(v) for url, v in versions.items()
+            if v is not None and (admitted is None or url in admitted)]
+    if not live:
+        raise RuntimeError(f"no admitted inference server answers /model_info (versions: {versions})")
+    return min(live)
+
+
 async def run_engine(cfg: SSPConfig, monitor: Monitor, run_dir: Path) -> dict[str, Any]:
     """The engine of a training run: the same pieces as `ssp rollout` (engine.assemble), streaming to the learner,
     with the monitor feeding the scheduler the learner's policy version. Returns the scheduler's summary."""
-    from engine.assemble import build_scheduler, open_engine, served_version
+    from engine.assemble import build_scheduler, open_engine
     from engine.stream import FileSink, TcpSink, TrajectoryStream
     from engine.wire import HandshakeError, terms_of
 
@@ -346,7 +371,7 @@ async def run_engine(cfg: SSPConfig, monitor: Monitor, run_dir: Path) -> dict[st
             scheduler = build_scheduler(cfg.engine(), parts, stream, metrics=engine_metrics)
             monitor.scheduler = scheduler
             engine = asyncio.create_task(scheduler.run(None), name="engine")
-            watch = asyncio.create_task(monitor.run(lambda: served_version(parts.pool)), name="monitor")
+            watch = asyncio.create_task(monitor.run(lambda: admitted_version(parts.pool)), name="monitor")
             try:
                 done, _ = await asyncio.wait({engine, watch}, return_when=asyncio.FIRST_COMPLETED)
                 if engine in done:
@@ -527,8 +552,12 @@ def _train(cfg: SSPConfig, procs: ProcessSet, trackers: Trackers, *, run_dir: Pa
           f"{stream_host}:{stream_port}", file=out)
     display = ProgressDisplay(total_steps=tc.steps, start_step=start_step, enabled=progress, out=out)
     metrics = MetricsLog(run_dir / "metrics.jsonl", trackers)
+    restarts = None if tc.server_urls else ServerRestarts(
+        procs, {f"server-{i}" for i in range(len(ports))}, budget=tc.max_server_restarts, out=out,
+        on_restart=lambda: _write_processes(run_dir, procs, urls, cfg))
     monitor = Monitor(cfg, procs=procs, learner=learner, start_step=start_step,
-                      learner_metrics=learner_dir / "metrics.jsonl", display=display, metrics=metrics)
+                      learner_metrics=learner_dir / "metrics.jsonl", display=display, metrics=metrics,
+                      restarts=restarts)
     try:
         engine = _run_async(run_engine(cfg, monitor, run_dir))
     finally:

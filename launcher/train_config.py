@@ -33,6 +33,11 @@ class TrainConfig:
     server_urls: tuple[str, ...] = ()
     """Attach mode: base URLs of running inference servers (SGLang or `ssp model serve`); none are started. They
     replace inference.server_urls, and the learner pushes its weights to them."""
+    max_server_restarts: int = 3
+    """Restarts of the servers this run started, all of them together: a server that dies is started again on its
+    port while the others serve, and rejoins once the learner's next push brought it the current weights. The run
+    stops, naming the server and its log, when this budget is spent or no server is left running. 0 = stop at the
+    first death (as with one server)."""
     server_start_timeout_s: float = 300.0
     """How long a started reference server may take to answer /health (model load included)."""
     start_retriever: bool = False
@@ -75,6 +80,8 @@ class TrainConfig:
                              "(it names artifacts/runs/<name>)")
         if self.steps < 1:
             raise ValueError(f"steps = {self.steps}: must be >= 1")
+        if self.max_server_restarts < 0:
+            raise ValueError(f"max_server_restarts = {self.max_server_restarts}: must be >= 0 (0 = never restart)")
         if self.servers < 1:
             raise ValueError(f"servers = {self.servers}: must be >= 1 (or list running ones in server_urls)")
         for url in self.server_urls:

@@ -227,6 +227,11 @@ class WeightPusher:
     async def _all(self, method: str, **kwargs: Any) -> list[Any]:
         return list(await asyncio.gather(*(getattr(c, method)(**kwargs) for c in self._clients)))
 
+    async def _all_settled(self, method: str, **kwargs: Any) -> list[Any]:
+        """`_all`, with a server's exception (e.g. it is unreachable) in its place instead of raised."""
+        return list(await asyncio.gather(*(getattr(c, method)(**kwargs) for c in self._clients),
+                                         return_exceptions=True))
+
     def _check(self, results: list[Any], what: str) -> None:
         bad = [r for r in results if not r.success]
         if bad:
@@ -354,16 +359,22 @@ class WeightPusher:
                 for i, c in enumerate(self._clients)]
 
     def close(self) -> None:
-        """Destroy the group on the servers and here, close the HTTP session, stop the helper thread."""
+        """Destroy the group here, then on the servers; close the HTTP session, stop the helper thread.
+
+        Our side goes first: after a failed push a server may still wait on a broadcast that will never come, and
+        would destroy its side only after that wait; once our side is gone its wait fails at once. A server that
+        does not answer (dead) is logged and skipped: closing must work after any failure."""
         if self.state is PushState.CLOSED:
             return
         try:
-            if self._group is not None and self.state is not PushState.NEW:
-                results = self._run(self._all("destroy_weights_update_group", group_name=self.group_name))
-                for r in results:
-                    if not r.success:
-                        log.warning("destroy_weights_update_group on %s: %s", r.url, r.message)
+            if self._group is not None:
                 dist.destroy_process_group(self._group)
+                self._group = None
+                results = self._run(self._all_settled("destroy_weights_update_group", group_name=self.group_name))
+                for url, r in zip(self.urls, results):
+                    if isinstance(r, BaseException) or not r.success:
+                        log.warning("destroy_weights_update_group on %s: %s", url,
+                                    r if isinstance(r, BaseException) else r.message)
             if self._session is not None:
                 self._run(self._session.close())
         finally:

@@ -309,37 +309,63 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str], stream: St
 
 
 def _connect_pusher(cfg: LearnerConfig, server_urls: list[str], par: Parallel) -> Any:
-    """Rank 0 owns the update group; the other ranks only help gather."""
+    """Rank 0 owns the update group (over the servers that answer: learner.push_recovery); the other ranks only help
+    gather."""
     if par.rank != 0:
         return None
     from ssp.run_key import load_api_key
     from learner.push import WeightPusher
+    from learner.push_recovery import RecoveringPusher
 
-    pusher = WeightPusher(server_urls, backend="nccl" if par.device.type == "cuda" else "gloo",
-                          master_address=cfg.push_master_address, master_port=cfg.push_master_port,
-                          bytes_per_bucket=cfg.push_bytes_per_bucket, timeout_s=cfg.push_timeout_s,
-                          kv_refresh_every=cfg.push_kv_refresh_every,
-                          api_key=load_api_key(cfg.push_api_key_file, "learner.push_api_key_file"))
+    api_key = load_api_key(cfg.push_api_key_file, "learner.push_api_key_file")
+
+    def make_pusher(urls: list[str]) -> WeightPusher:
+        return WeightPusher(urls, backend="nccl" if par.device.type == "cuda" else "gloo",
+                            master_address=cfg.push_master_address, master_port=cfg.push_master_port,
+                            bytes_per_bucket=cfg.push_bytes_per_bucket, timeout_s=cfg.push_timeout_s,
+                            kv_refresh_every=cfg.push_kv_refresh_every, api_key=api_key)
+
+    pusher = RecoveringPusher(server_urls, make_pusher=make_pusher, api_key=api_key, wait_s=cfg.push_timeout_s)
     pusher.connect()
     return pusher
 
 
-def _push(trainer: Trainer, pusher: Any, par: Parallel, version: str) -> dict[str, float]:
-    """Gather TP shards (replica 0's TP ranks together) and, on rank 0, stream them to the servers."""
-    from learner.gather import iter_hf_weights
+PUSH_ATTEMPTS = 3
+"""Tries of one weight push: a server that dies mid-push interrupts it, and the next try goes to the servers left."""
 
-    out: dict[str, float] = {}
-    if par.dp_rank == 0:
-        named = iter_hf_weights(trainer.model, trainer.shape, tp_group=trainer.tp_group, keep=pusher is not None)
-        if pusher is not None:
-            stats = pusher.push(named, version)
-            out = {"push_s": stats.seconds, "push_gb_per_s": stats.gb_per_s, "push_bytes": float(stats.bytes),
-                   "push_kv_refresh": float(stats.pause_mode == "retract")}
-        else:
-            for _ in named:  # participate in every all-gather
+
+def _push(trainer: Trainer, pusher: Any, par: Parallel, version: str) -> dict[str, float]:
+    """Gather TP shards (replica 0's TP ranks together) and, on rank 0, stream them to the servers; push again
+    (all ranks gathering again) when rank 0's push was interrupted."""
+    from learner.gather import iter_hf_weights
+    from learner.push import PushError
+    from learner.push_recovery import PushInterrupted
+
+    interrupted = ""
+    for attempt in range(1, PUSH_ATTEMPTS + 1):
+        out: dict[str, float] = {}
+        interrupted = ""
+        if par.dp_rank == 0:
+            named = iter_hf_weights(trainer.model, trainer.shape, tp_group=trainer.tp_group,
+                                    keep=pusher is not None)
+            if pusher is not None:
+                try:
+                    stats = pusher.push(named, version)
+                    out = {"push_s": stats.seconds, "push_gb_per_s": stats.gb_per_s,
+                           "push_bytes": float(stats.bytes), "push_kv_refresh": float(stats.pause_mode == "retract"),
+                           "push_attempts": float(attempt)}
+                except PushInterrupted as e:
+                    interrupted = str(e)
+            for _ in named:  # participate in every all-gather (the rest of them, after an interrupted push)
                 pass
-    dist.barrier()
-    return out
+        verdict = [interrupted]
+        dist.broadcast_object_list(verdict, src=0)  # every rank learns whether rank 0 pushes again
+        interrupted = verdict[0]
+        if not interrupted:
+            dist.barrier()
+            return out
+        log.warning("weight push v%s interrupted (try %d of %d): %s", version, attempt, PUSH_ATTEMPTS, interrupted)
+    raise PushError(f"weight push v{version} failed {PUSH_ATTEMPTS} times; the last: {interrupted}")
 
 
 def _open_metrics(cfg: LearnerConfig) -> Any:

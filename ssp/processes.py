@@ -85,6 +85,8 @@ class ManagedProcess:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
+        self.env = env
+        self.cwd = cwd
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -160,6 +162,16 @@ class ProcessSet:
         process = ManagedProcess(name, argv, log_path=log_path, env=env)
         self.processes.append(process)
         return process
+
+    def restart(self, process: ManagedProcess) -> ManagedProcess:
+        """Start an exited `process`'s command again, under its name and log file (appended to), in its place."""
+        if process.alive():
+            raise RuntimeError(f"{process.name} (pid {process.pid}) is still running; only an exited process restarts")
+        process.stop()  # closes its log
+        again = ManagedProcess(process.name, process.argv, log_path=process.log_path, env=process.env,
+                               cwd=process.cwd)
+        self.processes[self.processes.index(process)] = again
+        return again
 
     def check(self) -> None:
         """Raise ProcessFailed for the first process that has exited."""

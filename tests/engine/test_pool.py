@@ -115,6 +115,33 @@ async def test_killed_server_requests_rerouted_none_lost_then_readmitted(sim_lau
     revived.stop()
 
 
+async def test_a_restarted_server_is_readmitted_only_at_the_admitted_weight_version(sim_launcher) -> None:  # type: ignore[no-untyped-def]
+    """A server restarted after a crash answers /health with its initial weights; the pool routes to it again only
+    once it serves a weight version the admitted servers serve (what the learner's next push brings it)."""
+    doomed, survivor = sim_launcher(), sim_launcher()
+    async with InferencePool(_cfg((doomed.url, survivor.url), health_timeout_s=10.0, eject_after_failures=1)) as pool:
+        assert all(r.success for r in (await pool.update_weight_version("3")).values())
+        doomed.kill()
+        for _ in range(100):
+            if not pool.metrics().servers[0].healthy:
+                break
+            await asyncio.sleep(0.1)
+        assert pool.admitted_urls() == {survivor.url}
+        revived = sim_launcher(port=doomed.port)
+        await asyncio.sleep(1.5)  # several health rounds: it answers 200, at version "default"
+        assert await pool.weight_versions() == {doomed.url: "default", survivor.url: "3"}
+        assert pool.admitted_urls() == {survivor.url} and pool.metrics().readmissions == 0
+        await pool.update_weight_version("3")
+        for _ in range(100):
+            if pool.metrics().servers[0].healthy:
+                break
+            await asyncio.sleep(0.1)
+        assert pool.admitted_urls() == {doomed.url, survivor.url} and pool.metrics().readmissions == 1
+    doomed.stop()
+    survivor.stop()
+    revived.stop()
+
+
 async def test_retries_exhausted_and_no_server_left(sim_launcher) -> None:  # type: ignore[no-untyped-def]
     server = sim_launcher()
     async with InferencePool(_cfg((server.url,), capacity_per_server=4, max_retries=0, queue_timeout_s=0.5)) as pool:

@@ -193,6 +193,55 @@ def test_killed_server_is_named_and_resume_continues(tmp_path: Path, model_dir: 
     assert [e.step for e in events.Scalars("eval/average/em")] == [killed_at, killed_at + 1]  # before and after
 
 
+def _weight_version(url: str, key: str) -> str | None:
+    import urllib.request
+
+    req = urllib.request.Request(url + "/model_info", headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return str(json.loads(resp.read())["weight_version"])
+    except OSError:
+        return None
+
+
+def test_one_of_two_killed_servers_is_restarted_and_serves_the_current_weights(tmp_path: Path, model_dir: Path,
+                                                                               demo_index: Path) -> None:
+    """train.servers = 2: server-1 SIGKILLed after the first checkpoint is restarted on its port while server-0
+    serves; the learner's next push re-forms its group over both, the pool re-admits server-1 once it serves the
+    version server-0 serves, and the run finishes every step."""
+    from ssp.run_key import load_api_key
+
+    run_dir = tmp_path / "run"
+    steps = 6
+    proc, err = _start(run_dir, model_dir, demo_index, f"train.steps={steps}", "train.servers=2",
+                       "train.max_server_restarts=1", "inference.health_check_interval_s=1.0")
+    _wait_for(lambda: _latest_step(run_dir) >= 1, proc, err, 600, "the first checkpoint")
+    killed = _pid_of(run_dir, "server-1")
+    killed_at = _latest_step(run_dir)
+    os.kill(killed, signal.SIGKILL)
+    _wait_for(lambda: _pid_of(run_dir, "server-1") != killed, proc, err, 60, "server-1's restart")
+    urls = json.loads((run_dir / "processes.json").read_text())["server_urls"]
+    key = load_api_key(run_dir / "stream.key", "stream.key_file")
+    assert key is not None
+
+    def caught_up() -> bool:
+        versions = [_weight_version(url, key) for url in urls]
+        return versions[0] == versions[1] and versions[1] not in (None, "default") and \
+            int(versions[1]) > killed_at
+    _wait_for(caught_up, proc, err, 600, "the restarted server-1 to serve the current weights")
+    proc.communicate(timeout=600)
+    stderr = err.read_text()
+    assert proc.returncode == 0, stderr
+    assert f"server-1 (pid {killed}) exited with code -9; restarted it as pid" in stderr, stderr
+    engine_log = (run_dir / "logs" / "engine.log").read_text()
+    assert f"re-admitting {urls[1]}" in engine_log, engine_log[-3000:]
+    assert "re-forming the weight-update group" in (run_dir / "logs" / "learner.log").read_text()
+    trained = [r["step"] for r in map(json.loads, (run_dir / "learner" / "metrics.jsonl").read_text().splitlines())
+               if "trained" in r]
+    assert trained == list(range(1, steps + 1)), trained
+    assert not _alive(_pid_of(run_dir, "server-1")), "the restarted server outlived ssp train"
+
+
 def test_killed_learner_is_named_with_its_log(tmp_path: Path, model_dir: Path, demo_index: Path) -> None:
     run_dir = tmp_path / "run"
     proc, err = _start(run_dir, model_dir, demo_index, "train.steps=5")
