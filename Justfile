@@ -61,7 +61,7 @@ bench: setup
     "$ssp" index build --corpus data/corpus/*.jsonl --out artifacts/index/demo --if-missing || exit 1
     failed=()
     part() { echo "== ssp bench $*"; "$ssp" bench "$@" || failed+=("$1 (exit $?)"); }
-    part async-vs-sync --splits 4 6 --etas 4 --episodes-per-step 128 --steps 6 --warmup 3
+    part async-vs-sync --gpus 8 --splits 2 --etas 2 --episodes-per-step 64 --steps 1 --warmup 1 --time-scale 4
     part scale --sizes 1000 5000 10000 --ramp 6 --duration 8
     part search --queries 1000
     part retrieval --queries 300 --clients 16

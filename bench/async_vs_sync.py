@@ -47,22 +47,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--episodes-per-step", type=int, default=256,
                    help="episodes (groups) the learner trains per step (default: 256, the batch the profiles' learner "
                         "time is for). Async keeps at most (eta + 1) x this many episodes in flight")
-    p.add_argument("--steps", type=int, default=4, help="learner steps measured per run (default: 4)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="learner steps measured per run (default: 3); async runs measure whole periods of eta + 1 "
+                        "steps (at least this many): its staleness gate releases episodes in waves of that period, "
+                        "fast invalid episodes first, so a part of a period over- or under-counts")
     p.add_argument("--warmup", type=int, default=1,
                    help="leading steps not measured (default: 1); async runs add eta more, so that the (eta + 1) x "
                         "episodes-per-step episodes launched at once at the start are trained before the window")
     p.add_argument("--capacity", type=int, default=256,
                    help="requests in flight per server (the pool's slots; default: 256)")
-    p.add_argument("--time-scale", type=float, default=2.0,
-                   help="simulated seconds per wall second, for every arm, servers and learner alike (default: 2). "
-                        "The engine's host time counts this many times over; each run's per-phase clock guard says "
-                        "whether the host kept up")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="simulated seconds per wall second, for every arm, servers and learner alike (default: 1, "
+                        "real time: at 2 the async arm's four busy servers and the engine fell behind their clock by "
+                        "up to 2%% of a phase on 2 cores). The engine's host time counts this many times over; each "
+                        "run's per-phase clock guard says whether the host kept up")
     p.add_argument("--kv-refresh-every", type=int, default=LearnerConfig().push_kv_refresh_every,
                    help="async: every this many pushes retract and flush, the others pause in place, as the learner's "
                         "push_kv_refresh_every does (default: the learner's, %(default)s); the chosen split also runs "
                         "with 1 (flush every push)")
-    p.add_argument("--run-timeout", type=float, default=600.0,
-                   help="wall seconds one run may take before it is reported as stuck (default: 600)")
+    p.add_argument("--run-timeout", type=float, default=1800.0,
+                   help="wall seconds one run may take before it is reported as stuck (default: 1800; a sync run of "
+                        "4 steps at time scale 1 takes ~9 min)")
     p.add_argument("--index", type=Path, help="Tantivy index searched (default: the demo index, artifacts/index/demo)")
     p.add_argument("--out", type=Path, help="JSON report (default: artifacts/bench/async_vs_sync.json)")
 
@@ -115,8 +120,9 @@ def bench_profile(profile_path: Path, args: argparse.Namespace, log_dir: Path) -
 
     def play(servers: SimServers, arm: str, serve: int, eta: int, kv_refresh_every: int) -> dict[str, Any]:
         warmup = args.warmup + eta
+        measured = -(-args.steps // (eta + 1)) * (eta + 1)
         spec = RunSpec(arm=arm, serve_gpus=serve, learn_gpus=gpus if arm != "async" else gpus - serve, eta=eta,
-                       episodes_per_step=args.episodes_per_step, steps=warmup + args.steps, warmup=warmup,
+                       episodes_per_step=args.episodes_per_step, steps=warmup + measured, warmup=warmup,
                        capacity=args.capacity, time_scale=args.time_scale, kv_refresh_every=kv_refresh_every)
         print(f"  [{profile.profile.name}] {spec.label} ...", flush=True)
         r = uvloop.run(run_schedule(profile, servers.urls[: serve // per_server], spec, timeout_s=args.run_timeout,

@@ -238,5 +238,5 @@ def async_bound(profile: SimProfile, groups: Sequence[GroupCost], *, per_step: i
     return {"bound_traj_per_s": min(server_rate, learner_rate), "bound_step_s": max(server_step, learner_step),
             "server_rate_traj_per_s": server_rate, "learner_rate_traj_per_s": learner_rate,
             "bound_by": "servers" if server_rate < learner_rate else "learner",
-            "server_s_per_episode": work, "prefill_s_per_episode": prefill,
+            "server_s_per_episode": work, "decode_s_per_episode": work - prefill, "prefill_s_per_episode": prefill,
             "prefill_beyond_own_s_per_episode": prefill - own_prefill}

@@ -207,7 +207,8 @@ def clock_guard(readings: list[Reading]) -> dict[str, Any]:
     Intervals run between readings, merged forward until each spans GUARD_MIN_WALL_S (the last may be shorter).
     Within CLOCK_SLIP_LIMIT everywhere: the run's rates stand."""
     worst = {"share": 0.0, "phase": None, "behind_s": 0.0, "wall_s": 0.0}
-    intervals, i = 0, 0
+    shares: list[float] = []
+    i = 0
     while i < len(readings) - 1:
         a, j = readings[i], i + 1
         while j < len(readings) - 1 and readings[j].wall_s - a.wall_s < GUARD_MIN_WALL_S:
@@ -215,13 +216,13 @@ def clock_guard(readings: list[Reading]) -> dict[str, Any]:
         b = readings[j]
         wall = max(1e-9, b.wall_s - a.wall_s)
         behind = max(e["behind_s"] - s["behind_s"] for s, e in zip(a.clocks, b.clocks))
-        intervals += 1
+        shares.append(round(behind / wall, 4))
         if behind / wall > worst["share"]:
             worst = {"share": behind / wall, "phase": a.label, "behind_s": behind, "wall_s": wall}
         i = j
     return {"worst_share": round(worst["share"], 5), "worst_phase": worst["phase"],
             "worst_behind_s": round(worst["behind_s"], 4), "worst_wall_s": round(worst["wall_s"], 3),
-            "intervals": intervals, "kept": worst["share"] <= CLOCK_SLIP_LIMIT}
+            "intervals": len(shares), "shares": shares, "kept": worst["share"] <= CLOCK_SLIP_LIMIT}
 
 
 def _delta(a: Reading, b: Reading) -> dict[str, float]:
@@ -354,7 +355,8 @@ def measure(profile: SimProfile, spec: RunSpec, steps: list[StepLog], tally: Gro
         # What the servers did per trained episode (their own counters): beside the bound's per-episode work, this
         # says whether a gap is the bound's token accounting or the schedule.
         "server_measured_per_episode": {
-            "busy_s": round((delivered["decode_s"] + delivered["prefill_s"]) / trained_groups, 4),
+            "decode_s": round(delivered["decode_s"] / trained_groups, 4),
+            "prefill_s": round(delivered["prefill_s"] / trained_groups, 4),
             "output_tokens": round(delivered["output_tokens"] / trained_groups, 1),
             "prefill_tokens": round(delivered["prefill_tokens"] / trained_groups, 1),
             "recomputed_tokens": round(delivered["recomputed_tokens"] / trained_groups, 1)},

@@ -113,7 +113,8 @@ def test_tiny_bench_runs_every_arm(demo_index: Path, tmp_path: Path) -> None:
     arms = [(x["arm"], x["serve_gpus"], x["learn_gpus"], x["eta"], x["kv_refresh_every"]) for x in r["runs"]]
     assert arms == [("sync", 2, 2, 0, 1), ("lockstep", 2, 2, 0, 1), ("async", 1, 1, 1, 2), ("async", 1, 1, 1, 1)]
     for run in r["runs"]:
-        # Two measured steps after one of warm-up, and for async eta more (its first burst is trained first).
+        # Two measured steps after one of warm-up; async (eta 1) warms up eta more steps (its first burst is trained
+        # first) and measures whole periods of eta + 1 = 2 steps.
         assert [s["version"] for s in run["steps"]] == ([1, 2, 3] if run["arm"] != "async" else [1, 2, 3, 4])
         assert all(s["groups"] == 2 for s in run["steps"]) and run["episodes_failed"] == 0
         # Each step ends with a push through the pool; the sim servers charge the profile's update time.
