@@ -20,7 +20,7 @@ from bench.async_vs_sync_bound import (
 )
 from bench.async_vs_sync_report import markdown, verdict_lines
 from bench.async_vs_sync_run import Reading, clock_guard
-from bench.sim_learner import push_s
+from bench.sim_learner import learner_step_s, push_s
 from engine.trajectory import Trajectory
 from serving.sim_profile import load_profile
 
@@ -65,6 +65,9 @@ def test_sync_step_is_phase_makespans_plus_train_plus_one_push() -> None:
     # propose: chain 5 > work 16/4; verify: chain 3 > 1; solve: work 40/4 = 10 > chain 4.
     assert s.phases_s == {"propose": 5.0, "verify": 3.0, "solve": 10.0}
     assert s.bound_by == {"propose": "chain", "verify": "chain", "solve": "work"}
+    # Training on all 16 GPUs over the step's 1500 trained tokens, by the profile's formula alone; the push once.
+    assert s.train_s == pytest.approx(learner_step_s(p.learner, flops_per_token=p.model.flops_per_token, tokens=1500,
+                                                     gpus=16))
     assert s.push_s == push_s(p) and s.total_s == pytest.approx(18.0 + s.train_s + push_s(p))
     # Lock-step: no barriers, so the longest episode (5 + 1 + 4 = 10 for a; 5 for b) or the work (60 / 4 = 15).
     lk = lockstep_step_bound(p, [a, b], servers=4, gpus=16)
