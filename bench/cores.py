@@ -41,6 +41,21 @@ def pin(pid: int, cpus: set[int] | None) -> bool:
         return False
 
 
+def pin_process(pid: int, cpus: set[int] | None) -> int:
+    """Restrict every thread of process `pid` to `cpus` (a started server has threads of its own, which `pin` alone
+    would leave where they are); returns how many threads were pinned."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return 0
+    pinned = 0
+    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+        try:
+            os.sched_setaffinity(tid, cpus)
+            pinned += 1
+        except OSError:  # the thread ended since the listing
+            pass
+    return pinned
+
+
 def pin_helper_threads(cpus: set[int] | None) -> int:
     """Move every thread of this process but the main one (the event loop's) to `cpus`; returns how many moved.
 

@@ -86,7 +86,7 @@ class ServerClient:
         """
         if not input_ids:
             raise BadRequest("input_ids is empty; a prompt needs at least one token", url=self.url)
-        started, started_cpu = time.perf_counter(), time.thread_time()
+        taken_at, taken_cpu = time.perf_counter(), time.thread_time()  # a server slot is held from here
         # NOTE: orjson writes an int64 numpy view of the ids without building a list of Python ints first:
         # ~6x less time than json.dumps for a 3,000-token context, the largest per-turn cost of the engine.
         body = orjson.dumps({"rid": rid, "input_ids": numpy.asarray(input_ids, dtype=numpy.int64),
@@ -95,16 +95,18 @@ class ServerClient:
         headers = self._headers
         if self._routing_header and affinity is not None:
             headers = {**headers, "x-smg-routing-key": affinity}
-        encode_s, encode_cpu_s = time.perf_counter() - started, time.thread_time() - started_cpu
+        sent_at = time.perf_counter()
+        encode_s, encode_cpu_s = sent_at - taken_at, time.thread_time() - taken_cpu
         status, raw = await self._send("POST", "/generate", body, self._generate_timeout, headers=headers,
                                        in_flight=True)
-        started, started_cpu = time.perf_counter(), time.thread_time()
+        received_at, received_cpu = time.perf_counter(), time.thread_time()
         payload = _decode(raw)
         if status != 200:
             raise _http_error(status, payload, self.url)
         result = parse_generate_response(payload, prompt_len=len(input_ids), url=self.url)
-        result.client_s = encode_s + time.perf_counter() - started
-        result.client_cpu_s = encode_cpu_s + time.thread_time() - started_cpu
+        result.client_s = encode_s + time.perf_counter() - received_at
+        result.client_cpu_s = encode_cpu_s + time.thread_time() - received_cpu
+        result.request_started_at, result.request_sent_at, result.answer_received_at = taken_at, sent_at, received_at
         return result
 
     # ---------------------------------------------------------------- control

@@ -84,6 +84,14 @@ class GenerateResult:
     """Seconds the client spent encoding the request and decoding this answer: engine work of the turn, which the
     rollout counts in its per-turn overhead (wall clock; `client_cpu_s` in the loop thread's CPU time)."""
     client_cpu_s: float = 0.0
+    request_started_at: float | None = None
+    """time.perf_counter() when the client took the request (a server slot held) and began encoding it."""
+    request_sent_at: float | None = None
+    """time.perf_counter() when the encoded request was handed to the HTTP connection."""
+    answer_received_at: float | None = None
+    """time.perf_counter() when the answer's bytes were in, before it was decoded. The three are None from a
+    generator that does not report them; the rollout's end-to-end turn latency (`RolloutRunner.turn_latency`) is
+    measured from them."""
 
 
 class Generator(Protocol):

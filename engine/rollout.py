@@ -214,6 +214,16 @@ class RolloutRunner:
         self.turn_overhead_cpu = Samples()
         """The same sections in CPU time of the loop thread: the engine's own cost, without the time the host gave
         other processes (on a shared machine the wall-clock figure includes it)."""
+        self.turn_latency = Samples()
+        """End-to-end seconds of every turn: from the moment a turn's answer is in to the moment the next turn's
+        request is handed to the connection, with everything between (waiting for the loop, decoding, the search:
+        its batching window, the retriever and the documents' encoding; the rollout's own work, the request's
+        encoding), except the wait for a free server slot, which measures the servers' capacity, not the engine
+        (`turn_slot_wait`)."""
+        self.turn_slot_wait = Samples()
+        """Seconds each turn's request waited for a free server slot (the pool's queue)."""
+        self.search_wait = Samples()
+        """Seconds each search took, from asking the SearchBatcher to its documents in hand (part of turn_latency)."""
 
     async def run(self, prompt_ids: Sequence[int], spec: RolloutSpec, *, affinity: str) -> Rollout:
         self.active += 1
@@ -246,6 +256,7 @@ class RolloutRunner:
         # NOTE: a turn's overhead is the rollout's own work between two generations plus the client's encoding and
         # decoding (`GenerateResult.client_s`), which is known only once the next generation returns.
         pending: tuple[float, float] | None = None
+        answered_at: float | None = None  # when the previous turn's answer was in (None before the first turn)
         opener = spec.prefill  # what this turn's text starts with before the model writes anything
         while True:
             left_response = cfg.max_response_tokens - len(ro.response_ids)
@@ -267,6 +278,10 @@ class RolloutRunner:
                 ro.overhead_s.append(overhead)
                 self.turn_overhead.add(overhead)
                 self.turn_overhead_cpu.add(pending[1] + turn.client_cpu_s)
+            if answered_at is not None:
+                self.turn_latency.add(turn.called_at - answered_at + turn.handoff_s)
+                self.turn_slot_wait.add(turn.slot_wait_s)
+            answered_at = turn.answered_at
             # The tag a prefill opened belongs to this turn.
             turn_text = opener + turn.text
             ro.turns += 1
@@ -300,7 +315,9 @@ class RolloutRunner:
                 docs = await self._batcher.search(query)
             except SearchError as e:
                 raise RolloutError(f"search {query!r} failed: {e}") from e
-            mark += time.perf_counter() - search_started  # waiting for the retriever is not engine overhead
+            searched_s = time.perf_counter() - search_started
+            self.search_wait.add(searched_s)
+            mark += searched_s  # waiting for the retriever is not engine overhead
             cpu_mark += time.thread_time() - search_cpu  # nor is what other coroutines did meanwhile
             block = self._chat.encode_information(docs)
             k = len(ro.searches)  # this search's 0-based index
@@ -326,6 +343,8 @@ class RolloutRunner:
         versions: array[int] = array("l")
         texts: list[str] = []
         client_s = client_cpu_s = 0.0
+        called_at = time.perf_counter()
+        slot_wait_s = handoff_s = 0.0
         for attempt in range(self._cfg.max_resumes + 1):
             left = sampling.max_new_tokens - len(ids)
             try:
@@ -333,6 +352,10 @@ class RolloutRunner:
                                                dataclasses.replace(sampling, max_new_tokens=left), affinity=affinity)
             except InferenceError as e:
                 raise RolloutError(f"generation failed: {e}") from e
+            answered_at = res.answer_received_at if res.answer_received_at is not None else time.perf_counter()
+            if not attempt and res.request_started_at is not None and res.request_sent_at is not None:
+                slot_wait_s = res.request_started_at - called_at
+                handoff_s = res.request_sent_at - res.request_started_at
             ids.extend(res.output_ids)
             logprobs.extend(res.logprobs)
             versions.extend(token_versions(res))
@@ -342,11 +365,12 @@ class RolloutRunner:
             if res.finish.type != "abort":
                 # After a resume the text is re-decoded whole: a character split across the pieces stays intact.
                 text = texts[0] if len(texts) == 1 else self._chat.decode(ids)
-                return TurnOutput(ids, logprobs, versions, res.finish, text, client_s, client_cpu_s)
+                return TurnOutput(ids, logprobs, versions, res.finish, text, client_s, client_cpu_s, called_at,
+                                  slot_wait_s, handoff_s, answered_at)
             ro.resumes += 1
             if len(ids) >= sampling.max_new_tokens:
                 return TurnOutput(ids, logprobs, versions, FinishReason("length"), self._chat.decode(ids), client_s,
-                                  client_cpu_s)
+                                  client_cpu_s, called_at, slot_wait_s, handoff_s, answered_at)
         raise RolloutError(f"generation was aborted {self._cfg.max_resumes + 1} times in one turn "
                            "(rollout.max_resumes); the servers keep aborting requests")
 
@@ -363,6 +387,14 @@ class TurnOutput:
     client_s: float
     """Seconds the client spent encoding requests and decoding answers for this turn (see GenerateResult)."""
     client_cpu_s: float
+    called_at: float
+    """time.perf_counter() when the rollout asked for the turn's first request."""
+    slot_wait_s: float
+    """Seconds the first request waited for a server slot (0 when the generator does not say)."""
+    handoff_s: float
+    """Seconds from the slot to the first request handed to the connection (its encoding; 0 when not said)."""
+    answered_at: float
+    """time.perf_counter() when the turn's last answer was in (when the generator returned, if it does not say)."""
 
 
 def _closer(finish: FinishReason, text: str, stop: tuple[str, ...]) -> str | None:

@@ -30,3 +30,21 @@ def test_report_rejects_a_corrupt_part(tmp_path: Path) -> None:
     (tmp_path / "push.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"push\.json.*ssp bench push"):
         report.build(tmp_path, tmp_path / "REPORT.md")
+
+
+def test_the_scale_section_carries_loop_lag_and_end_to_end_turn_latency(tmp_path: Path) -> None:
+    row = {"episodes_in_flight": 10000, "launch_s": 9.0, "rollouts_in_flight_p50": 9990, "turns_measured": 900,
+           "turn_overhead_p50_ms": 0.15, "turn_overhead_p99_ms": 0.7, "turn_cpu_p50_ms": 0.15, "turn_cpu_p99_ms": 0.6,
+           "turn_latency_p50_ms": 31.5, "turn_latency_p99_ms": 812.25, "search_wait_p50_ms": 29.5,
+           "search_wait_p99_ms": 790.5, "slot_wait_p50_ms": 4000.0, "slot_wait_p99_ms": 9000.0,
+           "loop_lag_p50_ms": 0.41, "loop_lag_p99_ms": 5.52, "loop_lag_max_ms": 9.9, "slot_occupancy_mean": 1.0,
+           "memory_per_rollout_kb": 7.1, "server_ejections": 0}
+    args = {"servers": "2", "time_scale": "2.0", "capacity": "2048", "ramp": "6.0", "duration": "8.0"}
+    (tmp_path / "scale.json").write_text(json.dumps({"args": args, "sizes": [row]}))
+    text = report.build(tmp_path, tmp_path / "REPORT.md")
+    summary = text.split("## Summary")[1].split("\n## ")[0]
+    assert "event-loop lag p50/p99 0.41/5.52 ms - goal <= 5 ms" in summary
+    assert "end-to-end turn p50/p99 31.5/812.25 ms" in summary
+    header = next(line for line in text.splitlines() if line.startswith("| episodes in flight"))
+    assert "end-to-end turn p50 ms" in header and "of which search p50 ms" in header and "loop lag p50 ms" in header
+    assert "| 31.5 | 812.25 | 29.5 | 790.5 | 4000.0 | 9000.0 | 0.41 | 5.52 | 9.9 |" in text

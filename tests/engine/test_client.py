@@ -58,6 +58,10 @@ async def test_generate_parses_ids_logprobs_finish_and_versions(client: ServerCl
     assert result.weight_versions[-1].version == result.weight_version
     assert "<think>" in result.text
     assert 0 < result.client_s < 1 and result.client_cpu_s >= 0  # the client's encode + decode, for turn overhead
+    # The moments the rollout's end-to-end turn latency is measured from, in the order they happen.
+    assert result.request_started_at is not None and result.request_sent_at is not None
+    assert result.answer_received_at is not None
+    assert result.request_started_at <= result.request_sent_at < result.answer_received_at
 
 
 async def test_finish_shapes_stop_string_and_length(client: ServerClient) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,3 +332,38 @@ def test_prefill_must_be_an_opening_tag_of_the_role() -> None:
     assert GameConfig(proposer_scaffold=True, proposer_prefill="<search>")
     with pytest.raises(ValueError, match="proposer_prefill = '<think>' with proposer_scaffold = true"):
         GameConfig(proposer_scaffold=True, proposer_prefill="<think>")
+
+
+async def test_turn_latency_counts_the_search_and_not_the_wait_for_a_server_slot(chat: ChatTokenizer) -> None:
+    slot_s, server_s, search_s = 0.08, 0.02, 0.04
+
+    class Timed(ScriptedGenerator):
+        """A generator that waits slot_s for a slot and server_s for the server, and says so, as the pool does."""
+
+        async def generate(self, input_ids: list[int], sampling: SamplingParams, *, affinity: str) -> GenerateResult:
+            await asyncio.sleep(slot_s)
+            started = time.perf_counter()
+            await asyncio.sleep(server_s)
+            result = await super().generate(input_ids, sampling, affinity=affinity)
+            result.request_started_at = result.request_sent_at = started
+            result.answer_received_at = time.perf_counter()
+            return result
+
+    class SlowDocs(Docs):
+        async def search(self, queries: list[str], k: int) -> list[list[Doc]]:
+            await asyncio.sleep(search_s)
+            return await super().search(queries, k)
+
+    gen = Timed(chat, [Turn("<search>capital of France</search>", STOP_SEARCH), Turn("<answer>Paris</answer>",
+                                                                                     STOP_ANSWER)])
+    batcher = SearchBatcher(SlowDocs(), SearchBatcherConfig(window_ms=0), k=2)
+    runner = RolloutRunner(gen, chat, batcher, RolloutConfig())
+    try:
+        ro = await runner.run(await chat.render(solver_messages("What is the capital of France?")), SOLVER,
+                              affinity="ep-1")
+    finally:
+        await batcher.close()
+    assert ro.end is EndReason.ANSWER and runner.turn_latency.count == runner.turn_slot_wait.count == 1
+    [latency], [slot_wait] = runner.turn_latency.values(), runner.turn_slot_wait.values()
+    assert search_s <= latency < search_s + 0.035, f"{latency:.3f} s: the search wait only (server and slot excluded)"
+    assert slot_s <= slot_wait < slot_s + 0.035
