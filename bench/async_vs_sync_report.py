@@ -26,7 +26,8 @@ def run_line(r: dict[str, Any]) -> str:
              f"{100 * r['engine_cpu_fraction']:.0f}%",
              f"    clock: worst phase {c['worst_phase']} {100 * c['worst_share']:.2f}% behind "
              f"({c['worst_behind_s']} s in {c['worst_wall_s']} s wall; limit {100 * CLOCK_SLIP_LIMIT:.0f}%)"
-             + ("" if c["kept"] else " - NOT KEPT: lower --time-scale"),
+             + ("" if c["kept"] else " - NOT KEPT: the host did not run the servers on time (a lower "
+                                    "--time-scale or fewer servers gives it more room)"),
              "    server time: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["server_time_shares"].items())]
     if r["phase_s_mean"]:
         bound = r["bound_parts_s"]
