@@ -23,7 +23,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     _add_module(bench_sub, "inference",
                 "requests/s: InferencePool vs direct clients over sim servers; the sim loop's CPU cost per token")
     _add_module(bench_sub, "async-vs-sync",
-                "trained trajectories/s: async (g serve, G-g train, eta) vs sync (all G serve, then all G train)")
+                "trained trajectories/s: async (g serve, G-g train, eta) vs sync and lock-step (all G serve, then all G "
+                "train), each against its own bound")
     _add_module(bench_sub, "scale", "per-turn overhead p50/p99, loop lag, memory per rollout at 1k/5k/10k rollouts")
     _add_module(bench_sub, "report", "artifacts/bench/REPORT.md (tables, PNG plots, ratio lines) from the parts' results")
     _add_module(bench_sub, "search", "searches/s through the SearchBatcher: coalesced vs one retriever call per query")
