@@ -80,7 +80,8 @@ def learning_line(row: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from launcher.progress import PLOT_KEYS
-    from launcher.train import TrainError, format_result, train
+    from launcher.run_summary import format_result
+    from launcher.train import TrainError, train
     from ssp.config import load_config
     from ssp.metrics import plot_compared, read_metrics
     from ssp.run_config import SSPConfig

@@ -37,25 +37,23 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from ssp.run_key import RunKeyError, load_run_key, write_run_key
-from ssp.processes import ManagedProcess, ProcessFailed, ProcessSet, free_port
-from launcher.progress import PLOT_KEYS, ProgressDisplay, Snapshot, format_summary, step_row
+from launcher.monitor import ComponentFailed, Monitor, check_alive
+from launcher.progress import ProgressDisplay
+from launcher.run_folder import checkpoint_step, learner_dir_of, run_dir_of, write_processes
+from launcher.run_summary import TrainResult, eval_scalars, write_summary
 from launcher.server_restarts import ServerRestarts
+from launcher.training_engine import run_training_engine
 from ssp.config import to_dict, to_toml
-from ssp.metrics import MetricsLog, plot_metrics, read_metrics
-from ssp.paths import artifacts_dir
+from ssp.metrics import MetricsLog
+from ssp.processes import ManagedProcess, ProcessFailed, ProcessSet, free_port
 from ssp.run_config import SSPConfig, check_sampling_matches_learner, learner_staleness_bound
+from ssp.run_key import RunKeyError, load_run_key, write_run_key
 from ssp.trackers import Trackers, open_trackers
-
-if TYPE_CHECKING:
-    from engine.pool import InferencePool
-    from engine.stream import FileSink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,55 +63,8 @@ class TrainError(RuntimeError):
     """The run cannot start as configured (the message names the key or file and the fix)."""
 
 
-class ComponentFailed(RuntimeError):
-    """A piece of the run died or broke; `component` names it and `log_path` is where to look."""
-
-    def __init__(self, component: str, message: str, log_path: Path | None) -> None:
-        where = f"; its log is {log_path}" if log_path is not None and str(log_path) not in message else ""
-        super().__init__(f"{component} failed: {message}{where}")
-        self.component = component
-        self.log_path = log_path
-
-
 class Interrupted(RuntimeError):
     """Ctrl-C or SIGTERM stopped the run."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class TrainResult:
-    """What a finished run did: the steps, the engine's totals, the evaluations and where everything is."""
-
-    run_dir: Path
-    start_step: int
-    steps: int
-    rows: list[dict[str, Any]]
-    engine: dict[str, Any]
-    before: Any
-    """engine.evaluation.EvalResult before the first step (None without train.eval_datasets or eval_seeds)."""
-    after: Any
-    """engine.evaluation.EvalResult after the last step."""
-    policy: Path | None
-    """The trained policy as a Hugging Face directory (train.export_policy), None when not exported."""
-    wall_s: float
-
-
-def run_dir_of(cfg: SSPConfig) -> Path:
-    return cfg.train.run_dir or artifacts_dir() / "runs" / cfg.train.name
-
-
-def learner_dir_of(cfg: SSPConfig) -> Path:
-    """The learner's out_dir: inside the run folder when ssp train starts it; the configured one when attached."""
-    return run_dir_of(cfg) / "learner" if cfg.train.learner_address is None else cfg.learner.out_dir
-
-
-def checkpoint_step(learner_dir: Path) -> int | None:
-    """Step of the learner's latest complete checkpoint, None when there is none."""
-    from learner import checkpoint
-
-    path = checkpoint.latest(learner_dir / "checkpoints")
-    if path is None:
-        return None
-    return int(json.loads((path / "state.json").read_text())["step"])
 
 
 def check_config(cfg: SSPConfig) -> None:
@@ -174,225 +125,6 @@ def learner_argv(config_path: Path, trajectories: str, server_urls: list[str]) -
     for url in server_urls:
         argv += ["--server", url]
     return argv
-
-
-# ------------------------------------------------------------------------------------------------ the engine
-
-
-class SamplesWriteFailed(RuntimeError):
-    """The run's copy of its trajectory groups could not be written (a full disk, most often)."""
-
-
-class SampleSink:
-    """A FrameSink that forwards every frame to the learner and keeps a copy of every `every`-th one in a file
-    (the run's trajectory samples, readable with `ssp inspect`).
-
-    A failed copy raises SamplesWriteFailed, not the OSError itself: the stream takes an OSError for a broken
-    learner connection, and a full disk must be reported as what it is."""
-
-    def __init__(self, inner: Any, samples: FileSink, every: int) -> None:
-        self._inner = inner
-        self._samples = samples
-        self._every = every
-        self._n = 0
-        self._failed = False
-
-    async def write(self, frame: bytes) -> None:
-        await self._inner.write(frame)
-        if self._every and self._n % self._every == 0 and not self._failed:
-            try:
-                await self._samples.write(frame)
-            except OSError as e:
-                self._failed = True
-                raise SamplesWriteFailed(
-                    f"keeping a copy of the trajectory groups in {self._samples.path} failed ({e}); the learner got "
-                    "the group. Free disk space there, or keep no copies (train.sample_every = 0), and continue "
-                    "with --resume") from e
-        self._n += 1
-
-    async def close(self) -> None:
-        try:
-            await self._inner.close()
-        finally:
-            if self._failed:  # closing flushes what the full disk refused: it would fail the same way again
-                with contextlib.suppress(OSError):
-                    await self._samples.close()
-            else:
-                await self._samples.close()
-
-
-class Monitor:
-    """The run's watchdog and clock: process deaths, a broken trajectory stream, the servers' weight version (fed to
-    the scheduler's staleness gate), and the learner's step records (turned into step rows)."""
-
-    def __init__(self, cfg: SSPConfig, *, procs: ProcessSet, learner: ManagedProcess | None,
-                 start_step: int, learner_metrics: Path, display: ProgressDisplay, metrics: MetricsLog,
-                 restarts: ServerRestarts | None = None) -> None:
-        self.cfg = cfg
-        self.procs = procs
-        self.restarts = restarts
-        self.learner = learner
-        self.start_step = start_step
-        self.learner_metrics = learner_metrics
-        self.display = display
-        self.metrics = metrics
-        self.engine_log = run_dir_of(cfg) / "logs" / "engine.log"
-        self.rows: list[dict[str, Any]] = []
-        self.version = start_step
-        self.last_step = start_step
-        self.stream: Any = None
-        self.scheduler: Any = None
-        self._snapshot: Snapshot | None = None
-
-    def check_processes(self) -> None:
-        """Raise ComponentFailed for a dead process (unless it is a server `restarts` starts again); a learner that
-        exited 0 is done, not failed."""
-        for process in list(self.procs.processes):
-            if process.alive() or (process is self.learner and process.proc.returncode == 0):
-                continue
-            if self.restarts is not None and self.restarts.try_restart(process):
-                continue
-            raise ComponentFailed(process.name, str(process.failure()), process.log_path)
-        if self.learner is not None and not self.learner.alive() and self.last_step < self.cfg.train.steps:
-            self._read_learner_steps()
-            if self.last_step < self.cfg.train.steps:
-                raise ComponentFailed("learner", f"exited at step {self.last_step}, before train.steps = "
-                                      f"{self.cfg.train.steps}", self.learner.log_path)
-
-    def check_stream(self) -> None:
-        if self.stream is not None and self.stream.stats.error is not None:
-            log_path = self.learner.log_path if self.learner is not None else None
-            raise ComponentFailed("learner", f"the trajectory stream to {self.cfg.stream.host}:{self.cfg.stream.port}"
-                                  f" broke ({self.stream.stats.error}); unsent groups are in "
-                                  f"{self.stream.stats.spill_path}", log_path)
-
-    async def guard(self, work: Awaitable[T]) -> T:
-        """Await `work`, failing as soon as a process dies (e.g. while waiting for the learner to listen)."""
-        task = asyncio.ensure_future(work)
-        try:
-            while not task.done():
-                self.check_processes()
-                await asyncio.wait({task}, timeout=self.cfg.train.poll_interval_s)
-            return task.result()
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-    @staticmethod
-    async def server_version(read: Callable[[], Awaitable[int]]) -> int | None:
-        """The policy version every admitted server holds (the smallest); None while none answers."""
-        try:
-            return await read()
-        except Exception as e:  # a dying server: the process check or the pool reports it
-            log.debug("weight version poll failed: %s", e)
-            return None
-
-    def _read_learner_steps(self) -> None:
-        """Turn the learner's new step records into rows (shown, logged)."""
-        if self.scheduler is None or not self.learner_metrics.is_file():
-            return
-        for record in read_metrics(self.learner_metrics):
-            if "trained" not in record or int(record["step"]) <= self.last_step:  # e.g. the initial push's line
-                continue
-            self._add_row(int(record["step"]), record)
-
-    def _add_row(self, step: int, learner: dict[str, Any] | None) -> None:
-        now = Snapshot.of(self.scheduler.counters)
-        row = step_row(step, self._snapshot or now, now, learner)
-        self._snapshot = now
-        self.last_step = step
-        self.rows.append(row)
-        self.metrics.write(row)
-        self.display.add(row)
-
-    async def run(self, read_version: Callable[[], Awaitable[int]]) -> None:
-        """Until the learner has pushed train.steps: check, feed the gate, show steps. Raises on a failure.
-        `read_version` reads the servers' policy version (admitted_version)."""
-        steps = self.cfg.train.steps
-        self._snapshot = Snapshot.of(self.scheduler.counters)
-        while True:
-            self.check_processes()
-            self.check_stream()
-            version = await self.server_version(read_version)
-            if version is not None and version > self.version:
-                self.version = version
-                await self.scheduler.set_policy_version(version - self.start_step)
-            self._read_learner_steps()
-            if not self.learner_metrics.is_file():  # attached learner, metrics not visible: steps = versions
-                while self.last_step < min(self.version, steps):
-                    self._add_row(self.last_step + 1, None)
-            c = self.scheduler.counters
-            self.display.status(version=self.version, episodes=c.finished, inflight=self.scheduler.gate.inflight,
-                                failed=c.failed)
-            if self.last_step >= steps and self.version >= steps:
-                return
-            await asyncio.sleep(self.cfg.train.poll_interval_s)
-
-
-async def admitted_version(pool: InferencePool) -> int:
-    """The policy version of the servers the pool routes to: the lowest among them. A server that is down, or
-    restarted and waiting for the learner's weights (not re-admitted yet), does not hold the run's version back:
-    with it counted, the staleness gate would stop new episodes, the learner would wait for groups, and the push
-    that brings the restarted server its weights would never come."""
-    from engine.rollout import parse_version
-
-    versions = await pool.weight_versions()
-    admitted = pool.admitted_urls()
-    live = [parse_version(v) for url, v in versions.items()
-            if v is not None and (admitted is None or url in admitted)]
-    if not live:
-        raise RuntimeError(f"no admitted inference server answers /model_info (versions: {versions})")
-    return min(live)
-
-
-async def run_engine(cfg: SSPConfig, monitor: Monitor, run_dir: Path) -> dict[str, Any]:
-    """The engine of a training run: the same pieces as `ssp rollout` (engine.assemble), streaming to the learner,
-    with the monitor feeding the scheduler the learner's policy version. Returns the scheduler's summary."""
-    from engine.assemble import build_scheduler, open_engine
-    from engine.stream import FileSink, TcpSink, TrajectoryStream
-    from engine.wire import HandshakeError, terms_of
-
-    # A resumed run draws new seeds and distractors instead of replaying the first run's.
-    cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler,
-                                                                 seed=cfg.scheduler.seed + monitor.start_step))
-    try:
-        tcp = await monitor.guard(TcpSink.connect(cfg.stream.host, cfg.stream.port,
-                                                  cfg.train.learner_start_timeout_s, terms_of(cfg.stream)))
-    except HandshakeError as e:
-        raise ComponentFailed("trajectory stream", f"{cfg.stream.host}:{cfg.stream.port}: {e}",
-                              monitor.learner.log_path if monitor.learner is not None else None) from None
-    sink = SampleSink(tcp, FileSink(run_dir / "samples.frames"), cfg.train.sample_every)
-    stream = TrajectoryStream(sink, max_frame_bytes=cfg.stream.max_frame_bytes, queue_groups=cfg.stream.queue_groups,
-                              spill_path=cfg.stream.spill_path or run_dir / "spill.frames")
-    monitor.stream = stream
-    engine_metrics = MetricsLog(run_dir / "engine.jsonl")
-    try:
-        async with open_engine(cfg.engine()) as parts:
-            scheduler = build_scheduler(cfg.engine(), parts, stream, metrics=engine_metrics)
-            monitor.scheduler = scheduler
-            engine = asyncio.create_task(scheduler.run(None), name="engine")
-            watch = asyncio.create_task(monitor.run(lambda: admitted_version(parts.pool)), name="monitor")
-            try:
-                done, _ = await asyncio.wait({engine, watch}, return_when=asyncio.FIRST_COMPLETED)
-                if engine in done:
-                    error = engine.exception()
-                    message = (f"{type(error).__name__}: {error}" if error is not None else
-                               "the scheduler returned before the learner reached train.steps")
-                    if error is not None:
-                        log.error("engine failed", exc_info=error)
-                    raise ComponentFailed("engine", message, monitor.engine_log)
-                watch.result()  # raises the monitor's ComponentFailed
-            finally:
-                for task in (engine, watch):
-                    task.cancel()
-                await asyncio.wait({engine, watch}, timeout=cfg.train.stop_timeout_s)
-            summary = scheduler.summary()
-            summary["judge"] = dict(parts.judge.counts)
-            return summary
-    finally:
-        with contextlib.suppress(ConnectionError, OSError):
-            await sink.close()
-        engine_metrics.close()
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -531,7 +263,7 @@ def _train(cfg: SSPConfig, procs: ProcessSet, trackers: Trackers, *, run_dir: Pa
     if not tc.server_urls:
         print(f"ssp train: starting {tc.servers} reference server(s); logs in {logs}", file=out)
         _start_known_ports(procs, ports, config_path=config_path, logs=logs, timeout_s=tc.server_start_timeout_s)
-    _write_processes(run_dir, procs, urls, cfg)
+    write_processes(run_dir, procs, urls, cfg)
 
     before = None
     evaluated = bool(tc.eval_datasets or tc.eval_seeds)
@@ -540,13 +272,13 @@ def _train(cfg: SSPConfig, procs: ProcessSet, trackers: Trackers, *, run_dir: Pa
               f"{' and the held-out seeds of ' + str(tc.eval_seeds[0]) if tc.eval_seeds else ''}", file=out)
         before = _evaluate(cfg, run_dir / "eval-before", progress)
         trackers.log_values(eval_scalars(before.to_json()), step=start_step)
-        _check_alive(procs)
+        check_alive(procs)
 
     learner: ManagedProcess | None = None
     if tc.learner_address is None:
         learner = procs.start("learner", learner_argv(config_path, f"tcp://{stream_host}:{stream_port}", urls),
                               log_path=logs / "learner.log")
-        _write_processes(run_dir, procs, urls, cfg)
+        write_processes(run_dir, procs, urls, cfg)
     print(f"ssp train: learner {'started' if learner else 'attached at ' + str(tc.learner_address)}, "
           f"{cfg.learner.tensor_parallel} x {cfg.learner.data_parallel} rank(s); engine streaming to "
           f"{stream_host}:{stream_port}", file=out)
@@ -554,12 +286,12 @@ def _train(cfg: SSPConfig, procs: ProcessSet, trackers: Trackers, *, run_dir: Pa
     metrics = MetricsLog(run_dir / "metrics.jsonl", trackers)
     restarts = None if tc.server_urls else ServerRestarts(
         procs, {f"server-{i}" for i in range(len(ports))}, budget=tc.max_server_restarts, out=out,
-        on_restart=lambda: _write_processes(run_dir, procs, urls, cfg))
+        on_restart=lambda: write_processes(run_dir, procs, urls, cfg))
     monitor = Monitor(cfg, procs=procs, learner=learner, start_step=start_step,
                       learner_metrics=learner_dir / "metrics.jsonl", display=display, metrics=metrics,
                       restarts=restarts)
     try:
-        engine = _run_async(run_engine(cfg, monitor, run_dir))
+        engine = _run_async(run_training_engine(cfg, monitor, run_dir))
     finally:
         display.close()
         metrics.close()
@@ -585,11 +317,11 @@ def _train(cfg: SSPConfig, procs: ProcessSet, trackers: Trackers, *, run_dir: Pa
         print("ssp train: evaluating the trained policy", file=out)
         after = _evaluate(cfg, run_dir / "eval-after", progress)
         trackers.log_values(eval_scalars(after.to_json()), step=tc.steps)
-        _check_alive(procs, finished=learner)
+        check_alive(procs, finished=learner)
     result = TrainResult(run_dir=run_dir, start_step=start_step, steps=monitor.last_step, rows=monitor.rows,
                          engine=engine, before=before, after=after, policy=policy,
                          wall_s=time.perf_counter() - started)
-    _finish(result)
+    write_summary(result)
     return result
 
 
@@ -604,110 +336,8 @@ def _start_known_ports(procs: ProcessSet, ports: list[int], *, config_path: Path
         process.wait_ready(url=f"http://127.0.0.1:{port}/health", timeout_s=timeout_s)
 
 
-def _check_alive(procs: ProcessSet, finished: ManagedProcess | None = None) -> None:
-    """Raise ComponentFailed for a process that has exited, except `finished` (the learner, done after its last
-    step)."""
-    for process in procs.processes:
-        if process is not finished and not process.alive():
-            raise ComponentFailed(process.name, str(process.failure()), process.log_path)
-
-
-def _write_processes(run_dir: Path, procs: ProcessSet, urls: list[str], cfg: SSPConfig) -> None:
-    """<run>/processes.json: what runs where (pids, logs, URLs), for a person debugging the run."""
-    (run_dir / "processes.json").write_text(json.dumps({
-        "processes": [{"name": p.name, "pid": p.pid, "log": str(p.log_path), "argv": p.argv}
-                      for p in procs.processes],
-        "server_urls": urls, "stream": f"{cfg.stream.host}:{cfg.stream.port}", "retriever": cfg.retriever.kind,
-    }, indent=1) + "\n")
-
-
 def _evaluate(cfg: SSPConfig, out_dir: Path, progress: bool) -> Any:
     from engine.evaluation import evaluate
 
     return evaluate(cfg.engine(), list(cfg.train.eval_datasets), out_dir=out_dir, progress=progress,
                     seeds=cfg.train.eval_seeds[0] if cfg.train.eval_seeds else None)
-
-
-def summary_items(result: TrainResult) -> list[tuple[str, Any]]:
-    """The end-of-run numbers (the rows are this run's steps; a resumed run's earlier steps are in metrics.jsonl)."""
-    rows = result.rows
-    e = result.engine
-
-    def mean(key: str) -> float | None:
-        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-        return sum(values) / len(values) if values else None
-
-    items: list[tuple[str, Any]] = [
-        ("steps", f"{result.start_step} -> {result.steps}"),
-        ("episodes finished", e.get("episodes_finished")),
-        ("episodes failed", e.get("episodes_failed")),
-        ("valid-question rate", e.get("validity_rate")),
-        ("solver accuracy", e.get("solver_accuracy")),
-        ("proposer reward", e.get("proposer_reward_mean")),
-        ("episodes/s", e.get("episodes_per_s")),
-        ("tokens/s (generated)", e.get("tokens_per_s")),
-        ("logprob mismatch (mean)", mean("logprob_mismatch_mean")),
-        ("staleness (max)", max((r["staleness_max"] for r in rows if "staleness_max" in r), default=None)),
-        ("learner step (s, mean)", mean("step_s")),
-        ("weight push (s, mean)", mean("push_s")),
-        ("wall time (s)", round(result.wall_s, 1)),
-    ]
-    return items
-
-
-def eval_scalars(scores: Mapping[str, Any]) -> dict[str, float]:
-    """An evaluation's headline numbers for the trackers: eval/<dataset>/em and /f1 (and the average), and
-    eval/proposer/<rate> on the held-out seeds. Rates that are undefined (no valid question) are left out."""
-    out: dict[str, float] = {}
-    for entry in [*scores.get("datasets", []), *([scores["average"]] if scores.get("average") else [])]:
-        for key in ("em", "f1"):
-            if isinstance(entry.get(key), (int, float)):
-                out[f"eval/{entry['name']}/{key}"] = float(entry[key])
-    proposer = scores.get("proposer") or {}
-    for key in ("question_rate", "checks_rate", "valid_rate", "verify_pass_rate", "searches_per_rollout",
-                "solver_accuracy"):
-        if isinstance(proposer.get(key), (int, float)):
-            out[f"eval/proposer/{key}"] = float(proposer[key])
-    return out
-
-
-def _finish(result: TrainResult) -> None:
-    """Plots and summary.json in the run folder."""
-    run_dir = result.run_dir
-    steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "step"]
-    if steps:
-        plot_metrics(steps, PLOT_KEYS, run_dir / "train.png", title=f"ssp train: {run_dir.name}")
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "start_step": result.start_step, "steps": result.steps,
-                               "wall_s": round(result.wall_s, 3), "engine": result.engine}
-    for name in ("before", "after"):
-        value = getattr(result, name)
-        if value is not None:
-            summary[f"eval_{name}"] = value.to_json()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-
-
-def format_result(result: TrainResult) -> str:
-    """The final screen: the before/after table (when evaluated) and the run's numbers."""
-    parts = []
-    if result.before is not None and result.after is not None:
-        from engine.evaluation import format_comparison
-
-        parts.append(format_comparison(result.before, result.after))
-    elif result.after is not None:
-        from engine.evaluation import format_table
-
-        parts.append("the trained policy:\n" + format_table(result.after))
-    parts.append(format_summary(summary_items(result)))
-    files = [f"{result.run_dir}/{name}" for name in ("metrics.jsonl", "train.png", "summary.json", "samples.frames",
-                                                     "tensorboard", "wandb") if (result.run_dir / name).exists()]
-    parts.append("files: " + ", ".join(files) + f", {result.run_dir}/learner/ (checkpoints, learner metrics)"
-                 + (f", {result.policy} (the trained policy, Hugging Face format)" if result.policy else ""))
-    return "\n\n".join(parts)
-
-
-def failure_hint(run_dir: Path, resume_cmd: str) -> str:
-    """Where the run stands after a failure, and how to continue it."""
-    step = checkpoint_step(run_dir / "learner") if (run_dir / "learner").is_dir() else None
-    where = f"the latest checkpoint is step {step}" if step else "no checkpoint was written yet"
-    return f"{where} ({run_dir}/learner/checkpoints); continue with `{resume_cmd}`"
-

@@ -32,8 +32,10 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from launcher.train import ComponentFailed, Interrupted, TrainError, failure_hint, format_result, run_dir_of, \
-        train
+    from launcher.monitor import ComponentFailed
+    from launcher.run_folder import run_dir_of
+    from launcher.run_summary import failure_hint, format_result
+    from launcher.train import Interrupted, TrainError, train
     from ssp.config import load_config
     from ssp.run_config import SSPConfig
 
