@@ -253,7 +253,7 @@ class SchedulerConfig:
     gc_full_every_s: float = 300.0
     """Seconds between full garbage collections during a run (0 = none until the run ends). CPython would start
     them by itself every few seconds at thousands of rollouts, each a ~250 ms stop of every rollout; the engine
-    runs them on this clock instead and reports the pause (gc_full_max_ms). See engine/collector.py."""
+    runs them on this clock instead and reports the pause (gc_full_max_ms). See engine/gc_pacing.py."""
 
     def __post_init__(self) -> None:
         if self.max_inflight < 0:

@@ -25,7 +25,7 @@ Loops and buffers ("async" mode; every task is named, every buffer bounded):
     policy-version loop ── every version_poll_s: the lowest weight version on the servers -> set_policy_version
     lag monitor  ── event-loop lag (how late a 10 ms timer fires)
     collector    ── garbage collection on the loop's clock: young passes every 50 ms, a full one every
-                    gc_full_every_s (engine.collector: none starts by itself inside a turn)
+                    gc_full_every_s (engine.gc_pacing: none starts by itself inside a turn)
 
 "sync" mode replaces the launcher and episode tasks with the reference's phases: per step, all
 `episodes_per_step` proposers, then all verifications, then all solver groups, then the groups are sent; the same
@@ -55,7 +55,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.collector import CollectorSchedule
+from engine.gc_pacing import GcPacer
 from engine.config import SchedulerConfig
 from engine.game import EpisodeResult, Game
 from engine.rollout import RolloutError
@@ -221,7 +221,7 @@ class Scheduler:
         self._ids = itertools.count()
         self.counters = Counters()
         self.lag = LoopLagMonitor()
-        self.collector = CollectorSchedule(cfg.gc_full_every_s)
+        self.collector = GcPacer(cfg.gc_full_every_s)
         self.on_phase: Callable[[str], None] | None = None
         """Sync mode: called with "propose", "verify", "solve" and "deliver" as each phase of a step begins (a bench
         reads the servers' clocks there); it must not block."""

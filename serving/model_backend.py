@@ -1,14 +1,14 @@
 """`ModelBackend`: the `serving.backend.Backend` of the reference server, a transformers model with continuous batching.
 
-It glues the asyncio front to the scheduler thread (`serving/scheduler.py`): each request gets an asyncio.Queue that
-the scheduler fills with snapshots through `loop.call_soon_threadsafe`; every state change is a closure run on the
-scheduler thread between forward passes.
+It glues the asyncio front to the batcher thread (`serving/batcher.py`): each request gets an asyncio.Queue that
+the batcher fills with snapshots through `loop.call_soon_threadsafe`; every state change is a closure run on the
+batcher thread between forward passes.
 
-Weight updates receive broadcasts on their own thread (one, so they run in order), never on the scheduler thread: a
+Weight updates receive broadcasts on their own thread (one, so they run in order), never on the batcher thread: a
 receive waits on the trainer, and a scheduler stuck behind a hung trainer would neither resume nor abort when asked.
 A receive is bounded by serving.weight_receive_timeout_s (the group's timeout). What keeps the forward pass from
 reading half-received weights is the caller's pause or writer lock, not the thread. Copies into the model (from
-tensors received into fresh buffers, or read from disk) still run on the scheduler thread, between steps.
+tensors received into fresh buffers, or read from disk) still run on the batcher thread, between steps.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from serving.backend import (
 from serving.config import ServingConfig
 from serving.model_prep import prepare_default_model
 from serving.model_runner import ModelRunner
-from serving.scheduler import Scheduler
+from serving.batcher import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,7 +52,7 @@ class ModelBackend(Backend):
         self.cfg = cfg
         self.model_path = Path(cfg.model) if cfg.model is not None else None
         self.runner: ModelRunner | None = None
-        self.scheduler: Scheduler | None = None
+        self.batcher: ContinuousBatcher | None = None
         self.groups: dict[str, dist.ProcessGroup] = {}
         self.landings = weight_sync.FlatLandings()
         self._receiver = concurrent.futures.ThreadPoolExecutor(max_workers=1,
@@ -63,8 +63,8 @@ class ModelBackend(Backend):
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
-        assert self.scheduler is not None
-        self.scheduler.start()
+        assert self.batcher is not None
+        self.batcher.start()
 
     def _load(self) -> None:
         path = self.model_path if self.model_path is not None else prepare_default_model()
@@ -78,7 +78,7 @@ class ModelBackend(Backend):
         self.runner = ModelRunner(path, device=device, dtype=getattr(torch, self.cfg.dtype))
         config = self.runner.config
         context = self.cfg.context_length or int(config.max_position_embeddings)
-        self.scheduler = Scheduler(
+        self.batcher = ContinuousBatcher(
             self.runner, max_running=self.cfg.max_running_requests, max_queued=self.cfg.max_queued_requests,
             max_total_tokens=self.cfg.max_total_num_tokens, context_length=context,
             weight_version=self.cfg.weight_version, prefix_cache_tokens=self.cfg.prefix_cache_tokens)
@@ -97,8 +97,8 @@ class ModelBackend(Backend):
             dtype=self.cfg.dtype)
 
     async def close(self) -> None:
-        if self.scheduler is not None:
-            await asyncio.to_thread(self.scheduler.stop)
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.stop)
         groups = list(self.groups.values())
         self.groups.clear()
         for group in groups:
@@ -111,17 +111,17 @@ class ModelBackend(Backend):
         return self._desc
 
     async def _call(self, fn: Any) -> Any:
-        assert self.scheduler is not None
-        return await asyncio.wrap_future(self.scheduler.call(fn))
+        assert self.batcher is not None
+        return await asyncio.wrap_future(self.batcher.call(fn))
 
     async def _on_receiver(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the weight-receive thread, after every receive posted before it."""
         return await asyncio.wrap_future(self._receiver.submit(fn))
 
     @property
-    def _sched(self) -> Scheduler:
-        assert self.scheduler is not None, "the backend is not started"
-        return self.scheduler
+    def _batcher(self) -> ContinuousBatcher:
+        assert self.batcher is not None, "the backend is not started"
+        return self.batcher
 
     @property
     def _runner(self) -> ModelRunner:
@@ -145,7 +145,7 @@ class ModelBackend(Backend):
         def emit(out: GenerateOutput) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
-        sched = self._sched
+        sched = self._batcher
         await self._call(lambda: sched.add(req, emit))
         finished = False
         try:
@@ -161,37 +161,37 @@ class ModelBackend(Backend):
                 sched.call(lambda: sched.abort_rid(req.rid))
 
     async def abort(self, rid_prefix: str, *, abort_all: bool = False) -> None:
-        sched = self._sched
+        sched = self._batcher
         await self._call(lambda: sched.abort(rid_prefix, abort_all=abort_all))
 
     async def pause(self, mode: PauseMode) -> None:
-        sched = self._sched
+        sched = self._batcher
         await self._call(lambda: sched.pause(mode))
 
     async def resume(self) -> None:
-        sched = self._sched
+        sched = self._batcher
         await self._call(sched.resume)
 
     def is_idle(self, *, ignore_queued: bool) -> bool:
-        sched = self._sched
+        sched = self._batcher
         return not sched.running and (ignore_queued or not sched.waiting)
 
     async def flush_cache(self) -> None:
-        sched = self._sched
+        sched = self._batcher
         await self._call(sched.prefix.clear)
 
     def load(self) -> LoadStats:
-        return self._sched.load()
+        return self._batcher.load()
 
     # ---- weights ---------------------------------------------------------------------------------------------------
 
     @property
     def weight_version(self) -> str:
-        return self._sched.version
+        return self._batcher.version
 
     def set_weight_version(self, version: str) -> None:
         # A plain attribute write (atomic under the GIL): tokens sampled from the next step on carry `version`.
-        self._sched.version = version
+        self._batcher.version = version
 
     async def init_weights_update_group(self, *, master_address: str, master_port: int, rank_offset: int,
                                         world_size: int, group_name: str, backend: str) -> UpdateResult:

@@ -176,7 +176,7 @@ class SlotCache(Cache):
 
 
 class ModelRunner:
-    """Owns the model, the tokenizer, and the batch KV cache. Not thread-safe: one scheduler thread drives it."""
+    """Owns the model, the tokenizer, and the batch KV cache. Not thread-safe: one batcher thread drives it."""
 
     def __init__(self, model_dir: Path, *, device: str, dtype: torch.dtype) -> None:
         self.model_dir = Path(model_dir)

@@ -51,7 +51,7 @@ from serving.backend import (
 )
 from serving.config import ServingConfig
 from serving.sim_profile import SimProfile, load_profile
-from serving.sim_text import Plan, SimText, Tokenizer, TokenizerFile, as_token_bytes
+from serving.sim_text import TurnPlan, SimText, Tokenizer, TokenizerFile, as_token_bytes
 from ssp.paths import default_model_dir
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class _State(enum.Enum):
 @dataclass(eq=False, slots=True)
 class _Req:
     req: GenerateRequest
-    plan: Plan
+    plan: TurnPlan
     seq: int
     done: asyncio.Future[None]
     spans: list[list[Any]]
@@ -143,7 +143,7 @@ class SimStats:
     recent: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=4096))
 
 
-class PrefixCache:
+class SimPrefixCache:
     """A radix-cache stand-in: chained hashes of fixed-size token blocks in an LRU bounded by KV capacity."""
 
     def __init__(self, *, capacity_tokens: int, block_tokens: int, enabled: bool) -> None:
@@ -203,7 +203,7 @@ class SimBackend(Backend):
         self._max_queued = max_queued_requests
         self._rng = random.Random(profile.sim.seed)
         self._text = SimText(tokenizer, shapes=profile.shapes, spec=profile.sim, rng=self._rng)
-        self._cache = PrefixCache(capacity_tokens=profile.server.kv_capacity_tokens,
+        self._cache = SimPrefixCache(capacity_tokens=profile.server.kv_capacity_tokens,
                                   block_tokens=profile.sim.prefix_block_tokens, enabled=profile.prefix_cache.enabled)
         self._live: dict[str, _Req] = {}
         self._waiting: deque[_Req] = deque()

@@ -69,7 +69,7 @@ class Tokenizer(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class TurnPlan:
     """The whole output of one request, decided when it arrives: the server then only times its emission."""
 
     role: Role
@@ -161,7 +161,7 @@ class SimText:
 
     # ---------------------------------------------------------------- writing the output
 
-    def plan(self, input_ids: list[int], sampling: SamplingOptions) -> Plan:
+    def plan(self, input_ids: list[int], sampling: SamplingOptions) -> TurnPlan:
         """Decide the output of one request (a turn of a rollout) from its prompt and sampling options."""
         searches, facts = self._facts(input_ids)
         role = facts.role
@@ -259,7 +259,7 @@ class SimText:
             self._memory.popitem(last=False)
 
     def _finish(self, role: Role, ids: list[int], close_tag: str | None, sampling: SamplingOptions,
-                budget: int) -> Plan:
+                budget: int) -> TurnPlan:
         """Apply the request's stop rules and budget to a planned turn: stop string, else EOS, else run on."""
         stop_string = close_tag.strip() if close_tag else None
         finish: Finish
@@ -277,9 +277,9 @@ class SimText:
         if len(ids) > budget:
             ids = ids[:budget]
             finish = Finish("length", length=budget)
-        return Plan(role, ids, finish, [self.piece(t) for t in ids])
+        return TurnPlan(role, ids, finish, [self.piece(t) for t in ids])
 
-    def render(self, plan: Plan, n_tokens: int, sampling: SamplingOptions, finished: Finish | None) -> str:
+    def render(self, plan: TurnPlan, n_tokens: int, sampling: SamplingOptions, finished: Finish | None) -> str:
         """The response text of the first `n_tokens` of a plan, trimmed like SGLang (stop string/EOS, specials)."""
         pieces = plan.text_pieces[:n_tokens]
         ids = plan.output_ids[:n_tokens]

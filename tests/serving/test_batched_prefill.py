@@ -10,7 +10,7 @@ import torch
 
 from serving.backend import GenerateOutput, GenerateRequest, SamplingOptions
 from serving.model_runner import ModelRunner, Prefilled, Prompt
-from serving.scheduler import Scheduler
+from serving.batcher import ContinuousBatcher
 
 PROMPTS = [[1, 504, 3010], [1] + list(range(400, 430)), [1, 900, 901, 902, 903, 904, 905, 906, 907],
            [1, 77, 78, 79, 80, 81]]
@@ -19,7 +19,7 @@ NEW_TOKENS = 4
 
 def run_together(runner: ModelRunner, prompts: list[list[int]]) -> dict[str, GenerateOutput]:
     """Queue every prompt while paused, then resume: the first admission takes them all at once."""
-    sched = Scheduler(runner, max_running=8, max_queued=8, max_total_tokens=4096, context_length=2048,
+    sched = ContinuousBatcher(runner, max_running=8, max_queued=8, max_total_tokens=4096, context_length=2048,
                       weight_version="v", prefix_cache_tokens=0)
     runner.clear()
     finals: dict[str, GenerateOutput] = {}

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 import torch
 
-from serving import scheduler as scheduler_module
+from serving import batcher as batcher_module
 from serving.app import FRONT, Front, create_app, run_app
 from serving.config import ServingConfig
 from serving.model_backend import ModelBackend
@@ -420,7 +420,7 @@ FAULT_K = 4
 def planted_fault(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Make the scheduler's top-k raise for requests asking for FAULT_K alternatives, from their `at`-th token on
     (`at` is the list's one item, set by the test): at 1 the failure is in the prefill, later in a decode step."""
-    real = scheduler_module.top_logprobs
+    real = batcher_module.top_logprobs
     at = [1]
     seen = [0]
 
@@ -431,7 +431,7 @@ def planted_fault(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
                 raise RuntimeError("planted fault: top-k failed")
         return real(logprobs_V, k)
 
-    monkeypatch.setattr(scheduler_module, "top_logprobs", top_logprobs)
+    monkeypatch.setattr(batcher_module, "top_logprobs", top_logprobs)
     yield at
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from engine.collector import YOUNG_EVERY_S, CollectorSchedule
+from engine.gc_pacing import YOUNG_EVERY_S, GcPacer
 
 
 class Node:
@@ -38,14 +38,14 @@ def _passes_during_churn() -> int:
 def test_no_collection_starts_by_itself_during_a_run_and_the_collector_is_restored_after() -> None:
     gc.collect()
     assert _passes_during_churn() > 0  # CPython's default: passes fire in whatever code allocates
-    with CollectorSchedule(full_every_s=0):
+    with GcPacer(full_every_s=0):
         assert gc.get_freeze_count() > 0  # what was alive at start is out of the collector's walks
         assert _passes_during_churn() == 0
     assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
 def test_scheduled_passes_free_cycles_young_and_old() -> None:
-    with CollectorSchedule(full_every_s=0) as schedule:
+    with GcPacer(full_every_s=0) as schedule:
         young = Node()
         young.other = Node()
         young.other.other = young
@@ -70,8 +70,8 @@ def test_scheduled_passes_free_cycles_young_and_old() -> None:
 
 
 def test_the_run_task_collects_on_the_loops_clock() -> None:
-    async def main() -> CollectorSchedule:
-        with CollectorSchedule(full_every_s=4 * YOUNG_EVERY_S) as schedule:
+    async def main() -> GcPacer:
+        with GcPacer(full_every_s=4 * YOUNG_EVERY_S) as schedule:
             task = asyncio.create_task(schedule.run())
             await asyncio.sleep(12 * YOUNG_EVERY_S)
             task.cancel()

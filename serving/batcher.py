@@ -1,6 +1,6 @@
 """Continuous batching for the reference server: one thread that admits, prefills, decodes and finishes requests.
 
-    HTTP front (asyncio) ──commands──► Scheduler thread ──snapshots──► each request's asyncio.Queue
+    HTTP front (asyncio) ──commands──► ContinuousBatcher thread ──snapshots──► each request's asyncio.Queue
                                         loop:  run queued commands (add / abort / pause / resume / weights ...)
                                                admit waiting requests (FIFO) while running < max_running_requests:
                                                    prefill them in one pass, sample each one's first token,
@@ -49,7 +49,7 @@ Emit = Callable[[GenerateOutput], None]
 
 @dataclass(eq=False)
 class Seq:
-    """One request inside the scheduler."""
+    """One request inside the batcher."""
 
     req: GenerateRequest
     emit: Emit
@@ -77,7 +77,7 @@ class Seq:
         return self.req.input_ids + self.output_ids
 
 
-class Scheduler:
+class ContinuousBatcher:
     """The batching loop and the request table; runs on its own thread (`start()`), driven through `call()`."""
 
     def __init__(self, runner: ModelRunner, *, max_running: int, max_queued: int, max_total_tokens: int,
@@ -95,7 +95,7 @@ class Scheduler:
         self.paused: str | None = None
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = queue.Queue()
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="ssp-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="ssp-batcher", daemon=True)
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
         # Snapshots are delivered after the loop's state is consistent: a client that sees its request finish and
         # calls /flush_cache must find it gone from `running`.
@@ -111,7 +111,7 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        """Run `fn` on the scheduler thread between steps; the future carries its result or exception."""
+        """Run `fn` on the batcher thread between steps; the future carries its result or exception."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._commands.put((fn, fut))
         return fut
@@ -131,7 +131,7 @@ class Scheduler:
                 if self.running:
                     self._step()
             except Exception as e:  # noqa: BLE001 - a batch-wide failure must finish requests, not hang them
-                log.exception("scheduler step failed; aborting the running batch")
+                log.exception("batcher step failed; aborting the running batch")
                 for seq in self.running:
                     self._finish(seq, _internal_error(e))
                 self.running = []
@@ -325,7 +325,7 @@ class Scheduler:
 
     def _fail(self, seq: Seq, error: Exception) -> None:
         """Finish a request whose own work raised `error`, unless it had already ended before that."""
-        log.error("request %s failed in the scheduler; finishing it alone with a 500", seq.req.rid, exc_info=error)
+        log.error("request %s failed in the batcher; finishing it alone with a 500", seq.req.rid, exc_info=error)
         if seq.finish is None:
             self._finish(seq, _internal_error(error))
 
@@ -341,7 +341,7 @@ class Scheduler:
             ran=seq.ran,
         )
 
-    # ---- commands (run on the scheduler thread via call()) ---------------------------------------------------------
+    # ---- commands (run on the batcher thread via call()) ---------------------------------------------------------
 
     def add(self, req: GenerateRequest, emit: Emit) -> None:
         if len(self.waiting) >= self.max_queued:

@@ -30,7 +30,7 @@ YOUNG_EVERY_S = 0.05
 """Seconds between young collections: short enough that few objects pile up between passes."""
 
 
-class CollectorSchedule:
+class GcPacer:
     """Context manager owning the collector for one scheduler run; `run()` is the task that collects."""
 
     def __init__(self, full_every_s: float) -> None:
@@ -39,7 +39,7 @@ class CollectorSchedule:
         self.full_pauses = Samples()
         self._was_enabled = True
 
-    def __enter__(self) -> CollectorSchedule:
+    def __enter__(self) -> GcPacer:
         self._was_enabled = gc.isenabled()
         gc.collect()
         gc.freeze()
