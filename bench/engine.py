@@ -12,7 +12,7 @@ numbers are those of one core. A stall is a tick of the event-loop monitor (10 m
 itself ran over 50 ms of CPU (`own_stalls_over_50ms`, the goal is 0); ticks late by over 50 ms of wall time are
 reported too, but on a shared machine they include time the host gave the core to other processes
 (`engine_cpu_fraction` says how much of the core the engine got). The one stop-the-world pause left by design, a full
-garbage collection every `scheduler.gc_full_every_s` (engine/collector.py), is timed once at the end of the window and
+garbage collection every `scheduler.gc_full_every_s` (engine/gc_pacing.py), is timed once at the end of the window and
 reported as `gc_full_pause_ms`. Writes artifacts/bench/engine.json and engine.md.
 """
 
@@ -83,7 +83,7 @@ async def _measure(cfg: EngineConfig, *, duration_s: float, ramp_s: float, episo
         tokens = sched.counters.generated_tokens - tokens0
         # Read the lag samples now: cancelling 2,000 episodes below is teardown, not the steady state measured.
         lags, busy = sched.lag.lag.values(), sched.lag.busy.values()
-        # The one pause left by design (engine.collector): a full collection, every scheduler.gc_full_every_s.
+        # The one pause left by design (engine.gc_pacing): a full collection, every scheduler.gc_full_every_s.
         gc_full_pause = sched.collector.collect_full()
         if run.done():
             run.result()
@@ -126,13 +126,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"the demo index {default_index_dir()} is missing; build it with `ssp index build --corpus "
               "data/corpus/*.jsonl --out artifacts/index/demo`", file=sys.stderr)
         return 2
-    from bench.async_vs_sync import SimServers, resolve_profile
-    from bench.cores import place_engine
+    from bench.async_vs_sync import resolve_profile
+    from bench.async_vs_sync_run import SimServers
+    from bench.cores import pin_process, place_engine
 
     placement = place_engine()
     results: dict[str, Any] = {"cpus": placement.cores, "engine_pinned": placement.engine_pinned}
-    sim = SimServers(1, resolve_profile("qwen2.5-7b-h100-tp1"), args.time_scale, out_json.parent / "logs" / "engine",
-                     cpus=placement.server_cpus)
+    sim = SimServers(1, resolve_profile("qwen2.5-7b-h100-tp1"), args.time_scale, out_json.parent / "logs" / "engine")
+    for process in sim.procs.processes:
+        pin_process(process.pid, placement.server_cpus)
     try:
         cfg = _config(sim.urls[0], mode="async", max_inflight=args.rollouts, seed=1)
         print(f"(1) scale: {args.rollouts} episodes in flight, ramp {args.ramp}s, measured {args.duration}s ...")
