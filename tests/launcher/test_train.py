@@ -213,8 +213,11 @@ def test_one_of_two_killed_servers_is_restarted_and_serves_the_current_weights(t
 
     run_dir = tmp_path / "run"
     steps = 6
+    # A server killed while a bucket is on the wire leaves the broadcast hanging until the push's timeout (gloo
+    # notices no dead peer mid-transfer); short timeouts keep that case to seconds here (the defaults allow minutes).
     proc, err = _start(run_dir, model_dir, demo_index, f"train.steps={steps}", "train.servers=2",
-                       "train.max_server_restarts=1", "inference.health_check_interval_s=1.0")
+                       "train.max_server_restarts=1", "inference.health_check_interval_s=1.0",
+                       "learner.push_timeout_s=30", "serving.weight_receive_timeout_s=30")
     _wait_for(lambda: _latest_step(run_dir) >= 1, proc, err, 600, "the first checkpoint")
     killed = _pid_of(run_dir, "server-1")
     killed_at = _latest_step(run_dir)
@@ -234,7 +237,11 @@ def test_one_of_two_killed_servers_is_restarted_and_serves_the_current_weights(t
     assert proc.returncode == 0, stderr
     assert f"server-1 (pid {killed}) exited with code -9; restarted it as pid" in stderr, stderr
     engine_log = (run_dir / "logs" / "engine.log").read_text()
-    assert f"re-admitting {urls[1]}" in engine_log, engine_log[-3000:]
+    # The pool ejects a server only after failed health checks: a restart quicker than that is never ejected (and
+    # then needs no re-admission), while the survivor, stalled in a broadcast cut by the kill, may be ejected too.
+    for url in urls:
+        if f"ejecting {url}" in engine_log:
+            assert f"re-admitting {url}" in engine_log, engine_log[-3000:]
     assert "re-forming the weight-update group" in (run_dir / "logs" / "learner.log").read_text()
     trained = [r["step"] for r in map(json.loads, (run_dir / "learner" / "metrics.jsonl").read_text().splitlines())
                if "trained" in r]
@@ -293,7 +300,7 @@ def test_attached_learners_env_key_becomes_the_run_key(tmp_path: Path, model_dir
 async def test_a_full_disk_under_the_samples_is_reported_as_such(tmp_path: Path) -> None:
     """/dev/full refuses every write with ENOSPC, as a full disk does."""
     from engine.stream import FileSink
-    from launcher.train import SampleSink, SamplesWriteFailed
+    from launcher.training_engine import SampleSink, SamplesWriteFailed
 
     learner = FileSink(tmp_path / "to-learner.frames")
     sink = SampleSink(learner, FileSink(Path("/dev/full")), every=1)
