@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 
 from engine.config import JudgeConfig
-from ssp.plugins import load_factory
+from ssp.plugins import build_plugin
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +118,8 @@ def load_judge_plugin(cfg: JudgeConfig) -> Any:
     """The user's judge that `cfg.plugin` names, built with `cfg.plugin_options` (None when unset)."""
     if cfg.plugin is None:
         return None
-    factory = load_factory(cfg.plugin, group=JUDGE_ENTRY_POINT_GROUP, key="game.judge.plugin", builtin=(),
-                           error=JudgePluginError)
-    try:
-        plugin = factory(**cfg.plugin_options)
-    except TypeError as e:
-        raise JudgePluginError(f"game.judge.plugin = {cfg.plugin!r} could not be constructed with "
-                               f"game.judge.plugin_options {cfg.plugin_options!r}: {e}; make the options match its "
-                               "constructor's keyword arguments") from None
+    plugin = build_plugin(cfg.plugin, cfg.plugin_options, group=JUDGE_ENTRY_POINT_GROUP, key="game.judge.plugin",
+                          options_key="game.judge.plugin_options", builtin=(), error=JudgePluginError)
     if not inspect.iscoroutinefunction(getattr(plugin, "judge", None)):
         raise JudgePluginError(f"game.judge.plugin = {cfg.plugin!r} built a {type(plugin).__name__} without an "
                                "`async def judge(question, prediction, aliases) -> bool` method")

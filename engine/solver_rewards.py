@@ -31,7 +31,7 @@ from typing import Protocol
 from engine.config import GameConfig
 from engine.judge import Verdict, token_f1
 from engine.rewards import solver_reward
-from ssp.plugins import load_factory
+from ssp.plugins import build_plugin
 
 ENTRY_POINT_GROUP = "ssp.solver_rewards"
 BUILTIN = ("ssp", "token_f1")
@@ -86,14 +86,8 @@ def make_solver_reward(cfg: GameConfig) -> Callable[[SolverOutcome], float]:
                                     f"user rewards; solver_reward = {name!r} takes none")
         reward: SolverReward = SspSolverReward(cfg) if name == "ssp" else TokenF1Reward()
     else:
-        factory = load_factory(name, group=ENTRY_POINT_GROUP, key="game.solver_reward", builtin=BUILTIN,
-                               error=SolverRewardError)
-        try:
-            reward = factory(**cfg.solver_reward_options)
-        except TypeError as e:
-            raise SolverRewardError(f"game.solver_reward = {name!r} could not be constructed with "
-                                    f"game.solver_reward_options {cfg.solver_reward_options!r}: {e}; make the options "
-                                    "match its constructor's keyword arguments") from None
+        reward = build_plugin(name, cfg.solver_reward_options, group=ENTRY_POINT_GROUP, key="game.solver_reward",
+                              options_key="game.solver_reward_options", builtin=BUILTIN, error=SolverRewardError)
         if not callable(reward):
             raise SolverRewardError(f"game.solver_reward = {name!r} built a {type(reward).__name__}, which is not "
                                     "callable; a solver reward is called as reward(outcome) -> float")

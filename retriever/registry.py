@@ -20,7 +20,7 @@ from typing import Any
 from retriever.config import RetrieverConfig
 from retriever.errors import RetrieverLoadError
 from retriever.protocol import Retriever
-from ssp.plugins import load_factory
+from ssp.plugins import build_plugin
 
 ENTRY_POINT_GROUP = "ssp.retrievers"
 BUILTIN_KINDS = ("tantivy", "http")
@@ -35,15 +35,8 @@ def make_retriever(cfg: RetrieverConfig) -> Retriever:
                 "configured by the [retriever] keys themselves (index_dir, search_threads, url, ...)"
             )
         return _make_builtin(cfg)
-    factory = load_factory(cfg.kind, group=ENTRY_POINT_GROUP, key="retriever.kind", builtin=BUILTIN_KINDS,
-                           error=RetrieverLoadError)
-    try:
-        retriever = factory(**cfg.options)
-    except TypeError as e:
-        raise RetrieverLoadError(
-            f"retriever.kind = {cfg.kind!r} could not be constructed with retriever.options {cfg.options!r}: {e}; "
-            "make the options match its constructor's keyword arguments"
-        ) from None
+    retriever = build_plugin(cfg.kind, cfg.options, group=ENTRY_POINT_GROUP, key="retriever.kind",
+                             options_key="retriever.options", builtin=BUILTIN_KINDS, error=RetrieverLoadError)
     _check_protocol(cfg.kind, retriever)
     return retriever
 

@@ -1,4 +1,5 @@
-"""`load_factory`: the one way a user's class is found for a plug-in point (retrievers, solver rewards).
+"""`load_factory` and `build_plugin`: the one way a user's class is found and built for a plug-in point (retrievers,
+solver rewards, judges).
 
 A plug-in is named either by an entry point of the point's group (an installed package registers it in its
 pyproject, so a config names it by a short name) or directly as "package.module:ClassName". Errors name the config
@@ -38,3 +39,15 @@ def load_factory(name: str, *, group: str, key: str, builtin: tuple[str, ...],
         raise error(f"{key} = {name!r}: module {module_name!r} has no class {attr!r}; write "
                     "'package.module:ClassName'")
     return factory  # type: ignore[no-any-return]
+
+
+def build_plugin(name: str, options: dict[str, Any], *, group: str, key: str, options_key: str,
+                 builtin: tuple[str, ...], error: type[Exception]) -> Any:
+    """The plug-in `name` names (see `load_factory`), built with `options` as keyword arguments; a constructor that
+    does not take them raises `error` naming both config keys (`key` holds the name, `options_key` the options)."""
+    factory = load_factory(name, group=group, key=key, builtin=builtin, error=error)
+    try:
+        return factory(**options)
+    except TypeError as e:
+        raise error(f"{key} = {name!r} could not be constructed with {options_key} {options!r}: {e}; make the "
+                    "options match its constructor's keyword arguments") from None
