@@ -3,7 +3,7 @@ two on-policy schedules on the same G GPUs of a profile, every arm at one time s
 
 The engine is the real one, in this process (scheduler, rollout loop, search batcher over the real Tantivy demo
 index, SSP game, trajectory stream); the GPU servers are `ssp model serve --sim --sim-profile P` processes; the
-learner is `bench.sim_learner.SimLearner` (the profile's learner step time, pushes through the real pool, which the
+learner is `ssp.bench.sim_learner.SimLearner` (the profile's learner step time, pushes through the real pool, which the
 sim servers time with the profile's weight-update model). Everything runs on one simulated clock: wall seconds x
 --time-scale.
 
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from learner.config import LearnerConfig
+from ssp.learner.config import LearnerConfig
 from ssp.paths import artifacts_dir, default_index_dir
 
 DEFAULT_PROFILES = ("qwen2.5-7b-h100-tp1",)
@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_profile(name: str) -> Path:
-    from serving.sim_profile import PROFILES_DIR
+    from ssp.serving.sim_profile import PROFILES_DIR
 
     path = Path(name)
     if path.suffix == ".toml" and path.is_file():
@@ -108,9 +108,9 @@ def bench_profile(profile_path: Path, args: argparse.Namespace, log_dir: Path) -
     and the flush-every-push policy; one profile, one set of servers, one time scale."""
     import uvloop
 
-    from bench.async_vs_sync_report import run_line, valid
-    from bench.async_vs_sync_run import RunSpec, SimServers, run_schedule
-    from serving.sim_profile import load_profile
+    from ssp.bench.async_vs_sync_report import run_line, valid
+    from ssp.bench.async_vs_sync_run import RunSpec, SimServers, run_schedule
+    from ssp.serving.sim_profile import load_profile
 
     profile = load_profile(profile_path)
     per_server = profile.profile.gpus_per_server
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from bench.async_vs_sync_report import markdown, verdict_lines
+    from ssp.bench.async_vs_sync_report import markdown, verdict_lines
 
     out_json = args.out or artifacts_dir() / "bench" / "async_vs_sync.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)

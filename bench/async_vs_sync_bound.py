@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.sim_learner import TRAINED_ROLES, learner_step_s, push_s
-from serving.sim_profile import SimProfile
+from ssp.bench.sim_learner import TRAINED_ROLES, learner_step_s, push_s
+from ssp.serving.sim_profile import SimProfile
 
 PHASES = {"proposer": "propose", "verifier": "verify", "solver": "solve"}
 """The sync phase each role's rollouts run in."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.async_vs_sync_run import CLOCK_SLIP_LIMIT
+from ssp.bench.async_vs_sync_run import CLOCK_SLIP_LIMIT
 
 EFFICIENCY_FLOOR = 0.9
 """Both compared arms must reach this share of their own bound for their ratio to be a schedule's, not the

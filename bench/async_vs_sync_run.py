@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.async_vs_sync_bound import GroupTally, async_bound, phased_bound
-from bench.sim_learner import SimClock, SimLearner, StepLog, steady_rate
-from serving.sim_profile import SimProfile
+from ssp.bench.async_vs_sync_bound import GroupTally, async_bound, phased_bound
+from ssp.bench.sim_learner import SimClock, SimLearner, StepLog, steady_rate
 from ssp.paths import artifacts_dir
+from ssp.serving.sim_profile import SimProfile
 
 ARMS = ("sync", "lockstep", "async")
 
@@ -54,7 +54,7 @@ class RunSpec:
     capacity: int
     time_scale: float
     kv_refresh_every: int
-    """Pushes pause in place but every this many, which retract and flush (learner.push.pause_mode); 1 = flush on
+    """Pushes pause in place but every this many, which retract and flush (ssp.learner.push.pause_mode); 1 = flush on
     every push."""
 
     def __post_init__(self) -> None:
@@ -138,11 +138,11 @@ def engine_config(spec: RunSpec, urls: list[str], index_dir: Path | None, seed: 
 
 
 async def push_weights(pool: Any, version: int, kv_refresh_every: int) -> None:
-    """The learner's push sequence (learner.push.WeightPusher.push: pause, update, in place a flush when the servers
+    """The learner's push sequence (ssp.learner.push.WeightPusher.push: pause, update, in place a flush when the servers
     hold nothing, continue) with the sim's modeled update in place of the broadcast. WeightPusher itself broadcasts
     real tensors over a process group, which the simulated servers do not join, so the sequence is replayed here
     over the engine's pool, with the same pause_mode schedule."""
-    from learner.push import pause_mode
+    from ssp.learner.push import pause_mode
 
     mode = pause_mode(version, kv_refresh_every)
     _check(await pool.pause(mode), "pause_generation")
@@ -257,9 +257,9 @@ async def run_schedule(profile: SimProfile, urls: list[str], spec: RunSpec, *, s
                        timeout_s: float = 600.0, index_dir: Path | None = None) -> dict[str, Any]:
     """Play `spec` with the real engine against `urls` and a SimLearner; return rates, bound, efficiency, clock
     guard and where the servers' time went, over the steps after warm-up."""
-    from engine.assemble import build_scheduler, open_engine, pool_summary
-    from engine.stream import TrajectoryStream
-    from engine.telemetry import Samples
+    from ssp.engine.assemble import build_scheduler, open_engine, pool_summary
+    from ssp.engine.stream import TrajectoryStream
+    from ssp.engine.telemetry import Samples
 
     cfg = engine_config(spec, urls, index_dir, seed)
     clock = SimClock(spec.time_scale)

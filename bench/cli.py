@@ -58,7 +58,7 @@ def _add_retrieval(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--out", type=Path, help="JSON report path (default: artifacts/bench/retrieval.json)")
 
     def run(args: argparse.Namespace) -> int:
-        from bench.retrieval import run as run_retrieval
+        from ssp.bench.retrieval import run as run_retrieval
 
         return run_retrieval(args)
 
@@ -85,7 +85,7 @@ def _add_engine(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--out", type=Path, help="JSON report path (default: artifacts/bench/engine.json)")
 
     def run(args: argparse.Namespace) -> int:
-        from bench.engine import run as run_engine_bench
+        from ssp.bench.engine import run as run_engine_bench
 
         return run_engine_bench(args)
 
@@ -97,7 +97,7 @@ def _add_module(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     its flags (`add_arguments`, `run`)."""
     import importlib
 
-    module_name = f"bench.{name.replace('-', '_')}"
+    module_name = f"ssp.bench.{name.replace('-', '_')}"
     module = importlib.import_module(module_name)
     p = bench_sub.add_parser(name, help=help_text, description=module.__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)

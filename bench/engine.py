@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from engine.config import EngineConfig
+from ssp.engine.config import EngineConfig
 from ssp.paths import artifacts_dir, default_index_dir
 
 STALL_S = 0.050
@@ -52,9 +52,9 @@ def _config(url: str, *, mode: str, max_inflight: int, seed: int) -> EngineConfi
 
 async def _measure(cfg: EngineConfig, *, duration_s: float, ramp_s: float, episodes: int | None) -> dict[str, Any]:
     """Run the engine (eta unbounded) for ramp + duration seconds, or until `episodes` are done; sample gauges."""
-    from engine.assemble import build_scheduler, open_engine, pool_summary
-    from engine.stream import FileSink, TrajectoryStream
-    from engine.telemetry import Samples
+    from ssp.engine.assemble import build_scheduler, open_engine, pool_summary
+    from ssp.engine.stream import FileSink, TrajectoryStream
+    from ssp.engine.telemetry import Samples
 
     cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, eta=None))
     sched_cfg = cfg.scheduler
@@ -83,7 +83,7 @@ async def _measure(cfg: EngineConfig, *, duration_s: float, ramp_s: float, episo
         tokens = sched.counters.generated_tokens - tokens0
         # Read the lag samples now: cancelling 2,000 episodes below is teardown, not the steady state measured.
         lags, busy = sched.lag.lag.values(), sched.lag.busy.values()
-        # The one pause left by design (engine.gc_pacing): a full collection, every scheduler.gc_full_every_s.
+        # The one pause left by design (ssp.engine.gc_pacing): a full collection, every scheduler.gc_full_every_s.
         gc_full_pause = sched.collector.collect_full()
         if run.done():
             run.result()
@@ -126,9 +126,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"the demo index {default_index_dir()} is missing; build it with `ssp index build --corpus "
               "data/corpus/*.jsonl --out artifacts/index/demo`", file=sys.stderr)
         return 2
-    from bench.async_vs_sync import resolve_profile
-    from bench.async_vs_sync_run import SimServers
-    from bench.cores import pin_process, place_engine
+    from ssp.bench.async_vs_sync import resolve_profile
+    from ssp.bench.async_vs_sync_run import SimServers
+    from ssp.bench.cores import pin_process, place_engine
 
     placement = place_engine()
     results: dict[str, Any] = {"cpus": placement.cores, "engine_pinned": placement.engine_pinned}

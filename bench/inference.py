@@ -34,7 +34,7 @@ REPEATS = 2
 def run(args: argparse.Namespace) -> int:
     import uvloop
 
-    from serving.server import READY_LINE
+    from ssp.serving.server import READY_LINE
 
     procs: list[subprocess.Popen[str]] = []
     try:
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _workload() -> tuple[list[int], Any]:
-    from engine.generation import SamplingParams
+    from ssp.engine.generation import SamplingParams
 
     prompt = [1, 9690, 198] + [(i * 7919) % 40000 + 100 for i in range(220)] + [2, 198, 1, 520, 9531, 198]
     sampling = SamplingParams(max_new_tokens=512, stop=("</search>", "</answer>"))
@@ -91,8 +91,8 @@ def _workload() -> tuple[list[int], Any]:
 async def _direct(urls: list[str], args: argparse.Namespace) -> float:
     import aiohttp
 
-    from engine.client import ServerClient
-    from engine.ids import RequestIds
+    from ssp.engine.client import ServerClient
+    from ssp.engine.ids import RequestIds
 
     prompt, sampling = _workload()
     ids = RequestIds()
@@ -112,8 +112,8 @@ async def _direct(urls: list[str], args: argparse.Namespace) -> float:
 
 
 async def _pool(urls: list[str], args: argparse.Namespace) -> float:
-    from engine.inference_config import InferenceConfig
-    from engine.pool import InferencePool
+    from ssp.engine.inference_config import InferenceConfig
+    from ssp.engine.pool import InferencePool
 
     prompt, sampling = _workload()
     cfg = InferenceConfig(server_urls=tuple(urls), capacity_per_server=args.capacity)
@@ -124,11 +124,11 @@ async def _pool(urls: list[str], args: argparse.Namespace) -> float:
 
 
 async def _sim_cost(n_requests: int, n_tokens: int) -> dict[str, float]:
-    from serving.backend import GenerateRequest, SamplingOptions
-    from serving.sim import SimBackend
-    from serving.sim_profile import load_profile
-    from serving.sim_text import TokenizerFile
     from ssp.paths import default_model_dir
+    from ssp.serving.backend import GenerateRequest, SamplingOptions
+    from ssp.serving.sim import SimBackend
+    from ssp.serving.sim_profile import load_profile
+    from ssp.serving.sim_text import TokenizerFile
 
     backend = SimBackend(load_profile(), TokenizerFile(default_model_dir()), tokenizer_path="", time_scale=1e9)
     await backend.start()

@@ -13,7 +13,7 @@ NOTE: on a shared 2-core machine TP=2 mostly measures contention; the ratio is m
 The transformers arm (`--vs-transformers`, on by default) asks how close the learner comes to the plain library:
 in this process, on all --threads cores, the learner (TP=1, `Trainer.train_step`) and a transformers
 AutoModelForCausalLM of the same weights (fp32, train mode, dropout 0, SDPA attention) take turns on the very same
-batch: the learner's own micro-batches (`learner.batching`: same rows, same right padding), the same PPO loss at
+batch: the learner's own micro-batches (`ssp.learner.batching`: same rows, same right padding), the same PPO loss at
 the same trained positions (transformers' lm_head also runs only there, as the learner's output layer does), then
 gradient clipping and torch's AdamW with its defaults (what a plain training loop runs). Both arms therefore do
 the same model FLOPs; the line `learner/transformers tokens/s ratio` compares whole steps, and forward+backward
@@ -38,8 +38,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ssp.processes import free_port
 from ssp.paths import PROJECT_ROOT, artifacts_dir
+from ssp.processes import free_port
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(architectures=["LlamaForCausalLM"], vocab_size=4096, hidden_size=256, intermediate_size=768,
@@ -112,11 +112,11 @@ def _random_checkpoint(shape: str, where: Path) -> Path:
 def _comparison_groups(args: argparse.Namespace, vocab_size: int) -> list[list[Any]]:
     """The comparison's batch: the first --groups groups of --frames, else synthetic groups (as the TP arms')."""
     if args.frames is None:
-        from bench.learner_worker import _groups as synthetic_groups
+        from ssp.bench.learner_worker import _groups as synthetic_groups
 
         return synthetic_groups(args.groups, args.seq_len, vocab_size, seed=0)
-    from engine.stream import read_frames
-    from engine.trajectory import unpack_group
+    from ssp.engine.stream import read_frames
+    from ssp.engine.trajectory import unpack_group
 
     groups = [unpack_group(payload) for payload in read_frames(args.frames)][: args.groups]
     top = max((max(t.prompt_ids + t.response_ids, default=0) for g in groups for t in g), default=0)
@@ -157,7 +157,7 @@ class TransformersArm:
         """One optimizer step over `micro_batches`; returns (forward+backward s, whole step s, loss)."""
         import torch
 
-        from learner.loss import aggregation_weights, policy_loss
+        from ssp.learner.loss import aggregation_weights, policy_loss
 
         started = time.perf_counter()
         self.optimizer.zero_grad()
@@ -237,11 +237,11 @@ def compare_with_transformers(args: argparse.Namespace, work_dir: Path) -> dict[
 
     # megatron-core announces at import that it falls back from apex / transformer-engine: expected on CPU.
     warnings.filterwarnings("ignore", message="(Transformer Engine and )?Apex (is|are) not installed")
-    from learner.batching import collate, pack, plan_batch, shard
-    from learner.config import LearnerConfig
-    from learner.convert import load_hf_into_model
-    from learner.model import ModelShape, build_model, destroy_parallel, init_parallel
-    from learner.trainer import Trainer
+    from ssp.learner.batching import collate, pack, plan_batch, shard
+    from ssp.learner.config import LearnerConfig
+    from ssp.learner.convert import load_hf_into_model
+    from ssp.learner.model import ModelShape, build_model, destroy_parallel, init_parallel
+    from ssp.learner.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     model_dir = args.model_dir or _random_checkpoint(args.shape, work_dir / f"random-{args.shape}")

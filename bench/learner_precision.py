@@ -1,6 +1,6 @@
-"""How far bf16 weights move at the learner's lr with fp32 master weights (learner.optimizer) and without.
+"""How far bf16 weights move at the learner's lr with fp32 master weights (ssp.learner.optimizer) and without.
 
-    python -m bench.learner_precision [--steps 4] [--lr 1e-6] [--model-dir DIR]
+    python -m ssp.bench.learner_precision [--steps 4] [--lr 1e-6] [--model-dir DIR]
 
 One process, CPU (gloo): the prepared SmolLM2-135M-Instruct in bf16, the same synthetic trajectory groups for both
 runs, `--steps` optimizer steps each. "master" is the learner as it is (AdamW on fp32 masters, cast back);
@@ -54,10 +54,10 @@ def _measure(variant: str, args: argparse.Namespace, par: Any, groups: list[Any]
     import torch
     from tqdm import tqdm
 
-    from learner.config import LearnerConfig
-    from learner.convert import canonical_params, load_hf_into_model
-    from learner.model import ModelShape, build_model
-    from learner.trainer import Trainer
+    from ssp.learner.config import LearnerConfig
+    from ssp.learner.convert import canonical_params, load_hf_into_model
+    from ssp.learner.model import ModelShape, build_model
+    from ssp.learner.trainer import Trainer
 
     shape = ModelShape.from_dir(args.model_dir)
     model = build_model(shape, par)
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, default=None, help="HF model (default: the prepared SmolLM2)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="(Transformer Engine and )?Apex (is|are) not installed")
-    from bench.learner_worker import _groups
-    from learner.model import destroy_parallel, init_parallel
+    from ssp.bench.learner_worker import _groups
+    from ssp.learner.model import destroy_parallel, init_parallel
     from ssp.paths import default_model_dir
 
     args.model_dir = args.model_dir or default_model_dir()

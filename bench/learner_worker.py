@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore", message="(Transformer Engine and )?Apex (is|ar
 
 
 def _groups(n: int, seq_len: int, vocab: int, seed: int) -> list:  # type: ignore[type-arg]
-    from engine.trajectory import Trajectory
+    from ssp.engine.trajectory import Trajectory
 
     rng = random.Random(seed)
     out = []
@@ -41,9 +41,9 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
-    from learner.config import LearnerConfig
-    from learner.model import ModelShape, build_model, destroy_parallel, init_parallel
-    from learner.trainer import Trainer
+    from ssp.learner.config import LearnerConfig
+    from ssp.learner.model import ModelShape, build_model, destroy_parallel, init_parallel
+    from ssp.learner.trainer import Trainer
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape-json", required=True)

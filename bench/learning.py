@@ -13,7 +13,7 @@ proposer's stage rates, each with a 95% interval). For every score both arms hav
 
     learning: <metric> control X [lo, hi] trained Y [lo, hi] -> rose | fell | within noise
 
-A score "rose" when the trained arm's interval lies wholly above the control's (engine.intervals.separation: a
+A score "rose" when the trained arm's interval lies wholly above the control's (ssp.engine.intervals.separation: a
 conservative test). The bench exits 1 when no score rose, so "nothing was learned" cannot pass silently. It writes
 artifacts/bench/learning.json, learning.png (both arms' training curves, step by step, in one figure) and keeps both
 run folders (artifacts/runs/<name>-control, -trained) with their metrics, samples and exported policies.
@@ -54,8 +54,8 @@ def arm_overrides(arm: list[str], common: list[str], *, name: str, steps: int) -
 
 def compare(control: Any, trained: Any) -> list[dict[str, Any]]:
     """Per score both evaluations have: the two values with their intervals and whether they separate."""
-    from engine.evaluation import compared_metrics
-    from engine.intervals import separation
+    from ssp.engine.evaluation import compared_metrics
+    from ssp.engine.intervals import separation
 
     rows = []
     for c, t in compared_metrics(control, trained):
@@ -79,10 +79,10 @@ def learning_line(row: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.progress import PLOT_KEYS
-    from launcher.run_summary import format_result
-    from launcher.train import TrainError, train
     from ssp.config import load_config
+    from ssp.launcher.progress import PLOT_KEYS
+    from ssp.launcher.run_summary import format_result
+    from ssp.launcher.train import TrainError, train
     from ssp.metrics import plot_compared, read_metrics
     from ssp.run_config import SSPConfig
 

@@ -1,4 +1,4 @@
-"""`ssp bench push`: is the weight push as fast as the wire? learner.push.WeightPusher into a real server against a
+"""`ssp bench push`: is the weight push as fast as the wire? ssp.learner.push.WeightPusher into a real server against a
 raw torch.distributed broadcast of the same bytes on the same backend.
 
 Side by side, rounds interleaved: the ratio judged is the median over rounds of each round's raw/push (the two run
@@ -59,7 +59,7 @@ def _receiver(init_method: str, sizes: list[int], rounds: int) -> None:
 
 
 def _bucket_sizes(named: list[tuple[str, Any]], bucket_bytes: int) -> list[int]:
-    from learner.push import plan_buckets
+    from ssp.learner.push import plan_buckets
 
     return [sum(t.numel() * t.element_size() for _, t in b) for b in plan_buckets(iter(named), bucket_bytes)]
 
@@ -69,7 +69,7 @@ def _raw_with_packing(named: list[tuple[str, Any]], bucket_bytes: int, staging: 
     tensors into a staging buffer while the one before is sent (what the push does, without HTTP or a server)."""
     import torch.distributed as dist
 
-    from learner.push import plan_buckets
+    from ssp.learner.push import plan_buckets
 
     dist.barrier()
     t0 = time.perf_counter()
@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from safetensors.torch import load_file
 
+    from ssp.learner.push import Staging, WeightPusher
     from ssp.processes import ManagedProcess, free_port
-    from learner.push import Staging, WeightPusher
 
     if args.rounds < 1 or args.warmup_rounds < 0:
         print(f"ssp bench push: --rounds {args.rounds} --warmup-rounds {args.warmup_rounds}: need at least one "
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     # (a) raw: a plain 2-rank group; the receiver is its own process.
     port = free_port()
     init = f"tcp://127.0.0.1:{port}"
-    recv = subprocess.Popen([sys.executable, "-c", "from bench.push import _receiver; "
+    recv = subprocess.Popen([sys.executable, "-c", "from ssp.bench.push import _receiver; "
                              f"_receiver({init!r}, {sizes!r}, {args.warmup_rounds + args.rounds})"])
     dist.init_process_group("gloo", init_method=init, rank=0, world_size=2)
     # The same bytes as the push sends: the flattened buckets, built once (the push builds them per call).

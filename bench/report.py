@@ -127,7 +127,7 @@ def plot_bars(title: str, labels: list[str], values: list[float], unit: str, out
 
 def build(d: Path, out: Path) -> str:
     """Write the report from the parts found under `d`; returns its text."""
-    from bench import async_vs_sync_report, push, scale, search
+    from ssp.bench import async_vs_sync_report, push, scale, search
 
     found = {part: _load(d, part) for part in PARTS}
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3

@@ -81,7 +81,7 @@ class Arm(NamedTuple):
 
 
 def run(args: argparse.Namespace) -> int:
-    from retriever.index_build import build_index
+    from ssp.retriever.index_build import build_index
 
     for flag, value in (("--queries", args.queries), ("--clients", args.clients), ("-k", args.k)):
         if value < 1:
@@ -189,7 +189,7 @@ def goal_met(speedup: float, raw_hits: int, http_hits: int, questions: int) -> b
 
 def _arms(index_dir: Path, k: int, clients: int, stack: ExitStack) -> dict[str, Arm]:
     """The arms of the comparison, in table order; `stack` closes the retrievers and stops the server."""
-    from retriever.config import RetrievalServerConfig
+    from ssp.retriever.config import RetrievalServerConfig
 
     raw = RawTantivy(index_dir)
     url, server_pid = stack.enter_context(_serve(index_dir))
@@ -213,7 +213,7 @@ def _lines(path: Path) -> list[str]:
 
 def count_hits(questions: list[Question], results: Passages) -> int:
     """Questions with a normalised gold answer, as whole words, in the title or text of one of their results."""
-    from engine.judge import normalize_answer
+    from ssp.engine.judge import normalize_answer
 
     def hit(question: Question, passages: list[tuple[str, str]]) -> bool:
         golds = [f" {g} " for g in map(normalize_answer, question.answers) if g]
@@ -249,14 +249,14 @@ class RawTantivy:
     def __init__(self, index_dir: Path) -> None:
         import tantivy
 
-        from retriever.index_format import ANALYZER_NAME, make_analyzer
+        from ssp.retriever.index_format import ANALYZER_NAME, make_analyzer
 
         self._index = tantivy.Index.open(str(index_dir))
         self._index.register_tokenizer(ANALYZER_NAME, make_analyzer())
         self._searcher = self._index.searcher()
 
     def _loop(self, queries: list[str], k: int, out: Passages) -> None:
-        from retriever.index_format import query_text
+        from ssp.retriever.index_format import query_text
 
         for q in queries:
             query = self._index.parse_query(query_text(q), ["title", "text"])
@@ -278,7 +278,7 @@ def _in_process(index_dir: Path, threads: int, k: int, stack: ExitStack) -> Call
     """A search function over one TantivyRetriever with `threads` threads, sent batches of BATCH queries."""
     import uvloop
 
-    from retriever.tantivy_index import TantivyRetriever
+    from ssp.retriever.tantivy_index import TantivyRetriever
 
     retriever = TantivyRetriever(index_dir, threads=threads)
     stack.callback(lambda: uvloop.run(retriever.close()))
@@ -315,7 +315,7 @@ def _over_http(url: str, queries: list[str], k: int, clients: int) -> Passages:
     """`clients` concurrent HttpRetriever callers on uvloop (as the engine runs), one query per request."""
     import uvloop
 
-    from retriever.client import HttpRetriever
+    from ssp.retriever.client import HttpRetriever
 
     async def drive() -> Passages:
         retriever = HttpRetriever(url, timeout_s=60, max_retries=0)
@@ -345,7 +345,7 @@ def _gil_stall(index_dir: Path) -> tuple[float, float]:
     """
     import tantivy
 
-    from retriever.index_format import open_index
+    from ssp.retriever.index_format import open_index
 
     index = open_index(index_dir)
     searcher = index.searcher()

@@ -19,7 +19,7 @@ against --servers `ssp model serve --sim` processes (7B profile). After --ramp s
   - memory per rollout: (resident set now - resident set once the engine is built, before any episode) / rollouts
     in flight.
 Placement: the engine's event-loop thread alone on the first core; its helper threads (Tantivy searches, tokenizer)
-and the simulated servers on the others (bench.cores). The run also counts server ejections (there should be none).
+and the simulated servers on the others (ssp.bench.cores). The run also counts server ejections (there should be none).
 Goals, at the largest size: event-loop lag p99 at most 5 ms and per-turn overhead p99 under 1 ms; a size with no
 completed turn in the window fails (no measurement is not a pass). Writes artifacts/bench/scale.json (+ .md).
 """
@@ -79,11 +79,11 @@ class _Discard:
 
 async def measure_size(n: int, urls: list[str], args: argparse.Namespace, helper_cpus: set[int] | None
                        ) -> dict[str, Any]:
-    from bench.cores import pin_helper_threads
-    from engine.assemble import build_scheduler, open_engine, pool_summary
-    from engine.stream import TrajectoryStream
-    from engine.telemetry import Samples
+    from ssp.bench.cores import pin_helper_threads
     from ssp.config import load_config
+    from ssp.engine.assemble import build_scheduler, open_engine, pool_summary
+    from ssp.engine.stream import TrajectoryStream
+    from ssp.engine.telemetry import Samples
     from ssp.run_config import SSPConfig
 
     url_list = ",".join(f'"{u}"' for u in urls)
@@ -170,9 +170,9 @@ async def measure_size(n: int, urls: list[str], args: argparse.Namespace, helper
 def run(args: argparse.Namespace) -> int:
     import uvloop
 
-    from bench.async_vs_sync import resolve_profile
-    from bench.async_vs_sync_run import SimServers
-    from bench.cores import pin_process, place_engine
+    from ssp.bench.async_vs_sync import resolve_profile
+    from ssp.bench.async_vs_sync_run import SimServers
+    from ssp.bench.cores import pin_process, place_engine
 
     out_json = args.out or artifacts_dir() / "bench" / "scale.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)

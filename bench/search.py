@@ -2,7 +2,7 @@
 batched Retriever calls, against one retriever call per query.
 
 --clients coroutines (rollouts waiting on a <search>) each issue their share of --queries searches one after
-another, through an `engine.search_batcher.SearchBatcher` over the configured retriever (default: the Tantivy demo
+another, through an `ssp.engine.search_batcher.SearchBatcher` over the configured retriever (default: the Tantivy demo
 index, in-process):
   (a) one call per query: max_batch 1, no window (what a naive engine does);
   (b) coalesced: the engine's [search] defaults (max_batch 64, window 5 ms).
@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _queries(n: int) -> list[str]:
     """Entity-style queries from the seed answers the engine plays with (what proposers search for)."""
-    from engine.config import SchedulerConfig
-    from engine.seeds import load_seed_answers
+    from ssp.engine.config import SchedulerConfig
+    from ssp.engine.seeds import load_seed_answers
 
     answers = [s.aliases[0] for s in load_seed_answers(SchedulerConfig().seeds_file)]
     rng = random.Random(0)
@@ -45,10 +45,10 @@ def _queries(n: int) -> list[str]:
 async def measure(queries: list[str], clients: int, *, max_batch: int, window_ms: float,
                   index_dir: Path | None = None) -> dict[str, Any]:
     """queries/s and batch sizes of `clients` coroutines searching through one SearchBatcher."""
-    from engine.config import SearchBatcherConfig
-    from engine.search_batcher import SearchBatcher, SearchStats
-    from retriever.config import RetrieverConfig
-    from retriever.registry import make_retriever
+    from ssp.engine.config import SearchBatcherConfig
+    from ssp.engine.search_batcher import SearchBatcher, SearchStats
+    from ssp.retriever.config import RetrieverConfig
+    from ssp.retriever.registry import make_retriever
 
     rcfg = RetrieverConfig(index_dir=index_dir)
     retriever = make_retriever(rcfg)
@@ -74,7 +74,7 @@ async def measure(queries: list[str], clients: int, *, max_batch: int, window_ms
 def run(args: argparse.Namespace) -> int:
     import uvloop
 
-    from engine.config import SearchBatcherConfig
+    from ssp.engine.config import SearchBatcherConfig
 
     out_json = args.out or artifacts_dir() / "bench" / "search.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _start_server(args: argparse.Namespace, model: Path) -> tuple[subprocess.Popen[str], str]:
-    from serving.server import READY_LINE
+    from ssp.serving.server import READY_LINE
 
     cmd = [sys.executable, "-m", "ssp.cli", "model", "serve", "--port", "0", "--model", str(model),
            "--set", f"serving.max_running_requests={max(args.requests)}", "--set", f"serving.threads={args.threads}"]
@@ -132,7 +132,7 @@ async def _measure(url: str, hf: Generate, args: argparse.Namespace) -> dict[int
 
 
 def run(args: argparse.Namespace) -> int:
-    from serving.model_prep import prepare_default_model
+    from ssp.serving.model_prep import prepare_default_model
 
     model = args.model or prepare_default_model()
     hf = Generate(model, args.threads)

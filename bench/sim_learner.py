@@ -6,7 +6,7 @@ stays real (scheduler, rollouts, search, game, stream); only the two GPU costs a
 ([learner] and [weight_update]):
 
     train step  t = fixed_s + tokens * flops_per_token * passes * attn_overhead / (gpus * peak_flops_per_gpu * mfu)
-    weight push pause_generation(in_place, or retract every kv_refresh_every-th push: learner.push.pause_mode) ->
+    weight push pause_generation(in_place, or retract every kv_refresh_every-th push: ssp.learner.push.pause_mode) ->
                 update_weights_from_disk -> continue_generation on every server; the simulated server sleeps the
                 profile's pause / update (tp_gather + bytes/bandwidth + buckets * per_bucket_overhead) / resume
                 times, so the push costs what the profile says, at the servers' clock.
@@ -19,7 +19,7 @@ each against its bound, so host time that leaks in shows as lost efficiency.
 The learner consumes `episodes_per_step` groups per step, in arrival order, as the real learner does; it trains
 the roles the real learner trains (proposer and solver; verifier samples are not trained) and counts them. With
 `max_staleness` it drops a group whose oldest trained token is older than that many versions, as the real
-learner's learner.max_staleness does (learner.batching), and trains the rest of the batch.
+learner's learner.max_staleness does (ssp.learner.batching), and trains the rest of the batch.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from engine.stream import HEADER
-from engine.trajectory import Trajectory, unpack_group
-from learner.batching import oldest_trained_version
-from serving.sim_profile import LearnerSpec, SimProfile
+from ssp.engine.stream import HEADER
+from ssp.engine.trajectory import Trajectory, unpack_group
+from ssp.learner.batching import oldest_trained_version
+from ssp.serving.sim_profile import LearnerSpec, SimProfile
 
 TRAINED_ROLES = ("proposer", "solver")
 

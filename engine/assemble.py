@@ -19,21 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.chat import ChatTokenizer
-from engine.config import EngineConfig, SchedulerConfig
-from engine.game import Game
-from engine.judge import Judge
-from engine.pool import InferencePool
-from engine.rollout import RolloutRunner, parse_version
-from engine.scheduler import Scheduler
-from engine.search_batcher import SearchBatcher
-from engine.seeds import Seed, load_seed_answers, seed_stream
-from engine.stream import FileSink, FrameSink, TcpSink, TrajectoryStream
-from engine.wire import terms_of
-from retriever.protocol import Retriever
-from retriever.registry import make_retriever
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.config import EngineConfig, SchedulerConfig
+from ssp.engine.game import Game
+from ssp.engine.judge import Judge
+from ssp.engine.pool import InferencePool
+from ssp.engine.rollout import RolloutRunner, parse_version
+from ssp.engine.scheduler import Scheduler
+from ssp.engine.search_batcher import SearchBatcher
+from ssp.engine.seeds import Seed, load_seed_answers, seed_stream
+from ssp.engine.stream import FileSink, FrameSink, TcpSink, TrajectoryStream
+from ssp.engine.wire import terms_of
 from ssp.metrics import MetricsLog
 from ssp.paths import artifacts_dir, default_model_dir
+from ssp.retriever.protocol import Retriever
+from ssp.retriever.registry import make_retriever
 
 
 def pool_summary(pool: InferencePool) -> dict[str, Any]:

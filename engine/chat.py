@@ -8,7 +8,7 @@ Encoding is the engine's largest cost per episode (prompts of hundreds to thousa
 text is encoded in cached pieces whose boundaries do not change the result: a rendered chat is split at its special
 tokens (the tokenizer itself encodes the text between two special tokens independently, so the ids are exactly those
 of encoding it whole: a system prompt is then encoded once per run), and documents, in search results and in
-verifier prompts alike, at their `engine.prompts.doc_pieces` (a passage is encoded once per run). Pieces not cached
+verifier prompts alike, at their `ssp.engine.prompts.doc_pieces` (a passage is encoded once per run). Pieces not cached
 yet are encoded in a worker thread, off the event loop.
 """
 
@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.prompts import INFO_FOOTER, INFO_HEADER, NO_RESULTS, Message, doc_pieces
-from retriever.protocol import Doc
+from ssp.engine.prompts import INFO_FOOTER, INFO_HEADER, NO_RESULTS, Message, doc_pieces
+from ssp.retriever.protocol import Doc
 
 DOC_CACHE_ENTRIES = 65536
 """Encoded document entries kept (popular passages come back in many searches)."""
@@ -107,10 +107,10 @@ class ChatTokenizer:
         messages contain (a verifier's); the chat is also cut at their pieces, which come from the document cache
         (the passages were encoded when searches returned them), so thousands of tokens are not encoded again.
 
-        The prefill (an opening tag such as "<search>", see `engine.prompts.PROPOSER_PREFILLS`) starts the
+        The prefill (an opening tag such as "<search>", see `ssp.engine.prompts.PROPOSER_PREFILLS`) starts the
         assistant turn as part of the prompt: it is encoded once like tool text, carries no loss and no logprobs,
         and the model continues after it. The rollout's tag parsing reads it as the start of the first turn
-        (`engine.rollout.RolloutSpec.prefill`)."""
+        (`ssp.engine.rollout.RolloutSpec.prefill`)."""
         text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         parts: list[str | int] = []
         for piece in self._split.split(text) if self._split is not None else [text]:
@@ -141,9 +141,9 @@ class ChatTokenizer:
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def encode_information(self, docs: Sequence[Doc]) -> array[int]:
-        """Token ids of `engine.prompts.information_block(docs)`, built from separately encoded pieces.
+        """Token ids of `ssp.engine.prompts.information_block(docs)`, built from separately encoded pieces.
 
-        Each document piece (`engine.prompts.doc_pieces`) is encoded once and cached: tokenising a ~500-token block
+        Each document piece (`ssp.engine.prompts.doc_pieces`) is encoded once and cached: tokenising a ~500-token block
         per search was the largest per-turn cost of the engine. The pieces are arrays, so joining them copies memory
         instead of making a Python int per token.
         """

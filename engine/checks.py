@@ -8,8 +8,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.config import ChecksConfig
-from engine.judge import check_aliases
+from ssp.engine.config import ChecksConfig
+from ssp.engine.judge import check_aliases
 
 _QUESTION = re.compile(r"<question>\s*((?:(?!<question>).)*?)\s*</question>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from ssp.cli import add_config_args
 
 if TYPE_CHECKING:
-    from engine.chat import ChatTokenizer
-    from engine.trajectory import Trajectory
+    from ssp.engine.chat import ChatTokenizer
+    from ssp.engine.trajectory import Trajectory
 
 
 def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -54,16 +54,16 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
 def run_rollout(args: argparse.Namespace) -> int:
     import uvloop
 
-    from engine.assemble import run_engine
     from ssp.config import load_config
+    from ssp.engine.assemble import run_engine
     from ssp.run_config import SSPConfig
 
     if args.episodes < 1:
         print(f"ssp rollout: --episodes {args.episodes}: must be >= 1", file=sys.stderr)
         return 2
-    from engine.errors import InferenceError
-    from engine.seeds import SeedError
-    from retriever.errors import RetrieverError
+    from ssp.engine.errors import InferenceError
+    from ssp.engine.seeds import SeedError
+    from ssp.retriever.errors import RetrieverError
 
     cfg = load_config(SSPConfig, args.config, args.overrides).engine()
     metrics = args.metrics or args.out.with_suffix(".metrics.jsonl")
@@ -103,8 +103,8 @@ def format_summary(s: dict[str, object]) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from engine.stream import FrameError, read_frames
-    from engine.trajectory import SchemaError, unpack_group
+    from ssp.engine.stream import FrameError, read_frames
+    from ssp.engine.trajectory import SchemaError, unpack_group
 
     try:
         groups = [unpack_group(p) for p in read_frames(args.file)]
@@ -124,7 +124,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         except BrokenPipeError:  # e.g. piped into `head`
             sys.stdout = open(os.devnull, "w")
         return 0
-    from engine.chat import ChatTokenizer
+    from ssp.engine.chat import ChatTokenizer
     from ssp.paths import default_model_dir
 
     chat = ChatTokenizer.load(args.tokenizer or default_model_dir())

@@ -1,8 +1,8 @@
 """`ServerClient`: the SGLang native HTTP API of ONE server, token-in/token-out, over a shared aiohttp session.
 
 The session (and its connection pool) belongs to the `InferencePool`, which sizes it to the concurrency; a client is
-just a URL, timeouts and parsing. Every failure becomes an `engine.errors` exception carrying the server's message
-and URL, classified as retryable or fatal (the rule is in `engine.errors`). Control calls return `AdminResult`, SGLang's
+just a URL, timeouts and parsing. Every failure becomes an `ssp.engine.errors` exception carrying the server's message
+and URL, classified as retryable or fatal (the rule is in `ssp.engine.errors`). Control calls return `AdminResult`, SGLang's
 `{"success", "message"}` reply, instead of raising on `success: false`, so a fan-out can report every server.
 
     async with aiohttp.ClientSession() as session:
@@ -24,7 +24,7 @@ import aiohttp
 import numpy
 import orjson
 
-from engine.errors import (
+from ssp.engine.errors import (
     BadRequest,
     ConnectionFailed,
     InferenceError,
@@ -33,7 +33,7 @@ from engine.errors import (
     ServerError,
     ServerOverloaded,
 )
-from engine.generation import FinishReason, GenerateResult, SamplingParams, WeightSpan
+from ssp.engine.generation import FinishReason, GenerateResult, SamplingParams, WeightSpan
 
 PauseMode = Literal["abort", "retract", "in_place"]
 
@@ -75,7 +75,7 @@ class ServerClient:
         self, input_ids: Sequence[int], sampling: SamplingParams, rid: str, *, affinity: str | None = None
     ) -> GenerateResult:
         """One sample for `input_ids` (a list or an `array`) under request id `rid` (unique among live requests, see
-        engine.ids).
+        ssp.engine.ids).
 
         Returns also for aborted requests (finish type "abort", partial output). Raises RetryableError subclasses when
         the request may succeed if re-sent, FatalError subclasses otherwise.

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.eval_config import EvalConfig
-from engine.inference_config import InferenceConfig
-from engine.prompts import PROPOSER_PREFILLS, SEARCH_OPEN, SOLVER_PREFILLS, VERIFIER_PREFILLS
-from retriever.config import RetrieverConfig
+from ssp.engine.eval_config import EvalConfig
+from ssp.engine.inference_config import InferenceConfig
+from ssp.engine.prompts import PROPOSER_PREFILLS, SEARCH_OPEN, SOLVER_PREFILLS, VERIFIER_PREFILLS
 from ssp.paths import DATA_DIR
+from ssp.retriever.config import RetrieverConfig
 
 INVALID_STAGES = ("no_question", "failed_checks", "failed_verification")
 """Where an invalid proposal failed, earliest first (game.invalid_reward_by_stage)."""

@@ -1,4 +1,4 @@
-"""Config section [eval]: how `ssp eval` (and `engine.evaluation.evaluate`) scores a model: the solver on QA
+"""Config section [eval]: how `ssp eval` (and `ssp.engine.evaluation.evaluate`) scores a model: the solver on QA
 benchmarks, and the proposer on held-out seed answers.
 
 Solver (QA files and the questions the proposer writes): Search-R1's evaluation protocol (as in SSP), the solver prompt

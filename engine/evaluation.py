@@ -43,16 +43,23 @@ from typing import Any, Protocol, TypeVar
 
 from tqdm import tqdm
 
-from engine.chat import ChatTokenizer
-from engine.checks import extract_answer
-from engine.config import EngineConfig
-from engine.eval_config import HELDOUT_SEEDS, EvalConfig
-from engine.intervals import (Interval, mean_interval, mean_of_means_interval, mean_of_rates_interval, separation,
-                              wilson_interval)
-from engine.judge import Judge, exact_match, token_f1
-from engine.pool import InferencePool
-from engine.prompts import ANSWER_CLOSE, ANSWER_OPEN, solver_messages
-from engine.proposer_eval import (
+from ssp.config import to_toml
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.checks import extract_answer
+from ssp.engine.config import EngineConfig
+from ssp.engine.eval_config import HELDOUT_SEEDS, EvalConfig
+from ssp.engine.intervals import (
+    Interval,
+    mean_interval,
+    mean_of_means_interval,
+    mean_of_rates_interval,
+    separation,
+    wilson_interval,
+)
+from ssp.engine.judge import Judge, exact_match, token_f1
+from ssp.engine.pool import InferencePool
+from ssp.engine.prompts import ANSWER_CLOSE, ANSWER_OPEN, solver_messages
+from ssp.engine.proposer_eval import (
     EvalSeed,
     Metric,
     ProposerScore,
@@ -65,15 +72,13 @@ from engine.proposer_eval import (
     run_seeds,
     summarize_seeds,
 )
-from engine.rollout import RolloutError, RolloutRunner, RolloutSpec
-from engine.search_batcher import SearchBatcher
-from engine.seeds import SeedError
-from retriever.registry import make_retriever
-from ssp.config import to_toml
+from ssp.engine.rollout import RolloutError, RolloutRunner, RolloutSpec
+from ssp.engine.search_batcher import SearchBatcher
+from ssp.engine.seeds import SeedError
 from ssp.metrics import MetricsLog
 from ssp.paths import artifacts_dir, default_model_dir
 from ssp.processes import ManagedProcess
-
+from ssp.retriever.registry import make_retriever
 
 T = TypeVar("T")
 
@@ -175,7 +180,7 @@ class QuestionRecord:
     queries: tuple[str, ...]
     turns: int
     end: str
-    """Why the rollout ended (engine.rollout.EndReason), or "error"."""
+    """Why the rollout ended (ssp.engine.rollout.EndReason), or "error"."""
     generated_tokens: int
     elapsed_s: float
     response: str
@@ -250,7 +255,7 @@ def summarize(name: str, records: Sequence[QuestionRecord]) -> DatasetScore:
 
 def average(scores: Sequence[DatasetScore]) -> DatasetScore:
     """Unweighted mean over datasets (each dataset counts once, whatever its size), as in the paper's Avg column.
-    `questions` and `errors` are totals; the intervals combine the datasets' (engine.intervals), and for one
+    `questions` and `errors` are totals; the intervals combine the datasets' (ssp.engine.intervals), and for one
     dataset are its own."""
     if not scores:
         raise ValueError("no dataset scores to average")
@@ -590,7 +595,7 @@ def compared_metrics(before: EvalResult, after: EvalResult) -> list[tuple[Metric
 
 def describe_changes(before: EvalResult, after: EvalResult) -> str:
     """In plain words, which scores moved between the two results (their 95% intervals do not overlap: see
-    engine.intervals.separation) and which did not."""
+    ssp.engine.intervals.separation) and which did not."""
     moved, still = [], []
     for b, a in compared_metrics(before, after):
         assert b.ci is not None and a.ci is not None

@@ -19,18 +19,25 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from engine.chat import ChatTokenizer
-from engine.checks import check_question, count_answer_tags, extract_answer, extract_question
-from engine.config import GameConfig
-from engine.judge import Judge, Verdict
-from engine.prompts import (ANSWER_CLOSE, ANSWER_OPEN, QUESTION_CLOSE, QUESTION_OPEN, SEARCH_OPEN, proposer_messages,
-                            solver_messages)
-from engine.rewards import proposer_reward, solver_accuracy, zero_variance
-from engine.solver_rewards import SolverOutcome, make_solver_reward
-from engine.rollout import Rollout, RolloutRunner, RolloutSpec
-from engine.seeds import Seed
-from engine.trajectory import Trajectory
-from engine.verify import DistractorPool, Verification, Verifier, verification_documents
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.checks import check_question, count_answer_tags, extract_answer, extract_question
+from ssp.engine.config import GameConfig
+from ssp.engine.judge import Judge, Verdict
+from ssp.engine.prompts import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    QUESTION_CLOSE,
+    QUESTION_OPEN,
+    SEARCH_OPEN,
+    proposer_messages,
+    solver_messages,
+)
+from ssp.engine.rewards import proposer_reward, solver_accuracy, zero_variance
+from ssp.engine.rollout import Rollout, RolloutRunner, RolloutSpec
+from ssp.engine.seeds import Seed
+from ssp.engine.solver_rewards import SolverOutcome, make_solver_reward
+from ssp.engine.trajectory import Trajectory
+from ssp.engine.verify import DistractorPool, Verification, Verifier, verification_documents
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ import asyncio
 import gc
 import time
 
-from engine.telemetry import Samples
+from ssp.engine.telemetry import Samples
 
 YOUNG_EVERY_S = 0.05
 """Seconds between young collections: short enough that few objects pile up between passes."""

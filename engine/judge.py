@@ -36,7 +36,7 @@ from typing import Any
 
 import aiohttp
 
-from engine.config import JudgeConfig
+from ssp.engine.config import JudgeConfig
 from ssp.plugins import build_plugin
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ What it owns, in the order a request meets it:
       │    cache), else the least-loaded healthy server with a free slot, which the affinity is then bound to
       │ 2. no free slot -> wait (FIFO): on the bound server's own queue, or the pool queue for unbound requests;
       │    a released slot goes to the server's own waiters first, then to the pool queue; bounded by queue_timeout_s
-      │ 3. send under a fresh rid (engine.ids) through that server's ServerClient
+      │ 3. send under a fresh rid (ssp.engine.ids) through that server's ServerClient
       │ 4. retryable failure -> eject the server if it is unreachable, abort the rid there if it may still run
       │    (best effort), then re-send under a NEW rid, preferring another server; at most max_retries times
       ▼
@@ -46,11 +46,11 @@ from typing import Any
 
 import aiohttp
 
-from engine.client import AdminResult, PauseMode, ServerClient
-from engine.errors import ConnectionFailed, InferenceError, NoServerAvailable, RetryableError
-from engine.generation import GenerateResult, SamplingParams
-from engine.ids import RequestIds
-from engine.inference_config import InferenceConfig
+from ssp.engine.client import AdminResult, PauseMode, ServerClient
+from ssp.engine.errors import ConnectionFailed, InferenceError, NoServerAvailable, RetryableError
+from ssp.engine.generation import GenerateResult, SamplingParams
+from ssp.engine.ids import RequestIds
+from ssp.engine.inference_config import InferenceConfig
 
 log = logging.getLogger(__name__)
 

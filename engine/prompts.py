@@ -1,7 +1,7 @@
 """Every prompt of the SSP game, in one place: proposer, solver, verifier, and the tool-result block.
 
 The texts follow the shape of the SSP reference prompts (proposer, RAG verifier, solver) in our own words. They are
-chat messages; `engine.chat.ChatTokenizer` renders them once with the model's own chat template. The tag protocol
+chat messages; `ssp.engine.chat.ChatTokenizer` renders them once with the model's own chat template. The tag protocol
 (<think>, <search>, <information>, <answer>, <question>) is shared by all roles, and the tool block written by
 `information_block` is exactly what the prompts tell the model to expect.
 
@@ -11,7 +11,7 @@ provided is: X." and the question of solver and verifier prompts by "Question: .
 
 from collections.abc import Sequence
 
-from retriever.protocol import Doc
+from ssp.retriever.protocol import Doc
 
 Message = dict[str, str]
 
@@ -126,5 +126,5 @@ def render_docs(docs: Sequence[Doc]) -> str:
 
 def information_block(docs: Sequence[Doc]) -> str:
     """The tool result appended after a </search> (loss mask 0). No documents still gives a block, so the model
-    sees that the search found nothing. `engine.chat.ChatTokenizer.encode_information` encodes exactly this text."""
+    sees that the search found nothing. `ssp.engine.chat.ChatTokenizer.encode_information` encodes exactly this text."""
     return INFO_HEADER + (render_docs(docs) if docs else NO_RESULTS) + INFO_FOOTER

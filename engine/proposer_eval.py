@@ -1,9 +1,9 @@
 """Proposer evaluation: for held-out seed answers, how often the proposer writes a valid question, and how hard the
-valid questions are for the solver. Run by `ssp eval --seeds FILE` (engine.evaluation.evaluate(..., seeds=FILE)).
+valid questions are for the solver. Run by `ssp eval --seeds FILE` (ssp.engine.evaluation.evaluate(..., seeds=FILE)).
 
     seed answers (data/seeds schema; eval_config.HELDOUT_SEEDS by default, which training never draws)
       └─ load_eval_seeds: hops per seed from [scheduler.hops_min, hops_max], seeded by eval.seed and its position
-    run_seeds: the game's own phases (engine.game.Game), phase by phase over all seeds like the "sync" scheduler
+    run_seeds: the game's own phases (ssp.engine.game.Game), phase by phase over all seeds like the "sync" scheduler
       1. Game.propose   every seed: the proposer rollout as training plays it (game prefill, [rollout] budgets,
                         retriever.topk documents per search), eval.proposer_temperature; question extracted, rule checks
       2. Game.verify    questions that passed the checks: RAG verification at eval.verifier_temperature (one greedy
@@ -35,15 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engine.chat import ChatTokenizer
-from engine.checks import extract_answer
-from engine.config import EngineConfig, GameConfig
-from engine.game import Game, Proposal, SolverRun
-from engine.intervals import Interval, mean_interval, wilson_interval
-from engine.judge import Judge
-from engine.rollout import RolloutError, RolloutRunner
-from engine.seeds import Seed, load_seed_answers
-from engine.verify import Verification
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.checks import extract_answer
+from ssp.engine.config import EngineConfig, GameConfig
+from ssp.engine.game import Game, Proposal, SolverRun
+from ssp.engine.intervals import Interval, mean_interval, wilson_interval
+from ssp.engine.judge import Judge
+from ssp.engine.rollout import RolloutError, RolloutRunner
+from ssp.engine.seeds import Seed, load_seed_answers
+from ssp.engine.verify import Verification
 
 T = TypeVar("T")
 
@@ -67,7 +67,7 @@ class EvalSeed:
 def load_eval_seeds(path: Path, cfg: EngineConfig) -> list[EvalSeed]:
     """Every seed answer of a seeds file, each with its hop count drawn from [scheduler.hops_min, hops_max] by a
     generator seeded with eval.seed and the answer's position, so an answer keeps its hop count in any subset.
-    Raises engine.seeds.SeedError naming the file and line of a malformed line."""
+    Raises ssp.engine.seeds.SeedError naming the file and line of a malformed line."""
     answers = load_seed_answers(path)
     hops_min, hops_max = cfg.scheduler.hops_min, cfg.scheduler.hops_max
     return [EvalSeed(i, Seed(a.aliases, a.type, random.Random(f"hops:{cfg.eval.seed}:{i}").randint(hops_min, hops_max)))
@@ -118,7 +118,7 @@ class SeedRecord:
     queries: tuple[str, ...]
     turns: int
     end: str
-    """Why the proposer's rollout ended (engine.rollout.EndReason), or "error"."""
+    """Why the proposer's rollout ended (ssp.engine.rollout.EndReason), or "error"."""
     generated_tokens: int
     """Tokens the proposer generated."""
     text: str
@@ -128,10 +128,10 @@ class SeedRecord:
     """The proposer's whole response as it saw it: its turns and the <information> blocks, decoded."""
     solved: bool | None
     """The judge found the solver's answer to the valid question correct (the game's rule for solver accuracy,
-    engine.rewards.solver_accuracy); None when there was no valid question."""
+    ssp.engine.rewards.solver_accuracy); None when there was no valid question."""
     solver_prediction: str | None
     solver_judge: str | None
-    """Which rule decided the solver's verdict (engine.judge.Method)."""
+    """Which rule decided the solver's verdict (ssp.engine.judge.Method)."""
     solver_searches: int | None
     solver_queries: tuple[str, ...]
     solver_end: str | None

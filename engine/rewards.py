@@ -5,7 +5,7 @@ Rewards only: advantages are RL maths and belong to the learner.
 
 from collections.abc import Sequence
 
-from engine.config import GameConfig
+from ssp.engine.config import GameConfig
 
 
 def solver_reward(correct: bool, answer_tags: int, cfg: GameConfig) -> float:
@@ -26,8 +26,8 @@ def solver_accuracy(correct: Sequence[bool]) -> float:
 
 
 def invalid_stage(reasons: Sequence[str]) -> str:
-    """Where an invalid proposal failed: "no_question", "failed_verification" or "failed_checks" (engine.config
-    INVALID_STAGES), from its reasons (engine.game: "no_question", "failed_verification", or rule-check names)."""
+    """Where an invalid proposal failed: "no_question", "failed_verification" or "failed_checks" (ssp.engine.config
+    INVALID_STAGES), from its reasons (ssp.engine.game: "no_question", "failed_verification", or rule-check names)."""
     if "no_question" in reasons:
         return "no_question"
     if "failed_verification" in reasons:

@@ -25,17 +25,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.aio import gather_or_cancel
-from engine.chat import ChatTokenizer
-from engine.checks import SearchRecord
-from engine.config import RolloutConfig
-from engine.errors import InferenceError
-from engine.generation import FinishReason, GenerateResult, Generator, SamplingParams
-from engine.prompts import SEARCH_CLOSE, SEARCH_OPEN
-from engine.search_batcher import SearchBatcher, SearchError
-from engine.telemetry import Samples
-from engine.trajectory import UNKNOWN_VERSION, Role, Trajectory
-from retriever.protocol import Doc
+from ssp.engine.aio import gather_or_cancel
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.checks import SearchRecord
+from ssp.engine.config import RolloutConfig
+from ssp.engine.errors import InferenceError
+from ssp.engine.generation import FinishReason, GenerateResult, Generator, SamplingParams
+from ssp.engine.prompts import SEARCH_CLOSE, SEARCH_OPEN
+from ssp.engine.search_batcher import SearchBatcher, SearchError
+from ssp.engine.telemetry import Samples
+from ssp.engine.trajectory import UNKNOWN_VERSION, Role, Trajectory
+from ssp.retriever.protocol import Doc
 
 
 class RolloutError(Exception):
@@ -337,7 +337,7 @@ class RolloutRunner:
 
     async def _generate_turn(self, ro: Rollout, sampling: SamplingParams, affinity: str) -> TurnOutput:
         """One turn; an aborted generation is re-sent with its partial output until it finishes."""
-        context = ro.prompt_ids + ro.response_ids  # an array: in-flight requests hold no int lists (engine.client)
+        context = ro.prompt_ids + ro.response_ids  # an array: in-flight requests hold no int lists (ssp.engine.client)
         ids: array[int] = array("l")
         logprobs: array[float] = array("d")
         versions: array[int] = array("l")

@@ -12,7 +12,7 @@ Loops and buffers ("async" mode; every task is named, every buffer bounded):
       │              unblocked by: an episode finishing, set_policy_version() (called by the policy-version loop,
       │              which polls the servers' weight version), resume_launches()
       ▼
-    episode tasks ×≤max_inflight ── propose → check → verify → solve → judge → rewards (engine.game.Game)
+    episode tasks ×≤max_inflight ── propose → check → verify → solve → judge → rewards (ssp.engine.game.Game)
       │   each generate() waits for a server slot in the InferencePool (≤ its capacity per server: the pool
       │   enforces it, so the server's own queue is never flooded); each <search> waits in the SearchBatcher
       ▼
@@ -25,7 +25,7 @@ Loops and buffers ("async" mode; every task is named, every buffer bounded):
     policy-version loop ── every version_poll_s: the lowest weight version on the servers -> set_policy_version
     lag monitor  ── event-loop lag (how late a 10 ms timer fires)
     collector    ── garbage collection on the loop's clock: young passes every 50 ms, a full one every
-                    gc_full_every_s (engine.gc_pacing: none starts by itself inside a turn)
+                    gc_full_every_s (ssp.engine.gc_pacing: none starts by itself inside a turn)
 
 "sync" mode replaces the launcher and episode tasks with the reference's phases: per step, all
 `episodes_per_step` proposers, then all verifications, then all solver groups, then the groups are sent; the same
@@ -55,13 +55,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.gc_pacing import GcPacer
-from engine.config import SchedulerConfig
-from engine.game import EpisodeResult, Game
-from engine.rollout import RolloutError
-from engine.seeds import Seed
-from engine.stream import TrajectoryStream
-from engine.telemetry import LoopLagMonitor
+from ssp.engine.config import SchedulerConfig
+from ssp.engine.game import EpisodeResult, Game
+from ssp.engine.gc_pacing import GcPacer
+from ssp.engine.rollout import RolloutError
+from ssp.engine.seeds import Seed
+from ssp.engine.stream import TrajectoryStream
+from ssp.engine.telemetry import LoopLagMonitor
 from ssp.metrics import MetricsLog
 
 log = logging.getLogger(__name__)

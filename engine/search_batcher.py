@@ -22,8 +22,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from engine.config import SearchBatcherConfig
-from retriever.protocol import Doc, Retriever
+from ssp.engine.config import SearchBatcherConfig
+from ssp.retriever.protocol import Doc, Retriever
 
 log = logging.getLogger(__name__)
 

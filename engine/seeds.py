@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.judge import normalize_answer
+from ssp.engine.judge import normalize_answer
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,11 @@
 
 Why a plug-in: the reward is the second thing RL users change after the data (partial credit, format bonuses,
 length penalties). What a plug-in changes is the solver's GRPO reward only. Whether an answer is *correct* stays
-the judge's verdict (engine.judge), and the proposer's reward (1 - solver accuracy) and the accuracy metrics count
+the judge's verdict (ssp.engine.judge), and the proposer's reward (1 - solver accuracy) and the accuracy metrics count
 correct answers, so a shaped solver reward cannot pay the proposer for questions that were in fact answered.
 
 `game.solver_reward` is one of:
-- "ssp": SSP's reward (engine.rewards.solver_reward): 1 correct, 0 wrong, game.answer_tag_penalty_reward when
+- "ssp": SSP's reward (ssp.engine.rewards.solver_reward): 1 correct, 0 wrong, game.answer_tag_penalty_reward when
   correct but with more than game.answer_tag_limit answer tags;
 - "token_f1": the answer's best token F1 against the aliases (partial credit; 1 for a correct verdict);
 - the name of an entry point in the group `ssp.solver_rewards` (a package registers
@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.config import GameConfig
-from engine.judge import Verdict, token_f1
-from engine.rewards import solver_reward
+from ssp.engine.config import GameConfig
+from ssp.engine.judge import Verdict, token_f1
+from ssp.engine.rewards import solver_reward
 from ssp.plugins import build_plugin
 
 ENTRY_POINT_GROUP = "ssp.solver_rewards"

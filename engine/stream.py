@@ -1,6 +1,6 @@
 """The trajectory stream: finished episode groups as length-prefixed msgpack frames, to the learner or a file.
 
-Frame = 4-byte big-endian payload length + payload, payload = `engine.trajectory.pack_group(records)`. The same
+Frame = 4-byte big-endian payload length + payload, payload = `ssp.engine.trajectory.pack_group(records)`. The same
 frames go over TCP to the learner (after the handshake that proves the engine holds the run's key, engine/wire.py)
 and into `.frames` files (`ssp rollout --out`, spill files), which `read_frames` reads.
 
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from engine.config import MAX_FRAME_BYTES
-from engine.trajectory import Trajectory, pack_group
-from engine.wire import HEADER, FrameError, Terms, encode_frame, offer
+from ssp.engine.config import MAX_FRAME_BYTES
+from ssp.engine.trajectory import Trajectory, pack_group
+from ssp.engine.wire import HEADER, FrameError, Terms, encode_frame, offer
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class TcpSink:
     async def connect(cls, host: str, port: int, timeout_s: float, terms: Terms) -> TcpSink:
         """Connect (retrying for `timeout_s` while the learner starts), then run the handshake once: a refusal
         (wrong key, run or limit, another engine already streaming) is a configuration error, raised as
-        engine.wire.HandshakeError with the learner's reason, not retried."""
+        ssp.engine.wire.HandshakeError with the learner's reason, not retried."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             try:

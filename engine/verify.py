@@ -16,13 +16,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.chat import ChatTokenizer
-from engine.checks import extract_answer
-from engine.config import GameConfig
-from engine.judge import Judge, Verdict
-from engine.prompts import ANSWER_CLOSE, ANSWER_OPEN, render_docs, verifier_messages
-from engine.rollout import Rollout, RolloutRunner, RolloutSpec
-from retriever.protocol import Doc
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.checks import extract_answer
+from ssp.engine.config import GameConfig
+from ssp.engine.judge import Judge, Verdict
+from ssp.engine.prompts import ANSWER_CLOSE, ANSWER_OPEN, render_docs, verifier_messages
+from ssp.engine.rollout import Rollout, RolloutRunner, RolloutSpec
+from ssp.retriever.protocol import Doc
 
 
 class DistractorPool:

@@ -8,7 +8,7 @@ learner's run and frame limit, may stream. Integers are big-endian.
     engine  -> learner  HELLO      b"SSPT" | version u8 | n u16 (<= 1024) | n bytes: msgpack map
                                       {"run_id": str, "max_frame_bytes": int, "mac": 32 bytes}
     learner -> engine   VERDICT    status u8 (0 accepted, 1 refused) | n u16 (<= 1024) | n bytes: reason, UTF-8
-    engine  -> learner  FRAMES     N u32 (<= max_frame_bytes) | N bytes: engine.trajectory.pack_group(...)
+    engine  -> learner  FRAMES     N u32 (<= max_frame_bytes) | N bytes: ssp.engine.trajectory.pack_group(...)
                                    ... repeated until the engine half-closes (a clean end at a frame boundary)
 
     mac = HMAC-SHA256(run key, b"ssp-trajectory-stream" | version u8 | nonce | len(run_id) u16 | run_id UTF-8
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from engine.config import MAX_FRAME_BYTES, MAX_RUN_ID_CHARS, StreamConfig
+from ssp.engine.config import MAX_FRAME_BYTES, MAX_RUN_ID_CHARS, StreamConfig
 from ssp.run_key import load_run_key
 
 MAGIC = b"SSPT"

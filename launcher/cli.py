@@ -32,11 +32,11 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    from ssp.run_key import masked
-    from launcher.cluster_run import launch_run, prepare_launch
-    from launcher.plan import PlanError, render_plan
     from ssp.config import load_config
+    from ssp.launcher.cluster_run import launch_run, prepare_launch
+    from ssp.launcher.plan import PlanError, render_plan
     from ssp.run_config import SSPConfig, check_sampling_matches_learner
+    from ssp.run_key import masked
 
     root = load_config(SSPConfig, args.config, args.overrides)
     check_sampling_matches_learner(root)

@@ -18,15 +18,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ssp.run_key import new_run_key, write_run_key, write_secret
-from launcher.commands import Launch, render_launches
-from launcher.config import ClusterConfig
-from launcher.plan import LearnerFootprint, Plan, PlanError, make_plan
-from ssp.processes import ProcessFailed, ProcessSet
 from ssp.config import to_dict
+from ssp.launcher.commands import Launch, render_launches
+from ssp.launcher.config import ClusterConfig
+from ssp.launcher.plan import LearnerFootprint, Plan, PlanError, make_plan
 from ssp.paths import artifacts_dir, default_index_dir
+from ssp.processes import ProcessFailed, ProcessSet
 from ssp.run_config import SSPConfig, learner_staleness_bound
-
+from ssp.run_key import new_run_key, write_run_key, write_secret
 
 SGLANG_AUTH = "sglang-auth.yaml"
 """The SGLang servers' `--config` file in the run folder: their API and admin keys (mode 0600)."""

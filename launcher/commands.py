@@ -23,8 +23,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.config import ClusterConfig
-from launcher.plan import Plan, Process
+from ssp.launcher.config import ClusterConfig
+from ssp.launcher.plan import Plan, Process
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +74,7 @@ def render_launches(cfg: ClusterConfig, plan: Plan, *, index_dir: Path, learner_
             "python", "-m", "torch.distributed.run",
             f"--nnodes={len(training)}", f"--node-rank={rank}", f"--nproc-per-node={cfg.gpus_per_node}",
             f"--master-addr={training[0].node}", f"--master-port={cfg.rendezvous_port}",
-            "-m", "learner.trainer", "--config-json", str(learner_config_json),
+            "-m", "ssp.learner.trainer", "--config-json", str(learner_config_json),
             "--stream-json", str(stream_config_json),
             "--trajectories", f"tcp://{training[0].node}:{cfg.trajectory_port}",
         ]

@@ -1,5 +1,5 @@
 """`ssp eval`: score a model on QA benchmarks (Search-R1 protocol) and/or its proposer on held-out seed answers, and
-print the tables with 95% intervals. The work is `engine.evaluation.evaluate`, which talks to servers by URL; for
+print the tables with 95% intervals. The work is `ssp.engine.evaluation.evaluate`, which talks to servers by URL; for
 `--model DIR` this command starts a reference server for the directory first (launcher/servers.py)."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from engine.eval_config import HELDOUT_SEEDS
 from ssp.cli import add_config_args
+from ssp.engine.eval_config import HELDOUT_SEEDS
 from ssp.paths import DATA_DIR
 
 if TYPE_CHECKING:
-    from engine.evaluation import EvalResult
+    from ssp.engine.evaluation import EvalResult
     from ssp.run_config import SSPConfig
 
 DEFAULT_DATASETS = (
@@ -76,11 +76,11 @@ def qa_files(dataset: list[Path] | None, *, seeds: Path | None, limit: int | Non
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from engine.errors import InferenceError
-    from engine.evaluation import EvalDataError, format_table
-    from retriever.errors import RetrieverError
     from ssp.config import load_config
+    from ssp.engine.errors import InferenceError
+    from ssp.engine.evaluation import EvalDataError, format_table
     from ssp.processes import ProcessFailed
+    from ssp.retriever.errors import RetrieverError
     from ssp.run_config import SSPConfig
 
     cfg = load_config(SSPConfig, args.config, args.overrides)
@@ -111,9 +111,9 @@ def run_eval(args: argparse.Namespace) -> int:
 def _evaluate(cfg: SSPConfig, args: argparse.Namespace) -> EvalResult:
     """`evaluate` on the [inference] servers, on the server at --model URL, or on a reference server started here
     for --model DIR (its log in the results folder; stopped at the end)."""
-    from engine.evaluation import EvalDataError, eval_out_dir, evaluate
-    from launcher.servers import reference_server
     from ssp.config import to_toml
+    from ssp.engine.evaluation import EvalDataError, eval_out_dir, evaluate
+    from ssp.launcher.servers import reference_server
 
     common = dict(limit=args.limit, progress=not args.no_progress, seeds=args.seeds, seeds_limit=args.seeds_limit)
     datasets = qa_files(args.dataset, seeds=args.seeds, limit=args.limit)

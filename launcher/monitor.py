@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from launcher.progress import ProgressDisplay, Snapshot, step_row
-from launcher.run_folder import run_dir_of
-from launcher.server_restarts import ServerRestarts
+from ssp.launcher.progress import ProgressDisplay, Snapshot, step_row
+from ssp.launcher.run_folder import run_dir_of
+from ssp.launcher.server_restarts import ServerRestarts
 from ssp.metrics import MetricsLog, read_metrics
 from ssp.processes import ManagedProcess, ProcessSet
 from ssp.run_config import SSPConfig

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launcher.config import ClusterConfig
+from ssp.launcher.config import ClusterConfig
 
 GIB = 1024**3
 

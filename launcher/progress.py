@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from engine.scheduler import Counters
+from ssp.engine.scheduler import Counters
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     # (row key, header, format)

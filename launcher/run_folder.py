@@ -22,7 +22,7 @@ def learner_dir_of(cfg: SSPConfig) -> Path:
 
 def checkpoint_step(learner_dir: Path) -> int | None:
     """Step of the learner's latest complete checkpoint, None when there is none."""
-    from learner import checkpoint
+    from ssp.learner import checkpoint
 
     path = checkpoint.latest(learner_dir / "checkpoints")
     if path is None:

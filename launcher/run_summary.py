@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.progress import PLOT_KEYS, format_summary
-from launcher.run_folder import checkpoint_step
+from ssp.launcher.progress import PLOT_KEYS, format_summary
+from ssp.launcher.run_folder import checkpoint_step
 from ssp.metrics import plot_metrics, read_metrics
 
 
@@ -24,9 +24,9 @@ class TrainResult:
     rows: list[dict[str, Any]]
     engine: dict[str, Any]
     before: Any
-    """engine.evaluation.EvalResult before the first step (None without train.eval_datasets or eval_seeds)."""
+    """ssp.engine.evaluation.EvalResult before the first step (None without train.eval_datasets or eval_seeds)."""
     after: Any
-    """engine.evaluation.EvalResult after the last step."""
+    """ssp.engine.evaluation.EvalResult after the last step."""
     policy: Path | None
     """The trained policy as a Hugging Face directory (train.export_policy), None when not exported."""
     wall_s: float
@@ -94,11 +94,11 @@ def format_result(result: TrainResult) -> str:
     """The final screen: the before/after table (when evaluated) and the run's numbers."""
     parts = []
     if result.before is not None and result.after is not None:
-        from engine.evaluation import format_comparison
+        from ssp.engine.evaluation import format_comparison
 
         parts.append(format_comparison(result.before, result.after))
     elif result.after is not None:
-        from engine.evaluation import format_table
+        from ssp.engine.evaluation import format_table
 
         parts.append("the trained policy:\n" + format_table(result.after))
     parts.append(format_summary(summary_items(result)))

@@ -42,13 +42,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-from launcher.monitor import ComponentFailed, Monitor, check_alive
-from launcher.progress import ProgressDisplay
-from launcher.run_folder import checkpoint_step, learner_dir_of, run_dir_of, write_processes
-from launcher.run_summary import TrainResult, eval_scalars, write_summary
-from launcher.server_restarts import ServerRestarts
-from launcher.training_engine import run_training_engine
 from ssp.config import to_dict, to_toml
+from ssp.launcher.monitor import ComponentFailed, Monitor, check_alive
+from ssp.launcher.progress import ProgressDisplay
+from ssp.launcher.run_folder import checkpoint_step, learner_dir_of, run_dir_of, write_processes
+from ssp.launcher.run_summary import TrainResult, eval_scalars, write_summary
+from ssp.launcher.server_restarts import ServerRestarts
+from ssp.launcher.training_engine import run_training_engine
 from ssp.metrics import MetricsLog
 from ssp.processes import ManagedProcess, ProcessFailed, ProcessSet, free_port
 from ssp.run_config import SSPConfig, check_sampling_matches_learner, learner_staleness_bound
@@ -85,7 +85,7 @@ def check_config(cfg: SSPConfig) -> None:
         raise TrainError(f"train.eval_datasets: {', '.join(missing)} not found (relative paths are read from the "
                          "current directory); run from the checkout or give absolute paths")
     for heldout in cfg.train.eval_seeds:
-        from engine.seeds import SeedError, load_seed_answers, shared_answers
+        from ssp.engine.seeds import SeedError, load_seed_answers, shared_answers
 
         try:
             shared = shared_answers(load_seed_answers(cfg.scheduler.seeds_file), load_seed_answers(heldout))
@@ -307,7 +307,7 @@ def _train(cfg: SSPConfig, procs: ProcessSet, trackers: Trackers, *, run_dir: Pa
                                   learner.log_path)
     policy = None
     if learner is not None and tc.export_policy:
-        from learner.export import export_checkpoint
+        from ssp.learner.export import export_checkpoint
 
         print(f"ssp train: exporting the trained policy to {run_dir / 'policy'}", file=out)
         policy = export_checkpoint(learner_dir / "checkpoints", run_dir / "policy")
@@ -337,7 +337,7 @@ def _start_known_ports(procs: ProcessSet, ports: list[int], *, config_path: Path
 
 
 def _evaluate(cfg: SSPConfig, out_dir: Path, progress: bool) -> Any:
-    from engine.evaluation import evaluate
+    from ssp.engine.evaluation import evaluate
 
     return evaluate(cfg.engine(), list(cfg.train.eval_datasets), out_dir=out_dir, progress=progress,
                     seeds=cfg.train.eval_seeds[0] if cfg.train.eval_seeds else None)

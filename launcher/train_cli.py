@@ -1,4 +1,4 @@
-"""`ssp train`: the command line of launcher.train (flags, exit codes, the messages a person reads)."""
+"""`ssp train`: the command line of ssp.launcher.train (flags, exit codes, the messages a person reads)."""
 
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from launcher.monitor import ComponentFailed
-    from launcher.run_folder import run_dir_of
-    from launcher.run_summary import failure_hint, format_result
-    from launcher.train import Interrupted, TrainError, train
     from ssp.config import load_config
+    from ssp.launcher.monitor import ComponentFailed
+    from ssp.launcher.run_folder import run_dir_of
+    from ssp.launcher.run_summary import failure_hint, format_result
+    from ssp.launcher.train import Interrupted, TrainError, train
     from ssp.run_config import SSPConfig
 
     cfg = load_config(SSPConfig, args.config, args.overrides)

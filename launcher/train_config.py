@@ -44,7 +44,7 @@ class TrainConfig:
     """With retriever.kind = "http": start `ssp retriever serve` (over retrieval_server.index_dir) on a free port
     and search it, instead of attaching to retriever.url. Ignored for other kinds."""
     learner_address: str | None = None
-    """Attach mode: "HOST:PORT" where a learner started elsewhere (`python -m learner.trainer ... --trajectories
+    """Attach mode: "HOST:PORT" where a learner started elsewhere (`python -m ssp.learner.trainer ... --trajectories
     tcp://0.0.0.0:PORT`) listens for trajectories. Unset = start the learner here with torchrun (`ssp learner
     train`), learner.tensor_parallel x learner.data_parallel ranks, listening on a free local port."""
     learner_start_timeout_s: float = 600.0

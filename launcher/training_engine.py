@@ -1,4 +1,4 @@
-"""The engine of a training run: the same pieces as `ssp rollout` (engine.assemble), streaming to the learner over
+"""The engine of a training run: the same pieces as `ssp rollout` (ssp.engine.assemble), streaming to the learner over
 TCP, keeping a copy of every n-th group in the run folder, with the monitor feeding the scheduler the policy version
 of the servers the pool routes to."""
 
@@ -11,13 +11,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher.monitor import ComponentFailed, Monitor
+from ssp.launcher.monitor import ComponentFailed, Monitor
 from ssp.metrics import MetricsLog
 from ssp.run_config import SSPConfig
 
 if TYPE_CHECKING:
-    from engine.pool import InferencePool
-    from engine.stream import FileSink
+    from ssp.engine.pool import InferencePool
+    from ssp.engine.stream import FileSink
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ async def admitted_version(pool: InferencePool) -> int:
     restarted and waiting for the learner's weights (not re-admitted yet), does not hold the run's version back:
     with it counted, the staleness gate would stop new episodes, the learner would wait for groups, and the push
     that brings the restarted server its weights would never come."""
-    from engine.rollout import parse_version
+    from ssp.engine.rollout import parse_version
 
     versions = await pool.weight_versions()
     admitted = pool.admitted_urls()
@@ -81,11 +81,11 @@ async def admitted_version(pool: InferencePool) -> int:
 
 
 async def run_training_engine(cfg: SSPConfig, monitor: Monitor, run_dir: Path) -> dict[str, Any]:
-    """The engine of a training run: the same pieces as `ssp rollout` (engine.assemble), streaming to the learner,
+    """The engine of a training run: the same pieces as `ssp rollout` (ssp.engine.assemble), streaming to the learner,
     with the monitor feeding the scheduler the learner's policy version. Returns the scheduler's summary."""
-    from engine.assemble import build_scheduler, open_engine
-    from engine.stream import FileSink, TcpSink, TrajectoryStream
-    from engine.wire import HandshakeError, terms_of
+    from ssp.engine.assemble import build_scheduler, open_engine
+    from ssp.engine.stream import FileSink, TcpSink, TrajectoryStream
+    from ssp.engine.wire import HandshakeError, terms_of
 
     # A resumed run draws new seeds and distractors instead of replaying the first run's.
     cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler,

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.trajectory import UNKNOWN_VERSION, Trajectory
-from learner.advantages import grpo_advantages, reinforce_advantages, zero_variance_groups
-from learner.config import LearnerConfig
+from ssp.engine.trajectory import UNKNOWN_VERSION, Trajectory
+from ssp.learner.advantages import grpo_advantages, reinforce_advantages, zero_variance_groups
+from ssp.learner.config import LearnerConfig
 
 log = logging.getLogger(__name__)
 

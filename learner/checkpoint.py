@@ -9,7 +9,7 @@ Layout under `root`:
                             each TP rank: the model
                             shard as the model's dtype, DP rank 0's optimizer partition (AdamW state + fp32 master
                             weights) and the LR schedule
-      tp0-dp1.pt ...        with data_parallel > 1: the optimizer partition of each further DP rank (learner.optimizer
+      tp0-dp1.pt ...        with data_parallel > 1: the optimizer partition of each further DP rank (ssp.learner.optimizer
                             shards masters and moments over the DP ranks, ZeRO-1); the model is not repeated
       state.json            step, stream offset, ids of the recently consumed groups
     latest                  the name of the newest complete checkpoint (replaced by an atomic rename)
@@ -17,7 +17,7 @@ Layout under `root`:
 With data_parallel = 1 only tpN.pt files exist, as before sharding. A partition resumes only at the data_parallel it
 was written with (checked on every rank before anything is restored, so every rank refuses alike). A run killed at
 any moment leaves either the previous checkpoint or the new one as `latest`; a leftover *.tmp is ignored and removed.
-Resuming restores weights, the fp32 master weights of bf16 parameters (learner.optimizer), AdamW moments, the LR
+Resuming restores weights, the fp32 master weights of bf16 parameters (ssp.learner.optimizer), AdamW moments, the LR
 schedule and the stream position, so no trajectory is trained twice and a resumed run reaches the same bits.
 """
 
@@ -33,8 +33,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from learner.convert import canonical_params
-from learner.optimizer import MasterWeightAdamW
+from ssp.learner.convert import canonical_params
+from ssp.learner.optimizer import MasterWeightAdamW
 
 
 @dataclass(kw_only=True, slots=True)
@@ -49,7 +49,7 @@ class StreamState:
     """Trajectory groups consumed over the whole run (trained or dropped by the batch plan; repeats not counted)."""
     consumed_group_ids: list[str] = field(default_factory=list)
     """Ids of the most recently consumed groups, oldest first: those within the last learner.dedup_window_bytes of
-    the stream (learner.dedup says why that is all a resume needs to skip repeats)."""
+    the stream (ssp.learner.dedup says why that is all a resume needs to skip repeats)."""
     consumed_group_bytes: list[int] = field(default_factory=list)
     """The frame size of each of consumed_group_ids (the window is measured in stream bytes)."""
 

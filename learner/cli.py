@@ -1,5 +1,5 @@
 """`ssp learner train`: resolve the [learner] config, save it in the run folder, and launch torchrun on it.
-`ssp export`: write a learner checkpoint as a Hugging Face model directory (learner.export)."""
+`ssp export`: write a learner checkpoint as a Hugging Face model directory (ssp.learner.export)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ssp.processes import free_port
 from ssp.cli import add_config_args
+from ssp.processes import free_port
 
 
 def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -30,7 +30,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     )
     add_config_args(train)
     train.add_argument("--trajectories", required=True, metavar="FILE|tcp://HOST:PORT",
-                       help="trajectory stream: frames of 4-byte big-endian length + msgpack (engine.trajectory); "
+                       help="trajectory stream: frames of 4-byte big-endian length + msgpack (ssp.engine.trajectory); "
                        "over tcp:// the engine must hold the run key ([stream] key_file, or $SSP_RUN_KEY)")
     train.add_argument("--server", action="append", default=[], metavar="URL",
                        help="inference server to push weights to after every step (repeatable; none = no push)")
@@ -75,7 +75,7 @@ def run_train(args: argparse.Namespace) -> int:
     stream.write_text(json.dumps(to_dict(root.stream), indent=1))
     nproc = cfg.tensor_parallel * cfg.data_parallel * cfg.pipeline_parallel
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "learner.trainer", "--config-json", str(section),
+           f"--master-port={free_port()}", "-m", "ssp.learner.trainer", "--config-json", str(section),
            "--stream-json", str(stream), "--trajectories", args.trajectories]
     for url in args.server:
         cmd += ["--server", url]
@@ -96,8 +96,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from learner.export import ExportError, export_checkpoint, resolve_checkpoint
-    from learner.model import ModelConfigError
+    from ssp.learner.export import ExportError, export_checkpoint, resolve_checkpoint
+    from ssp.learner.model import ModelConfigError
 
     try:
         step_dir = resolve_checkpoint(args.checkpoint)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from learner.model import ModelShape
+from ssp.learner.model import ModelShape
 
 TensorGetter = Callable[[str], torch.Tensor]
 
@@ -132,7 +132,7 @@ def megatron_state_to_hf(rank_states: Sequence[Mapping[str, torch.Tensor]],
     """HF (name, full tensor) pairs from the megatron states (local-layer names) of every TP rank, in rank order.
 
     The inverse of `hf_to_megatron` over all ranks at once, for states already in one process (saved checkpoints):
-    the same merge `learner.gather.iter_hf_weights` does with collectives on a live model, so an exported model and
+    the same merge `ssp.learner.gather.iter_hf_weights` does with collectives on a live model, so an exported model and
     a pushed one are the same weights. Replicated parameters (norms) are taken from rank 0, as the gather does.
     Raises ValueError naming the parameter whose shards do not fit `shape` (e.g. a checkpoint of another model).
     """

@@ -2,7 +2,7 @@
 
 Where a repeat can come from: group ids are `<engine run id>-<counter>`, so a new engine (a resumed `ssp train`)
 never reuses an id, and a file source resumes at the byte offset saved in the checkpoint. The one way a trained
-group comes back is the engine's resend: when its TCP connection breaks, `engine.stream.TrajectoryStream` writes the
+group comes back is the engine's resend: when its TCP connection breaks, `ssp.engine.stream.TrajectoryStream` writes the
 frames it sent last, up to `resend_window_bytes` (64 MiB, and always at least the newest frame), to the spill file
 again, because they may still have been sitting unread in socket buffers. The learner reads the stream in order,
 so a trained frame that can come back lies within the last `resend_window_bytes` of frames the learner consumed.

@@ -1,8 +1,8 @@
 """Export a learner checkpoint as a Hugging Face model directory (`ssp export`), at whatever TP size it was saved.
 
-A checkpoint (learner.checkpoint) holds one megatron state per TP rank (`tpN.pt`, local-layer names, vocab padded);
-a HF directory holds one full tensor per HF name. The merge is `learner.convert.megatron_state_to_hf`, the same
-name and sharding rules the learner loads with (`hf_to_megatron`) and pushes with (`learner.gather`), so an export
+A checkpoint (ssp.learner.checkpoint) holds one megatron state per TP rank (`tpN.pt`, local-layer names, vocab padded);
+a HF directory holds one full tensor per HF name. The merge is `ssp.learner.convert.megatron_state_to_hf`, the same
+name and sharding rules the learner loads with (`hf_to_megatron`) and pushes with (`ssp.learner.gather`), so an export
 holds the weights the learner pushes to the inference servers. Everything else the directory needs (config.json, generation config,
 tokenizer) comes unchanged from the base model, the HF directory the run started from: the checkpoint stores
 weights only.
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from learner.convert import HfTensors, megatron_state_to_hf
-from learner.model import ModelShape
+from ssp.learner.convert import HfTensors, megatron_state_to_hf
+from ssp.learner.model import ModelShape
 
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
@@ -90,7 +90,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, base_model: Path | None = 
 
 def resolve_checkpoint(path: Path) -> Path:
     """The step-NNNNNN folder to export: `path` itself, or the `latest` one when `path` is a checkpoints folder."""
-    from learner.checkpoint import latest
+    from ssp.learner.checkpoint import latest
 
     if not path.is_dir():
         raise ExportError(f"--checkpoint {path} does not exist or is not a folder; pass a run's checkpoints folder "

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from learner.convert import canonical_params, is_tp_sharded, megatron_to_hf
-from learner.model import ModelShape
+from ssp.learner.convert import canonical_params, is_tp_sharded, megatron_to_hf
+from ssp.learner.model import ModelShape
+
 
 @torch.no_grad()
 def iter_hf_weights(model: torch.nn.Module, shape: ModelShape, *, tp_group: dist.ProcessGroup | None,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from learner.config import LossConfig
+from ssp.learner.config import LossConfig
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -17,7 +17,7 @@ megatron-core assumes a CUDA device in four places that the local (non transform
 
 Nothing here edits megatron's files. `install()` sets the two module-level objects megatron reads (1 and 2) after
 `initialize_model_parallel`; `install_cpu_rope()` and `install_cpu_attention()` retype a built model's modules
-(3, 4). They are called by `learner.model` only when the device is CPU, so the GPU path runs megatron untouched.
+(3, 4). They are called by `ssp.learner.model` only when the device is CPU, so the GPU path runs megatron untouched.
 Remove an item here once megatron-core runs that spot on CPU by itself (tests/learner/test_megatron_cpu.py checks
 each stand-in).
 """

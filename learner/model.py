@@ -3,9 +3,9 @@
 What maps where (HF config -> megatron TransformerConfig): GQA heads -> num_query_groups, SwiGLU ->
 gated_linear_unit + silu, RMSNorm -> normalization="RMSNorm", rope_theta -> rotary_base, Qwen2's q/k/v bias ->
 add_qkv_bias, tie_word_embeddings -> share_embeddings_and_output_weights. The vocab is padded to a multiple of
-`tp * vocab_divisor` so each TP rank holds an equal slice; logits of padded rows are masked (learner.logprobs).
+`tp * vocab_divisor` so each TP rank holds an equal slice; logits of padded rows are masked (ssp.learner.logprobs).
 
-The same code runs on a laptop CPU (gloo, fp32, local layers, `learner.megatron_cpu` stand-ins) and on GPUs (NCCL,
+The same code runs on a laptop CPU (gloo, fp32, local layers, `ssp.learner.megatron_cpu` stand-ins) and on GPUs (NCCL,
 bf16, transformer-engine layers when installed): only `device`, `dtype` and the layer spec change.
 """
 
@@ -128,7 +128,7 @@ def init_parallel(*, tp: int, pp: int = 1, device: str = "auto", dtype: str = "a
     """Join the torchrun process group (or a single-process one) and build megatron's TP x DP groups.
 
     `device="auto"` picks CUDA with NCCL when available, else CPU with gloo; `dtype="auto"` is bf16 on GPU and
-    fp32 on CPU. On CPU the `learner.megatron_cpu` stand-ins are installed here.
+    fp32 on CPU. On CPU the `ssp.learner.megatron_cpu` stand-ins are installed here.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
@@ -152,7 +152,7 @@ def init_parallel(*, tp: int, pp: int = 1, device: str = "auto", dtype: str = "a
     if use_cuda:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
-        from learner import megatron_cpu
+        from ssp.learner import megatron_cpu
 
         megatron_cpu.install(seed)
         keep_freed_memory()
@@ -286,10 +286,10 @@ def build_model(shape: ModelShape, par: Parallel, *, vocab_divisor: int = 128, i
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
     )
     # megatron's local norm layers create their weights in fp32 whatever params_dtype says; as megatron's own
-    # Float16Module does, every parameter takes the model dtype (the fp32 masters live in learner.optimizer).
+    # Float16Module does, every parameter takes the model dtype (the fp32 masters live in ssp.learner.optimizer).
     model = model.to(device=par.device, dtype=par.dtype)
     if on_cpu:
-        from learner import megatron_cpu
+        from ssp.learner import megatron_cpu
 
         megatron_cpu.install_cpu_rope(model)
         megatron_cpu.install_cpu_attention(model)

@@ -25,7 +25,7 @@ Memory per parameter on each GPU with DP = d (bf16 model): 2 (weight) + 12/d (fp
 at rest; during a step also the bf16 gradient (2, released parameter by parameter as it is upcast) and the owned
 fp32 gradients (4/d): at most 2 + 12/d + max(2, 4/d) + one parameter's fp32 gradient. d = 1: 18; d = 2: 10;
 d = 8: 5.5 (fp32 models: 4 + 8/d at rest, + 4/d for gradients). With d = 1 nothing is sharded and no collective
-runs: exactly the unsharded optimizer. Checkpoints (learner.checkpoint) save each DP rank's partition; a
+runs: exactly the unsharded optimizer. Checkpoints (ssp.learner.checkpoint) save each DP rank's partition; a
 partition resumes only at the data_parallel it was written with.
 
 Why not megatron-core's Float16OptimizerWithFloat16Params / DistributedOptimizer (0.16.1): they accept only
@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from learner.config import LearnerConfig
+from ssp.learner.config import LearnerConfig
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 

@@ -218,7 +218,7 @@ class WeightPusher:
     async def _open_clients(self) -> None:
         import aiohttp
 
-        from engine.client import ServerClient
+        from ssp.engine.client import ServerClient
 
         self._session = aiohttp.ClientSession()
         self._clients = [ServerClient(u, self._session, admin_timeout_s=self.timeout_s, api_key=self._api_key)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from learner.push import PushError, PushStats, WeightPusher
+from ssp.learner.push import PushError, PushStats, WeightPusher
 
 log = logging.getLogger(__name__)
 

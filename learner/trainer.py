@@ -6,12 +6,12 @@ Each step: rank 0 reads `groups_per_step` frames from the trajectory stream and 
 the batch (advantages per role, drops) and takes its data-parallel share -> micro-batches by token budget ->
 forward (logprobs recomputed with the current weights), PPO loss, backward -> gradients summed over DP, clipped
 over all TP shards -> one AdamW step (on fp32 master weights when the parameters are bf16, sharded over the DP
-ranks, see learner.optimizer) -> checkpoint -> weights pushed to the servers -> one metrics line.
+ranks, see ssp.learner.optimizer) -> checkpoint -> weights pushed to the servers -> one metrics line.
 
 The step counter is the policy version: weights after step k are version k, pushed as weight_version "k". Every
 batch is a step, also one with nothing to train (all groups dropped): its version carries the previous weights and
 only the servers' label moves, so the engine's staleness gate (groups_per_step groups per version) stays exact.
-Entry points: `run(cfg, source, server_urls)` (per rank, what torchrun runs via `python -m learner.trainer`)
+Entry points: `run(cfg, source, server_urls)` (per rank, what torchrun runs via `python -m ssp.learner.trainer`)
 and `Trainer.train_step(groups)` (one optimizer step on already-decoded trajectory groups).
 """
 
@@ -31,18 +31,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.config import StreamConfig
-from engine.trajectory import SchemaError, Trajectory, unpack_group
-from engine.wire import HEADER
-from learner import checkpoint
-from learner.batching import collate, pack, plan_batch, shard
-from learner.config import LearnerConfig
-from learner.convert import canonical_params, is_tp_sharded
-from learner.dedup import RecentGroups
-from learner.loss import aggregation_weights, policy_loss
-from learner.model import ModelShape, Parallel, build_model, init_parallel, logits_only_at
-from learner.optimizer import build_optimizer, clip_grad_norm
-from learner.trajectory_source import FrameSource, StreamError, open_source
+from ssp.engine.config import StreamConfig
+from ssp.engine.trajectory import SchemaError, Trajectory, unpack_group
+from ssp.engine.wire import HEADER
+from ssp.learner import checkpoint
+from ssp.learner.batching import collate, pack, plan_batch, shard
+from ssp.learner.config import LearnerConfig
+from ssp.learner.convert import canonical_params, is_tp_sharded
+from ssp.learner.dedup import RecentGroups
+from ssp.learner.loss import aggregation_weights, policy_loss
+from ssp.learner.model import ModelShape, Parallel, build_model, init_parallel, logits_only_at
+from ssp.learner.optimizer import build_optimizer, clip_grad_norm
+from ssp.learner.trajectory_source import FrameSource, StreamError, open_source
 
 log = logging.getLogger(__name__)
 
@@ -97,26 +97,26 @@ class Trainer:
         self.ref_model = ref_model
         self.dp_group = parallel_state.get_data_parallel_group()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        # ZeRO-1: fp32 masters and moments sharded over the DP ranks (learner.optimizer); none at DP = 1.
+        # ZeRO-1: fp32 masters and moments sharded over the DP ranks (ssp.learner.optimizer); none at DP = 1.
         self.optimizer, self.lr_schedule = build_optimizer(
             canonical_params(model), cfg, dp_group=self.dp_group if par.dp > 1 else None)
         self._grad_names = [n for n, p in canonical_params(model) if p.requires_grad]
 
     def _logits(self, model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 at: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Logits (1, K, V/tp) at the K positions `at` = (rows, columns) of the micro-batch (learner.model)."""
-        from learner.logprobs import mask_padded_vocab
+        """Logits (1, K, V/tp) at the K positions `at` = (rows, columns) of the micro-batch (ssp.learner.model)."""
+        from ssp.learner.logprobs import mask_padded_vocab
 
         with logits_only_at(model, *at):
             # No mask: the core attention masks causally by itself (megatron's on GPU, the SDPA stand-in of
-            # learner.megatron_cpu on CPU), and rows are right-padded, so no real token ever sees padding.
+            # ssp.learner.megatron_cpu on CPU), and rows are right-padded, so no real token ever sees padding.
             logits = model(input_ids, position_ids, None)
         if self.cfg.logprob_temperature != 1.0:
             logits = logits / self.cfg.logprob_temperature
         return mask_padded_vocab(logits, self.shape.vocab_size)
 
     def train_step(self, groups: list[list[Trajectory]], policy_version: int) -> StepResult:
-        from learner.logprobs import entropy, token_logprobs
+        from ssp.learner.logprobs import entropy, token_logprobs
 
         cfg, par = self.cfg, self.par
         plan = plan_batch(groups, cfg, policy_version=policy_version)
@@ -195,7 +195,7 @@ class Trainer:
 def read_batch(source: FrameSource, n_groups: int, recent: RecentGroups,
                vocab_size: int) -> tuple[list[bytes], list[str], list[int]]:
     """Up to n_groups new frames, their group ids and frame sizes (groups already trained are skipped); fewer only
-    at the end of the stream. A frame that is not a valid group for this model (engine.trajectory validation: token
+    at the end of the stream. A frame that is not a valid group for this model (ssp.engine.trajectory validation: token
     ids outside the vocabulary, non-finite rewards or logprobs, bad masks) raises StreamError naming the frame, so
     the learner stops before training any of this batch."""
     payloads: list[bytes] = []
@@ -230,7 +230,7 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str], stream: St
     if par.dp != cfg.data_parallel:
         raise ValueError(f"launched {par.world_size} ranks = tp {par.tp} x dp {par.dp}, but learner.data_parallel "
                          f"= {cfg.data_parallel}; launch tensor_parallel * data_parallel ranks")
-    from learner.convert import load_hf_into_model
+    from ssp.learner.convert import load_hf_into_model
     from ssp.paths import default_model_dir
 
     model_dir = cfg.model_dir or default_model_dir()
@@ -309,13 +309,13 @@ def run(cfg: LearnerConfig, source_spec: str, server_urls: list[str], stream: St
 
 
 def _connect_pusher(cfg: LearnerConfig, server_urls: list[str], par: Parallel) -> Any:
-    """Rank 0 owns the update group (over the servers that answer: learner.push_recovery); the other ranks only help
+    """Rank 0 owns the update group (over the servers that answer: ssp.learner.push_recovery); the other ranks only help
     gather."""
     if par.rank != 0:
         return None
+    from ssp.learner.push import WeightPusher
+    from ssp.learner.push_recovery import RecoveringPusher
     from ssp.run_key import load_api_key
-    from learner.push import WeightPusher
-    from learner.push_recovery import RecoveringPusher
 
     api_key = load_api_key(cfg.push_api_key_file, "learner.push_api_key_file")
 
@@ -337,9 +337,9 @@ PUSH_ATTEMPTS = 3
 def _push(trainer: Trainer, pusher: Any, par: Parallel, version: str) -> dict[str, float]:
     """Gather TP shards (replica 0's TP ranks together) and, on rank 0, stream them to the servers; push again
     (all ranks gathering again) when rank 0's push was interrupted."""
-    from learner.gather import iter_hf_weights
-    from learner.push import PushError
-    from learner.push_recovery import PushInterrupted
+    from ssp.learner.gather import iter_hf_weights
+    from ssp.learner.push import PushError
+    from ssp.learner.push_recovery import PushInterrupted
 
     interrupted = ""
     for attempt in range(1, PUSH_ATTEMPTS + 1):
@@ -376,7 +376,7 @@ def _open_metrics(cfg: LearnerConfig) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Per-rank entry point under torchrun: `python -m learner.trainer --config-json FILE [--stream-json FILE]
+    """Per-rank entry point under torchrun: `python -m ssp.learner.trainer --config-json FILE [--stream-json FILE]
     --trajectories SRC`."""
     parser = argparse.ArgumentParser(description="one learner rank (launched by `ssp learner train`)")
     parser.add_argument("--config-json", type=Path, required=True, help="resolved [learner] section as JSON")
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(cfg, args.trajectories, args.server, stream)
     finally:
-        from learner.model import destroy_parallel
+        from ssp.learner.model import destroy_parallel
 
         destroy_parallel()
 

@@ -1,7 +1,7 @@
 """Read the engine's trajectory stream: one frame per episode, from a file of frames or a TCP connection.
 
 Framing (engine/wire.py, shared with the engine's writer): each frame is a 4-byte big-endian unsigned length N
-followed by N bytes, the msgpack payload of `engine.trajectory.pack_group` (the trajectories of one episode), with N
+followed by N bytes, the msgpack payload of `ssp.engine.trajectory.pack_group` (the trajectories of one episode), with N
 at most stream.max_frame_bytes, the one limit both ends read from the [stream] section.
 
     +----------------+---------------------------+
@@ -25,8 +25,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
-from engine.config import MAX_FRAME_BYTES, StreamConfig
-from engine.wire import HEADER, FrameError, HandshakeError, Terms, challenge, read_frame, send_verdict, terms_of
+from ssp.engine.config import MAX_FRAME_BYTES, StreamConfig
+from ssp.engine.wire import HEADER, FrameError, HandshakeError, Terms, challenge, read_frame, send_verdict, terms_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

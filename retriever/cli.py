@@ -69,8 +69,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from retriever.errors import RetrieverError
-    from retriever.index_build import build_index
+    from ssp.retriever.errors import RetrieverError
+    from ssp.retriever.index_build import build_index
 
     try:
         report = build_index(
@@ -95,8 +95,8 @@ def run_search(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from retriever.errors import RetrieverError
-    from retriever.tantivy_index import TantivySearcher, check_k
+    from ssp.retriever.errors import RetrieverError
+    from ssp.retriever.tantivy_index import TantivySearcher, check_k
 
     try:
         check_k(args.k)
@@ -117,11 +117,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from retriever.config import RetrievalServerConfig
-    from retriever.errors import RetrieverError
-    from retriever.server import serve
     from ssp.config import load_config
     from ssp.paths import default_index_dir
+    from ssp.retriever.config import RetrievalServerConfig
+    from ssp.retriever.errors import RetrieverError
+    from ssp.retriever.server import serve
     from ssp.run_config import SSPConfig
 
     cfg: RetrievalServerConfig = load_config(SSPConfig, args.config, args.overrides).retrieval_server

@@ -17,15 +17,15 @@ from typing import Any
 
 import aiohttp
 
-from retriever.corpus import split_contents
-from retriever.errors import (
+from ssp.retriever.corpus import split_contents
+from ssp.retriever.errors import (
     RetrieverClosedError,
     RetrieverProtocolError,
     RetrieverRequestError,
     RetrieverUnavailableError,
 )
-from retriever.protocol import Doc
-from retriever.tantivy_index import check_k
+from ssp.retriever.protocol import Doc
+from ssp.retriever.tantivy_index import check_k
 
 log = logging.getLogger(__name__)
 

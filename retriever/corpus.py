@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from retriever.errors import CorpusError
+from ssp.retriever.errors import CorpusError
 
 BAD_EXAMPLES_KEPT = 5
 """How many bad-line locations a skipping reader remembers for its end-of-run report."""

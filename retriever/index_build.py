@@ -20,9 +20,9 @@ from pathlib import Path
 import tantivy
 from tqdm import tqdm
 
-from retriever.corpus import CorpusReader
-from retriever.errors import IndexBuildError
-from retriever.index_format import (
+from ssp.retriever.corpus import CorpusReader
+from ssp.retriever.errors import IndexBuildError
+from ssp.retriever.index_format import (
     ANALYZER_NAME,
     FORMAT_VERSION,
     Manifest,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tantivy
 
-from retriever.errors import IndexOpenError
+from ssp.retriever.errors import IndexOpenError
 
 FORMAT_VERSION = 1
 ANALYZER_NAME = "ssp_en"

@@ -26,7 +26,7 @@ from functools import lru_cache, partial
 
 import tantivy
 
-from retriever.index_format import SEARCH_FIELDS, make_analyzer, query_text
+from ssp.retriever.index_format import SEARCH_FIELDS, make_analyzer, query_text
 
 COMMON_TERM_DOC_FRACTION = 0.2
 """A term in more than this fraction of the passages (text field) is pruned from a query that has rarer terms.

@@ -17,10 +17,10 @@ A user's class (or factory) is called with `**retriever.options` and must give a
 import inspect
 from typing import Any
 
-from retriever.config import RetrieverConfig
-from retriever.errors import RetrieverLoadError
-from retriever.protocol import Retriever
 from ssp.plugins import build_plugin
+from ssp.retriever.config import RetrieverConfig
+from ssp.retriever.errors import RetrieverLoadError
+from ssp.retriever.protocol import Retriever
 
 ENTRY_POINT_GROUP = "ssp.retrievers"
 BUILTIN_KINDS = ("tantivy", "http")
@@ -45,11 +45,11 @@ def _make_builtin(cfg: RetrieverConfig) -> Retriever:
     # Imported here so that a user retriever never pays for (or depends on) tantivy and aiohttp.
     if cfg.kind == "tantivy":
         from ssp.paths import default_index_dir
-        from retriever.tantivy_index import TantivyRetriever
+        from ssp.retriever.tantivy_index import TantivyRetriever
 
         return TantivyRetriever(cfg.index_dir or default_index_dir(), threads=cfg.search_threads)
+    from ssp.retriever.client import HttpRetriever
     from ssp.run_key import load_api_key
-    from retriever.client import HttpRetriever
 
     return HttpRetriever(cfg.url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
                          api_key=load_api_key(cfg.api_key_file, "retriever.api_key_file"))

@@ -26,11 +26,11 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
+from ssp.retriever.config import RetrievalServerConfig
+from ssp.retriever.corpus import join_contents
+from ssp.retriever.protocol import Doc
+from ssp.retriever.tantivy_index import TantivyRetriever
 from ssp.run_key import check_bind, load_api_key
-from retriever.config import RetrievalServerConfig
-from retriever.corpus import join_contents
-from retriever.protocol import Doc
-from retriever.tantivy_index import TantivyRetriever
 
 log = logging.getLogger(__name__)
 

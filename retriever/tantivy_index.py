@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from retriever.errors import RetrieverClosedError
-from retriever.index_format import open_index
-from retriever.protocol import Doc
-from retriever.query import QueryBuilder
+from ssp.retriever.errors import RetrieverClosedError
+from ssp.retriever.index_format import open_index
+from ssp.retriever.protocol import Doc
+from ssp.retriever.query import QueryBuilder
 
 HAND_OFF_MAX_QUERIES = 16
 """Most queries one thread takes per hand-off: large enough to amortize it, small enough to keep threads even."""

@@ -1,6 +1,6 @@
 """The SGLang-compatible HTTP front (aiohttp): routes, request holding while paused, the writer lock, auth, SSE.
 
-It speaks the subset of SGLang 0.5.23's native API an RL rollout uses over any `serving.backend.Backend`
+It speaks the subset of SGLang 0.5.23's native API an RL rollout uses over any `ssp.serving.backend.Backend`
 (the transformers model backend, or the simulated one). Everything protocol-level lives here and in
 `serving/protocol.py`; nothing here knows about models.
 
@@ -19,7 +19,7 @@ State the front keeps (one asyncio loop, so no locks beyond the two below):
 A trainer that dies mid-push leaves the server paused, its session open and its group registered (an ssp extension
 cleans this up; SGLang has none): a session with no weight-update call for `weight_update_idle_timeout_s` is ended,
 every group destroyed and generation continued. A new trainer need not wait for that: the plain SGLang sequence
-end_weight_update -> destroy_weights_update_group -> continue_generation, which `learner.push.WeightPusher` sends
+end_weight_update -> destroy_weights_update_group -> continue_generation, which `ssp.learner.push.WeightPusher` sends
 before it joins, resets the same state (each step tolerates finding nothing to undo).
 """
 
@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from serving.backend import (
+from ssp.serving.backend import (
     Backend,
     BackendError,
     GenerateOutput,
@@ -47,8 +47,16 @@ from serving.backend import (
     SamplingOptions,
     UpdateResult,
 )
-from serving.config import ServingConfig
-from serving.protocol import ApiError, GenerateCall, dumps, error_response, format_output, parse_generate, parse_json
+from ssp.serving.config import ServingConfig
+from ssp.serving.protocol import (
+    ApiError,
+    GenerateCall,
+    dumps,
+    error_response,
+    format_output,
+    parse_generate,
+    parse_json,
+)
 
 log = logging.getLogger(__name__)
 

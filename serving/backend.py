@@ -4,7 +4,7 @@ The front owns everything that is protocol: JSON parsing and validation with SGL
 expansion, the table of live request ids (duplicates, abort lookup), holding new requests while paused, the
 writer lock that makes weight updates wait for in-flight requests, the weight-update session, auth, SSE.
 A backend owns everything that is model: tokenization, scheduling and batching, sampling, stop rules, the KV cache,
-weights and their version. Two backends implement it: `serving.model_backend.ModelBackend` (a transformers model
+weights and their version. Two backends implement it: `ssp.serving.model_backend.ModelBackend` (a transformers model
 with continuous batching) and the simulated backend in `serving/sim*.py` (no weights, a latency model).
 
 Request lifecycle, as the front drives it:

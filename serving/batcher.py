@@ -37,10 +37,18 @@ from typing import Any, TypeVar
 
 import torch
 
-from serving.backend import ABORTED, ABORTED_QUEUED, BackendError, Finish, GenerateOutput, GenerateRequest, LoadStats
-from serving.model_runner import ModelRunner, Prefilled, Prompt
-from serving.prefix_cache import PrefixCache
-from serving.sampling import clamp_logprob, make_generator, sample, suppress, top_logprobs
+from ssp.serving.backend import (
+    ABORTED,
+    ABORTED_QUEUED,
+    BackendError,
+    Finish,
+    GenerateOutput,
+    GenerateRequest,
+    LoadStats,
+)
+from ssp.serving.model_runner import ModelRunner, Prefilled, Prompt
+from ssp.serving.prefix_cache import PrefixCache
+from ssp.serving.sampling import clamp_logprob, make_generator, sample, suppress, top_logprobs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -50,7 +50,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from serving.model_prep import ModelPrepError, prepare_default_model
+    from ssp.serving.model_prep import ModelPrepError, prepare_default_model
 
     try:
         path = prepare_default_model(args.out)
@@ -63,13 +63,12 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     import dataclasses
-
     import sys
 
-    from ssp.run_key import RunKeyError
-    from serving.server import serve
     from ssp.config import load_config
     from ssp.run_config import SSPConfig
+    from ssp.run_key import RunKeyError
+    from ssp.serving.server import serve
 
     cfg = load_config(SSPConfig, args.config, args.overrides).serving
     flags = {"model": args.model, "host": args.host, "port": args.port}

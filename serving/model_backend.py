@@ -1,4 +1,4 @@
-"""`ModelBackend`: the `serving.backend.Backend` of the reference server, a transformers model with continuous batching.
+"""`ModelBackend`: the `ssp.serving.backend.Backend` of the reference server, a transformers model with continuous batching.
 
 It glues the asyncio front to the batcher thread (`serving/batcher.py`): each request gets an asyncio.Queue that
 the batcher fills with snapshots through `loop.call_soon_threadsafe`; every state change is a closure run on the
@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from serving import weight_sync
-from serving.backend import (
+from ssp.serving import weight_sync
+from ssp.serving.backend import (
     Backend,
     GenerateOutput,
     GenerateRequest,
@@ -36,10 +36,10 @@ from serving.backend import (
     PauseMode,
     UpdateResult,
 )
-from serving.config import ServingConfig
-from serving.model_prep import prepare_default_model
-from serving.model_runner import ModelRunner
-from serving.batcher import ContinuousBatcher
+from ssp.serving.batcher import ContinuousBatcher
+from ssp.serving.config import ServingConfig
+from ssp.serving.model_prep import prepare_default_model
+from ssp.serving.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import orjson
 
-from serving.backend import GenerateOutput, GenerateRequest, ModelDescription, SamplingOptions, TopLogprobs
-from serving.config import ServingConfig
+from ssp.serving.backend import GenerateOutput, GenerateRequest, ModelDescription, SamplingOptions, TopLogprobs
+from ssp.serving.config import ServingConfig
 
 ErrorKind = Literal["request", "contract", "invalid"]
 

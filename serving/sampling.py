@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from serving.backend import SamplingOptions
+from ssp.serving.backend import SamplingOptions
 
 
 def make_generator(seed: int | None) -> torch.Generator:

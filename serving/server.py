@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from serving.backend import Backend
-from serving.config import ServingConfig
+from ssp.serving.backend import Backend
+from ssp.serving.config import ServingConfig
 
 log = logging.getLogger(__name__)
 
@@ -18,12 +18,12 @@ def build_backend(cfg: ServingConfig, *, sim: bool, sim_profile: Path | None,
                   sim_time_scale: float | None = None) -> Backend:
     """The model backend, or the simulated one (`serving/sim*.py`, `build_sim_backend`)."""
     if sim:
-        from serving.sim import build_sim_backend
+        from ssp.serving.sim import build_sim_backend
 
         return build_sim_backend(cfg, sim_profile, sim_time_scale)
     if sim_profile is not None or sim_time_scale is not None:
         raise ValueError("--sim-profile and --sim-time-scale only apply with --sim; drop them or add --sim")
-    from serving.model_backend import ModelBackend
+    from ssp.serving.model_backend import ModelBackend
 
     return ModelBackend(cfg)
 
@@ -47,7 +47,7 @@ def serve(cfg: ServingConfig, *, sim: bool = False, sim_profile: Path | None = N
     """Serve until interrupted; `insecure` allows a non-loopback bind without an API key (`with_key`)."""
     import uvloop
 
-    from serving.app import create_app, run_app
+    from ssp.serving.app import create_app, run_app
 
     cfg = with_key(cfg, insecure=insecure)
     backend = build_backend(cfg, sim=sim, sim_profile=sim_profile, sim_time_scale=sim_time_scale)

@@ -18,7 +18,7 @@ a wall-clock anchor, so a slow host shows up as lag (`stats().lag_s`) rather tha
 stretch is the moment its first request (or the resume) arrived, not the moment the host got round to stepping, and
 a stretch's worst lag stays counted after the server goes idle (`sim_clock()["behind_s"]`). Aborts take effect at the
 end of the current step (as in SGLang, a few more tokens may appear); pause, weight updates and resume cost the
-profile's modeled times. What the sim says (token ids of SSP-shaped turns) is planned by `serving.sim_text`.
+profile's modeled times. What the sim says (token ids of SSP-shaped turns) is planned by `ssp.serving.sim_text`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.backend import (
+from ssp.paths import default_model_dir
+from ssp.serving.backend import (
     ABORTED,
     ABORTED_QUEUED,
     Backend,
@@ -49,10 +50,9 @@ from serving.backend import (
     PauseMode,
     UpdateResult,
 )
-from serving.config import ServingConfig
-from serving.sim_profile import SimProfile, load_profile
-from serving.sim_text import TurnPlan, SimText, Tokenizer, TokenizerFile, as_token_bytes
-from ssp.paths import default_model_dir
+from ssp.serving.config import ServingConfig
+from ssp.serving.sim_profile import SimProfile, load_profile
+from ssp.serving.sim_text import SimText, Tokenizer, TokenizerFile, TurnPlan, as_token_bytes
 
 log = logging.getLogger(__name__)
 
@@ -645,7 +645,7 @@ def build_sim_backend(cfg: ServingConfig, profile_path: Path | None, time_scale:
     profile's `[sim] time_scale`)."""
     model_dir = cfg.model if cfg.model is not None else default_model_dir()
     if cfg.model is None and not (model_dir / "tokenizer.json").is_file():
-        from serving.model_prep import prepare_default_model
+        from ssp.serving.model_prep import prepare_default_model
 
         model_dir = prepare_default_model()
     profile = load_profile(profile_path)

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from serving.backend import Finish, SamplingOptions
-from serving.sim_profile import LogNormal, RoleShape, ShapesSpec, SimSpec
+from ssp.serving.backend import Finish, SamplingOptions
+from ssp.serving.sim_profile import LogNormal, RoleShape, ShapesSpec, SimSpec
 
 Role = Literal["proposer", "solver", "verifier"]
 

@@ -15,17 +15,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 COMMAND_MODULES = (
-    # running: train (one machine), launch (a cluster), eval, rollout and inspect (engine.cli)
-    "launcher.train_cli",
-    "launcher.cli",
-    "launcher.eval_cli",
-    "engine.cli",
+    # running: train (one machine), launch (a cluster), eval, rollout and inspect (ssp.engine.cli)
+    "ssp.launcher.train_cli",
+    "ssp.launcher.cli",
+    "ssp.launcher.eval_cli",
+    "ssp.engine.cli",
     # the pieces alone: learner and export, model (serving), index and retriever
-    "learner.cli",
-    "serving.cli",
-    "retriever.cli",
+    "ssp.learner.cli",
+    "ssp.serving.cli",
+    "ssp.retriever.cli",
     # tools
-    "bench.cli",
+    "ssp.bench.cli",
     "ssp.config_cli",
 )
 """In the order `ssp --help` lists their commands: what users run first, then the pieces, then the tools."""

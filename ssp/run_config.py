@@ -2,14 +2,21 @@
 
 from dataclasses import dataclass, field
 
-from engine.config import EngineConfig, GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig, StreamConfig
-from engine.eval_config import EvalConfig
-from engine.inference_config import InferenceConfig
-from launcher.config import ClusterConfig
-from launcher.train_config import TrainConfig
-from learner.config import LearnerConfig
-from retriever.config import RetrievalServerConfig, RetrieverConfig
-from serving.config import ServingConfig
+from ssp.engine.config import (
+    EngineConfig,
+    GameConfig,
+    RolloutConfig,
+    SchedulerConfig,
+    SearchBatcherConfig,
+    StreamConfig,
+)
+from ssp.engine.eval_config import EvalConfig
+from ssp.engine.inference_config import InferenceConfig
+from ssp.launcher.config import ClusterConfig
+from ssp.launcher.train_config import TrainConfig
+from ssp.learner.config import LearnerConfig
+from ssp.retriever.config import RetrievalServerConfig, RetrieverConfig
+from ssp.serving.config import ServingConfig
 from ssp.trackers import MetricsConfig
 
 

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The prepared SmolLM2-135M-Instruct HF directory (`ssp model prepare`; converted once, then cached)."""
-    from serving.model_prep import prepare_default_model
+    from ssp.serving.model_prep import prepare_default_model
 
     return prepare_default_model()
 
@@ -18,8 +18,8 @@ def model_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real Tantivy index over the shipped demo corpora (data/corpus/, about 19k passages), built once per session."""
-    from retriever.index_build import build_index
     from ssp.paths import DEMO_CORPORA
+    from ssp.retriever.index_build import build_index
 
     return build_index(DEMO_CORPORA, tmp_path_factory.mktemp("index") / "demo", progress=False).out
 
@@ -33,7 +33,7 @@ class ServerProcess:
         import sys
         import time
 
-        from serving.server import READY_LINE
+        from ssp.serving.server import READY_LINE
 
         self.args = args
         self._log = log_path.open("w")
@@ -98,7 +98,7 @@ def sim_launcher(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
     profile_toml="", base_profile=True, extra_args=()) -> ServerProcess. `profile_toml` is appended to the 7B
     profile (e.g. "[sim]\\nseed = 3"), or is the whole profile with base_profile=False (unset keys: defaults).
     Every server started is stopped at the end of the session."""
-    from serving.sim_profile import DEFAULT_PROFILE
+    from ssp.serving.sim_profile import DEFAULT_PROFILE
 
     started: list[ServerProcess] = []
     root = tmp_path_factory.mktemp("sim")

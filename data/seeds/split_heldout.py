@@ -7,7 +7,7 @@ HELDOUT_SIZE answers held out, stratified over `type` (each type in proportion t
 least MIN_PER_TYPE, so the rarest types can be read on their own), the rest for training (scheduler.seeds_file).
 Within a type the held-out answers are those with the smallest sha256 of SALT + the lower-cased answer: the choice
 depends on the answers only, not on the file order or a random generator. Answers that share an alias after the
-judge's normalisation (engine.judge.normalize_answer: case, punctuation, articles, spaces, so "The Bahamas" and
+judge's normalisation (ssp.engine.judge.normalize_answer: case, punctuation, articles, spaces, so "The Bahamas" and
 "bahamas" are one answer to the exact-match judge) stay together on one side, so no held-out answer can be drawn in
 training under another spelling. Lines are copied byte for byte, in the pool's order.
 """
@@ -19,7 +19,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from engine.judge import normalize_answer
+from ssp.engine.judge import normalize_answer
 
 HERE = Path(__file__).resolve().parent
 TRAIN_FILE = HERE / "seed_answers.jsonl"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
-from bench.async_vs_sync import bench_profile, resolve_profile
-from bench.async_vs_sync_bound import (
+from ssp.bench import report
+from ssp.bench.async_vs_sync import bench_profile, resolve_profile
+from ssp.bench.async_vs_sync_bound import (
     Costs,
     GroupCost,
     async_bound,
@@ -18,11 +18,11 @@ from bench.async_vs_sync_bound import (
     rollout_cost,
     sync_step_bound,
 )
-from bench.async_vs_sync_report import markdown, verdict_lines
-from bench.async_vs_sync_run import Reading, clock_guard
-from bench.sim_learner import learner_step_s, push_s
-from engine.trajectory import Trajectory
-from serving.sim_profile import load_profile
+from ssp.bench.async_vs_sync_report import markdown, verdict_lines
+from ssp.bench.async_vs_sync_run import Reading, clock_guard
+from ssp.bench.sim_learner import learner_step_s, push_s
+from ssp.engine.trajectory import Trajectory
+from ssp.serving.sim_profile import load_profile
 
 
 def test_unknown_profile_names_the_known_ones() -> None:

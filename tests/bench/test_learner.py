@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.learner import ratio_line, summarize_comparison
+from ssp.bench.learner import ratio_line, summarize_comparison
 from ssp.paths import PROJECT_ROOT
 
 

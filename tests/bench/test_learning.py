@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from bench.learning import ARMS, arm_overrides, compare, learning_line
-from engine.evaluation import EvalResult, QuestionRecord, average, summarize
+from ssp.bench.learning import ARMS, arm_overrides, compare, learning_line
+from ssp.engine.evaluation import EvalResult, QuestionRecord, average, summarize
 
 
 def _result(correct: int, n: int = 20) -> EvalResult:

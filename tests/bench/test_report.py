@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import report, search
+from ssp.bench import report, search
 
 
 def test_report_from_a_real_search_run(demo_index: Path, tmp_path: Path) -> None:

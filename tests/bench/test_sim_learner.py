@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
-from bench.sim_learner import SimClock, SimLearner, learner_step_s, push_s, steady_rate
-from engine.stream import encode_frame
-from engine.trajectory import Role, Trajectory, pack_group
-from serving.sim_profile import load_profile
+from ssp.bench.sim_learner import SimClock, SimLearner, learner_step_s, push_s, steady_rate
+from ssp.engine.stream import encode_frame
+from ssp.engine.trajectory import Role, Trajectory, pack_group
+from ssp.serving.sim_profile import load_profile
 
 
 def test_step_time_matches_the_profile_note() -> None:

@@ -3,7 +3,7 @@ seam a user's package uses)."""
 
 from __future__ import annotations
 
-from engine.solver_rewards import SolverOutcome
+from ssp.engine.solver_rewards import SolverOutcome
 
 
 class BrevityBonus:

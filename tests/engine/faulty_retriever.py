@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from retriever.protocol import Doc
-from retriever.tantivy_index import TantivyRetriever
+from ssp.retriever.protocol import Doc
+from ssp.retriever.tantivy_index import TantivyRetriever
 
 
 class HangAfter:

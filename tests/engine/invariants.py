@@ -11,10 +11,10 @@ import math
 
 import aiohttp
 
-from engine.chat import ChatTokenizer
-from engine.prompts import INFO_FOOTER, INFO_HEADER, information_block
-from engine.trajectory import Trajectory
-from retriever.protocol import Retriever
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.prompts import INFO_FOOTER, INFO_HEADER, information_block
+from ssp.engine.trajectory import Trajectory
+from ssp.retriever.protocol import Retriever
 
 
 async def check_trajectory(t: Trajectory, chat: ChatTokenizer, retriever: Retriever | None, k: int) -> None:

@@ -13,11 +13,11 @@ import collections
 from array import array
 from dataclasses import dataclass, field
 
-from engine.chat import ChatTokenizer
-from engine.errors import ConnectionFailed
-from engine.generation import FinishReason, GenerateResult, SamplingParams, WeightSpan
-from engine.prompts import PROPOSER_SYSTEM, SOLVER_SYSTEM, VERIFIER_SYSTEM
-from retriever.protocol import Doc
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.errors import ConnectionFailed
+from ssp.engine.generation import FinishReason, GenerateResult, SamplingParams, WeightSpan
+from ssp.engine.prompts import PROPOSER_SYSTEM, SOLVER_SYSTEM, VERIFIER_SYSTEM
+from ssp.retriever.protocol import Doc
 
 QUESTION = "Which river runs through the capital city of the country where the painter of the mural was born?"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.chat import ChatTokenizer
-from engine.prompts import information_block, proposer_messages, render_docs, solver_messages, verifier_messages
-from retriever.protocol import Doc
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.prompts import information_block, proposer_messages, render_docs, solver_messages, verifier_messages
+from ssp.retriever.protocol import Doc
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 
 import pytest
 
-from engine.checks import SearchRecord, check_question, count_answer_tags, extract_answer, extract_question, leaks
-from engine.config import ChecksConfig, GameConfig
-from engine.rewards import proposer_reward, solver_accuracy, solver_reward, zero_variance
+from ssp.engine.checks import SearchRecord, check_question, count_answer_tags, extract_answer, extract_question, leaks
+from ssp.engine.config import ChecksConfig, GameConfig
+from ssp.engine.rewards import proposer_reward, solver_accuracy, solver_reward, zero_variance
 
 Q = "Which river flows through the capital of the country where the painter of this mural was born?"
 TWO = [SearchRecord("mural painter", 3), SearchRecord("painter birthplace", 3)]

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from engine.client import ServerClient, parse_generate_response
-from engine.errors import (
+from ssp.engine.client import ServerClient, parse_generate_response
+from ssp.engine.errors import (
     BadRequest,
     ConnectionFailed,
     FatalError,
@@ -21,10 +21,10 @@ from engine.errors import (
     RetryableError,
     ServerOverloaded,
 )
-from engine.generation import GenerateResult, SamplingParams
-from engine.ids import RID_LENGTH, RequestIds
-from engine.rollout import token_versions
-from engine.trajectory import UNKNOWN_VERSION
+from ssp.engine.generation import GenerateResult, SamplingParams
+from ssp.engine.ids import RID_LENGTH, RequestIds
+from ssp.engine.rollout import token_versions
+from ssp.engine.trajectory import UNKNOWN_VERSION
 
 IDS = RequestIds()
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 30, 2, 198, 1, 4093, 198]  # a ChatML-looking prompt

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from engine.client import ServerClient
-from engine.errors import BadRequest
-from engine.generation import SamplingParams
-from engine.ids import RequestIds
-from engine.inference_config import InferenceConfig
-from engine.pool import InferencePool
+from ssp.engine.client import ServerClient
+from ssp.engine.errors import BadRequest
+from ssp.engine.generation import SamplingParams
+from ssp.engine.ids import RequestIds
+from ssp.engine.inference_config import InferenceConfig
+from ssp.engine.pool import InferencePool
 
 pytestmark = pytest.mark.slow
 

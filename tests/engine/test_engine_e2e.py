@@ -17,19 +17,19 @@ from array import array
 from pathlib import Path
 
 import pytest
-
-from engine.assemble import open_engine, run_engine, served_version
-from engine.chat import ChatTokenizer
-from engine.config import EngineConfig
-from engine.game import Proposal
-from engine.rollout import Rollout
-from engine.seeds import Seed
-from engine.stream import read_frames
-from engine.trajectory import Trajectory, unpack_group
 from invariants import check_logprobs, check_trajectory
-from retriever.tantivy_index import TantivyRetriever
+
 from ssp.config import load_config
+from ssp.engine.assemble import open_engine, run_engine, served_version
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.config import EngineConfig
+from ssp.engine.game import Proposal
+from ssp.engine.rollout import Rollout
+from ssp.engine.seeds import Seed
+from ssp.engine.stream import read_frames
+from ssp.engine.trajectory import Trajectory, unpack_group
 from ssp.paths import CONFIGS_DIR
+from ssp.retriever.tantivy_index import TantivyRetriever
 from ssp.run_config import SSPConfig
 
 pytestmark = pytest.mark.slow
@@ -80,7 +80,7 @@ async def test_rollout_on_the_reference_server_lines_up(ref_server: str, demo_in
             await check_logprobs(ref_server, t)
     finally:
         await retriever.close()
-    from engine.prompts import proposer_messages
+    from ssp.engine.prompts import proposer_messages
 
     p = trajs[0]
     assert p.prompt_ids == (await chat.render(proposer_messages(p.meta["answer"][0], p.meta["hops"]),
@@ -111,7 +111,7 @@ async def test_self_play_with_prefills_yields_all_three_roles_that_line_up(ref_s
     p = trajs[0]
     assert p.meta["finish_reason"] == "question" and p.meta["question"]
     chat = ChatTokenizer.load(model_dir)
-    from engine.prompts import proposer_messages, solver_messages
+    from ssp.engine.prompts import proposer_messages, solver_messages
 
     # The prefill is the end of the prompt (never trained); the response starts after it.
     assert p.prompt_ids == (await chat.render(proposer_messages("M.I.T.", 2), prefill="<question>")).tolist()

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.evaluation import (
+from ssp.config import load_config
+from ssp.engine.config import EngineConfig
+from ssp.engine.evaluation import (
     EvalDataError,
     EvalQuestion,
     EvalResult,
     QuestionRecord,
     _unless_dead,
     average,
-    evaluate,
     describe_changes,
+    evaluate,
     format_comparison,
     format_table,
     load_dataset,
@@ -31,11 +32,10 @@ from engine.evaluation import (
     score,
     summarize,
 )
-from engine.intervals import Interval, mean_interval, mean_of_rates_interval, separation, wilson_interval
-from serving.server import READY_LINE
+from ssp.engine.intervals import Interval, mean_interval, mean_of_rates_interval, separation, wilson_interval
 from ssp.processes import ManagedProcess, ProcessFailed
-from ssp.config import load_config
 from ssp.run_config import SSPConfig
+from ssp.serving.server import READY_LINE
 
 QA_DIR = Path(__file__).resolve().parents[2] / "data" / "qa"
 

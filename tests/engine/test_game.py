@@ -7,15 +7,15 @@ import random
 from pathlib import Path
 
 import pytest
-
-from engine.chat import ChatTokenizer
-from engine.config import GameConfig, RolloutConfig, SearchBatcherConfig
-from engine.game import Game
-from engine.judge import Judge
-from engine.rollout import RolloutError, RolloutRunner
-from engine.search_batcher import SearchBatcher
-from engine.seeds import Seed
 from scripted_policy import QUESTION, ScriptedPolicy, TinyRetriever
+
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.config import GameConfig, RolloutConfig, SearchBatcherConfig
+from ssp.engine.game import Game
+from ssp.engine.judge import Judge
+from ssp.engine.rollout import RolloutError, RolloutRunner
+from ssp.engine.search_batcher import SearchBatcher
+from ssp.engine.seeds import Seed
 
 
 @pytest.fixture(scope="module")

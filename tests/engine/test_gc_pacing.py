@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from engine.gc_pacing import YOUNG_EVERY_S, GcPacer
+from ssp.engine.gc_pacing import YOUNG_EVERY_S, GcPacer
 
 
 class Node:

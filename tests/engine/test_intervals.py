@@ -1,4 +1,4 @@
-"""engine.intervals against known values: Student t quantiles from the tables, Wilson intervals from the closed
+"""ssp.engine.intervals against known values: Student t quantiles from the tables, Wilson intervals from the closed
 form and published examples, t intervals worked by hand, and the averages over datasets."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from engine.intervals import (
+from ssp.engine.intervals import (
     Interval,
     mean_interval,
     mean_of_means_interval,

@@ -11,9 +11,18 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from aiohttp import web
 
-from engine.config import JudgeConfig
-from engine.judge import (Judge, JudgeError, JudgePluginError, Method, Verdict, exact_match, normalize_answer,
-                          parse_verdict, token_f1)
+from ssp.engine.config import JudgeConfig
+from ssp.engine.judge import (
+    Judge,
+    JudgeError,
+    JudgePluginError,
+    Method,
+    Verdict,
+    exact_match,
+    normalize_answer,
+    parse_verdict,
+    token_f1,
+)
 
 
 def test_normalize_answer_squad_rules() -> None:

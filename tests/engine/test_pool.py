@@ -10,12 +10,12 @@ import dataclasses
 
 import pytest
 
-from engine.errors import BadRequest, ConnectionFailed, NoServerAvailable
-from engine.generation import SamplingParams
-from engine.inference_config import InferenceConfig
-from engine.pool import InferencePool
-from ssp.processes import free_port
 from ssp.config import ConfigError, load_config
+from ssp.engine.errors import BadRequest, ConnectionFailed, NoServerAvailable
+from ssp.engine.generation import SamplingParams
+from ssp.engine.inference_config import InferenceConfig
+from ssp.engine.pool import InferencePool
+from ssp.processes import free_port
 from ssp.run_config import SSPConfig
 
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 30, 2, 198, 1, 4093, 198]

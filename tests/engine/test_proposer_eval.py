@@ -15,16 +15,17 @@ from array import array
 from pathlib import Path
 
 import pytest
+from scripted_policy import QUESTION, ScriptedPolicy, TinyRetriever
 
-from engine.chat import ChatTokenizer
-from engine.config import EngineConfig, GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig
-from launcher.eval_cli import DEFAULT_DATASETS, qa_files
-from engine.eval_config import HELDOUT_SEEDS
-from engine.evaluation import EvalDataError, EvalResult, evaluate, format_comparison, format_table
-from engine.game import Game, Proposal
-from engine.intervals import Interval, wilson_interval
-from engine.judge import Judge
-from engine.proposer_eval import (
+from ssp.config import load_config
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.config import EngineConfig, GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig
+from ssp.engine.eval_config import HELDOUT_SEEDS
+from ssp.engine.evaluation import EvalDataError, EvalResult, evaluate, format_comparison, format_table
+from ssp.engine.game import Game, Proposal
+from ssp.engine.intervals import Interval, wilson_interval
+from ssp.engine.judge import Judge
+from ssp.engine.proposer_eval import (
     EvalSeed,
     SeedRecord,
     _Episode,
@@ -36,12 +37,11 @@ from engine.proposer_eval import (
     run_seeds,
     summarize_seeds,
 )
-from engine.rollout import Rollout, RolloutRunner
-from engine.search_batcher import SearchBatcher
-from engine.seeds import Seed, SeedAnswer, load_seed_answers, shared_answers
-from retriever.protocol import Doc
-from scripted_policy import QUESTION, ScriptedPolicy, TinyRetriever
-from ssp.config import load_config
+from ssp.engine.rollout import Rollout, RolloutRunner
+from ssp.engine.search_batcher import SearchBatcher
+from ssp.engine.seeds import Seed, SeedAnswer, load_seed_answers, shared_answers
+from ssp.launcher.eval_cli import DEFAULT_DATASETS, qa_files
+from ssp.retriever.protocol import Doc
 from ssp.run_config import SSPConfig
 
 SPLIT_SCRIPT = HELDOUT_SEEDS.parent / "split_heldout.py"

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from engine.chat import ChatTokenizer
-from engine.checks import extract_answer, extract_question
-from engine.config import GameConfig, RolloutConfig, SearchBatcherConfig
-from engine.errors import ConnectionFailed
-from engine.generation import FinishReason, GenerateResult, SamplingParams, WeightSpan
-from engine.prompts import information_block, solver_messages
-from engine.rollout import EndReason, Rollout, RolloutError, RolloutRunner, RolloutSpec
-from engine.search_batcher import SearchBatcher
-from retriever.protocol import Doc
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.checks import extract_answer, extract_question
+from ssp.engine.config import GameConfig, RolloutConfig, SearchBatcherConfig
+from ssp.engine.errors import ConnectionFailed
+from ssp.engine.generation import FinishReason, GenerateResult, SamplingParams, WeightSpan
+from ssp.engine.prompts import information_block, solver_messages
+from ssp.engine.rollout import EndReason, Rollout, RolloutError, RolloutRunner, RolloutSpec
+from ssp.engine.search_batcher import SearchBatcher
+from ssp.retriever.protocol import Doc
 
 
 @dataclass

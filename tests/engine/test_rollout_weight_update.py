@@ -8,15 +8,15 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
-
-from engine.chat import ChatTokenizer
-from engine.config import RolloutConfig, SearchBatcherConfig
-from engine.inference_config import InferenceConfig
-from engine.pool import InferencePool
-from engine.prompts import solver_messages
-from engine.rollout import RolloutRunner, RolloutSpec
-from engine.search_batcher import SearchBatcher
 from scripted_policy import TinyRetriever
+
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.config import RolloutConfig, SearchBatcherConfig
+from ssp.engine.inference_config import InferenceConfig
+from ssp.engine.pool import InferencePool
+from ssp.engine.prompts import solver_messages
+from ssp.engine.rollout import RolloutRunner, RolloutSpec
+from ssp.engine.search_batcher import SearchBatcher
 
 
 async def test_abort_pause_resumes_rollouts_and_keeps_versions(sim_launcher, model_dir: Path) -> None:  # type: ignore[no-untyped-def]

@@ -9,18 +9,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-
-from engine.chat import ChatTokenizer
-from engine.config import GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig
-from engine.game import Game
-from engine.judge import Judge
-from engine.rollout import RolloutRunner
-from engine.scheduler import EpisodesFailing, Scheduler, StalenessGate
-from engine.search_batcher import SearchBatcher
-from engine.seeds import SeedAnswer, seed_stream
-from engine.stream import FileSink, TrajectoryStream, read_frames
-from engine.trajectory import unpack_group
 from scripted_policy import ScriptedPolicy, TinyRetriever
+
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.config import GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig
+from ssp.engine.game import Game
+from ssp.engine.judge import Judge
+from ssp.engine.rollout import RolloutRunner
+from ssp.engine.scheduler import EpisodesFailing, Scheduler, StalenessGate
+from ssp.engine.search_batcher import SearchBatcher
+from ssp.engine.seeds import SeedAnswer, seed_stream
+from ssp.engine.stream import FileSink, TrajectoryStream, read_frames
+from ssp.engine.trajectory import unpack_group
 from ssp.metrics import MetricsLog, read_metrics
 
 SEEDS = [SeedAnswer(("Danube",), "place"), SeedAnswer(("Rhine",), "place")]

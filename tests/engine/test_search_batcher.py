@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from engine.config import SearchBatcherConfig
-from engine.search_batcher import SearchBatcher, SearchError
-from retriever.protocol import Doc
+from ssp.engine.config import SearchBatcherConfig
+from ssp.engine.search_batcher import SearchBatcher, SearchError
+from ssp.retriever.protocol import Doc
 
 
 class EchoRetriever:

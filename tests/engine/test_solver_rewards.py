@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import GameConfig
-from engine.judge import Method, Verdict
-from engine.solver_rewards import SolverOutcome, SolverRewardError, make_solver_reward
+from ssp.engine.config import GameConfig
+from ssp.engine.judge import Method, Verdict
+from ssp.engine.solver_rewards import SolverOutcome, SolverRewardError, make_solver_reward
 
 RIGHT = Verdict(correct=True, method=Method.EM)
 WRONG = Verdict(correct=False, method=Method.EM)
@@ -56,10 +56,10 @@ def test_a_reward_outside_zero_one_stops_instead_of_training() -> None:
 
 
 async def test_plugin_reward_trains_the_solver_but_the_proposer_is_paid_on_verdicts(model_dir: Path) -> None:
+    from scripted_policy import ScriptedPolicy
     from test_game import DANUBE, play
 
-    from engine.chat import ChatTokenizer
-    from scripted_policy import ScriptedPolicy
+    from ssp.engine.chat import ChatTokenizer
 
     chat = ChatTokenizer.load(model_dir)
     cfg = GameConfig(solver_group_size=4, verify_samples=2, solver_reward="example_rewards:BrevityBonus",

@@ -11,19 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from engine.chat import ChatTokenizer
-from engine.config import GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig
-from engine.game import Game
-from engine.generation import GenerateResult, SamplingParams
-from engine.judge import Judge
-from engine.rollout import RolloutRunner
-from engine.scheduler import Scheduler
-from engine.search_batcher import SearchBatcher
-from engine.seeds import SeedAnswer, seed_stream
-from engine.stream import HEADER, TrajectoryStream
-from engine.trajectory import unpack_group
 from scripted_policy import ScriptedPolicy, TinyRetriever
+
+from ssp.engine.chat import ChatTokenizer
+from ssp.engine.config import GameConfig, RolloutConfig, SchedulerConfig, SearchBatcherConfig
+from ssp.engine.game import Game
+from ssp.engine.generation import GenerateResult, SamplingParams
+from ssp.engine.judge import Judge
+from ssp.engine.rollout import RolloutRunner
+from ssp.engine.scheduler import Scheduler
+from ssp.engine.search_batcher import SearchBatcher
+from ssp.engine.seeds import SeedAnswer, seed_stream
+from ssp.engine.stream import HEADER, TrajectoryStream
+from ssp.engine.trajectory import unpack_group
 
 PER_STEP = 2
 STEPS = 12

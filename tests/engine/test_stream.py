@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from ssp.engine.stream import FileSink, TcpSink, TrajectoryStream, iter_frames, read_frames
+from ssp.engine.trajectory import Trajectory, unpack_group
+from ssp.engine.wire import FrameError, HandshakeError, Terms, challenge, encode_frame, read_frame, send_verdict
 from ssp.run_key import KEY_ENV, RunKeyError, load_run_key, write_run_key
-from engine.stream import FileSink, TcpSink, TrajectoryStream, iter_frames, read_frames
-from engine.trajectory import Trajectory, unpack_group
-from engine.wire import FrameError, HandshakeError, Terms, challenge, encode_frame, read_frame, send_verdict
 
 TERMS = Terms(run_id="run-a", key=b"k" * 32, max_frame_bytes=1 << 24, timeout_s=5.0)
 
 
 async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """The learner's side of the handshake, for the fake learners below (the real one: learner.trajectory_source)."""
+    """The learner's side of the handshake, for the fake learners below (the real one: ssp.learner.trajectory_source)."""
     await challenge(reader, writer, TERMS)
     await send_verdict(writer, None)
 

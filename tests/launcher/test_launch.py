@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cluster_run import prepare_launch, slurm_allocation_nodes, write_run_secrets
-from launcher.plan import PlanError
 from ssp.cli import main
 from ssp.config import load_config
+from ssp.launcher.cluster_run import prepare_launch, slurm_allocation_nodes, write_run_secrets
+from ssp.launcher.plan import PlanError
 from ssp.paths import CONFIGS_DIR
 from ssp.run_config import SSPConfig
 

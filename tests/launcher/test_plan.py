@@ -2,8 +2,8 @@
 
 import pytest
 
-from launcher.config import ClusterConfig, ClusterModelConfig
-from launcher.plan import PlanError, make_plan, render_plan
+from ssp.launcher.config import ClusterConfig, ClusterModelConfig
+from ssp.launcher.plan import PlanError, make_plan, render_plan
 
 QWEN_7B = ClusterModelConfig(name="Qwen2.5-7B-Instruct", num_layers=28, hidden_size=3584, num_attention_heads=28,
                      num_key_value_heads=4, intermediate_size=18944)

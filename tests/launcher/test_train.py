@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.progress import Snapshot, format_header, format_row, step_row
-from launcher.train import TrainError, check_config, train
 from ssp.config import ConfigError, load_config
+from ssp.launcher.progress import Snapshot, format_header, format_row, step_row
+from ssp.launcher.train import TrainError, check_config, train
 from ssp.run_config import SSPConfig
-
 
 # ---------------------------------------------------------------- pure rules
 
@@ -30,7 +29,7 @@ def test_batch_sizes_must_agree() -> None:
 
 
 def test_heldout_seeds_must_not_be_trained_on(tmp_path: Path) -> None:
-    from engine.config import SchedulerConfig
+    from ssp.engine.config import SchedulerConfig
 
     train_seeds = SchedulerConfig().seeds_file
     heldout = tmp_path / "heldout.jsonl"
@@ -299,8 +298,8 @@ def test_attached_learners_env_key_becomes_the_run_key(tmp_path: Path, model_dir
 
 async def test_a_full_disk_under_the_samples_is_reported_as_such(tmp_path: Path) -> None:
     """/dev/full refuses every write with ENOSPC, as a full disk does."""
-    from engine.stream import FileSink
-    from launcher.training_engine import SampleSink, SamplesWriteFailed
+    from ssp.engine.stream import FileSink
+    from ssp.launcher.training_engine import SampleSink, SamplesWriteFailed
 
     learner = FileSink(tmp_path / "to-learner.frames")
     sink = SampleSink(learner, FileSink(Path("/dev/full")), every=1)

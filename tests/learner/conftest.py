@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from learner_tiny import make_tiny_model
 
 
@@ -23,7 +22,7 @@ def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def par1() -> Iterator[object]:
     """TP=1 megatron parallel state in this process (gloo, world size 1), torn down at the end of the session."""
-    from learner.model import destroy_parallel, init_parallel
+    from ssp.learner.model import destroy_parallel, init_parallel
 
     yield init_parallel(tp=1)
     destroy_parallel()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from learner.push import WeightPusher
+from ssp.learner.push import WeightPusher
 
 
 def dying_weights(state: dict[str, torch.Tensor], kill_at: int) -> Iterator[tuple[str, torch.Tensor]]:

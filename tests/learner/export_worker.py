@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from learner.model import Parallel
+from ssp.learner.model import Parallel
 
 sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore", message="(Transformer Engine and )?Apex (is|are) not installed")
@@ -25,7 +25,7 @@ def perturb_weights(model: torch.nn.Module, tp_rank: int) -> None:
     """Add noise to every parameter, so an export that merely copied the base model (or one TP rank's shard into
     another's place) fails. Replicated parameters (norms) get the same noise on every rank, as a real step gives
     them; sharded ones get noise of their own rank."""
-    from learner.convert import canonical_params, is_tp_sharded
+    from ssp.learner.convert import canonical_params, is_tp_sharded
 
     for index, (name, param) in enumerate(canonical_params(model)):
         seed = 1000 * index + (tp_rank if is_tp_sharded(name) else 0)
@@ -49,11 +49,11 @@ def learner_logits(model: torch.nn.Module, vocab_size: int, tp_group: dist.Proce
 def train_and_save(model_dir: Path, checkpoints: Path, par: Parallel,
                    tp_group: dist.ProcessGroup | None) -> torch.Tensor:
     """Build from `model_dir`, perturb, save a checkpoint at step 3 under `checkpoints`; returns the logits."""
-    from learner import checkpoint
-    from learner.config import LearnerConfig
-    from learner.convert import canonical_params, load_hf_into_model
-    from learner.model import ModelShape, build_model
-    from learner.optimizer import build_optimizer
+    from ssp.learner import checkpoint
+    from ssp.learner.config import LearnerConfig
+    from ssp.learner.convert import canonical_params, load_hf_into_model
+    from ssp.learner.model import ModelShape, build_model
+    from ssp.learner.optimizer import build_optimizer
 
     shape = ModelShape.from_dir(model_dir)
     model = build_model(shape, par, vocab_divisor=8)
@@ -69,7 +69,7 @@ def train_and_save(model_dir: Path, checkpoints: Path, par: Parallel,
 def main() -> None:
     from megatron.core import parallel_state
 
-    from learner.model import destroy_parallel, init_parallel
+    from ssp.learner.model import destroy_parallel, init_parallel
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", nargs=2, action="append", required=True, metavar=("MODEL_DIR", "CHECKPOINTS"))

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from engine.stream import TcpSink
-from engine.trajectory import Trajectory, pack_group
-from engine.wire import Terms, encode_frame
+from ssp.engine.stream import TcpSink
+from ssp.engine.trajectory import Trajectory, pack_group
+from ssp.engine.wire import Terms, encode_frame
 
 
 def make_tiny_model(out: Path, family: str = "llama", seed: int = 0) -> Path:
@@ -76,7 +76,7 @@ def wait_for_metric_lines(metrics: Path, proc: subprocess.Popen[bytes], lines: i
 
 
 class EngineStream:
-    """The real engine's end of the trajectory stream (engine.stream.TcpSink: handshake, then frames) for a test's
+    """The real engine's end of the trajectory stream (ssp.engine.stream.TcpSink: handshake, then frames) for a test's
     synchronous engine thread, on an event loop of its own."""
 
     def __init__(self, port: int, terms: Terms, timeout_s: float = 30.0) -> None:

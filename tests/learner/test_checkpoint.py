@@ -1,4 +1,4 @@
-"""learner.checkpoint never deletes the checkpoint `latest` names before its replacement is in place."""
+"""ssp.learner.checkpoint never deletes the checkpoint `latest` names before its replacement is in place."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from learner import checkpoint
-from learner.config import LearnerConfig
-from learner.optimizer import build_optimizer
+from ssp.learner import checkpoint
+from ssp.learner.config import LearnerConfig
+from ssp.learner.optimizer import build_optimizer
 
 
 def _save(root: Path, step: int, keep: int = 2) -> None:

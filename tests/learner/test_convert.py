@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from learner.convert import HfTensors, hf_to_megatron, megatron_to_hf
-from learner.model import ModelConfigError, ModelShape
+from ssp.learner.convert import HfTensors, hf_to_megatron, megatron_to_hf
+from ssp.learner.model import ModelConfigError, ModelShape
 
 
 def _hf_state(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -78,8 +78,8 @@ def test_unsupported_configs_are_named() -> None:
 def test_logits_match_transformers_tp1(family: str, request: pytest.FixtureRequest, par1: object) -> None:
     from transformers import AutoModelForCausalLM
 
-    from learner.convert import load_hf_into_model
-    from learner.model import build_model
+    from ssp.learner.convert import load_hf_into_model
+    from ssp.learner.model import build_model
 
     model_dir = request.getfixturevalue(family)
     shape = ModelShape.from_dir(model_dir)
@@ -97,9 +97,9 @@ def test_smollm2_round_trip_and_logits_tp1(model_dir: Path, par1: object) -> Non
     """The real model: HF -> Megatron -> HF bit-exact, and logits equal transformers' within 1e-4 (fp32)."""
     from transformers import AutoModelForCausalLM
 
-    from learner.convert import load_hf_into_model
-    from learner.gather import iter_hf_weights
-    from learner.model import build_model
+    from ssp.learner.convert import load_hf_into_model
+    from ssp.learner.gather import iter_hf_weights
+    from ssp.learner.model import build_model
 
     shape = ModelShape.from_dir(model_dir)
     assert shape.tie_word_embeddings and shape.rope_theta == 100000.0

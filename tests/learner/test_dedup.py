@@ -8,11 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from engine.stream import TrajectoryStream
-from learner.config import LearnerConfig
-from learner.dedup import RecentGroups
 from learner_tiny import make_groups
+
+from ssp.engine.stream import TrajectoryStream
+from ssp.learner.config import LearnerConfig
+from ssp.learner.dedup import RecentGroups
 
 
 def test_the_default_window_covers_the_engines_resend_window() -> None:
@@ -57,7 +57,7 @@ async def test_resent_groups_are_skipped_with_a_bounded_checkpoint(tiny_llama: P
                                                                    par1: object) -> None:
     """The real engine stream breaks after 8 frames and spills its resend window plus 4 unsent groups; the learner
     (window as small as the engine's) trains all 12 groups exactly once and never stores more than the window."""
-    from learner.trainer import run
+    from ssp.learner.trainer import run
 
     groups = make_groups(12, seed=21)
     window = 3000  # bytes: about 3 of these frames (~0.9-1 kB each); the engine and the learner use the same

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from export_worker import TOKEN_IDS, train_and_save
-from ssp.processes import free_port
-from learner.convert import HfTensors, hf_to_megatron
-from learner.export import ExportError, export_checkpoint
-from learner.model import ModelShape
+
+from ssp.learner.convert import HfTensors, hf_to_megatron
+from ssp.learner.export import ExportError, export_checkpoint
+from ssp.learner.model import ModelShape
 from ssp.paths import PROJECT_ROOT
+from ssp.processes import free_port
 
 FAMILIES = ["tiny_llama", "tiny_qwen"]
 
@@ -84,7 +84,7 @@ def test_tp2_checkpoint_exports_to_matching_logits(tiny_llama: Path, tiny_qwen: 
 
 
 def _fake_checkpoint(model_dir: Path, step_dir: Path, tp: int) -> Path:
-    """A step folder as learner.checkpoint.save lays it out, its model states converted straight from `model_dir`
+    """A step folder as ssp.learner.checkpoint.save lays it out, its model states converted straight from `model_dir`
     (no process group needed, for the tests of the files around the weights and of refusals)."""
     shape = ModelShape.from_dir(model_dir)
     step_dir.mkdir(parents=True)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from learner.advantages import grpo_advantages, reinforce_advantages, zero_variance_groups
-from learner.config import LossConfig
-from learner.loss import aggregation_weights, k3_kl, policy_loss
+from ssp.learner.advantages import grpo_advantages, reinforce_advantages, zero_variance_groups
+from ssp.learner.config import LossConfig
+from ssp.learner.loss import aggregation_weights, k3_kl, policy_loss
 
 CFG = LossConfig(clip_low=0.2, clip_high=0.28, dual_clip=3.0, log_ratio_clamp=20.0, kl_coef=0.0)
 

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from learner.config import LearnerConfig
+from ssp.learner.config import LearnerConfig
 
 
 def test_rng_tracker_forks_and_restores_the_cpu_generator(par1: Any) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from learner.megatron_cpu import CpuRNGStatesTracker
+    from ssp.learner.megatron_cpu import CpuRNGStatesTracker
 
     tracker = get_cuda_rng_tracker()
     assert isinstance(tracker, CpuRNGStatesTracker)
@@ -42,7 +42,7 @@ def test_global_memory_buffer_is_on_cpu_and_reused(par1: Any) -> None:
 def test_rope_table_matches_the_hf_formula(par1: Any) -> None:
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from learner.megatron_cpu import install_cpu_rope
+    from ssp.learner.megatron_cpu import install_cpu_rope
 
     holder = torch.nn.Module()
     holder.rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, rotary_base=500, use_cpu_initialization=True)
@@ -61,7 +61,7 @@ def test_sdpa_attention_matches_megatrons_local_attention(par1: Any, heads: int,
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from learner.megatron_cpu import CpuSdpaAttention, install_cpu_attention
+    from ssp.learner.megatron_cpu import CpuSdpaAttention, install_cpu_attention
 
     config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=heads, num_query_groups=groups,
                                attention_dropout=0.0, use_cpu_initialization=True, cuda_graph_scope=[])
@@ -99,7 +99,7 @@ def test_learner_config_errors_name_the_key(kwargs: dict[str, Any], message: str
 
 
 def test_pipeline_parallel_is_refused_with_the_fix() -> None:
-    from learner.model import ModelConfigError, init_parallel
+    from ssp.learner.model import ModelConfigError, init_parallel
 
     with pytest.raises(ModelConfigError, match="set learner.pipeline_parallel = 1"):
         init_parallel(tp=1, pp=2)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from learner.config import LearnerConfig
-from learner.optimizer import MasterWeightAdamW
 from learner_tiny import make_groups, write_frames
+
+from ssp.learner.config import LearnerConfig
+from ssp.learner.optimizer import MasterWeightAdamW
 
 STEPS = 200
 LR = 1e-6
@@ -100,7 +100,7 @@ def _checkpoint(out_dir: Path) -> dict:
 
 def test_bf16_learner_keeps_master_weights_through_a_resume(tiny_llama: Path, tmp_path: Path, par1: object) -> None:
     """The real megatron model in bf16 on CPU: masters hold what bf16 cannot, and a resumed run is bit-identical."""
-    from learner.trainer import run
+    from ssp.learner.trainer import run
 
     frames = write_frames(tmp_path / "t.frames", make_groups(6, seed=11))
     base = LearnerConfig(model_dir=tiny_llama, dtype="bfloat16", groups_per_step=2, lr=LR, warmup_steps=0,

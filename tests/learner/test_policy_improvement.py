@@ -9,7 +9,7 @@ softmax), reward 1 when the token falls in a set S whose initial probability is 
 - tokens under loss mask 0 (tool spans) contribute exactly nothing: the weights after a step are bit-identical
   whatever those tokens' rollout logprobs and (for a trailing span) ids are;
 - samples from a policy several versions old, with that policy's logprobs as behaviour logprobs, still improve it;
-- over the real path (TCP stream -> learner.trainer.run -> weight push to the reference server), the server's own
+- over the real path (TCP stream -> ssp.learner.trainer.run -> weight push to the reference server), the server's own
   P(S), re-sampled from after every push, rises with the learner's and equals it after the last push.
 """
 
@@ -28,15 +28,15 @@ from typing import Any
 
 import pytest
 import torch
-
-from engine.config import StreamConfig
-from ssp.run_key import write_run_key
-from engine.trajectory import Trajectory
-from engine.wire import Terms, terms_of
-from learner.config import LearnerConfig
-from learner.model import ModelShape, Parallel, build_model
-from learner.trainer import StepResult, Trainer
 from learner_tiny import EngineStream
+
+from ssp.engine.config import StreamConfig
+from ssp.engine.trajectory import Trajectory
+from ssp.engine.wire import Terms, terms_of
+from ssp.learner.config import LearnerConfig
+from ssp.learner.model import ModelShape, Parallel, build_model
+from ssp.learner.trainer import StepResult, Trainer
+from ssp.run_key import write_run_key
 
 VOCAB_DIVISOR = 8
 """The tiny model's vocab (250) padded to 256: the padded logits exist and must stay masked."""
@@ -99,7 +99,7 @@ def _config(**overrides: Any) -> LearnerConfig:
 
 def _load_model(model_dir: Path, par: Parallel, *,
                 vocab_divisor: int = VOCAB_DIVISOR) -> tuple[ModelShape, torch.nn.Module]:
-    from learner.convert import load_hf_into_model
+    from ssp.learner.convert import load_hf_into_model
 
     shape = ModelShape.from_dir(model_dir)
     model = build_model(shape, par, vocab_divisor=vocab_divisor)
@@ -115,7 +115,7 @@ def _trainer(model_dir: Path, par: Parallel, cfg: LearnerConfig) -> Trainer:
 @torch.no_grad()
 def _next_token_logprobs(model: torch.nn.Module, vocab_size: int, prompt: list[int]) -> torch.Tensor:
     """log pi(. | prompt) over the real vocab (V,), from the model's own forward (fp32 on CPU)."""
-    from learner.logprobs import mask_padded_vocab
+    from ssp.learner.logprobs import mask_padded_vocab
 
     ids = torch.tensor([prompt])
     logits = model(ids, torch.arange(len(prompt))[None], None)
@@ -240,7 +240,7 @@ TOOL_REWARDS = [1.0, 0.0, 0.0, 1.0]
 @torch.no_grad()
 def _response_logprobs(model: torch.nn.Module, vocab_size: int, response: list[int]) -> list[float]:
     """log pi(response_j | TINY_BANDIT.prompt + response_<j) for every response token (the model's own forward)."""
-    from learner.logprobs import mask_padded_vocab
+    from ssp.learner.logprobs import mask_padded_vocab
 
     ids = torch.tensor([TINY_BANDIT.prompt + response])
     n = ids.shape[1] - 1
@@ -378,12 +378,12 @@ def _play_engine(port: int, terms: Terms, url: str, bandit: Bandit, server_prob:
 @pytest.mark.slow
 def test_server_policy_improves_through_stream_and_push(model_dir: Path, ref_server: str, par1: Parallel,
                                                          tmp_path: Path) -> None:
-    """The whole loop: server rollouts -> TCP stream -> learner.trainer.run -> push -> the next rollouts from the
+    """The whole loop: server rollouts -> TCP stream -> ssp.learner.trainer.run -> push -> the next rollouts from the
     pushed weights. The server's P(S) rises past REAL_RISE_TO, the learner recomputes every rollout's logprob as
     the server sampled it, and its final checkpoint has exactly the server's final P(S)."""
     from transformers import AutoTokenizer
 
-    from learner.trainer import run
+    from ssp.learner.trainer import run
     from ssp.metrics import read_metrics
 
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -1,7 +1,7 @@
 """Weight push to the real reference server (SmolLM2, fp32 CPU): rollouts from the server train the learner with a
 logprob mismatch of ~0, and after one step and a push the server scores a fixed continuation exactly as the learner
 recomputes it. The server's original weights and version are restored at the end (it is shared by the session)."""
-# NOTE: the WeightPusher itself is used through learner.trainer.run, as a training run uses it.
+# NOTE: the WeightPusher itself is used through ssp.learner.trainer.run, as a training run uses it.
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from engine.trajectory import Trajectory
-from learner.config import LearnerConfig
+from ssp.engine.trajectory import Trajectory
+from ssp.learner.config import LearnerConfig
 
 
 def _post(url: str, path: str, body: dict[str, Any]) -> Any:
@@ -51,12 +51,12 @@ def test_push_makes_server_logprobs_equal_learners(model_dir: Path, ref_server: 
                                                    tmp_path: Path) -> None:
     """The whole trainer path: run() pushes the initial weights, trains one step on the server's own rollouts
     (mismatch ~0), checkpoints, and pushes version "1"; the server then scores like the checkpointed weights."""
+    from learner_tiny import write_frames
     from transformers import AutoTokenizer
 
-    from learner.model import ModelShape, build_model
-    from learner.logprobs import mask_padded_vocab, token_logprobs
-    from learner.trainer import run
-    from learner_tiny import write_frames
+    from ssp.learner.logprobs import mask_padded_vocab, token_logprobs
+    from ssp.learner.model import ModelShape, build_model
+    from ssp.learner.trainer import run
     from ssp.metrics import read_metrics
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -110,7 +110,7 @@ def test_buckets_ramp_up_split_unaligned_tensors_and_pack_to_sglangs_flattened_l
     """Pure logic: bucket limits ramp from 1/RAMP of the size up by 1.5x; a tensor whose offset is not a multiple of its
     element size starts a new bucket (the format has no padding); a packed bucket is the tensors' raw bytes in order
     (non-contiguous views included), in a buffer reused from bucket to bucket, or a lone contiguous tensor itself."""
-    from learner.push import RAMP, Staging, plan_buckets
+    from ssp.learner.push import RAMP, Staging, plan_buckets
 
     ones = [(f"t{i}", torch.ones(1)) for i in range(16)]  # 4 bytes each
     sizes = [len(b) for b in plan_buckets(ones, bytes_per_bucket=RAMP * 8)]  # limits 8, 12, 18, 27, 40, 60, 64 bytes

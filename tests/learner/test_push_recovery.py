@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-
 PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
 
 
@@ -67,7 +66,7 @@ def test_a_restarted_learner_pushes_into_the_server_a_killed_one_left(server_lau
                                                                       model_dir: Path) -> None:
     from safetensors.torch import load_file
 
-    from learner.push import WeightPusher
+    from ssp.learner.push import WeightPusher
 
     url = start_server(server_launcher, model_dir, "serving.weight_update_idle_timeout_s=0")  # no expiry: reset only
     kill_mid_push(url, model_dir)
@@ -113,7 +112,7 @@ def test_a_hung_trainer_holds_neither_generation_nor_the_server(server_launcher:
     import torch.distributed as dist
 
     from ssp.processes import free_port
-    from serving.weight_sync import init_custom_process_group
+    from ssp.serving.weight_sync import init_custom_process_group
 
     receive_timeout_s = 15.0
     url = start_server(server_launcher, model_dir, "serving.weight_update_idle_timeout_s=0",

@@ -1,5 +1,5 @@
 """The learner's end of the trajectory stream over real sockets on 127.0.0.1, against the real engine end
-(engine.stream.TcpSink and TrajectoryStream): only the engine with the run's key streams; strangers before it, peers
+(ssp.engine.stream.TcpSink and TrajectoryStream): only the engine with the run's key streams; strangers before it, peers
 beside it and silent peers are refused with a logged reason and never disturb it; oversized and invalid frames stop
 the learner with a message naming the frame, and nothing of that batch is trained."""
 
@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from engine.config import StreamConfig
-from ssp.run_key import write_run_key
-from engine.stream import TcpSink, TrajectoryStream
-from engine.trajectory import Trajectory, pack_group, unpack_group
-from engine.wire import HEADER, HandshakeError, Terms, encode_frame, offer, terms_of
-from learner.dedup import RecentGroups
-from learner.trainer import read_batch
-from learner.trajectory_source import FrameSource, StreamError, open_source
 from learner_tiny import EngineStream, make_groups
+
+from ssp.engine.config import StreamConfig
+from ssp.engine.stream import TcpSink, TrajectoryStream
+from ssp.engine.trajectory import Trajectory, pack_group, unpack_group
+from ssp.engine.wire import HEADER, HandshakeError, Terms, encode_frame, offer, terms_of
+from ssp.learner.dedup import RecentGroups
+from ssp.learner.trainer import read_batch
+from ssp.learner.trajectory_source import FrameSource, StreamError, open_source
+from ssp.run_key import write_run_key
 
 VOCAB = 250
 """The tiny models' vocabulary (learner_tiny)."""
@@ -135,7 +135,7 @@ def test_strangers_first_are_refused_then_the_engine_streams(tmp_path: Path,
         writer.close()
         return await _stream_groups(port, terms, groups, tmp_path / "spill.frames")
 
-    with caplog.at_level(logging.WARNING, logger="learner.trajectory_source"):
+    with caplog.at_level(logging.WARNING, logger="ssp.learner.trajectory_source"):
         thread, out = _in_thread(engine_side)
         src = open_source(f"tcp://127.0.0.1:{port}", stream=stream)
         got = _read_all(src)
@@ -163,7 +163,7 @@ def test_peers_beside_the_engine_are_refused_and_its_stream_is_undisturbed(tmp_p
         told.append((await reader.read()).decode(errors="replace"))
         writer.close()
 
-    with caplog.at_level(logging.WARNING, logger="learner.trajectory_source"):
+    with caplog.at_level(logging.WARNING, logger="ssp.learner.trajectory_source"):
         thread, out = _in_thread(lambda: _stream_groups(port, terms, groups, tmp_path / "spill.frames", intruders))
         src = open_source(f"tcp://127.0.0.1:{port}", stream=stream)
         got = _read_all(src)
@@ -268,9 +268,9 @@ def test_an_invalid_frame_stops_the_learner_naming_the_frame(tmp_path: Path, fau
 
 def test_a_batch_with_an_invalid_frame_trains_nothing(tiny_llama: Path, tmp_path: Path, par1: object) -> None:
     """The real learner loop over TCP: the batch holding the bad frame is never trained, nothing is checkpointed."""
-    from learner import checkpoint
-    from learner.config import LearnerConfig
-    from learner.trainer import run
+    from ssp.learner import checkpoint
+    from ssp.learner.config import LearnerConfig
+    from ssp.learner.trainer import run
 
     stream = _stream(tmp_path)
     port = _port()

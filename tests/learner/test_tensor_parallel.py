@@ -12,23 +12,23 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine.trajectory import pack_group
-from learner.config import LearnerConfig
-from ssp.processes import free_port
 from learner_tiny import make_groups
+
 from ssp.config import to_dict
+from ssp.engine.trajectory import pack_group
+from ssp.learner.config import LearnerConfig
 from ssp.paths import PROJECT_ROOT
+from ssp.processes import free_port
 
 
 @pytest.mark.slow
 def test_tp2_and_dp2_match_one_process(tiny_llama: Path, tiny_qwen: Path, tmp_path: Path, par1: object) -> None:
     from transformers import AutoModelForCausalLM
 
-    from learner.convert import load_hf_into_model
-    from learner.gather import iter_hf_weights
-    from learner.model import ModelShape, build_model
-    from learner.trainer import Trainer
+    from ssp.learner.convert import load_hf_into_model
+    from ssp.learner.gather import iter_hf_weights
+    from ssp.learner.model import ModelShape, build_model
+    from ssp.learner.trainer import Trainer
 
     ids = torch.randint(0, 250, (2, 21), generator=torch.Generator().manual_seed(3))
     hf_logits = {}

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine.trajectory import UNKNOWN_VERSION, unpack_group
-from learner.batching import collate, pack, plan_batch, shard
-from learner.config import LearnerConfig
-from learner.trajectory_source import StreamError, open_source
 from learner_tiny import make_groups, wait_for_metric_lines, write_frames
+
 from ssp.config import to_dict
+from ssp.engine.trajectory import UNKNOWN_VERSION, unpack_group
+from ssp.learner.batching import collate, pack, plan_batch, shard
+from ssp.learner.config import LearnerConfig
+from ssp.learner.trajectory_source import StreamError, open_source
 from ssp.paths import PROJECT_ROOT
 
 
@@ -104,7 +104,7 @@ def _final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_training_changes_weights_and_logs(tiny_llama: Path, tmp_path: Path, par1: object) -> None:
-    from learner.trainer import run
+    from ssp.learner.trainer import run
 
     frames = write_frames(tmp_path / "t.frames", make_groups(4, seed=6))
     cfg = _cfg(tiny_llama, tmp_path / "run")
@@ -126,7 +126,7 @@ def test_a_batch_with_nothing_to_train_still_advances_the_version(tiny_llama: Pa
                                                                   par1: object) -> None:
     """All solver groups all-correct (zero variance, dropped) and proposers not trained: no sample is left, yet
     each batch is a step, so the version keeps pace with the groups the engine's gate counts."""
-    from learner.trainer import run
+    from ssp.learner.trainer import run
 
     groups = make_groups(4, seed=13)
     for t in (t for g in groups for t in g if t.role == "solver"):
@@ -143,9 +143,9 @@ def test_a_batch_with_nothing_to_train_still_advances_the_version(tiny_llama: Pa
 
 def test_lr_zero_trains_every_step_and_moves_no_weight(tiny_llama: Path, tmp_path: Path, par1: object) -> None:
     """The control arm of a learning experiment: the whole loop runs (losses, gradients), the weights stay bit-equal."""
-    from learner.convert import load_hf_into_model
-    from learner.model import ModelShape, build_model
-    from learner.trainer import run
+    from ssp.learner.convert import load_hf_into_model
+    from ssp.learner.model import ModelShape, build_model
+    from ssp.learner.trainer import run
 
     frames = write_frames(tmp_path / "t.frames", make_groups(4, seed=14))
     cfg = replace(_cfg(tiny_llama, tmp_path / "run"), lr=0.0)
@@ -163,7 +163,7 @@ def test_lr_zero_trains_every_step_and_moves_no_weight(tiny_llama: Path, tmp_pat
 
 
 def test_sigkill_mid_run_resumes_to_the_same_weights(tiny_llama: Path, tmp_path: Path, par1: object) -> None:
-    from learner.trainer import run
+    from ssp.learner.trainer import run
 
     torch.set_num_threads(1)  # the killed subprocess runs with OMP_NUM_THREADS=1: same reductions, same bits
     frames = write_frames(tmp_path / "t.frames", make_groups(40, seed=7))
@@ -175,7 +175,7 @@ def test_sigkill_mid_run_resumes_to_the_same_weights(tiny_llama: Path, tmp_path:
     cfg_json = killed.out_dir / "learner_config.json"
     cfg_json.write_text(json.dumps(to_dict(killed)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.Popen([sys.executable, "-m", "learner.trainer", "--config-json", str(cfg_json),
+    proc = subprocess.Popen([sys.executable, "-m", "ssp.learner.trainer", "--config-json", str(cfg_json),
                              "--trajectories", str(frames)], cwd=PROJECT_ROOT, env={**env, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = killed.out_dir / "metrics.jsonl"
@@ -202,10 +202,10 @@ def test_tcp_source_listens_for_the_engine(tmp_path: Path) -> None:
     import socket
     import threading
 
-    from engine.config import StreamConfig
+    from ssp.engine.config import StreamConfig
+    from ssp.engine.trajectory import pack_group
+    from ssp.engine.wire import encode_frame, offer, terms_of
     from ssp.run_key import write_run_key
-    from engine.trajectory import pack_group
-    from engine.wire import encode_frame, offer, terms_of
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

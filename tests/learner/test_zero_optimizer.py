@@ -1,4 +1,4 @@
-"""ZeRO-1 (learner.optimizer): at DP=2 each rank holds half the fp32 optimizer state, yet steps exactly as one
+"""ZeRO-1 (ssp.learner.optimizer): at DP=2 each rank holds half the fp32 optimizer state, yet steps exactly as one
 unsharded process; sharded checkpoints resume bit-identically and refuse another data_parallel."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from ssp.processes import free_port
-from learner.config import LearnerConfig
-from learner.optimizer import partition
 from learner_tiny import make_groups, wait_for_metric_lines, write_frames
+
 from ssp.config import to_dict
+from ssp.learner.config import LearnerConfig
+from ssp.learner.optimizer import partition
 from ssp.paths import PROJECT_ROOT
+from ssp.processes import free_port
 
 
 def test_partition_is_deterministic_balanced_and_complete() -> None:
@@ -67,7 +67,7 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 def test_dp2_sharded_optimizer_matches_one_process_and_resumes_bit_identically(
         tiny_llama: Path, tmp_path: Path, par1: object) -> None:
-    from learner.trainer import run
+    from ssp.learner.trainer import run
 
     frames = write_frames(tmp_path / "t.frames", make_groups(16, seed=13))
     cfg = LearnerConfig(model_dir=tiny_llama, dtype="bfloat16", data_parallel=2, groups_per_step=2, lr=1e-3,
@@ -78,7 +78,7 @@ def test_dp2_sharded_optimizer_matches_one_process_and_resumes_bit_identically(
     killed.out_dir.mkdir()
     cfg_json = killed.out_dir / "learner_config.json"
     cfg_json.write_text(json.dumps(to_dict(killed)))
-    train = _torchrun(["-m", "learner.trainer", "--config-json", str(cfg_json), "--trajectories", str(frames)])
+    train = _torchrun(["-m", "ssp.learner.trainer", "--config-json", str(cfg_json), "--trajectories", str(frames)])
     victim = subprocess.Popen(train, cwd=PROJECT_ROOT, env=_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     metrics = killed.out_dir / "metrics.jsonl"

@@ -22,14 +22,15 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def main() -> None:
-    from engine.trajectory import unpack_group
-    from learner.config import LearnerConfig
-    from learner.convert import HfTensors, load_hf_into_model
-    from learner.gather import iter_hf_weights
-    from learner.model import ModelShape, build_model, destroy_parallel, init_parallel
-    from learner.trainer import Trainer
     from megatron.core import parallel_state
+
     from ssp.config import build
+    from ssp.engine.trajectory import unpack_group
+    from ssp.learner.config import LearnerConfig
+    from ssp.learner.convert import HfTensors, load_hf_into_model
+    from ssp.learner.gather import iter_hf_weights
+    from ssp.learner.model import ModelShape, build_model, destroy_parallel, init_parallel
+    from ssp.learner.trainer import Trainer
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", type=Path, required=True)

@@ -28,8 +28,8 @@ def _state_elements(opt: object) -> int:
 
 def _optimizer_parity(dtype: torch.dtype, dp_group: object, tp_group: object) -> dict[str, object]:
     """4 clipped steps: every rank's params and norms must equal one process stepping on g0 + g1 (fp32 sum)."""
-    from learner.config import LearnerConfig
-    from learner.optimizer import MasterWeightAdamW, clip_grad_norm
+    from ssp.learner.config import LearnerConfig
+    from ssp.learner.optimizer import MasterWeightAdamW, clip_grad_norm
 
     rank = dist.get_rank()
     cfg = LearnerConfig(lr=1e-2, warmup_steps=0, grad_clip=20.0)
@@ -78,11 +78,12 @@ def _optimizer_parity(dtype: torch.dtype, dp_group: object, tp_group: object) ->
 
 
 def main() -> None:
-    from learner.config import LearnerConfig
-    from learner.model import destroy_parallel, init_parallel
-    from learner.trainer import run
     from megatron.core import parallel_state
+
     from ssp.config import build
+    from ssp.learner.config import LearnerConfig
+    from ssp.learner.model import destroy_parallel, init_parallel
+    from ssp.learner.trainer import run
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", type=Path, required=True)

@@ -3,7 +3,7 @@
 Loaded by test_retriever_registry.py through `make_retriever`, the same path a config `kind = "module:Class"` takes.
 """
 
-from retriever.protocol import Doc
+from ssp.retriever.protocol import Doc
 
 
 class KeywordRetriever:

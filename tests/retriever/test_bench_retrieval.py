@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.retrieval import goal_met
+from ssp.bench.retrieval import goal_met
 from ssp.cli import main
 from ssp.paths import DEMO_CORPORA
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from retriever.corpus import CorpusReader, Passage, join_contents, split_contents
-from retriever.errors import CorpusError
+from ssp.retriever.corpus import CorpusReader, Passage, join_contents, split_contents
+from ssp.retriever.errors import CorpusError
 
 
 def _write(path: Path, lines: list[str]) -> Path:

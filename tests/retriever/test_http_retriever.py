@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from retriever.client import HttpRetriever
-from retriever.config import RetrievalServerConfig
-from retriever.errors import (
+from ssp.retriever.client import HttpRetriever
+from ssp.retriever.config import RetrievalServerConfig
+from ssp.retriever.errors import (
     RetrieverClosedError,
     RetrieverProtocolError,
     RetrieverRequestError,
     RetrieverUnavailableError,
 )
-from retriever.server import make_app
-from retriever.tantivy_index import TantivyRetriever
+from ssp.retriever.server import make_app
+from ssp.retriever.tantivy_index import TantivyRetriever
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import tantivy
 
-from retriever.corpus import CorpusReader
-from retriever.errors import CorpusError, IndexBuildError, IndexOpenError, RetrieverClosedError
-from retriever.index_build import build_index
-from retriever.index_format import MANIFEST_NAME, open_index
-from retriever.tantivy_index import TantivyRetriever, TantivySearcher
 from ssp.cli import main
 from ssp.paths import DEMO_CORPORA
+from ssp.retriever.corpus import CorpusReader
+from ssp.retriever.errors import CorpusError, IndexBuildError, IndexOpenError, RetrieverClosedError
+from ssp.retriever.index_build import build_index
+from ssp.retriever.index_format import MANIFEST_NAME, open_index
+from ssp.retriever.tantivy_index import TantivyRetriever, TantivySearcher
 
 HOSTILE_QUERIES = [
     '"unbalanced quote',
@@ -87,7 +87,7 @@ def test_killed_build_leaves_nothing_that_opens(tmp_path: Path) -> None:
     corpus = tmp_path / "big.jsonl"
     corpus.write_text("".join(f'{{"id": "p{i}", "title": "t", "text": "words {i}"}}\n' for i in range(200_000)))
     out = tmp_path / "idx"
-    script = "import sys; from retriever.index_build import build_index; build_index([sys.argv[1]], sys.argv[2])"
+    script = "import sys; from ssp.retriever.index_build import build_index; build_index([sys.argv[1]], sys.argv[2])"
     proc = subprocess.Popen([sys.executable, "-c", script, str(corpus), str(out)], stderr=subprocess.PIPE)
     assert proc.stderr is not None
     proc.stderr.read(200)  # the progress bar has started: documents are being written

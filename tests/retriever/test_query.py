@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import tantivy
 
-from retriever.index_format import ANALYZER_NAME, make_analyzer, open_index
-from retriever.query import QueryBuilder
-from retriever.tantivy_index import TantivySearcher
+from ssp.retriever.index_format import ANALYZER_NAME, make_analyzer, open_index
+from ssp.retriever.query import QueryBuilder
+from ssp.retriever.tantivy_index import TantivySearcher
 
 
 @pytest.fixture(scope="module")

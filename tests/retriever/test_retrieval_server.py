@@ -13,9 +13,9 @@ import msgpack
 import pytest
 from aiohttp import web
 
-from retriever.config import RetrievalServerConfig
-from retriever.server import make_app
-from retriever.tantivy_index import TantivyRetriever
+from ssp.retriever.config import RetrievalServerConfig
+from ssp.retriever.server import make_app
+from ssp.retriever.tantivy_index import TantivyRetriever
 
 LIMITS = RetrievalServerConfig(max_queries=4, max_query_chars=50, max_topk=10)
 

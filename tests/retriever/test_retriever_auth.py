@@ -10,12 +10,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from ssp.retriever.client import HttpRetriever
+from ssp.retriever.config import RetrievalServerConfig, RetrieverConfig
+from ssp.retriever.errors import RetrieverRequestError
+from ssp.retriever.registry import make_retriever
+from ssp.retriever.server import serve
 from ssp.run_key import RunKeyError, check_bind, load_api_key, write_run_key
-from retriever.client import HttpRetriever
-from retriever.config import RetrievalServerConfig, RetrieverConfig
-from retriever.errors import RetrieverRequestError
-from retriever.registry import make_retriever
-from retriever.server import serve
 
 
 async def test_keyed_server_refuses_keyless_calls_and_serves_the_keyed_client(demo_index: Path,

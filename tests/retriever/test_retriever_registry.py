@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from retriever.client import HttpRetriever
-from retriever.config import RetrieverConfig
-from retriever.errors import RetrieverLoadError
-from retriever.registry import make_retriever
-from retriever.tantivy_index import TantivyRetriever
+from ssp.retriever.client import HttpRetriever
+from ssp.retriever.config import RetrieverConfig
+from ssp.retriever.errors import RetrieverLoadError
+from ssp.retriever.registry import make_retriever
+from ssp.retriever.tantivy_index import TantivyRetriever
 
 PASSAGES = {"p1": "Ed Wood directed films", "p2": "Tim Burton directed Ed Wood", "p3": "bananas are yellow"}
 

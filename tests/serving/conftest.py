@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving.model_runner import ModelRunner
+from ssp.serving.model_runner import ModelRunner
 
 
 @pytest.fixture(scope="module")

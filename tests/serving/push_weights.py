@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from serving.weight_sync import init_custom_process_group
+from ssp.serving.weight_sync import init_custom_process_group
 
 GROUP = "ssp_test_group"
 

@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from engine.errors import ServerError
-from engine.inference_config import InferenceConfig
-from engine.pool import InferencePool
+from ssp.engine.errors import ServerError
+from ssp.engine.inference_config import InferenceConfig
+from ssp.engine.pool import InferencePool
 from ssp.run_key import write_run_key
 
 API, ADMIN = "user-key", "admin-key"
@@ -86,7 +86,7 @@ def test_weight_push_needs_the_admin_key(model_dir: Path, server_launcher: Any, 
     (learner.push_api_key_file) the whole update sequence goes through."""
     from safetensors.torch import load_file
 
-    from learner.push import WeightPusher
+    from ssp.learner.push import WeightPusher
 
     key_file = write_run_key(tmp_path / "stream.key")
     server = server_launcher(["--model", str(model_dir), "--port", "0", "--set",

@@ -8,9 +8,9 @@ import threading
 import pytest
 import torch
 
-from serving.backend import GenerateOutput, GenerateRequest, SamplingOptions
-from serving.model_runner import ModelRunner, Prefilled, Prompt
-from serving.batcher import ContinuousBatcher
+from ssp.serving.backend import GenerateOutput, GenerateRequest, SamplingOptions
+from ssp.serving.batcher import ContinuousBatcher
+from ssp.serving.model_runner import ModelRunner, Prefilled, Prompt
 
 PROMPTS = [[1, 504, 3010], [1] + list(range(400, 430)), [1, 900, 901, 902, 903, 904, 905, 906, 907],
            [1, 77, 78, 79, 80, 81]]

@@ -3,7 +3,7 @@ request that makes the scheduler raise. Each answer must be a clear error in SGL
 server must still serve: a well-formed request sent alongside completes, and nothing is left holding the reader
 share that weight updates wait for.
 
-The server runs in this process over a real socket on 127.0.0.1 (`serving.app.run_app`), with the real scheduler
+The server runs in this process over a real socket on 127.0.0.1 (`ssp.serving.app.run_app`), with the real scheduler
 and a tiny random Llama (SmolLM2's tokenizer, a 256-token vocabulary), so that caps can be set small, the front's
 state can be read, and a fault can be planted in the scheduler.
 """
@@ -22,10 +22,10 @@ import aiohttp
 import pytest
 import torch
 
-from serving import batcher as batcher_module
-from serving.app import FRONT, Front, create_app, run_app
-from serving.config import ServingConfig
-from serving.model_backend import ModelBackend
+from ssp.serving import batcher as batcher_module
+from ssp.serving.app import FRONT, Front, create_app, run_app
+from ssp.serving.config import ServingConfig
+from ssp.serving.model_backend import ModelBackend
 
 VOCAB = 256
 CONTEXT = 4096

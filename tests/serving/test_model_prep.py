@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serving import model_prep
+from ssp.serving import model_prep
 
 
 def test_prepared_directory_is_complete(model_dir: Path) -> None:

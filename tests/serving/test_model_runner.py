@@ -4,11 +4,10 @@ cache, and buffers growing past their first capacity. Reference: one plain forwa
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from serving.model_runner import ModelRunner, Prompt
+from ssp.serving.model_runner import ModelRunner, Prompt
 
 TOL = 1e-4
 

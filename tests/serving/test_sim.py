@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from serving.backend import ABORTED, ABORTED_QUEUED, Finish, GenerateOutput, GenerateRequest, SamplingOptions
-from serving.sim import SimBackend
-from serving.sim_profile import DEFAULT_PROFILE, PROFILES_DIR, SimProfile, load_profile
-from serving.sim_text import SimText, TokenizerFile
 from ssp.config import ConfigError
+from ssp.serving.backend import ABORTED, ABORTED_QUEUED, Finish, GenerateOutput, GenerateRequest, SamplingOptions
+from ssp.serving.sim import SimBackend
+from ssp.serving.sim_profile import DEFAULT_PROFILE, PROFILES_DIR, SimProfile, load_profile
+from ssp.serving.sim_text import SimText, TokenizerFile
 
 Factory = Callable[..., SimBackend]
 

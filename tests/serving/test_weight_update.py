@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -119,7 +119,7 @@ def test_repeated_flattened_pushes_land_in_place(ref_server: str, model_dir: Pat
     every push's values are what the server then holds (checked on tensors at both ends of the layouts)."""
     from safetensors.torch import load_file
 
-    from learner.push import WeightPusher
+    from ssp.learner.push import WeightPusher
 
     state = load_file(str(model_dir / "model.safetensors"))
     names = [n for n in state if n.startswith(("model.layers.0.", "model.layers.1.", "model.layers.2."))]
@@ -159,7 +159,7 @@ def test_pushes_pause_in_place_but_every_kth_retracts(ref_server: str, model_dir
 
     from safetensors.torch import load_file
 
-    from learner.push import WeightPusher
+    from ssp.learner.push import WeightPusher
 
     state = load_file(str(model_dir / "model.safetensors"))
     names = [n for n in state if n.startswith("model.layers.0.")]  # the same values: the model does not change
