@@ -102,8 +102,9 @@ async def run_training_engine(cfg: SSPConfig, monitor: Monitor, run_dir: Path) -
     monitor.stream = stream
     engine_metrics = MetricsLog(run_dir / "engine.jsonl")
     try:
-        async with open_engine(cfg.engine()) as parts:
-            scheduler = build_scheduler(cfg.engine(), parts, stream, metrics=engine_metrics)
+        engine_cfg = cfg.engine()
+        async with open_engine(engine_cfg) as parts:
+            scheduler = build_scheduler(engine_cfg, parts, stream, metrics=engine_metrics)
             monitor.scheduler = scheduler
             engine = asyncio.create_task(scheduler.run(None), name="engine")
             watch = asyncio.create_task(monitor.run(lambda: admitted_version(parts.pool)), name="monitor")

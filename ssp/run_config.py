@@ -1,6 +1,6 @@
 """The root config: one table per component. Each component is handed its own section, never this root."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ssp.engine.config import (
     EngineConfig,
@@ -53,9 +53,7 @@ class SSPConfig:
 
     def engine(self) -> EngineConfig:
         """The engine's sections of this config (what `open_engine`, `run_engine` and `evaluate` take)."""
-        return EngineConfig(retriever=self.retriever, inference=self.inference, rollout=self.rollout,
-                            search=self.search, game=self.game, scheduler=self.scheduler, stream=self.stream,
-                            eval=self.eval)
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})
 
 
 def check_sampling_matches_learner(cfg: SSPConfig) -> None:
