@@ -226,10 +226,11 @@ class SchedulerConfig:
     eta: int | None = 1
     """Staleness bound, guaranteed: no token is trained more than eta policy versions after the version of the
     weights that sampled it, also when slow episodes are overtaken by faster ones (0 = on-policy lock-step). The
-    gate starts an episode only while delivered + running episodes stay below (oldest + eta + 1) *
-    episodes_per_step, oldest being the start version of the oldest episode still running (engine/scheduler.py says
-    why that suffices); `ssp train` also has the learner drop any group beyond it (learner.max_staleness). Unset =
-    unbounded (no learner, e.g. `ssp rollout`)."""
+    gate starts an episode only while delivered + unsent episodes stay below (version + eta + 1) *
+    episodes_per_step, and holds a finished group back while sending it would take a slot that an older, still
+    running episode needs to be trained within eta versions (engine/scheduler.py says why that suffices); `ssp
+    train` also has the learner drop any group beyond it (learner.max_staleness). Unset = unbounded (no learner,
+    e.g. `ssp rollout`)."""
     episodes_per_step: int = 8
     """Episodes the learner consumes per policy version (its batch, in groups; every batch is a version). With eta
     it bounds how far the engine runs ahead of the learner. In "sync" mode it is the number of seeds per step."""

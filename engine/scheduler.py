@@ -6,8 +6,7 @@ Loops and buffers ("async" mode; every task is named, every buffer bounded):
       │
       ▼
     launcher loop ── waits on: a free episode slot (≤ max_inflight episodes in flight)
-      │                        the staleness gate  (delivered + in flight < (oldest + eta + 1) · episodes_per_step,
-      │                                             oldest = start version of the oldest episode in flight)
+      │                        the staleness gate  (delivered + in flight < (version + eta + 1) · episodes_per_step)
       │                        the pause flag       (cleared by pause_launches() during a weight update)
       │              unblocked by: an episode finishing, set_policy_version() (called by the policy-version loop,
       │              which polls the servers' weight version), resume_launches()
@@ -15,6 +14,9 @@ Loops and buffers ("async" mode; every task is named, every buffer bounded):
     episode tasks ×≤max_inflight ── propose → check → verify → solve → judge → rewards (ssp.engine.game.Game)
       │   each generate() waits for a server slot in the InferencePool (≤ its capacity per server: the pool
       │   enforces it, so the server's own queue is never flooded); each <search> waits in the SearchBatcher
+      ▼
+    the staleness gate's send order ── a finished group is held while sending it would take a slot an older,
+      │                                still running episode needs to make its deadline
       ▼
     TrajectoryStream queue (≤ stream.queue_groups) ── a full queue blocks episodes (back-pressure from the learner)
       │
@@ -34,10 +36,11 @@ staleness gate decides when the next step may start (eta = 0: after the learner 
 Staleness (the guarantee): the learner consumes groups in the order they arrive, `episodes_per_step` (B) per policy
 version, and every batch advances the version. An episode started at version v is delivered among the first
 (v + eta + 1) · B groups, however many later episodes finish before it, so it is trained at version ≤ v + eta and none
-of its tokens (sampled on weights of version ≥ v) is more than eta versions old; `StalenessGate` says why. The price:
-while a slow episode of version v is in flight, no episode starts once (v + eta + 1) · B groups are delivered or
-running. A failed episode sends no group and frees its place, so the learner is never left waiting for a group that
-will not come (in sync mode the next step is topped up by that many episodes).
+of its tokens (sampled on weights of version ≥ v) is more than eta versions old; `StalenessGate` says why. The price
+of a slow episode is paid late: newer groups fill the learner's batches up to its deadline, and only then are newer
+groups held back until it arrives, while episodes keep starting against the current version. A failed episode sends
+no group and frees its place, so the learner is never left waiting for a group that will not come (in sync mode the
+next step is topped up by that many episodes).
 
 Shutdown: `run()` ends when the episode budget is done or `stop()` is called: the launcher stops, in-flight episodes
 finish (or are cancelled on error), the stream sends what it holds, then every task is cancelled and gathered.
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -68,25 +72,35 @@ log = logging.getLogger(__name__)
 
 
 class StalenessGate:
-    """How many episodes may start now, so that none is trained more than `eta` policy versions after it started.
+    """When an episode may start, and when its finished group may be sent, so that none is trained more than `eta`
+    policy versions after the version it started on.
 
-    The learner trains groups in the order they arrive, `per_step` of them per policy version. One Condition guards
-    `version`, `delivered` and the in-flight episodes (counted per start version); the predicate for n more is
+    The learner trains groups in the order they arrive, `per_step` per policy version: the group sent k-th (from 0)
+    is trained at version k // per_step. An episode started at version v must therefore be sent before its deadline,
+    slot (v + eta + 1) * per_step. The gate keeps one invariant over the episodes not yet sent (running, or finished
+    and held back), counted per start version in `_pending`:
 
-        delivered + inflight + n <= (oldest + eta + 1) * per_step
+        for every start version u:   delivered + pending(<= u)  <=  (u + eta + 1) * per_step            (*)
 
-    where `oldest` is the start version of the oldest episode in flight (the current version when none is).
+    i.e. were everything started on u or earlier sent next, each would still make its deadline. Two moves keep it:
 
-    Why this bounds staleness: while an episode started at version v is in flight, oldest <= v and it holds a place
-    itself, so fewer than (v + eta + 1) * per_step groups have been delivered. It therefore arrives among the first
-    (v + eta + 1) * per_step groups and is trained at a version <= v + eta, however many later episodes overtake it.
-    (Counting against the current version alone, as a plain "episodes per version" budget does, lets fast episodes
-    started on newer versions fill the learner's batches while a slow one waits, without limit.) Its tokens were
-    sampled on weights of version >= v, so no trained token is more than eta versions old.
+        start   at the current version V (no pending episode is newer, so only (*) at V can break):
+                room = (V + eta + 1) * per_step - delivered - pending
+        send    a group started on w takes the next slot. (*) for u >= w is unchanged (one more delivered, one
+                fewer pending); for u < w it needs delivered + 1 + pending(<= u) <= its deadline, so a newer group
+                is held back while it would take a slot that older, still running episodes need. A group of the
+                oldest pending version is never held.
 
-    Why it never deadlocks: the learner at version V waits for (V + 1) * per_step delivered groups, and V <= oldest
-    + eta by the bound above, so those groups fit under the predicate; an episode that fails releases its place
-    without delivering, and the place is offered again.
+    So a slow episode costs its own place, not the window: episodes keep starting against the current version, newer
+    groups fill the learner's batches up to the slow one's deadline, and only there does the learner wait for it.
+    (Counting the window from the oldest running episode's version instead is as safe, but it closes the window on
+    new starts for as long as a slow episode runs: the servers idle while it decodes.) Its tokens were sampled on
+    weights of version >= v and it is trained at version <= v + eta, so no trained token is more than eta versions
+    old. Sends happen in slot order: a group's slot is taken under the lock and `send` is awaited in slot order.
+
+    Why it never deadlocks: the oldest pending version's groups are never held, so sends go on as episodes finish,
+    and an episode that fails withdraws its place, which only loosens (*). The learner at version V waits for
+    (V + 1) * per_step delivered groups, and (*) at the current version lets (V + eta + 1) * per_step exist.
     """
 
     def __init__(self, eta: int | None, per_step: int, version: int = 0) -> None:
@@ -94,31 +108,58 @@ class StalenessGate:
         self.per_step = per_step
         self.version = version
         self.delivered = 0
-        self.inflight = 0
-        self._started: collections.Counter[int] = collections.Counter()
-        """Start version -> episodes in flight that started on it."""
+        """Slots taken: groups sent to the learner, or being sent in slot order."""
+        self.held = 0
+        """Finished episodes whose group waits for an older episode (see `_may_send`)."""
+        self._pending: collections.Counter[int] = collections.Counter()
+        """Start version -> episodes not yet sent (running or held) that started on it."""
+        self._next_send = 0
+        """The slot whose `send` runs next."""
+        self._done_slots: set[int] = set()
+        """Slots after `_next_send` whose send has ended (out of turn only when cancelled)."""
         self.closed = False
         self._cond = asyncio.Condition()
 
     @property
-    def oldest(self) -> int:
-        """The start version of the oldest episode in flight; the current version when none is."""
-        return min(self._started) if self._started else self.version
+    def inflight(self) -> int:
+        """Episodes started and not yet sent: running or held."""
+        return sum(self._pending.values())
 
     def room(self) -> int | None:
         """How many more episodes may start now (None: no bound, eta unset)."""
         if self.eta is None:
             return None
-        return (self.oldest + self.eta + 1) * self.per_step - self.delivered - self.inflight
+        return self._deadline(self.version) - self.delivered - self.inflight
+
+    def _deadline(self, version: int) -> int:
+        assert self.eta is not None
+        return (version + self.eta + 1) * self.per_step
+
+    def _may_send(self, version: int) -> bool:
+        """Whether a group started on `version` may take the next slot without making an older episode late."""
+        if self.eta is None or self.closed:
+            return True
+        older = 0
+        for u in sorted(self._pending):
+            if u >= version:
+                return True
+            older += self._pending[u]
+            if self.delivered + 1 + older > self._deadline(u):
+                return False
+        return True
 
     def _has_room(self) -> bool:
         room = self.room()
         return self.closed or room is None or room >= 1
 
     def _take(self, n: int) -> int:
-        self.inflight += n
-        self._started[self.version] += n
+        self._pending[self.version] += n
         return self.version
+
+    def _drop(self, version: int) -> None:
+        self._pending[version] -= 1
+        if self._pending[version] <= 0:
+            del self._pending[version]
 
     async def acquire(self) -> int:
         """Wait until one more episode may start; returns the policy version it starts on."""
@@ -136,14 +177,41 @@ class StalenessGate:
             taken = n if self.closed or room is None else min(n, room)
             return self._take(taken), taken
 
-    async def release(self, version: int, *, delivered: bool) -> None:
-        """One episode that started on `version` ended, its group sent to the learner (`delivered`) or not."""
+    async def deliver(self, version: int, send: Callable[[], Awaitable[None]]) -> None:
+        """The episode started on `version` finished: wait until its group may take the next slot, take it, and await
+        `send` (which hands the group to the stream) in slot order. Cancelled before it has a slot, the episode's
+        place is withdrawn; once it has one, the slot counts as delivered."""
         async with self._cond:
-            self._started[version] -= 1
-            if self._started[version] <= 0:
-                del self._started[version]
-            self.inflight -= 1
-            self.delivered += int(delivered)
+            self.held += 1
+            try:
+                await self._cond.wait_for(lambda: self._may_send(version))
+            except BaseException:
+                self._drop(version)
+                self._cond.notify_all()
+                raise
+            finally:
+                self.held -= 1
+            self._drop(version)
+            slot = self.delivered
+            self.delivered += 1
+            self._cond.notify_all()
+        try:
+            async with self._cond:
+                await self._cond.wait_for(lambda: self._next_send == slot)
+            await send()
+        finally:
+            async with self._cond:
+                # Cancelled before its turn (shutdown), a slot still counts as done, so later ones are not stuck.
+                self._done_slots.add(slot)
+                while self._next_send in self._done_slots:
+                    self._done_slots.remove(self._next_send)
+                    self._next_send += 1
+                self._cond.notify_all()
+
+    async def withdraw(self, version: int) -> None:
+        """The episode started on `version` ended without a group (it failed): its place is offered again."""
+        async with self._cond:
+            self._drop(version)
             self._cond.notify_all()
 
     async def close(self) -> None:
@@ -298,7 +366,7 @@ class Scheduler:
             await self._launch_allowed.wait()
             version = await self.gate.acquire()
             if self._stop.is_set():
-                await self.gate.release(version, delivered=False)
+                await self.gate.withdraw(version)
                 self._slots.release()
                 break
             seed = next(self._seeds)
@@ -314,19 +382,20 @@ class Scheduler:
             await asyncio.gather(*list(self._episodes))
 
     async def _episode(self, gid: str, seed: Seed, version: int) -> None:
-        """One episode started on policy `version`; its gate place is released however it ends."""
-        delivered = False
+        """One episode started on policy `version`; its gate place is sent or withdrawn however it ends."""
         try:
-            result = await self.game.play(gid, seed)
-            await self._deliver(result)
-            delivered = True
+            try:
+                result = await self.game.play(gid, seed)
+            except BaseException:
+                await self.gate.withdraw(version)
+                raise
+            await self.gate.deliver(version, functools.partial(self._deliver, result))
         except RolloutError as e:
             self._record_failure(gid, e)
         except Exception as e:  # a bug, not a failed server: stop the run with it instead of losing every episode
             if self._crash is not None and not self._crash.done():
                 self._crash.set_exception(e)
         finally:
-            await self.gate.release(version, delivered=delivered)
             self._slots.release()
 
     async def _sync_loop(self, episodes: int | None) -> None:
@@ -340,7 +409,7 @@ class Scheduler:
             version, n = await self.gate.acquire_up_to(want)
             if self._stop.is_set():
                 for _ in range(n):
-                    await self.gate.release(version, delivered=False)
+                    await self.gate.withdraw(version)
                 break
             done += n
             self.counters.launched += n
@@ -355,10 +424,11 @@ class Scheduler:
             solves = await self._phase([self.game.solve(proposals[g]) for g in passed], passed)
             self._phase_begins("deliver")
             for gid in gids:
-                ok = gid in verifs and (gid not in passed or gid in solves)
-                if ok:
-                    await self._deliver(self.game.assemble(proposals[gid], verifs[gid], solves.get(gid, [])))
-                await self.gate.release(version, delivered=ok)
+                if gid in verifs and (gid not in passed or gid in solves):
+                    result = self.game.assemble(proposals[gid], verifs[gid], solves.get(gid, []))
+                    await self.gate.deliver(version, functools.partial(self._deliver, result))
+                else:
+                    await self.gate.withdraw(version)
 
     def _phase_begins(self, name: str) -> None:
         if self.on_phase is not None:
@@ -424,6 +494,7 @@ class Scheduler:
             "episodes_failed": c.failed,
             "failure_reasons": dict(c.failure_reasons),
             "episodes_inflight": self.gate.inflight,
+            "episodes_held": self.gate.held,
             "rollouts_active": self.game.runner.active,
             "episodes_per_s": round(c.finished / elapsed, 4),
             "tokens_per_s": round(c.generated_tokens / elapsed, 2),

@@ -92,6 +92,14 @@ async def test_eta_zero_is_lock_step(chat: ChatTokenizer, tmp_path: Path) -> Non
     assert summary["episodes_finished"] == 4 and len(read_frames(out)) == 4
 
 
+async def _sent(gate: StalenessGate, version: int, log: list[int]) -> None:
+    await gate.deliver(version, lambda: _record(log, version))
+
+
+async def _record(log: list[int], version: int) -> None:
+    log.append(version)
+
+
 async def test_staleness_gate_accounting() -> None:
     gate = StalenessGate(eta=1, per_step=2)
     for _ in range(4):  # (version 0 + eta 1 + 1) * 2 = 4 episodes may start on version 0
@@ -99,19 +107,46 @@ async def test_staleness_gate_accounting() -> None:
     blocked = asyncio.create_task(gate.acquire())
     await asyncio.sleep(0.01)
     assert not blocked.done()
-    await gate.release(0, delivered=False)  # a failed episode frees its place: the learner will not wait for it
+    await gate.withdraw(0)  # a failed episode frees its place: the learner will not wait for it
     assert await asyncio.wait_for(blocked, 1) == 0
+    sent: list[int] = []
     for _ in range(3):
-        await gate.release(0, delivered=True)
+        await _sent(gate, 0, sent)
     await gate.set_version(1)
-    # One episode of version 0 is still in flight: it holds the window at (0 + 1 + 1) * 2 = 4 places, so the
-    # learner cannot reach version 2 without it; the new version alone would allow 6.
-    assert gate.oldest == 0 and gate.room() == 0
-    await gate.release(0, delivered=True)
-    assert gate.oldest == 1 and gate.room() == 2
+    # One episode of version 0 is still running. The window counts from the current version, (1 + 1 + 1) * 2 = 6
+    # slots, so two more may start although the old one holds its place (the rule counting from the oldest running
+    # episode would allow none).
+    assert gate.inflight == 1 and gate.room() == 2
     assert await gate.acquire_up_to(5) == (1, 2)  # the sync schedule takes what is offered
+    # Slot 3 is the old episode's last chance (deadline (0 + 1 + 1) * 2 = 4): a newer group must wait for it.
+    newer = asyncio.create_task(_sent(gate, 1, sent))
+    await asyncio.sleep(0.01)
+    assert not newer.done() and gate.held == 1
+    await _sent(gate, 0, sent)
+    await asyncio.wait_for(newer, 1)
+    assert sent == [0, 0, 0, 0, 1] and gate.delivered == 5 and gate.held == 0
     with pytest.raises(ValueError, match="went back"):
         await gate.set_version(0)
+
+
+async def test_staleness_gate_sends_newer_groups_before_a_slow_one_until_its_deadline() -> None:
+    """eta 2, 2 per step: an episode of version 0 that runs long has deadline slot 6; newer groups take slots 0-4 at
+    once, the learner's versions advance without it, and only slot 5 onward waits."""
+    gate = StalenessGate(eta=2, per_step=2)
+    assert await gate.acquire() == 0  # the slow one
+    sent: list[int] = []
+    for version in range(3):
+        await gate.set_version(version)
+        while gate.delivered < 2 * (version + 1) and gate.delivered < 5:
+            assert await gate.acquire() == version
+            await asyncio.wait_for(_sent(gate, version, sent), 1)
+    assert sent == [0, 0, 1, 1, 2] and gate.held == 0
+    late = asyncio.create_task(_sent(gate, 2, sent))
+    await asyncio.sleep(0.01)
+    assert not late.done(), "a newer group took the slow episode's last slot"
+    await _sent(gate, 0, sent)
+    await asyncio.wait_for(late, 1)
+    assert sent == [0, 0, 1, 1, 2, 0, 2]
 
 
 async def test_failed_episodes_are_counted_and_others_delivered(chat: ChatTokenizer, tmp_path: Path) -> None:
