@@ -36,7 +36,7 @@ DEFAULT_PROFILES = ("qwen2.5-7b-h100-tp1",)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", nargs="+", default=list(DEFAULT_PROFILES), metavar="NAME_OR_FILE",
-                   help="sim profiles (bench/profiles/NAME.toml or a path; default: %(default)s)")
+                   help="sim profiles (serving/sim_profiles/NAME.toml or a path; default: %(default)s)")
     p.add_argument("--gpus", type=int, default=16, help="G, GPUs every arm gets (default: 16)")
     p.add_argument("--splits", type=int, nargs="+", default=[4],
                    help="serving GPUs g of the async sweep (learner gets G - g; default: 4); with several, the "

@@ -134,7 +134,7 @@ def build(d: Path, out: Path) -> str:
     lines = ["# ssp benchmarks", "",
              f"Built {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()} ({os.cpu_count()} CPU cores, "
              f"load average now {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}). Simulated-GPU parts use the "
-             "profiles in bench/profiles; every ratio below was measured side by side "
+             "profiles in serving/sim_profiles; every ratio below was measured side by side "
              "in one run.", "", "## Summary", ""]
     summary: list[str] = []
     body: list[str] = []

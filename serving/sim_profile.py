@@ -1,6 +1,6 @@
 """Simulator profiles: the GPU server model and rollout shapes that `ssp model serve --sim` follows.
 
-A profile is a TOML file (bench/profiles/*.toml: SGLang defaults, published measurements, estimates),
+A profile is a TOML file (serving/sim_profiles/*.toml: SGLang defaults, published measurements, estimates),
 read through the same typed loader as run configs, so a typo or wrong type is an error naming the key and file.
 Times in the file are in the units their key names say (ms or s); `SimProfile` keeps them as written.
 
@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssp.config import load_config
-from ssp.paths import PROJECT_ROOT
 
-PROFILES_DIR = PROJECT_ROOT / "bench" / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parent / "sim_profiles"
 DEFAULT_PROFILE = PROFILES_DIR / "qwen2.5-7b-h100-tp1.toml"
 
 
