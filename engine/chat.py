@@ -30,6 +30,8 @@ DOC_CACHE_ENTRIES = 65536
 """Encoded document entries kept (popular passages come back in many searches)."""
 PIECE_CACHE_ENTRIES = 4096
 """Encoded chat pieces kept (text between two special tokens: system prompts and instructions recur)."""
+_DOCUMENTS_PLACEHOLDER = "\ue000ssp-documents\ue000"
+"""Stands in for a verifier's documents while the chat template runs (private-use characters: no text has them)."""
 
 
 class _IdsCache:
@@ -111,17 +113,8 @@ class ChatTokenizer:
         assistant turn as part of the prompt: it is encoded once like tool text, carries no loss and no logprobs,
         and the model continues after it. The rollout's tag parsing reads it as the start of the first turn
         (`ssp.engine.rollout.RolloutSpec.prefill`)."""
-        text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        parts: list[str | int] = []
-        for piece in self._split.split(text) if self._split is not None else [text]:
-            special = self._special_ids.get(piece)
-            if special is not None:
-                parts.append(special)
-            elif piece:
-                parts.append(piece)
         doc_parts = [p for p in doc_pieces(documents) if p]
-        if doc_parts:
-            parts = _cut_at(parts, doc_parts)
+        parts = self._template_parts(messages, "".join(doc_parts), doc_parts)
         known = set(doc_parts)
         await self._cache_missing((self._pieces, [p for p in parts if isinstance(p, str) and p not in known]),
                                   (self._docs, doc_parts))
@@ -135,6 +128,35 @@ class ChatTokenizer:
         if prefill:
             out.extend(self.encode_tool(prefill))
         return out
+
+    def _template_parts(self, messages: list[Message], block: str, doc_parts: list[str]) -> list[str | int]:
+        """The rendered chat as text pieces and special-token ids, with the documents' `block` cut into `doc_parts`.
+
+        The template is rendered with a short placeholder in place of the block, which is then spliced back in as
+        its pieces: a verifier's ~5k-token block is neither copied through the template nor searched for piece by
+        piece (both scale with the block, and a sync step's verify phase renders hundreds at once). This assumes the
+        template writes message contents verbatim, as chat templates do (ChatML: SmolLM2, Qwen2.5); where the
+        placeholder does not come back exactly once, the chat is rendered whole and cut at the pieces instead."""
+        if block:
+            short = [{**m, "content": m["content"].replace(block, _DOCUMENTS_PLACEHOLDER)} for m in messages]
+            text = self._tok.apply_chat_template(short, add_generation_prompt=True, tokenize=False)
+            if text.count(_DOCUMENTS_PLACEHOLDER) == 1:
+                before, after = text.split(_DOCUMENTS_PLACEHOLDER)
+                return [*self._split_special(before), *doc_parts, *self._split_special(after)]
+        text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        parts = self._split_special(text)
+        return _cut_at(parts, doc_parts) if doc_parts else parts
+
+    def _split_special(self, text: str) -> list[str | int]:
+        """`text` cut at the hard special tokens: text pieces and the tokens' ids, empty pieces left out."""
+        parts: list[str | int] = []
+        for piece in self._split.split(text) if self._split is not None else [text]:
+            special = self._special_ids.get(piece)
+            if special is not None:
+                parts.append(special)
+            elif piece:
+                parts.append(piece)
+        return parts
 
     def encode_tool(self, text: str) -> list[int]:
         """Token ids of tool output inserted into the assistant turn (no BOS or other special tokens added)."""

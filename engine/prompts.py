@@ -6,7 +6,10 @@ chat messages; `ssp.engine.chat.ChatTokenizer` renders them once with the model'
 `information_block` is exactly what the prompts tell the model to expect.
 
 NOTE: the simulated server (`ssp model serve --sim`) recognises the proposer by the reference's phrase "The answer I
-provided is: X." and the question of solver and verifier prompts by "Question: ..."; keep both when editing.
+provided is: X.", the verifier by "Using only the documents" and the question of solver and verifier prompts by
+"Question: ..."; it reads only the last 512 tokens before the assistant turn
+(`ssp.serving.sim_text.PROMPT_TAIL_TOKENS`), so keep these phrases, and the question, near the end of the last user
+message when editing.
 """
 
 from collections.abc import Sequence

@@ -72,6 +72,8 @@ class _Req:
     req: GenerateRequest
     plan: TurnPlan
     seq: int
+    prompt_chain: BlockChain
+    """The prompt as the prefix cache keys it, hashed once on arrival."""
     done: asyncio.Future[None]
     spans: list[list[Any]]
     """[version, start] boundaries over output positions."""
@@ -143,8 +145,22 @@ class SimStats:
     recent: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=4096))
 
 
+@dataclass(frozen=True, slots=True)
+class BlockChain:
+    """A token sequence as the prefix cache keys it: the chained hashes of its full blocks, and its packed ids after
+    the last full block (so a longer sequence that starts with it continues the chain without hashing it again)."""
+
+    hashes: tuple[int, ...] = ()
+    rest: bytes = b""
+
+
 class SimPrefixCache:
-    """A radix-cache stand-in: chained hashes of fixed-size token blocks in an LRU bounded by KV capacity."""
+    """A radix-cache stand-in: chained hashes of fixed-size token blocks in an LRU bounded by KV capacity.
+
+    A request's prompt is hashed once, when it arrives (`chain`), and its finished output continues that chain, so
+    the server's host work per request grows with the prompt once, not at every admission, join and finish: a
+    verifier prompt of ~5.6k tokens hashed four times per request was a large part of the sim's own CPU on the
+    bench's shared cores."""
 
     def __init__(self, *, capacity_tokens: int, block_tokens: int, enabled: bool) -> None:
         self._block = block_tokens
@@ -152,31 +168,37 @@ class SimPrefixCache:
         self._enabled = enabled
         self._blocks: OrderedDict[int, None] = OrderedDict()
 
-    def _hashes(self, ids: list[int]) -> list[int]:
-        raw = as_token_bytes(ids)
+    def chain(self, token_bytes: bytes, base: BlockChain = BlockChain()) -> BlockChain:
+        """The chain of `base`'s sequence followed by `token_bytes` (ids packed by `as_token_bytes`); an empty chain
+        when the cache is disabled (nothing is ever looked up)."""
+        if not self._enabled:
+            return base
+        raw = base.rest + token_bytes
         step = 4 * self._block
-        hashes, h = [], 0
-        for start in range(0, len(raw) - step + 1, step):
+        hashes, h = list(base.hashes), (base.hashes[-1] if base.hashes else 0)
+        end = len(raw) - len(raw) % step
+        for start in range(0, end, step):
             h = hash((h, raw[start:start + step]))
             hashes.append(h)
-        return hashes
+        return BlockChain(tuple(hashes), raw[end:])
 
-    def match(self, ids: list[int]) -> int:
-        """Cached prefix length of `ids` in tokens (at most len - 1: the last token is always computed)."""
+    def match(self, chain: BlockChain, n_tokens: int) -> int:
+        """Cached prefix length in tokens of the `n_tokens`-token sequence `chain` keys (at most n_tokens - 1: the
+        last token is always computed)."""
         if not self._enabled:
             return 0
         hit = 0
-        for h in self._hashes(ids):
+        for h in chain.hashes:
             if h not in self._blocks:
                 break
             self._blocks.move_to_end(h)
             hit += 1
-        return min(hit * self._block, len(ids) - 1)
+        return min(hit * self._block, n_tokens - 1)
 
-    def insert(self, ids: list[int]) -> None:
+    def insert(self, chain: BlockChain) -> None:
         if not self._enabled:
             return
-        for h in self._hashes(ids):
+        for h in chain.hashes:
             self._blocks[h] = None
             self._blocks.move_to_end(h)
         while len(self._blocks) > self._capacity_blocks:
@@ -273,10 +295,12 @@ class SimBackend(Backend):
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         if len(self._waiting) >= self._max_queued:
             raise BackendError(503, "The request queue is full.")
-        plan = self._text.plan(req.input_ids, req.sampling)
+        # The prompt is packed once: reading it (SimText) and keying it in the prefix cache both search the bytes.
+        prompt_bytes = as_token_bytes(req.input_ids)
+        plan = self._text.plan(req.input_ids, req.sampling, token_bytes=prompt_bytes)
         self._seq += 1
-        r = _Req(req=req, plan=plan, seq=self._seq, done=asyncio.get_running_loop().create_future(),
-                 spans=[[self._version, 0]])
+        r = _Req(req=req, plan=plan, seq=self._seq, prompt_chain=self._cache.chain(prompt_bytes),
+                 done=asyncio.get_running_loop().create_future(), spans=[[self._version, 0]])
         self._live[req.rid] = r
         self._waiting.append(r)
         self._wake_for_work()
@@ -485,7 +509,7 @@ class SimBackend(Backend):
             if busy and self._kv_running() + self._prefill_ctx_sum + r.context > server.kv_capacity_tokens:
                 return
             self._waiting.popleft()
-            hit = self._cache.match(r.req.input_ids)
+            hit = self._cache.match(r.prompt_chain, len(r.req.input_ids))
             if r.ran:
                 self.stats.recomputed_tokens += r.context - hit
             else:
@@ -540,7 +564,7 @@ class SimBackend(Backend):
         self._prefill_ctx_sum -= r.context
         self._prefilling.remove(r)
         r.ran = True
-        self._cache.insert(r.req.input_ids)
+        self._cache.insert(r.prompt_chain)
         if len(r.plan.output_ids) > r.base:
             r.base += 1
         if r.base >= len(r.plan.output_ids):
@@ -599,7 +623,8 @@ class SimBackend(Backend):
         if finish.type != "abort":
             r.emitted = len(r.plan.output_ids)
         if r.ran:
-            self._cache.insert(r.req.input_ids + r.plan.output_ids[: r.emitted])
+            output = as_token_bytes(r.plan.output_ids[: r.emitted])
+            self._cache.insert(self._cache.chain(output, r.prompt_chain))
             self.stats.cached_tokens += r.cached_tokens
         r.finish = finish
         r.state = _State.DONE

@@ -6,7 +6,11 @@ decodes outputs exactly as it does against a real server, and finds `<search>`, 
 the decoded text. Every output is a concatenation of snippets (tags, filler words, the sim's EOS) tokenized once at
 start-up; the response `text` is the concatenation of their per-token strings, so no detokenizer runs per request.
 
-Which turn of which role a request is, is read from its prompt (one decode per distinct prompt prefix, cached):
+Which turn of which role a request is, is read from its prompt: from the last `PROMPT_TAIL_TOKENS` tokens before the
+first assistant header (the end of the last user message, where engine/prompts.py puts the markers and the
+question), decoded once per distinct tail and cached. Not the whole prompt: a verifier prompt carries ~5k tokens of
+documents, and decoding them on every new prompt was the largest part of a sim server's own CPU when a sync step's
+verify phase sent hundreds of them at once (`ssp bench async-vs-sync`).
 
 - role: "proposer" if the prompt text (before the first assistant header) contains `SimSpec.proposer_marker`,
   "verifier" if it contains `SimSpec.verifier_marker` (any case), else "solver" (engine/prompts.py keeps both).
@@ -52,6 +56,8 @@ _NAMES = ("Paris London Berlin Rome Madrid Vienna Prague Lisbon Dublin Oslo Amaz
 _ASSISTANT_MARKER = "<|im_start|>assistant"
 """Chat-template header of an assistant turn (ChatML: SmolLM2, Qwen2.5); what comes after it is the rollout."""
 
+PROMPT_TAIL_TOKENS = 512
+"""Tokens before the first assistant header that the sim reads to tell the role, the answer and the question."""
 _PROMPT_CACHE_ENTRIES = 50_000
 _MEMORY_ENTRIES = 200_000
 
@@ -133,19 +139,20 @@ class SimText:
 
     # ---------------------------------------------------------------- reading the prompt
 
-    def _facts(self, input_ids: list[int]) -> tuple[int, _PromptFacts]:
-        """(searches so far, prompt facts) of a request."""
-        raw = as_token_bytes(input_ids)
+    def _facts(self, input_ids: list[int], raw: bytes) -> tuple[int, _PromptFacts]:
+        """(searches so far, prompt facts) of a request; `raw` is `as_token_bytes(input_ids)`."""
         start = _find_aligned(raw, self._marker, 0)
-        prefix = raw if start < 0 else raw[:start]
-        facts = self._prompt_facts.get(prefix)
+        end = len(raw) if start < 0 else start
+        tail_start = max(0, end - 4 * PROMPT_TAIL_TOKENS)
+        tail = raw[tail_start:end]
+        facts = self._prompt_facts.get(tail)
         if facts is None:
-            facts = self._read_prompt(input_ids[: len(prefix) // 4])
-            self._prompt_facts[prefix] = facts
+            facts = self._read_prompt(input_ids[tail_start // 4:end // 4])
+            self._prompt_facts[tail] = facts
             if len(self._prompt_facts) > _PROMPT_CACHE_ENTRIES:
                 self._prompt_facts.popitem(last=False)
         else:
-            self._prompt_facts.move_to_end(prefix)
+            self._prompt_facts.move_to_end(tail)
         searches = 0 if start < 0 else _count_aligned(raw, self._search_close, start)
         return searches, facts
 
@@ -161,9 +168,11 @@ class SimText:
 
     # ---------------------------------------------------------------- writing the output
 
-    def plan(self, input_ids: list[int], sampling: SamplingOptions) -> TurnPlan:
-        """Decide the output of one request (a turn of a rollout) from its prompt and sampling options."""
-        searches, facts = self._facts(input_ids)
+    def plan(self, input_ids: list[int], sampling: SamplingOptions, *, token_bytes: bytes | None = None) -> TurnPlan:
+        """Decide the output of one request (a turn of a rollout) from its prompt and sampling options.
+        `token_bytes`: `as_token_bytes(input_ids)` if the caller has it already (packed once per request)."""
+        raw = token_bytes if token_bytes is not None else as_token_bytes(input_ids)
+        searches, facts = self._facts(input_ids, raw)
         role = facts.role
         budget = sampling.max_new_tokens
         if role == "verifier":

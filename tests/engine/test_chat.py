@@ -70,3 +70,31 @@ async def test_documents_with_odd_text_still_decode_to_the_prompt(chat: ChatToke
     messages = verifier_messages("What is it?", render_docs(docs))
     text = chat._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert chat.decode(await chat.render(messages, documents=docs)) == text
+
+
+async def test_the_template_runs_without_the_documents(chat: ChatTokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A verifier's documents do not go through the chat template (it copied ~5k tokens of text per prompt, hundreds
+    at once in a sync step's verify phase): the template sees a placeholder, the pieces are spliced in after, and
+    the ids are still those of encoding the whole chat. Where the block cannot be told apart (it occurs twice), the
+    chat is rendered whole and gives the same ids."""
+    tok = chat._tok
+    expected = {}
+    for twice in (False, True):
+        block = render_docs(CORPUS_LIKE)
+        messages = verifier_messages("Which city lies on the Danube?" + (f" {block}" if twice else ""), block)
+        whole = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        expected[twice] = list(whole["input_ids"] if hasattr(whole, "keys") else whole)
+    seen: list[str] = []
+    original = type(tok).apply_chat_template
+
+    def recording(self: object, conversation: list[dict[str, str]], **kw: object) -> object:
+        seen.extend(m["content"] for m in conversation)
+        return original(self, conversation, **kw)
+
+    monkeypatch.setattr(type(tok), "apply_chat_template", recording)
+    for twice in (False, True):
+        seen.clear()
+        block = render_docs(CORPUS_LIKE)
+        messages = verifier_messages("Which city lies on the Danube?" + (f" {block}" if twice else ""), block)
+        assert (await chat.render(messages, documents=CORPUS_LIKE)).tolist() == expected[twice]
+        assert any(block in content for content in seen) == twice

@@ -20,7 +20,7 @@ from ssp.config import ConfigError
 from ssp.serving.backend import ABORTED, ABORTED_QUEUED, Finish, GenerateOutput, GenerateRequest, SamplingOptions
 from ssp.serving.sim import SimBackend
 from ssp.serving.sim_profile import DEFAULT_PROFILE, PROFILES_DIR, SimProfile, load_profile
-from ssp.serving.sim_text import SimText, TokenizerFile
+from ssp.serving.sim_text import PROMPT_TAIL_TOKENS, SimText, TokenizerFile
 
 Factory = Callable[..., SimBackend]
 
@@ -138,6 +138,18 @@ async def test_prefix_cache_hits_flush_and_disable(make: Factory) -> None:
     await off.start()
     await _run(off, _req(prompt, 2))
     assert (await _run(off, _req(prompt, 2))).cached_tokens == 0
+
+
+async def test_next_turn_hits_the_prompt_and_the_output_across_a_block_boundary(make: Factory) -> None:
+    """A finished request's output continues its prompt's hash chain (the prompt is hashed once, on arrival): the
+    next turn, prompt + output + a tool block, finds every whole block of prompt + output cached, including the
+    block that straddles the two."""
+    backend = make()
+    await backend.start()
+    prompt = _prompt(1000, 8)  # 15 whole 64-token blocks and 40 tokens over
+    out = await _run(backend, _req(prompt, 100))
+    turn = prompt + out.output_ids + _prompt(30, 9)
+    assert (await _run(backend, _req(turn, 2))).cached_tokens == 1088  # 17 whole blocks of the 1100
 
 
 async def test_kv_capacity_retracts_and_recomputes(make: Factory) -> None:
@@ -290,6 +302,48 @@ def test_proposer_question_is_answered_by_a_later_solver(tokenizer: TokenizerFil
     verify = text.plan(verifier, SamplingOptions(max_new_tokens=70))  # one short answer, no search
     assert verify.role == "verifier" and verify.finish.type == "stop"
     assert "Marie Curie" in "".join(verify.text_pieces)
+
+
+class _CountingTokenizer:
+    """A tokenizer that records how many ids each decode call got."""
+
+    def __init__(self, tok: TokenizerFile) -> None:
+        self._tok = tok
+        self.eos_token_id = tok.eos_token_id
+        self.decoded: list[int] = []
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        self.decoded.append(len(ids))
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+
+def test_a_long_verifier_prompt_is_read_from_its_tail(tokenizer: TokenizerFile) -> None:
+    """A verifier prompt with thousands of tokens of documents is recognised, and its question answered, from the
+    end of the prompt alone: the sim decodes at most PROMPT_TAIL_TOKENS of it, once per distinct prompt."""
+    profile = load_profile()
+    counting = _CountingTokenizer(tokenizer)
+    text = SimText(counting, shapes=profile.shapes, spec=dataclasses.replace(profile.sim, correct_answer_p=1.0),
+                   rng=random.Random(3))
+    proposer = _chat(tokenizer, "The answer I provided is: Marie Curie. You need to create a question.")
+    final = ""
+    while "<question>" not in final:
+        _, _, final = _rollout(text, tokenizer, proposer)
+    question = final.split("<question>")[1].split("</question>")[0].strip()
+    documents = "\n\n".join(f"Doc {k} (Title: T{k})\n" + " ".join(["words of a passage"] * 40) for k in range(1, 30))
+    verifier = _chat(tokenizer, f"Documents:\n{documents}\n\nUsing only the documents above, answer the question."
+                                f"\nQuestion: {question}")
+    assert len(verifier) > 4 * PROMPT_TAIL_TOKENS
+    counting.decoded.clear()
+    for _ in range(3):  # a verifier group: the same prompt again is not read again
+        plan = text.plan(verifier, SamplingOptions(max_new_tokens=70))
+        assert plan.role == "verifier" and "Marie Curie" in "".join(plan.text_pieces)
+    assert [n for n in counting.decoded if n > 1] == [PROMPT_TAIL_TOKENS]
 
 
 def test_profiles_load_and_bad_keys_name_the_file(tmp_path: Path) -> None:
