@@ -16,11 +16,17 @@ Schedules:
                then one push.
     lock-step  per step (eta 0, no phase barriers): max(longest episode chain = proposer + verifier + solver chains,
                work / n), then training on G GPUs, then one push.
-    async      servers and learner overlap: min(server rate, learner rate). Server rate: g servers, per step the
-               groups' decode work plus the prefill the servers actually did (their own counters, priced by the
-               profile: recompute of retracted or flushed contexts and prefix-cache misses under load included; never
-               less than the groups' own prefill), and one push during which they are paused. Learner rate: training
-               on G - g GPUs plus one push.
+    async      servers and learner overlap: min(servers and deadlines, learner rate). Server rate at a load of n
+               requests per server: g servers, per step the groups' decode work at batch n plus the prefill the
+               servers actually did (their own counters, priced by the profile: recompute of retracted or flushed
+               contexts and prefix-cache misses under load included; never less than the groups' own prefill), and
+               one push during which they are paused. Deadline rate at load n: an episode started on version v must
+               be trained by version v + eta, so the learner reaches v + eta + 1 no sooner than the longest episode
+               started on v has run (its critical path, each decode step at load n: a + b*n + c*n*context) and
+               been trained and pushed; eta + 1 steps take at least that, per start version. A fuller server decodes
+               more per second but runs the longest episode slower, so the servers' side is the best load n of
+               min(server rate, deadline rate); at n = the slot cap with the deadline slack it is the full-batch
+               server rate. Learner rate: training on G - g GPUs plus one push.
 The push is the profile's weight-update model, once per step (the profile's learner fixed_s excludes it).
 """
 
@@ -31,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ssp.bench.sim_learner import TRAINED_ROLES, learner_step_s, push_s
+from ssp.learner.batching import oldest_trained_version
 from ssp.serving.sim_profile import SimProfile
 
 PHASES = {"proposer": "propose", "verifier": "verify", "solver": "solve"}
@@ -44,12 +51,27 @@ class Costs:
     profile: SimProfile
     batch: int
     """Requests decoded together at full load: the slot cap, bounded by max_running_requests and by KV."""
+    mean_context: float = 0.0
+    """Mean context of a decoded token over the run: what each request of a batch adds to a step's KV reads."""
 
     @classmethod
     def at_capacity(cls, profile: SimProfile, slots: int, mean_context: float) -> Costs:
         s = profile.server
         batch = max(1, min(slots, s.max_running_requests, int(s.kv_capacity_tokens // max(1.0, mean_context))))
-        return cls(profile, batch)
+        return cls(profile, batch, mean_context)
+
+    def step_s(self, batch: int) -> float:
+        """One decode step of a server running `batch` requests of the run's mean context: what each of them waits
+        per generated token."""
+        d, s = self.profile.decode, self.profile.server
+        eager = d.eager_penalty_ms if batch > s.cuda_graph_max_bs else 0.0
+        return (d.a_ms + eager + batch * (d.b_ms_per_request + d.c_ms_per_kv_token * self.mean_context)) / 1000
+
+    def fixed_share_s(self, batch: int) -> float:
+        """The part of one token's share of a step that depends on the batch: the step's fixed cost over it."""
+        d, s = self.profile.decode, self.profile.server
+        eager = d.eager_penalty_ms if batch > s.cuda_graph_max_bs else 0.0
+        return (d.a_ms + eager) / batch / 1000
 
     def decode_token_s(self, context: float, *, batch: int) -> float:
         """One generated token's share of a decode step at `batch` running requests, at `context` tokens."""
@@ -71,6 +93,10 @@ class RolloutCost:
     """Decode and prefill work together."""
     prefill_s: float
     """The prefill part of work_s."""
+    decode_steps: int = 0
+    """Decode steps of the rollout (generated tokens after each turn's first)."""
+    chain_prefill_s: float = 0.0
+    """The prefill part of chain_s (its tool blocks)."""
 
 
 def rollout_cost(t: Any, costs: Costs, *, prompt_cached: bool, block_tokens: int) -> RolloutCost:
@@ -82,7 +108,7 @@ def rollout_cost(t: Any, costs: Costs, *, prompt_cached: bool, block_tokens: int
     context = len(t.prompt_ids)
     # The first prompt's prefill is left off the chain: it may be cached (a template, a group's shared prompt).
     chain, prefill = 0.0, 0.0 if prompt_cached else costs.prefill_s(context, 0)
-    decode = 0.0
+    decode, decode_steps, chain_prefill = 0.0, 0, 0.0
     for kind, start, end in segments:
         n = end - start
         if kind == "gen":
@@ -90,13 +116,15 @@ def rollout_cost(t: Any, costs: Costs, *, prompt_cached: bool, block_tokens: int
             steps, mid = max(0, n - 1), context + n / 2
             chain += steps * costs.decode_token_s(mid, batch=1)
             decode += steps * costs.decode_token_s(mid, batch=costs.batch)
+            decode_steps += steps
         else:
             # A later turn prefills its tool block and the partly filled cache block before it.
             fresh = n + block_tokens / 2
             chain += costs.prefill_s(n, context)
+            chain_prefill += costs.prefill_s(n, context)
             prefill += costs.prefill_s(fresh, context)
         context += n
-    return RolloutCost(t.role, chain, decode + prefill, prefill)
+    return RolloutCost(t.role, chain, decode + prefill, prefill, decode_steps, chain_prefill)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +141,14 @@ class GroupCost:
     """Trained (proposer and solver) trajectories."""
     tokens: int
     """Tokens of the trained trajectories."""
+    decode_steps: int = 0
+    """Decode steps of all the episode's rollouts (its work's share of each step's fixed cost depends on the load)."""
+    path_steps: int = 0
+    """Decode steps along the episode's critical path (per phase the rollout with the longest chain)."""
+    path_prefill_s: float = 0.0
+    """Prefill seconds along that path (tool blocks)."""
+    start_version: int | None = None
+    """The policy version the episode started on (the oldest version among its tokens), when the tokens carry one."""
 
     @property
     def episode_chain_s(self) -> float:
@@ -123,23 +159,33 @@ class GroupCost:
     def total_work_s(self) -> float:
         return sum(self.work_s.values())
 
+    def path_s(self, costs: Costs, load: int) -> float:
+        """The episode's critical path on servers running `load` requests each."""
+        return self.path_steps * costs.step_s(load) + self.path_prefill_s
+
 
 def group_cost(group: Sequence[Any], costs: Costs, block_tokens: int) -> GroupCost:
     chain = dict.fromkeys(PHASES.values(), 0.0)
     work = dict.fromkeys(PHASES.values(), 0.0)
+    longest: dict[str, RolloutCost] = {}
     prompts: set[tuple[str, int]] = set()
-    prefill = 0.0
+    prefill, decode_steps = 0.0, 0
     for t in group:
         key = (t.role, hash(tuple(t.prompt_ids)))
         c = rollout_cost(t, costs, prompt_cached=key in prompts, block_tokens=block_tokens)
         prompts.add(key)
         phase = PHASES[t.role]
-        chain[phase] = max(chain[phase], c.chain_s)
+        if c.chain_s >= chain[phase]:
+            chain[phase], longest[phase] = c.chain_s, c
         work[phase] += c.work_s
         prefill += c.prefill_s
+        decode_steps += c.decode_steps
     trained = [t for t in group if t.role in TRAINED_ROLES]
     return GroupCost(chain, work, prefill, len(trained),
-                     sum(len(t.prompt_ids) + len(t.response_ids) for t in trained))
+                     sum(len(t.prompt_ids) + len(t.response_ids) for t in trained), decode_steps=decode_steps,
+                     path_steps=sum(c.decode_steps for c in longest.values()),
+                     path_prefill_s=sum(c.chain_prefill_s for c in longest.values()),
+                     start_version=oldest_trained_version(list(group), tuple(PHASES)))
 
 
 class GroupTally:
@@ -221,22 +267,49 @@ def phased_bound(profile: SimProfile, groups: Sequence[GroupCost], *, per_step: 
             "bound_parts_s": {k: round(v, 3) for k, v in parts.items()}, "bound_phase_by": by}
 
 
-def async_bound(profile: SimProfile, groups: Sequence[GroupCost], *, per_step: int, serve_servers: int,
-                learn_gpus: int, measured_prefill_s_per_episode: float) -> dict[str, Any]:
-    """Bound of an async run from the groups it trained in its window: min(server rate, learner rate).
+def async_bound(profile: SimProfile, groups: Sequence[GroupCost], *, costs: Costs, per_step: int,
+                serve_servers: int, learn_gpus: int, eta: int, measured_prefill_s_per_episode: float) -> dict[str, Any]:
+    """Bound of an async run from the groups it trained in its window: the best load n (requests per server, up to
+    the slot cap) of min(server rate at n, deadline rate at n), then the learner rate if lower.
     `measured_prefill_s_per_episode`: the servers' prefill seconds in the window per trained episode."""
     n = max(1, len(groups))
     traj = sum(g.trajectories for g in groups) / n
     own_prefill = sum(g.prefill_s for g in groups) / n
     prefill = max(own_prefill, measured_prefill_s_per_episode)
     work = sum(g.total_work_s for g in groups) / n - own_prefill + prefill
+    decode_steps = sum(g.decode_steps for g in groups) / n
     tokens = sum(g.tokens for g in groups) / n
     push = push_s(profile)
-    server_step = per_step * work / serve_servers + push
-    learner_step = train_s(profile, int(tokens * per_step), learn_gpus) + push
-    server_rate, learner_rate = per_step * traj / server_step, per_step * traj / learner_step
-    return {"bound_traj_per_s": min(server_rate, learner_rate), "bound_step_s": max(server_step, learner_step),
-            "server_rate_traj_per_s": server_rate, "learner_rate_traj_per_s": learner_rate,
-            "bound_by": "servers" if server_rate < learner_rate else "learner",
+    train = train_s(profile, int(tokens * per_step), learn_gpus)
+    learner_step = train + push
+    learner_rate = per_step * traj / learner_step
+    # The longest episode per start version: eta + 1 learner steps span at least its path plus training and a push.
+    cohorts: dict[int, list[GroupCost]] = {}
+    for g in groups:
+        if g.start_version is not None:
+            cohorts.setdefault(g.start_version, []).append(g)
+
+    def server_step(load: int) -> float:
+        # Work was priced at the full batch; at `load` each decoded token carries a larger share of the fixed cost.
+        at_load = work + decode_steps * (costs.fixed_share_s(load) - costs.fixed_share_s(costs.batch))
+        return per_step * at_load / serve_servers + push
+
+    def deadline_step(load: int) -> float:
+        if not cohorts:
+            return 0.0
+        longest = [max(g.path_s(costs, load) for g in c) for c in cohorts.values()]
+        return (sum(longest) / len(longest) + train + push) / (eta + 1)
+
+    load = max(range(1, costs.batch + 1), key=lambda k: (min(1 / server_step(k), 1 / max(1e-9, deadline_step(k))), k))
+    server_rate = per_step * traj / server_step(load)
+    deadline_rate = per_step * traj / deadline_step(load) if cohorts else float("inf")
+    full_rate = per_step * traj / server_step(costs.batch)
+    bound = min(server_rate, deadline_rate, learner_rate)
+    by = ("learner" if learner_rate <= min(server_rate, deadline_rate)
+          else "servers" if load == costs.batch and server_rate <= deadline_rate else "deadline")
+    return {"bound_traj_per_s": bound, "bound_step_s": per_step * traj / bound,
+            "server_rate_traj_per_s": full_rate, "learner_rate_traj_per_s": learner_rate,
+            "deadline_rate_traj_per_s": deadline_rate, "load_rate_traj_per_s": min(server_rate, deadline_rate),
+            "load_requests_per_server": load, "bound_by": by,
             "server_s_per_episode": work, "decode_s_per_episode": work - prefill, "prefill_s_per_episode": prefill,
             "prefill_beyond_own_s_per_episode": prefill - own_prefill}

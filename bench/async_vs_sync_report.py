@@ -29,6 +29,12 @@ def run_line(r: dict[str, Any]) -> str:
              + ("" if c["kept"] else " - NOT KEPT: the host did not run the servers on time (a lower "
                                     "--time-scale or fewer servers gives it more room)"),
              "    server time: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["server_time_shares"].items())]
+    if "deadline_rate_traj_per_s" in r:
+        lines.append(f"    bound by {r['bound_by']}: best load {r['load_requests_per_server']} of "
+                     f"{r['server_batch_cap']} requests per server (servers and deadlines there "
+                     f"{r['load_rate_traj_per_s']:.3f}; servers at full load {r['server_rate_traj_per_s']:.3f}, "
+                     f"deadlines at the best load {r['deadline_rate_traj_per_s']:.3f}, learner "
+                     f"{r['learner_rate_traj_per_s']:.3f} traj/s)")
     if r["phase_s_mean"]:
         bound = r["bound_parts_s"]
         lines.append("    phases, measured / bound s: " + ", ".join(

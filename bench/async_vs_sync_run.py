@@ -368,8 +368,8 @@ def measure(profile: SimProfile, spec: RunSpec, steps: list[StepLog], tally: Gro
     }
     n_servers = len(in_window[0].clocks)
     if spec.arm == "async":
-        bound = async_bound(profile, window_groups, per_step=spec.episodes_per_step, serve_servers=n_servers,
-                            learn_gpus=spec.learn_gpus,
+        bound = async_bound(profile, window_groups, costs=costs, per_step=spec.episodes_per_step,
+                            serve_servers=n_servers, learn_gpus=spec.learn_gpus, eta=spec.eta,
                             measured_prefill_s_per_episode=delivered["prefill_s"] / trained_groups)
     else:
         bound = phased_bound(profile, groups, per_step=spec.episodes_per_step,

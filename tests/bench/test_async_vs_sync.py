@@ -76,18 +76,61 @@ def test_sync_step_is_phase_makespans_plus_train_plus_one_push() -> None:
 
 def test_async_bound_prices_the_prefill_the_servers_did_and_one_pause_per_step() -> None:
     p = load_profile()
+    costs = Costs.at_capacity(p, 256, mean_context=2000)
     g = GroupCost({"propose": 1.0, "verify": 1.0, "solve": 1.0}, {"propose": 0.2, "verify": 0.1, "solve": 0.3}, 0.1,
                   4, 8000)
-    own = async_bound(p, [g, g], per_step=8, serve_servers=2, learn_gpus=12, measured_prefill_s_per_episode=0.05)
+    kw = {"costs": costs, "per_step": 8, "serve_servers": 2, "learn_gpus": 12, "eta": 4}
+    own = async_bound(p, [g, g], **kw, measured_prefill_s_per_episode=0.05)
     # Measured prefill below the groups' own (cannot happen, but a bound never takes less): 0.6 s per episode.
     assert own["server_s_per_episode"] == pytest.approx(0.6)
     assert own["server_rate_traj_per_s"] == pytest.approx(8 * 4 / (8 * 0.6 / 2 + push_s(p)))
     # Cache misses and recompute cost the servers 0.3 s more per episode: the server rate falls with them.
-    more = async_bound(p, [g, g], per_step=8, serve_servers=2, learn_gpus=12, measured_prefill_s_per_episode=0.4)
+    more = async_bound(p, [g, g], **kw, measured_prefill_s_per_episode=0.4)
     assert more["server_s_per_episode"] == pytest.approx(0.9)
     assert more["prefill_beyond_own_s_per_episode"] == pytest.approx(0.3)
     assert more["learner_rate_traj_per_s"] == own["learner_rate_traj_per_s"]
+    # No start versions known: no deadline, the servers run full.
+    assert more["load_requests_per_server"] == costs.batch
     assert more["bound_traj_per_s"] == min(more["server_rate_traj_per_s"], more["learner_rate_traj_per_s"])
+
+
+def _episode(start: int, path_steps: int) -> GroupCost:
+    return GroupCost({"propose": 1.0, "verify": 0.0, "solve": 0.0}, {"propose": 0.5, "verify": 0.0, "solve": 0.0},
+                     0.0, 6, 6000, decode_steps=2000, path_steps=path_steps, start_version=start)
+
+
+def test_async_bound_waits_for_the_longest_episode_of_each_start_version_by_its_deadline() -> None:
+    p = load_profile()
+    costs = Costs.at_capacity(p, 256, mean_context=3000)
+    # Two start versions; in each one episode runs a long path (a runaway turn of 8,000 decode steps).
+    groups = [_episode(0, 300), _episode(0, 8000), _episode(1, 300), _episode(1, 6000)]
+    kw = {"costs": costs, "per_step": 256, "serve_servers": 4, "learn_gpus": 12,
+          "measured_prefill_s_per_episode": 0.0}
+    tight = async_bound(p, groups, **kw, eta=1)
+    train = learner_step_s(p.learner, flops_per_token=p.model.flops_per_token, tokens=6000 * 256, gpus=12)
+
+    def rates(load: int) -> tuple[float, float]:
+        # At `load` requests per server: each of the 2,000 decode steps per episode carries a/load of a step's fixed
+        # cost (0.5 s of work was priced at the full batch); eta + 1 = 2 steps span the mean over start versions of
+        # the longest path at that load, training and a push.
+        work = 0.5 + 2000 * (costs.fixed_share_s(load) - costs.fixed_share_s(costs.batch))
+        span = (8000 + 6000) / 2 * costs.step_s(load) + train + push_s(p)
+        return 256 * 6 / (256 * work / 4 + push_s(p)), 256 * 6 * 2 / span
+
+    load = tight["load_requests_per_server"]
+    server, deadline = rates(load)
+    assert tight["deadline_rate_traj_per_s"] == pytest.approx(deadline)
+    # The deadline makes the best load a partial one: a full server would run the runaways too slowly; a lighter
+    # load decodes them faster but serves less: the chosen load is the best of every load.
+    assert tight["bound_by"] == "deadline" and load < costs.batch
+    assert tight["bound_traj_per_s"] == pytest.approx(min(server, deadline))
+    assert all(min(*rates(k)) <= min(server, deadline) + 1e-9 for k in range(1, costs.batch + 1))
+    assert tight["bound_traj_per_s"] < tight["server_rate_traj_per_s"]
+    # With slack to spare (a large eta) the deadline does not bind: the servers run full.
+    loose = async_bound(p, groups, **kw, eta=50)
+    assert loose["load_requests_per_server"] == costs.batch and loose["bound_by"] in ("servers", "learner")
+    assert loose["bound_traj_per_s"] == pytest.approx(min(loose["server_rate_traj_per_s"],
+                                                          loose["learner_rate_traj_per_s"]))
 
 
 def _reading(label: str, wall: float, behind: list[float]) -> Reading:
@@ -137,8 +180,10 @@ def test_tiny_bench_runs_every_arm(demo_index: Path, tmp_path: Path) -> None:
     assert set(sync["bound_parts_s"]) == {"propose", "verify", "solve", "train", "push"}
     assert set(lockstep["bound_parts_s"]) == {"episodes", "train", "push"}
     for run in (r["async"], r["async_flush"]):
-        assert run["bound_traj_per_s"] == pytest.approx(min(run["server_rate_traj_per_s"],
+        assert run["bound_traj_per_s"] == pytest.approx(min(run["load_rate_traj_per_s"],
                                                             run["learner_rate_traj_per_s"]), abs=1e-3)
+        assert run["load_rate_traj_per_s"] <= run["server_rate_traj_per_s"] + 1e-3
+        assert 1 <= run["load_requests_per_server"] <= run["server_batch_cap"]
     assert r["better_sync"] is max(sync, lockstep, key=lambda x: x["trained_trajectories_per_s"])
     assert r["async_over_sync"] == pytest.approx(r["async"]["trained_trajectories_per_s"] /
                                                  r["better_sync"]["trained_trajectories_per_s"], rel=1e-2)
