@@ -13,6 +13,13 @@ Lifecycle of a `WeightPusher` (run on learner rank 0 only; other TP ranks only h
                             #   -> end -> (in_place: flush_cache if the server holds no request) -> continue
     pusher.close()          # destroy the group on every server and here
 
+A push that fails midway (a server died, refused a call, did not answer) abandons the group at once: our side aborts
+(which ends a broadcast stuck on a dead member), and every server that answers destroys its side, ends its session and
+continues generating, holding a mix of old and new weights under its old label until the next push, over a new group,
+replaces them (ssp.learner.push_recovery). Why not wait for gloo: it often notices no dead peer mid-broadcast, and both
+our send and the survivors' receives then wait out the group's timeout (learner.push_timeout_s). So each bucket waits
+for every server's acknowledgement first, and a connection refused or reset there fails the push in milliseconds.
+
 In-flight requests and the KV cache (`pause_mode`): most pushes pause "in_place": running requests keep their KV and
 go on decoding with the new weights the moment the servers continue (PipelineRL's in-flight update), and the prefix
 cache stays (SGLang cannot flush while requests hold KV). Every `kv_refresh_every`-th push pauses with "retract" and
@@ -37,6 +44,7 @@ receives such buckets with no copy (serving/weight_sync.py, FlatLandings).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
 import logging
 import threading
@@ -56,6 +64,10 @@ from ssp.processes import free_port
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+ABANDON_TIMEOUT_S = 30.0
+"""How long the calls that abandon a failed push's group may take on a server (each answers at once on a live one, a
+dead one refuses at once); beyond it the server is left to its own session expiry."""
+
 
 class PushError(RuntimeError):
     """A server refused or failed a weight-update call; the message names the server and its reply."""
@@ -64,7 +76,7 @@ class PushError(RuntimeError):
 class PushState(enum.Enum):
     NEW = "new"              # constructed; connect() not called
     CONNECTED = "connected"  # the update group exists; push() allowed
-    BROKEN = "broken"        # a push failed midway: servers may hold mixed weights; only close() is allowed
+    BROKEN = "broken"        # a push failed midway and its group was abandoned; only close() is allowed
     CLOSED = "closed"        # group destroyed; the object cannot be reused
 
 
@@ -182,7 +194,7 @@ class WeightPusher:
                  master_port: int = 0, group_name: str = "weight_update_group", bytes_per_bucket: int = 512 << 20,
                  timeout_s: float = 600.0, kv_refresh_every: int = 1, api_key: str | None = None) -> None:
         """`api_key`: the servers' admin key (learner.push_api_key_file), sent with every call: all of them are
-        admin routes."""
+        admin routes. `group_name` may be changed until connect() (RecoveringPusher names each group it forms)."""
         if not server_urls:
             raise ValueError("WeightPusher needs at least one server URL")
         self.urls = [u.rstrip("/") for u in server_urls]
@@ -206,14 +218,16 @@ class WeightPusher:
         self._thread.start()
         self._session: Any = None
         self._clients: list[Any] = []
+        self._posted: list[Future[Any]] = []
+        """This push's update calls (cancelled when it fails, so no further bucket goes out)."""
 
     # ---------------------------------------------------------------- plumbing between the threads
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> "asyncio.Future[T]":
         return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[return-value]
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._submit(coro).result(timeout=self.timeout_s)
+    def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        return self._submit(coro).result(timeout=self.timeout_s if timeout_s is None else timeout_s)
 
     async def _open_clients(self) -> None:
         import aiohttp
@@ -275,12 +289,14 @@ class WeightPusher:
         self._check(self._run(self._all("continue_")), "continue_generation")
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> PushStats:
-        """One full weight update, bracketed by pause/continue; any failure leaves the pusher BROKEN."""
+        """One full weight update, bracketed by pause/continue; any failure abandons the group (module docstring)
+        and leaves the pusher BROKEN."""
         if self.state is not PushState.CONNECTED:
             raise RuntimeError(f"push() on a pusher in state {self.state.value}; connect() first "
                                "(a BROKEN pusher means the servers may hold mixed weights: restart them)")
         start = time.perf_counter()
         self.pushes += 1
+        self._posted = []
         mode = pause_mode(self.pushes, self.kv_refresh_every)
         try:
             self._check(self._run(self._all("pause", mode=mode)), "pause_generation")
@@ -295,7 +311,7 @@ class WeightPusher:
                 self._run(self._all("flush_cache"))
             self._check(self._run(self._all("continue_")), "continue_generation")
         except BaseException:
-            self.state = PushState.BROKEN
+            self._abandon()
             raise
         done = time.perf_counter()
         stats = PushStats(version=version, pause_mode=mode, seconds=done - start, bytes=sent.bytes,
@@ -330,7 +346,6 @@ class WeightPusher:
         calls = self._post(current, after=None, last=upcoming is None, version=version, flush=flush)
         out = _Streamed(first_pack_s=first_pack_s, pack_s=first_pack_s)
         while True:
-            # NOTE: if a server rejects the body it never posts its receive; the group timeout bounds our wait.
             work = dist.broadcast(flat, src=0, group=self._group, async_op=True)
             if upcoming is not None:  # overlaps the broadcast: the other buffer is free (its send was awaited)
                 t0 = time.perf_counter()
@@ -339,8 +354,7 @@ class WeightPusher:
                 following = next(queue, None)
                 next_calls = self._post(upcoming, after=calls, last=following is None, version=version,
                                         flush=flush)
-            work.wait()
-            self._check([c.result(timeout=self.timeout_s) for c in calls], "update_weights_from_distributed")
+            self._await_bucket(work, calls)
             out.bytes += flat.numel()
             out.buckets += 1
             out.tensors += len(current)
@@ -355,15 +369,57 @@ class WeightPusher:
                 "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
                 "load_format": "flattened_bucket", "flush_cache": last and flush,
                 "weight_version": version if last else None}
-        return [self._submit(_update_after(c, None if after is None else after[i], body))
-                for i, c in enumerate(self._clients)]
+        calls = [self._submit(_update_after(c, None if after is None else after[i], body))
+                 for i, c in enumerate(self._clients)]
+        self._posted += calls
+        return calls
+
+    def _await_bucket(self, work: Any, calls: list["Future[Any]"]) -> None:
+        """Wait for one bucket: every server's acknowledgement first, then our side of the broadcast (done once all
+        have received it). A call that fails, a connection refused or reset by a server that died, fails the push as
+        it comes, while our broadcast may still wait on that server (see the module docstring)."""
+        urls = dict(zip(calls, self.urls))
+        deadline = time.monotonic() + self.timeout_s
+        pending: set[Future[Any]] = set(calls)
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=max(deadline - time.monotonic(), 0.0),
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            if not done:
+                raise PushError(f"update_weights_from_distributed: no answer within {self.timeout_s:g} s "
+                                f"(learner.push_timeout_s) from {sorted(urls[c] for c in pending)}")
+            self._check([c.result() for c in done], "update_weights_from_distributed")
+        work.wait()
+
+    def _abandon(self) -> None:
+        """After a failed push: abort and destroy our side of the group, stop the calls not yet sent, and have every
+        server that answers destroy its side (at once, even while a receive waits on it), end its session and
+        continue. Best effort: a server that fails these calls is logged and left to its session expiry. The
+        original failure is what the caller raises."""
+        self.state = PushState.BROKEN
+        for call in self._posted:
+            call.cancel()
+        self._posted = []
+        group, self._group = self._group, None
+        if group is None:
+            return
+        try:
+            group.abort()  # ends our broadcast to a dead member now, not at the group's timeout
+            dist.destroy_process_group(group)
+            for method, kwargs in (("destroy_weights_update_group", {"group_name": self.group_name}),
+                                   ("end_weight_update", {}), ("continue_", {})):
+                results = self._run(self._all_settled(method, **kwargs), timeout_s=ABANDON_TIMEOUT_S)
+                for url, r in zip(self.urls, results):
+                    if isinstance(r, BaseException) or not r.success:
+                        log.warning("abandoning group %r: %s on %s: %s", self.group_name, method, url,
+                                    r if isinstance(r, BaseException) else r.message)
+        except Exception as e:  # noqa: BLE001 - the push failed already; its error is the one to report
+            log.warning("abandoning weight-update group %r: %s: %s", self.group_name, type(e).__name__, e)
+        log.warning("abandoned weight-update group %r after a failed push", self.group_name)
 
     def close(self) -> None:
-        """Destroy the group here, then on the servers; close the HTTP session, stop the helper thread.
-
-        Our side goes first: after a failed push a server may still wait on a broadcast that will never come, and
-        would destroy its side only after that wait; once our side is gone its wait fails at once. A server that
-        does not answer (dead) is logged and skipped: closing must work after any failure."""
+        """Destroy the group here, then on the servers (a failed push abandoned it already); close the HTTP session,
+        stop the helper thread. A server that does not answer (dead) is logged and skipped: closing must work after
+        any failure."""
         if self.state is PushState.CLOSED:
             return
         try:

@@ -7,9 +7,14 @@ fails every push after it. `RecoveringPusher` keeps one over the servers that ar
     over the servers that answer (a new WeightPusher, whose connect() resets what the old group left) when
       - a member is down, or a server answers that is not a member (e.g. restarted by `ssp train`), or
       - a member reports another version than the last one we gave it (it was restarted: initial weights, no group)
-    a push that fails midway (a member died) raises PushInterrupted; the caller pushes again with fresh tensors and
-    that push re-forms first. Meanwhile the survivors hold a mix of old and new weights under the old label; the
-    repeated push replaces all of them.
+    a push that fails midway (a member died) raises PushInterrupted within moments of the death: the failed push
+    abandoned its group, and the survivors generate again (WeightPusher's module docstring). The caller pushes again
+    with fresh tensors and that push re-forms first. Meanwhile the survivors hold a mix of old and new weights under
+    the old label; the repeated push replaces all of them.
+
+Each group formed gets a new name (`group_name`, "<base>-<n>" from the first re-form on): a survivor may still hold
+the abandoned group, a receive stuck in it until serving.weight_receive_timeout_s, and torch refuses a second
+process group of the same name while the first exists.
 
 So a restarted server gets the current weights with the first push after it answers. Until then its weight version
 differs from the others', and the engine's pool does not route to it (engine/pool.py re-admits a server only when it
@@ -48,8 +53,9 @@ class PushInterrupted(PushError):
 class RecoveringPusher:
     """A WeightPusher over whichever of `server_urls` answer, re-formed when that set changes (module docstring).
 
-    `make_pusher(urls)` returns a new (unconnected) WeightPusher over `urls`; `wait_s` bounds how long a push waits
-    for at least one server to answer."""
+    `make_pusher(urls)` returns a new (unconnected) WeightPusher over `urls` (its group_name is the base of the
+    names this gives the groups it forms); `wait_s` bounds how long a push waits for at least one server to
+    answer."""
 
     def __init__(self, server_urls: list[str], *, make_pusher: Callable[[list[str]], WeightPusher],
                  api_key: str | None, wait_s: float) -> None:
@@ -65,6 +71,8 @@ class RecoveringPusher:
         """The version of our last push or relabel (what every member should report)."""
         self.reforms = 0
         """Times the group was re-formed after the first connect."""
+        self.formed = 0
+        """Groups formed so far (their names count on)."""
 
     @property
     def members(self) -> list[str]:
@@ -137,6 +145,8 @@ class RecoveringPusher:
             except Exception as e:  # noqa: BLE001 - the old group is gone either way; the new one is what counts
                 log.warning("closing the old weight-update group: %s: %s", type(e).__name__, e)
         pusher = self._make_pusher(up)
+        pusher.group_name = group_name(pusher.group_name, self.formed)
+        self.formed += 1
         try:
             pusher.connect()
         except BaseException:
@@ -178,3 +188,9 @@ class RecoveringPusher:
                 return dict(json.loads(resp.read()))
         except urllib.error.HTTPError as e:
             return dict(json.loads(e.read() or b"{}"))
+
+
+def group_name(base: str, formed_before: int) -> str:
+    """The name of the group formed after `formed_before` others: the base first (what a restarted learner's reset
+    destroys), then "<base>-1", "<base>-2", ..."""
+    return base if formed_before == 0 else f"{base}-{formed_before}"

@@ -4,27 +4,26 @@ It glues the asyncio front to the batcher thread (`serving/batcher.py`): each re
 the batcher fills with snapshots through `loop.call_soon_threadsafe`; every state change is a closure run on the
 batcher thread between forward passes.
 
-Weight updates receive broadcasts on their own thread (one, so they run in order), never on the batcher thread: a
-receive waits on the trainer, and a scheduler stuck behind a hung trainer would neither resume nor abort when asked.
-A receive is bounded by serving.weight_receive_timeout_s (the group's timeout). What keeps the forward pass from
-reading half-received weights is the caller's pause or writer lock, not the thread. Copies into the model (from
-tensors received into fresh buffers, or read from disk) still run on the batcher thread, between steps.
+Weight updates receive broadcasts on a thread of their group's (one per group, so a group's receives run in order;
+`weight_sync.JoinedGroup`), never on the batcher thread: a receive waits on the trainer, and a scheduler stuck behind
+a hung trainer would neither resume nor abort when asked. A receive is bounded by serving.weight_receive_timeout_s
+(the group's timeout); destroying a group that a receive still waits on abandons it at once (the trainer re-forms
+with a new group after a member died mid-broadcast). What keeps the forward pass from reading half-received weights
+is the caller's pause or writer lock, not the thread. Copies into the model (from tensors received into fresh
+buffers, or read from disk) still run on the batcher thread, between steps.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ssp.serving import weight_sync
 from ssp.serving.backend import (
@@ -42,7 +41,6 @@ from ssp.serving.model_prep import prepare_default_model
 from ssp.serving.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class ModelBackend(Backend):
@@ -53,10 +51,8 @@ class ModelBackend(Backend):
         self.model_path = Path(cfg.model) if cfg.model is not None else None
         self.runner: ModelRunner | None = None
         self.batcher: ContinuousBatcher | None = None
-        self.groups: dict[str, dist.ProcessGroup] = {}
+        self.groups: dict[str, weight_sync.JoinedGroup] = {}
         self.landings = weight_sync.FlatLandings()
-        self._receiver = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                               thread_name_prefix="ssp-weight-receive")
         self._desc: ModelDescription | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
@@ -101,9 +97,8 @@ class ModelBackend(Backend):
             await asyncio.to_thread(self.batcher.stop)
         groups = list(self.groups.values())
         self.groups.clear()
-        for group in groups:
-            await self._on_receiver(functools.partial(dist.destroy_process_group, group))
-        self._receiver.shutdown(wait=False, cancel_futures=True)
+        for joined in groups:
+            await joined.destroy()
 
     def describe(self) -> ModelDescription:
         if self._desc is None:
@@ -113,10 +108,6 @@ class ModelBackend(Backend):
     async def _call(self, fn: Any) -> Any:
         assert self.batcher is not None
         return await asyncio.wrap_future(self.batcher.call(fn))
-
-    async def _on_receiver(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the weight-receive thread, after every receive posted before it."""
-        return await asyncio.wrap_future(self._receiver.submit(fn))
 
     @property
     def _batcher(self) -> ContinuousBatcher:
@@ -207,23 +198,28 @@ class ModelBackend(Backend):
                 group_name=group_name, timeout=timedelta(seconds=self.cfg.weight_receive_timeout_s))
         except Exception as e:  # noqa: BLE001 - reported to the trainer
             return UpdateResult(False, f"Failed to initialize custom process group: {e}.")
-        self.groups[group_name] = group
+        self.groups[group_name] = weight_sync.JoinedGroup(group, group_name)
         return UpdateResult(True, "Succeeded to initialize custom process group.")
 
     async def destroy_weights_update_group(self, *, group_name: str) -> UpdateResult:
-        group = self.groups.pop(group_name, None)
-        if group is None:
+        joined = self.groups.pop(group_name, None)
+        if joined is None:
             return UpdateResult(False, "The group to be destroyed does not exist.")
-        # After any receive still waiting on it: destroying a group under a running collective is undefined.
-        await self._on_receiver(lambda: dist.destroy_process_group(group))
+        if not await joined.destroy():
+            log.warning("weight-update group %r abandoned while a receive waits on it; it is destroyed when that "
+                        "receive ends (serving.weight_receive_timeout_s = %g)", group_name,
+                        self.cfg.weight_receive_timeout_s)
+            return UpdateResult(True, "Succeeded to destroy custom process group (abandoned: a receive still waits on "
+                                      "it and fails at serving.weight_receive_timeout_s).")
         return UpdateResult(True, "Succeeded to destroy custom process group.")
 
     async def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                               group_name: str, load_format: str | None) -> UpdateResult:
-        group = self.groups.get(group_name)
-        if group is None:
+        joined = self.groups.get(group_name)
+        if joined is None:
             return UpdateResult(False, f"Failed to receive weights: no weight-update group {group_name!r}; call "
                                        "/init_weights_update_group first.")
+        group = joined.group
         if load_format not in (None, "flattened_bucket"):
             return UpdateResult(False, f"Failed to receive weights: load_format {load_format!r} is not supported "
                                        "(use null or 'flattened_bucket').")
@@ -232,7 +228,7 @@ class ModelBackend(Backend):
             # NOTE: the received buffer becomes the parameters' storage (weight_sync.FlatLandings), tried first: a
             # state_dict() (~4 ms) before posting the receive would stall the wire each bucket.
             try:
-                if await self._on_receiver(lambda: self.landings.receive(group, runner.model, names=names,
+                if await joined.run(lambda: self.landings.receive(group, runner.model, names=names,
                                                                          dtypes=dtypes, shapes=shapes)):
                     return UpdateResult(True, "Succeeded to update parameter online.")
             except Exception as e:  # noqa: BLE001 - reported to the trainer
@@ -243,12 +239,12 @@ class ModelBackend(Backend):
             # as much as the broadcast itself, `ssp bench push`). Updates run while the server is paused or holds
             # the writer lock, so no step reads the weights meanwhile.
             try:
-                await self._on_receiver(lambda: weight_sync.receive_into(group, [params[n] for n in names]))
+                await joined.run(lambda: weight_sync.receive_into(group, [params[n] for n in names]))
             except Exception as e:  # noqa: BLE001 - reported to the trainer
                 return UpdateResult(False, f"Failed to receive weights: {e}")
             return UpdateResult(True, "Succeeded to update parameter online.")
         try:
-            tensors = await self._on_receiver(lambda: weight_sync.receive(
+            tensors = await joined.run(lambda: weight_sync.receive(
                 group, dtypes=dtypes, shapes=shapes, flattened=load_format == "flattened_bucket",
                 device=runner.device))
         except Exception as e:  # noqa: BLE001 - reported to the trainer

@@ -12,16 +12,25 @@ Receiving, fastest first: a flattened bucket whose tensors are distinct paramete
 lands with no copy (`FlatLandings`: the received buffer becomes their storage); per-tensor broadcasts that fit land
 straight in the parameters (`receive_into`); anything else (dtype casts, tied duplicates, unknown names: refused
 without changing a weight) is received into fresh buffers and copied (`receive` + `load_named`).
+
+Each joined group receives on a thread of its own (`JoinedGroup`), so a receive stuck on a group its trainer
+abandoned does not hold the next group's receives.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
+
+T = TypeVar("T")
 
 GROUP_TIMEOUT = timedelta(minutes=30)
 """SGLang's default process-group timeout."""
@@ -41,6 +50,45 @@ def init_custom_process_group(*, backend: str, init_method: str, world_size: int
                                                group_name=group_name, timeout=timeout)
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
+
+
+@dataclass(slots=True)
+class JoinedGroup:
+    """A weight-update group this server joined, and the one thread that receives its broadcasts (in order).
+
+    One thread per group, not per server: when a member dies mid-broadcast the trainer abandons the group, but a
+    receive already waiting on it stays stuck until the group's timeout (serving.weight_receive_timeout_s). Gloo
+    notices neither the dead peer, nor the trainer closing its side, nor an abort() on our side (measured, torch 2.13).
+    The stuck receive then holds only this thread, and the trainer's next group (a new name) receives on its own."""
+
+    group: dist.ProcessGroup
+    name: str
+    receiver: concurrent.futures.ThreadPoolExecutor = field(init=False)
+    receiving: int = 0
+    """Receives submitted and not yet ended (counted on the event loop)."""
+
+    def __post_init__(self) -> None:
+        self.receiver = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                              thread_name_prefix=f"ssp-weight-receive-{self.name}")
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run `fn` (a receive) on this group's thread, after every receive submitted before it."""
+        self.receiving += 1
+        try:
+            return await asyncio.wrap_future(self.receiver.submit(fn))
+        finally:
+            self.receiving -= 1
+
+    async def destroy(self) -> bool:
+        """Destroy the group after its receives: True once done; False if a receive still waits on it, in which case
+        this returns at once and the group is destroyed on its thread when that receive ends (destroying a group under
+        a running collective is undefined, and waiting here would hold the caller until the group's timeout)."""
+        destroyed = self.receiver.submit(dist.destroy_process_group, self.group)
+        self.receiver.shutdown(wait=False)
+        if self.receiving:
+            return False
+        await asyncio.wrap_future(destroyed)
+        return True
 
 
 def dtype_from_name(name: str) -> torch.dtype:

@@ -5,11 +5,15 @@ process, over sockets on 127.0.0.1): the server is not left stuck.
   WeightPusher resets what was left and pushes into the same server, which then serves the new version;
 - with nobody coming back, the abandoned session expires after serving.weight_update_idle_timeout_s;
 - a trainer that joins and never broadcasts holds neither generation after continue_generation nor the server: its
-  update call fails after serving.weight_receive_timeout_s.
+  update call fails after serving.weight_receive_timeout_s;
+- a group abandoned while a receive waits on it is destroyed at once, and a group of another name receives meanwhile;
+- one of two servers SIGKILLed mid-push: the push fails within seconds (not learner.push_timeout_s), the survivor
+  generates right away, and the next push re-forms over the survivor and lands there.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
@@ -154,3 +158,150 @@ def test_a_hung_trainer_holds_neither_generation_nor_the_server(server_launcher:
     finally:
         dist.destroy_process_group(group)
     generate(url)
+
+
+def join_group(url: str, name: str, port: int) -> Any:
+    """Our side (rank 0) of a 2-rank gloo group `name` with the server at `url` (rank 1)."""
+    from ssp.serving.weight_sync import init_custom_process_group
+
+    joined: list[tuple[int, Any]] = []
+    join = threading.Thread(target=lambda: joined.append(call(url, "/init_weights_update_group", {
+        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2, "group_name": name,
+        "backend": "gloo"})))
+    join.start()
+    group = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=0,
+                                      group_name=name)
+    join.join()
+    assert joined[0][0] == 200, joined
+    return group
+
+
+def test_a_group_abandoned_mid_receive_is_destroyed_at_once_and_a_new_one_receives(server_launcher: Any,
+                                                                                   model_dir: Path) -> None:
+    """What a learner does when a member dies mid-broadcast: it abandons the group while the survivor's receive still
+    waits on it (gloo ends that receive only at serving.weight_receive_timeout_s). The destroy must answer at once,
+    a group of a new name must receive meanwhile (the old name stays taken until the stuck receive ends: torch
+    refuses a second group of one name), and the stuck receive still ends at its bound."""
+    import torch
+    import torch.distributed as dist
+
+    from ssp.processes import free_port
+
+    receive_timeout_s = 20.0
+    url = start_server(server_launcher, model_dir, "serving.weight_update_idle_timeout_s=0",
+                       f"serving.weight_receive_timeout_s={receive_timeout_s}")
+    old = join_group(url, "old", free_port())
+    assert call(url, "/pause_generation", {"mode": "in_place"})[0] == 200
+    assert call(url, "/begin_weight_update", {})[0] == 200
+    stuck: list[tuple[int, Any]] = []
+    posted = time.monotonic()
+    receiving = threading.Thread(target=lambda: stuck.append(call(url, "/update_weights_from_distributed", {
+        "names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[576]], "group_name": "old",
+        "load_format": "flattened_bucket"})))
+    receiving.start()
+    time.sleep(1.0)  # the server posts its receive; we never broadcast
+
+    t0 = time.monotonic()
+    status, reply = call(url, "/destroy_weights_update_group", {"group_name": "old"}, timeout_s=60)
+    assert status == 200 and "abandoned" in reply["message"], reply
+    assert call(url, "/end_weight_update", {})[0] == 200
+    assert call(url, "/continue_generation", {})[0] == 200
+    assert time.monotonic() - t0 < 5.0, "destroying the group waited for the stuck receive"
+    generate(url, timeout_s=30)
+
+    # Why each group gets a new name: the server refuses a second group of the old name (past the rendezvous, which
+    # a store of ours answers; this process holds an "old" group too, so it cannot be the other member).
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+    status, reply = call(url, "/init_weights_update_group", {
+        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+        "group_name": "old", "backend": "gloo"}, timeout_s=60)
+    del store
+    assert status == 400 and "already been created" in reply["message"], reply
+
+    new = join_group(url, "new", free_port())
+    try:
+        norm = torch.full((576,), 0.5)
+        assert call(url, "/begin_weight_update", {})[0] == 200
+        landed: list[tuple[int, Any]] = []
+        update = threading.Thread(target=lambda: landed.append(call(url, "/update_weights_from_distributed", {
+            "names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[576]], "group_name": "new",
+            "load_format": "flattened_bucket", "weight_version": "new-group"})))
+        update.start()
+        dist.broadcast(norm.view(torch.uint8), src=0, group=new)
+        update.join(timeout=30)
+        assert landed and landed[0][0] == 200, landed
+        assert call(url, "/end_weight_update", {})[0] == 200
+        assert receiving.is_alive(), "the old receive should still wait (it is what the new group must not queue on)"
+        status, weights = call(url, "/get_weights_by_name", {"name": "model.norm.weight", "truncate_size": 576})
+        assert status == 200 and weights == norm.tolist()
+        assert generate(url)["meta_info"]["weight_version"] == "new-group"
+
+        receiving.join(timeout=receive_timeout_s + 30)
+        assert not receiving.is_alive() and stuck[0][0] == 400, stuck  # the last resort still bounds it
+        assert time.monotonic() - posted < receive_timeout_s + 20
+        assert call(url, "/destroy_weights_update_group", {"group_name": "new"})[0] == 200
+    finally:
+        dist.destroy_process_group(new)
+        dist.destroy_process_group(old)
+
+
+def test_a_server_killed_mid_push_fails_the_push_fast_and_the_next_one_lands_on_the_survivor(
+        server_launcher: Any, model_dir: Path) -> None:
+    """Two servers, a push in many small buckets; the first member is SIGKILLed once a few buckets landed (and the
+    push waits until it is gone). Gloo would hold our broadcast, or the survivor's receive, until the group's
+    timeout; the push must instead fail within seconds of the death, leave the survivor generating, and the next
+    push re-forms (a new group name) over the survivor and lands there."""
+    from safetensors.torch import load_file
+
+    from ssp.learner.push import WeightPusher
+    from ssp.learner.push_recovery import PushInterrupted, RecoveringPusher
+
+    push_timeout_s = 300.0
+    victim = server_launcher(["--model", str(model_dir), "--port", "0", "--set", "serving.context_length=1024"])
+    survivor = start_server(server_launcher, model_dir)
+    state = load_file(str(model_dir / "model.safetensors"))
+
+    def make_pusher(urls: list[str]) -> WeightPusher:
+        return WeightPusher(urls, backend="gloo", bytes_per_bucket=1 << 20, timeout_s=push_timeout_s)
+
+    def killing_mid_push(kill_at: int) -> Any:
+        for i, item in enumerate(state.items()):
+            if i == kill_at:
+                victim.kill()  # SIGKILL, and waits until it is gone
+            yield item
+
+    pusher = RecoveringPusher([victim.url, survivor], make_pusher=make_pusher, api_key=None, wait_s=60)
+    try:
+        pusher.connect()
+        outcome: list[BaseException | None] = []
+
+        def push() -> None:
+            try:
+                pusher.push(killing_mid_push(30), version="cut")
+                outcome.append(None)
+            except BaseException as e:  # noqa: BLE001 - checked below
+                outcome.append(e)
+
+        started = time.monotonic()
+        pushing = threading.Thread(target=push, daemon=True)
+        pushing.start()
+        pushing.join(timeout=30)
+        failed_after_s = time.monotonic() - started
+        assert not pushing.is_alive(), f"the push still waits {failed_after_s:.0f} s after the kill (its timeout: " \
+                                       f"{push_timeout_s:g} s)"
+        assert isinstance(outcome[0], PushInterrupted), outcome
+        t0 = time.monotonic()
+        assert generate(survivor, timeout_s=30)["meta_info"]["weight_version"] == "default"
+        assert time.monotonic() - t0 < 5.0, "the survivor was left paused"
+
+        state["model.norm.weight"] = state["model.norm.weight"] * 1.5
+        stats = pusher.push(iter(state.items()), version="after-kill")
+        assert stats.tensors == len(state)
+        assert pusher.members == [survivor] and pusher.reforms == 1
+        assert call(survivor, "/model_info")[1]["weight_version"] == "after-kill"
+        status, norm = call(survivor, "/get_weights_by_name", {"name": "model.norm.weight", "truncate_size": 576})
+        assert status == 200 and norm == state["model.norm.weight"].tolist()
+        assert generate(survivor)["meta_info"]["weight_version"] == "after-kill"
+    finally:
+        pusher.close()
