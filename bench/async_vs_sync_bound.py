@@ -63,21 +63,19 @@ class Costs:
     def step_s(self, batch: int) -> float:
         """One decode step of a server running `batch` requests of the run's mean context: what each of them waits
         per generated token."""
-        d, s = self.profile.decode, self.profile.server
-        eager = d.eager_penalty_ms if batch > s.cuda_graph_max_bs else 0.0
-        return (d.a_ms + eager + batch * (d.b_ms_per_request + d.c_ms_per_kv_token * self.mean_context)) / 1000
+        return batch * self.decode_token_s(self.mean_context, batch=batch)
 
     def fixed_share_s(self, batch: int) -> float:
-        """The part of one token's share of a step that depends on the batch: the step's fixed cost over it."""
+        """The part of one token's share of a step that depends on the batch: the step's fixed cost over it (the
+        eager penalty above the CUDA-graph cap included)."""
         d, s = self.profile.decode, self.profile.server
         eager = d.eager_penalty_ms if batch > s.cuda_graph_max_bs else 0.0
         return (d.a_ms + eager) / batch / 1000
 
     def decode_token_s(self, context: float, *, batch: int) -> float:
         """One generated token's share of a decode step at `batch` running requests, at `context` tokens."""
-        d, s = self.profile.decode, self.profile.server
-        eager = d.eager_penalty_ms if batch > s.cuda_graph_max_bs else 0.0
-        return ((d.a_ms + eager) / batch + d.b_ms_per_request + d.c_ms_per_kv_token * context) / 1000
+        d = self.profile.decode
+        return self.fixed_share_s(batch) + (d.b_ms_per_request + d.c_ms_per_kv_token * context) / 1000
 
     def prefill_s(self, tokens: float, context: float) -> float:
         """Seconds to prefill `tokens` new tokens after `context` ones (the sim's prefill formula)."""
