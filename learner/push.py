@@ -13,12 +13,13 @@ Lifecycle of a `WeightPusher` (run on learner rank 0 only; other TP ranks only h
                             #   -> end -> (in_place: flush_cache if the server holds no request) -> continue
     pusher.close()          # destroy the group on every server and here
 
-A push that fails midway (a server died, refused a call, did not answer) abandons the group at once: our side aborts
-(which ends a broadcast stuck on a dead member), and every server that answers destroys its side, ends its session and
-continues generating, holding a mix of old and new weights under its old label until the next push, over a new group,
-replaces them (ssp.learner.push_recovery). Why not wait for gloo: it often notices no dead peer mid-broadcast, and both
-our send and the survivors' receives then wait out the group's timeout (learner.push_timeout_s). So each bucket waits
-for every server's acknowledgement first, and a connection refused or reset there fails the push in milliseconds.
+A push that fails midway (a server died, refused a call, did not answer) abandons the group at once: our side aborts and
+is freed on a daemon thread (freeing a gloo group waits for a broadcast stuck on a dead member), and every server that
+answers destroys its side, ends its session and continues generating, holding a mix of old and new weights under its old
+label until the next push, over a new group, replaces them (ssp.learner.push_recovery). Why not wait for gloo: it often
+notices no dead peer mid-broadcast, and both our send and the survivors' receives then wait out the group's timeout
+(learner.push_timeout_s). So each bucket waits for every server's acknowledgement first, and a connection refused or
+reset there fails the push in milliseconds.
 
 In-flight requests and the KV cache (`pause_mode`): most pushes pause "in_place": running requests keep their KV and
 go on decoding with the new weights the moment the servers continue (PipelineRL's in-flight update), and the prefix
@@ -185,6 +186,14 @@ def pause_mode(push_number: int, kv_refresh_every: int) -> str:
     if kv_refresh_every < 1:
         raise ValueError(f"kv_refresh_every = {kv_refresh_every}: must be >= 1 (1 = retract and flush on every push)")
     return "retract" if push_number % kv_refresh_every == 0 else "in_place"
+
+
+def _release_in_background(held: list[dist.ProcessGroup]) -> None:
+    """Free an abandoned group, whose only reference is in `held`, on a daemon thread. Freeing a gloo group joins its
+    worker threads, and one stuck in a broadcast to a dead member (abort() does not end it, measured with torch 2.13)
+    holds that join until the group's timeout: learner.push_timeout_s, ten minutes by default. On the caller's thread
+    that stalled the push's failure, and the re-formed push, for as long."""
+    threading.Thread(target=held.clear, name="ssp-abandoned-group", daemon=True).start()
 
 
 class WeightPusher:
@@ -399,12 +408,15 @@ class WeightPusher:
         for call in self._posted:
             call.cancel()
         self._posted = []
-        group, self._group = self._group, None
-        if group is None:
+        if self._group is None:
             return
+        held, self._group = [self._group], None  # the group's only reference from here (_release_in_background)
         try:
-            group.abort()  # ends our broadcast to a dead member now, not at the group's timeout
-            dist.destroy_process_group(group)
+            try:
+                held[0].abort()  # ends a collective stuck on a dead member with NCCL; gloo's goes on
+                dist.destroy_process_group(held[0])
+            finally:
+                _release_in_background(held)
             for method, kwargs in (("destroy_weights_update_group", {"group_name": self.group_name}),
                                    ("end_weight_update", {}), ("continue_", {})):
                 results = self._run(self._all_settled(method, **kwargs), timeout_s=ABANDON_TIMEOUT_S)

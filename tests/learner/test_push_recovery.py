@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
 
 
@@ -246,12 +248,14 @@ def test_a_group_abandoned_mid_receive_is_destroyed_at_once_and_a_new_one_receiv
         dist.destroy_process_group(old)
 
 
+@pytest.mark.parametrize("bucket_bytes,kill_at", [(1 << 20, 30), (128 << 20, -1)], ids=["small-buckets", "on-the-wire"])
 def test_a_server_killed_mid_push_fails_the_push_fast_and_the_next_one_lands_on_the_survivor(
-        server_launcher: Any, model_dir: Path) -> None:
-    """Two servers, a push in many small buckets; the first member is SIGKILLed once a few buckets landed (and the
-    push waits until it is gone). Gloo would hold our broadcast, or the survivor's receive, until the group's
-    timeout; the push must instead fail within seconds of the death, leave the survivor generating, and the next
-    push re-forms (a new group name) over the survivor and lands there."""
+        server_launcher: Any, model_dir: Path, bucket_bytes: int, kill_at: int) -> None:
+    """Two servers; the first member is SIGKILLed mid-push (and the push waits until it is gone): with many small
+    buckets once a few landed, with 128 MiB buckets while the first is on the wire (the last tensor is read while it
+    is broadcast), where our own side of the broadcast hangs. Gloo would hold that broadcast, or the survivor's
+    receive, until the group's timeout; the push must instead fail within seconds of the death, leave the survivor
+    generating, and the next push re-forms (a new group name) over the survivor and lands there."""
     from safetensors.torch import load_file
 
     from ssp.learner.push import WeightPusher
@@ -263,11 +267,11 @@ def test_a_server_killed_mid_push_fails_the_push_fast_and_the_next_one_lands_on_
     state = load_file(str(model_dir / "model.safetensors"))
 
     def make_pusher(urls: list[str]) -> WeightPusher:
-        return WeightPusher(urls, backend="gloo", bytes_per_bucket=1 << 20, timeout_s=push_timeout_s)
+        return WeightPusher(urls, backend="gloo", bytes_per_bucket=bucket_bytes, timeout_s=push_timeout_s)
 
-    def killing_mid_push(kill_at: int) -> Any:
+    def killing_mid_push() -> Any:
         for i, item in enumerate(state.items()):
-            if i == kill_at:
+            if i == kill_at % len(state):
                 victim.kill()  # SIGKILL, and waits until it is gone
             yield item
 
@@ -278,7 +282,7 @@ def test_a_server_killed_mid_push_fails_the_push_fast_and_the_next_one_lands_on_
 
         def push() -> None:
             try:
-                pusher.push(killing_mid_push(30), version="cut")
+                pusher.push(killing_mid_push(), version="cut")
                 outcome.append(None)
             except BaseException as e:  # noqa: BLE001 - checked below
                 outcome.append(e)
