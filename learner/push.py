@@ -3,9 +3,9 @@
 Lifecycle of a `WeightPusher` (run on learner rank 0 only; other TP ranks only help gather):
 
     pusher = WeightPusher(["http://127.0.0.1:30000"], backend="gloo")
-    pusher.connect()        # reset what a dead pusher left (end_weight_update, destroy_weights_update_group,
-                            # continue_generation), then POST /init_weights_update_group to every server (as tasks)
-                            # while rank 0 joins
+    pusher.connect()        # reset what a dead pusher left (end_weight_update, destroy_weights_update_group of
+                            # every group /server_info lists and of ours, continue_generation), then POST
+                            # /init_weights_update_group to every server (as tasks) while rank 0 joins
     stats = pusher.push(iter_hf_weights(...), version="1")
                             # pause(in_place | retract) -> begin_weight_update (404: not needed) -> per bucket:
                             #   update_weights_from_distributed(flattened_bucket) while rank 0 broadcasts it
@@ -68,6 +68,9 @@ T = TypeVar("T")
 ABANDON_TIMEOUT_S = 30.0
 """How long the calls that abandon a failed push's group may take on a server (each answers at once on a live one, a
 dead one refuses at once); beyond it the server is left to its own session expiry."""
+
+GROUPS_FIELD = "weight_update_groups"
+"""The /server_info field where the reference server lists the weight-update groups it holds (serving/app.py)."""
 
 
 class PushError(RuntimeError):
@@ -255,6 +258,10 @@ class WeightPusher:
         return list(await asyncio.gather(*(getattr(c, method)(**kwargs) for c in self._clients),
                                          return_exceptions=True))
 
+    async def _destroy_on_each(self, names: list[list[str]]) -> list[list[Any]]:
+        """destroy_weights_update_group on every server (concurrently) for each of its `names` (in turn)."""
+        return list(await asyncio.gather(*(_destroy_each(c, n) for c, n in zip(self._clients, names))))
+
     def _check(self, results: list[Any], what: str) -> None:
         bad = [r for r in results if not r.success]
         if bad:
@@ -268,8 +275,8 @@ class WeightPusher:
         if self.state is not PushState.NEW:
             raise RuntimeError(f"connect() on a pusher in state {self.state.value}; create a new WeightPusher")
         self._run(self._open_clients())
-        self._reset_servers()
         infos = self._run(self._all("server_info"))
+        self._reset_servers(infos)
         tp_sizes = [int(info.get("tp_size", 1)) for info in infos]
         world_size = 1 + sum(tp_sizes)
         port = self.master_port or free_port(self.master_address)
@@ -284,17 +291,23 @@ class WeightPusher:
         log.info("weight-update group %s up: %d server(s), world size %d", self.group_name, len(self.urls),
                  world_size)
 
-    def _reset_servers(self) -> None:
-        """Undo what a pusher that died mid-push left on the servers: an open weight-update session, our group, a
+    def _reset_servers(self, infos: list[dict[str, Any]]) -> None:
+        """Undo what a pusher that died mid-push left on the servers: an open weight-update session, its groups, a
         pause. Without this a restarted learner could not push until the servers were restarted too ("already
         open", "already exists"). Plain SGLang calls, so a real SGLang server takes them; each one finding nothing
-        to undo answers success false, which is expected here."""
+        to undo answers success false, which is expected here.
+
+        The groups destroyed on a server are those its /server_info (`infos`, in server order) lists, plus our own
+        name (`leftover_groups`): a dead RecoveringPusher may have re-formed to "<base>-<n>", a name this one never
+        uses, whose sockets to the dead learner's store the server would otherwise keep until it restarts."""
         self._run(self._all("end_weight_update"))
-        destroyed = self._run(self._all("destroy_weights_update_group", group_name=self.group_name))
-        for url, destroy in zip(self.urls, destroyed):
-            if destroy.success:
-                log.warning("%s still held weight-update group %r from an earlier pusher; destroyed it", url,
-                            self.group_name)
+        names = [leftover_groups(info, self.group_name) for info in infos]
+        destroyed = self._run(self._destroy_on_each(names))
+        for url, server_names, results in zip(self.urls, names, destroyed):
+            for name, result in zip(server_names, results):
+                if result.success:
+                    log.warning("%s still held weight-update group %r from an earlier pusher; destroyed it", url,
+                                name)
         self._check(self._run(self._all("continue_")), "continue_generation")
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> PushStats:
@@ -452,6 +465,21 @@ class WeightPusher:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
             self._loop.close()
+
+
+def leftover_groups(server_info: dict[str, Any], own_name: str) -> list[str]:
+    """The weight-update groups a new pusher destroys on a server before it joins: every one the server lists in
+    /server_info (GROUPS_FIELD) and `own_name`. A server that lists none (a real SGLang server has no such field)
+    gets `own_name` only, so there a group a dead pusher re-formed under another name stays until the server
+    restarts (or the learner reuses that name)."""
+    listed = server_info.get(GROUPS_FIELD)
+    names = {str(name) for name in listed} if isinstance(listed, list) else set()
+    return sorted(names | {own_name})
+
+
+async def _destroy_each(client: Any, names: list[str]) -> list[Any]:
+    """destroy_weights_update_group for each of `names` on one server, one after the other."""
+    return [await client.destroy_weights_update_group(group_name=name) for name in names]
 
 
 async def _update_after(client: Any, previous: "Future[Any] | None", body: dict[str, Any]) -> Any:

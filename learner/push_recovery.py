@@ -79,6 +79,11 @@ class RecoveringPusher:
         """The servers in the current update group."""
         return list(self._pusher.urls) if self._pusher is not None else []
 
+    @property
+    def current_group(self) -> str | None:
+        """The name of the current update group (None before connect)."""
+        return self._pusher.group_name if self._pusher is not None else None
+
     def connect(self) -> None:
         self._form(self._answering())
 
@@ -191,6 +196,7 @@ class RecoveringPusher:
 
 
 def group_name(base: str, formed_before: int) -> str:
-    """The name of the group formed after `formed_before` others: the base first (what a restarted learner's reset
-    destroys), then "<base>-1", "<base>-2", ..."""
+    """The name of the group formed after `formed_before` others: the base first, then "<base>-1", "<base>-2", ...
+    A restarted learner's reset destroys the base name on every server and the others where /server_info lists them
+    (the reference server does; WeightPusher._reset_servers)."""
     return base if formed_before == 0 else f"{base}-{formed_before}"

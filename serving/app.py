@@ -14,7 +14,9 @@ State the front keeps (one asyncio loop, so no locks beyond the two below):
   finishes a sample that fails with an error instead of dropping it).
 - `calls`: /generate calls in flight, bounded by `max_concurrent_requests` (503 with Retry-After beyond it).
 - `session_open`: the begin/end_weight_update session (required around updates since SGLang 0.5.23).
-- `update_groups`: the weight-update groups joined (by name), and when a weight-update call last came.
+- `update_groups`: the weight-update groups joined (by name), and when a weight-update call last came. /server_info
+  lists their names (`weight_update_groups`, an ssp extension), so a new trainer can destroy every group a dead one
+  left, whatever it was named.
 
 A trainer that dies mid-push leaves the server paused, its session open and its group registered (an ssp extension
 cleans this up; SGLang has none): a session with no weight-update call for `weight_update_idle_timeout_s` is ended,
@@ -486,7 +488,7 @@ class Front:
             "weight_version": self.cfg.weight_version, "device": d.device, "dtype": d.dtype, "host": host,
             "port": port, "api_key": None, "incremental_streaming_output": False, "disaggregation_mode": "null",
             "startup_time": self.startup_time, "internal_states": [self._load_entry()], "version": SGLANG_VERSION,
-            "frontend": "ssp-reference",
+            "frontend": "ssp-reference", "weight_update_groups": sorted(self.update_groups),
         })
 
     async def v1_models(self, _request: web.Request) -> web.Response:

@@ -131,3 +131,13 @@ def test_buckets_ramp_up_split_unaligned_tensors_and_pack_to_sglangs_flattened_l
     assert again.data_ptr() == flat.data_ptr()  # the buffer is reused, not reallocated
     assert torch.equal(again.view(torch.float32), torch.tensor([7.0, 14.0]))
     assert staging.pack(1, parts[1]).data_ptr() == c.data_ptr()  # one contiguous tensor: its own bytes, no copy
+
+
+def test_a_new_pusher_resets_every_group_a_server_lists_and_its_own_name() -> None:
+    """Pure logic: the groups destroyed on a server before joining are those its /server_info lists (the reference
+    server's extension) plus our own name; a server without the field (a real SGLang server) gets our own name only."""
+    from ssp.learner.push import leftover_groups
+
+    assert leftover_groups({"weight_update_groups": ["g-2", "g"]}, "g") == ["g", "g-2"]
+    assert leftover_groups({"weight_update_groups": []}, "g") == ["g"]
+    assert leftover_groups({"tp_size": 1}, "g") == ["g"]

@@ -309,3 +309,53 @@ def test_a_server_killed_mid_push_fails_the_push_fast_and_the_next_one_lands_on_
         assert generate(survivor)["meta_info"]["weight_version"] == "after-kill"
     finally:
         pusher.close()
+
+
+def test_a_restarted_learner_destroys_the_group_a_dead_one_re_formed(server_launcher: Any, model_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """Learner A (its own process) loses one of two servers, re-forms its group as "<base>-1" over the survivor,
+    pushes, and is SIGKILLed. Learner B starts from the base name again; its reset must destroy A's "<base>-1" too
+    (listed in the survivor's /server_info), not only "<base>", or the survivor keeps a group with sockets to a dead
+    store until it restarts."""
+    from safetensors.torch import load_file
+
+    from ssp.learner.push import WeightPusher
+    from ssp.learner.push_recovery import RecoveringPusher
+
+    victim = server_launcher(["--model", str(model_dir), "--port", "0", "--set", "serving.context_length=1024"])
+    survivor = start_server(server_launcher, model_dir, "serving.weight_update_idle_timeout_s=0")
+    with (tmp_path / "learner_a.log").open("w") as log:
+        learner_a = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "reformed_pusher.py"), str(model_dir), victim.url, survivor],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+            cwd=Path(__file__).resolve().parents[2])
+        try:
+            assert learner_a.stdout is not None
+            assert learner_a.stdout.readline().strip() == "connected", (tmp_path / "learner_a.log").read_text()
+            victim.kill()
+            out, _ = learner_a.communicate("go\n", timeout=300)
+        finally:
+            learner_a.kill()
+    assert learner_a.returncode == -9 and "pushed as weight_update_group-1" in out, \
+        out + (tmp_path / "learner_a.log").read_text()[-3000:]
+    assert call(survivor, "/server_info")[1]["weight_update_groups"] == ["weight_update_group-1"]
+
+    state = load_file(str(model_dir / "model.safetensors"))
+    state["model.norm.weight"] = state["model.norm.weight"] * 1.5
+
+    def make_pusher(urls: list[str]) -> WeightPusher:
+        return WeightPusher(urls, backend="gloo", bytes_per_bucket=4 << 20, timeout_s=60)
+
+    learner_b = RecoveringPusher([victim.url, survivor], make_pusher=make_pusher, api_key=None, wait_s=60)
+    try:
+        learner_b.connect()
+        learner_b.push(iter(state.items()), version="learner-b")
+        assert learner_b.current_group == "weight_update_group"
+        assert call(survivor, "/server_info")[1]["weight_update_groups"] == ["weight_update_group"]
+        assert call(survivor, "/model_info")[1]["weight_version"] == "learner-b"
+        status, norm = call(survivor, "/get_weights_by_name", {"name": "model.norm.weight", "truncate_size": 576})
+        assert status == 200 and norm == state["model.norm.weight"].tolist()
+        assert generate(survivor)["meta_info"]["weight_version"] == "learner-b"
+    finally:
+        learner_b.close()
+    assert call(survivor, "/server_info")[1]["weight_update_groups"] == []
