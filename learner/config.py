@@ -126,7 +126,10 @@ class LearnerConfig:
     """Weight push: the address of learner rank 0 as the inference servers reach it (they join its weight-update
     group there). Local runs use loopback; on a cluster it is the first training node (`ssp launch` sets it)."""
     push_master_port: int = 0
-    """Weight push: the port of that group's rendezvous on rank 0; 0 picks a free one (fine on one machine)."""
+    """Weight push: the port of that group's rendezvous on rank 0; 0 picks a free one (fine on one machine). A fixed
+    port serves every group the learner forms, re-formed ones too (they share one rendezvous store in the learner,
+    also while a group abandoned after a server died still holds it), so it needs only to be free of other
+    processes."""
     push_api_key_file: Path | None = None
     """Weight push: file holding the servers' admin key (every push call is an admin route); ssp train and ssp
     launch point it at the run key. Unset: no Authorization header, which a keyed server refuses."""

@@ -498,6 +498,10 @@ def _init_custom_group(init_method: str, world_size: int, group_name: str, backe
     # The store is hosted here explicitly: under torchrun, dist.rendezvous() sees TORCHELASTIC_USE_AGENT_STORE and
     # would only open a client to a store nobody hosts, and the servers' join would hang.
     host, _, port = init_method.removeprefix("tcp://").rpartition(":")
+    # NOTE: multi_tenant: every group this process hosts on one port shares one store server. With a fixed
+    # learner.push_master_port, a re-formed group binds that port while the abandoned group, freed on a daemon thread
+    # that may wait out gloo's timeout, still holds its store there; a store server of its own failed with EADDRINUSE
+    # (planted, test_push_recovery's fixed-port kill test). The groups' names differ, so their keys do not mix.
     store = dist.TCPStore(host, int(port), world_size, is_master=True, timeout=timeout, multi_tenant=True)
     store.set_timeout(timeout)
     prefixed = dist.PrefixStore(group_name, store)

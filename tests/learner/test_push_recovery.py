@@ -248,26 +248,33 @@ def test_a_group_abandoned_mid_receive_is_destroyed_at_once_and_a_new_one_receiv
         dist.destroy_process_group(old)
 
 
-@pytest.mark.parametrize("bucket_bytes,kill_at", [(1 << 20, 30), (128 << 20, -1)], ids=["small-buckets", "on-the-wire"])
+@pytest.mark.parametrize("bucket_bytes,kill_at,fixed_port", [(1 << 20, 30, False), (128 << 20, -1, False),
+                                                             (1 << 20, 30, True), (128 << 20, -1, True)],
+                         ids=["small-buckets", "on-the-wire", "small-buckets-fixed-port", "on-the-wire-fixed-port"])
 def test_a_server_killed_mid_push_fails_the_push_fast_and_the_next_one_lands_on_the_survivor(
-        server_launcher: Any, model_dir: Path, bucket_bytes: int, kill_at: int) -> None:
+        server_launcher: Any, model_dir: Path, bucket_bytes: int, kill_at: int, fixed_port: bool) -> None:
     """Two servers; the first member is SIGKILLed mid-push (and the push waits until it is gone): with many small
     buckets once a few landed, with 128 MiB buckets while the first is on the wire (the last tensor is read while it
     is broadcast), where our own side of the broadcast hangs. Gloo would hold that broadcast, or the survivor's
     receive, until the group's timeout; the push must instead fail within seconds of the death, leave the survivor
-    generating, and the next push re-forms (a new group name) over the survivor and lands there."""
+    generating, and the next push re-forms (a new group name) over the survivor and lands there. With a fixed
+    rendezvous port (learner.push_master_port, as `ssp launch` sets it), every group binds that port, while the
+    abandoned group, held by its stuck broadcast, may still hold its store there."""
     from safetensors.torch import load_file
 
     from ssp.learner.push import WeightPusher
     from ssp.learner.push_recovery import PushInterrupted, RecoveringPusher
+    from ssp.processes import free_port
 
     push_timeout_s = 300.0
     victim = server_launcher(["--model", str(model_dir), "--port", "0", "--set", "serving.context_length=1024"])
     survivor = start_server(server_launcher, model_dir)
     state = load_file(str(model_dir / "model.safetensors"))
+    master_port = free_port() if fixed_port else 0
 
     def make_pusher(urls: list[str]) -> WeightPusher:
-        return WeightPusher(urls, backend="gloo", bytes_per_bucket=bucket_bytes, timeout_s=push_timeout_s)
+        return WeightPusher(urls, backend="gloo", bytes_per_bucket=bucket_bytes, timeout_s=push_timeout_s,
+                            master_port=master_port)
 
     def killing_mid_push() -> Any:
         for i, item in enumerate(state.items()):
