@@ -111,6 +111,33 @@ def test_an_abandoned_session_expires(server_launcher: Any, model_dir: Path) -> 
     assert call(url, "/end_weight_update", {})[0] == 200
 
 
+def join_group(url: str, name: str, port: int) -> Any:
+    """Our side (rank 0) of a 2-rank gloo group `name` with the server at `url` (rank 1)."""
+    from ssp.serving.weight_sync import init_custom_process_group
+
+    joined: list[tuple[int, Any]] = []
+    join = threading.Thread(target=lambda: joined.append(call(url, "/init_weights_update_group", {
+        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2, "group_name": name,
+        "backend": "gloo"})))
+    join.start()
+    group = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=0,
+                                      group_name=name)
+    join.join()
+    assert joined[0][0] == 200, joined
+    return group
+
+
+def post_norm_update(url: str, group_name: str, **extra: Any) -> tuple[threading.Thread, list[tuple[int, Any]]]:
+    """Start the server's side of one flattened-bucket update of model.norm.weight over `group_name` (its receive
+    waits for our broadcast) on a thread; the call's (status, reply) lands in the returned list."""
+    answer: list[tuple[int, Any]] = []
+    thread = threading.Thread(target=lambda: answer.append(call(url, "/update_weights_from_distributed", {
+        "names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[576]], "group_name": group_name,
+        "load_format": "flattened_bucket", **extra})))
+    thread.start()
+    return thread, answer
+
+
 def test_a_hung_trainer_holds_neither_generation_nor_the_server(server_launcher: Any, model_dir: Path) -> None:
     """The trainer pauses in place, opens a session, posts a bucket and never broadcasts it. continue_generation
     must not queue behind that receive (it did while receives ran on the scheduler thread), and the receive must
@@ -118,30 +145,16 @@ def test_a_hung_trainer_holds_neither_generation_nor_the_server(server_launcher:
     import torch.distributed as dist
 
     from ssp.processes import free_port
-    from ssp.serving.weight_sync import init_custom_process_group
 
     receive_timeout_s = 15.0
     url = start_server(server_launcher, model_dir, "serving.weight_update_idle_timeout_s=0",
                        f"serving.weight_receive_timeout_s={receive_timeout_s}")
-    port = free_port()
-    joined: list[tuple[int, Any]] = []
-    join = threading.Thread(target=lambda: joined.append(call(url, "/init_weights_update_group", {
-        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
-        "group_name": "hung", "backend": "gloo"})))
-    join.start()
-    group = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=0,
-                                      group_name="hung")
-    join.join()
-    assert joined[0][0] == 200, joined
+    group = join_group(url, "hung", free_port())
     try:
         assert call(url, "/pause_generation", {"mode": "in_place"})[0] == 200
         assert call(url, "/begin_weight_update", {})[0] == 200
-        update: list[tuple[int, Any]] = []
         posted = time.monotonic()
-        receiving = threading.Thread(target=lambda: update.append(call(url, "/update_weights_from_distributed", {
-            "names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[576]], "group_name": "hung",
-            "load_format": "flattened_bucket"})))
-        receiving.start()
+        receiving, update = post_norm_update(url, "hung")
         time.sleep(1.0)  # the server posts its receive
 
         t0 = time.monotonic()
@@ -162,22 +175,6 @@ def test_a_hung_trainer_holds_neither_generation_nor_the_server(server_launcher:
     generate(url)
 
 
-def join_group(url: str, name: str, port: int) -> Any:
-    """Our side (rank 0) of a 2-rank gloo group `name` with the server at `url` (rank 1)."""
-    from ssp.serving.weight_sync import init_custom_process_group
-
-    joined: list[tuple[int, Any]] = []
-    join = threading.Thread(target=lambda: joined.append(call(url, "/init_weights_update_group", {
-        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2, "group_name": name,
-        "backend": "gloo"})))
-    join.start()
-    group = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=0,
-                                      group_name=name)
-    join.join()
-    assert joined[0][0] == 200, joined
-    return group
-
-
 def test_a_group_abandoned_mid_receive_is_destroyed_at_once_and_a_new_one_receives(server_launcher: Any,
                                                                                    model_dir: Path) -> None:
     """What a learner does when a member dies mid-broadcast: it abandons the group while the survivor's receive still
@@ -195,12 +192,8 @@ def test_a_group_abandoned_mid_receive_is_destroyed_at_once_and_a_new_one_receiv
     old = join_group(url, "old", free_port())
     assert call(url, "/pause_generation", {"mode": "in_place"})[0] == 200
     assert call(url, "/begin_weight_update", {})[0] == 200
-    stuck: list[tuple[int, Any]] = []
     posted = time.monotonic()
-    receiving = threading.Thread(target=lambda: stuck.append(call(url, "/update_weights_from_distributed", {
-        "names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[576]], "group_name": "old",
-        "load_format": "flattened_bucket"})))
-    receiving.start()
+    receiving, stuck = post_norm_update(url, "old")
     time.sleep(1.0)  # the server posts its receive; we never broadcast
 
     t0 = time.monotonic()
@@ -225,11 +218,7 @@ def test_a_group_abandoned_mid_receive_is_destroyed_at_once_and_a_new_one_receiv
     try:
         norm = torch.full((576,), 0.5)
         assert call(url, "/begin_weight_update", {})[0] == 200
-        landed: list[tuple[int, Any]] = []
-        update = threading.Thread(target=lambda: landed.append(call(url, "/update_weights_from_distributed", {
-            "names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[576]], "group_name": "new",
-            "load_format": "flattened_bucket", "weight_version": "new-group"})))
-        update.start()
+        update, landed = post_norm_update(url, "new", weight_version="new-group")
         dist.broadcast(norm.view(torch.uint8), src=0, group=new)
         update.join(timeout=30)
         assert landed and landed[0][0] == 200, landed
