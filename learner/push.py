@@ -258,6 +258,14 @@ class WeightPusher:
         return list(await asyncio.gather(*(getattr(c, method)(**kwargs) for c in self._clients),
                                          return_exceptions=True))
 
+    def _best_effort(self, method: str, doing: str, timeout_s: float | None = None, **kwargs: Any) -> None:
+        """`method` on every server; a server that fails it (or cannot be reached) is logged, not raised: what
+        cleans up after a failure must reach every server it can."""
+        results = self._run(self._all_settled(method, **kwargs), timeout_s=timeout_s)
+        for url, r in zip(self.urls, results):
+            if isinstance(r, BaseException) or not r.success:
+                log.warning("%s: %s on %s: %s", doing, method, url, r if isinstance(r, BaseException) else r.message)
+
     async def _destroy_on_each(self, names: list[list[str]]) -> list[list[Any]]:
         """destroy_weights_update_group on every server (concurrently) for each of its `names` (in turn)."""
         return list(await asyncio.gather(*(_destroy_each(c, n) for c, n in zip(self._clients, names))))
@@ -430,13 +438,10 @@ class WeightPusher:
                 dist.destroy_process_group(held[0])
             finally:
                 _release_in_background(held)
-            for method, kwargs in (("destroy_weights_update_group", {"group_name": self.group_name}),
-                                   ("end_weight_update", {}), ("continue_", {})):
-                results = self._run(self._all_settled(method, **kwargs), timeout_s=ABANDON_TIMEOUT_S)
-                for url, r in zip(self.urls, results):
-                    if isinstance(r, BaseException) or not r.success:
-                        log.warning("abandoning group %r: %s on %s: %s", self.group_name, method, url,
-                                    r if isinstance(r, BaseException) else r.message)
+            doing = f"abandoning group {self.group_name!r}"
+            self._best_effort("destroy_weights_update_group", doing, ABANDON_TIMEOUT_S, group_name=self.group_name)
+            self._best_effort("end_weight_update", doing, ABANDON_TIMEOUT_S)
+            self._best_effort("continue_", doing, ABANDON_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - the push failed already; its error is the one to report
             log.warning("abandoning weight-update group %r: %s: %s", self.group_name, type(e).__name__, e)
         log.warning("abandoned weight-update group %r after a failed push", self.group_name)
@@ -451,11 +456,8 @@ class WeightPusher:
             if self._group is not None:
                 dist.destroy_process_group(self._group)
                 self._group = None
-                results = self._run(self._all_settled("destroy_weights_update_group", group_name=self.group_name))
-                for url, r in zip(self.urls, results):
-                    if isinstance(r, BaseException) or not r.success:
-                        log.warning("destroy_weights_update_group on %s: %s", url,
-                                    r if isinstance(r, BaseException) else r.message)
+                self._best_effort("destroy_weights_update_group", f"closing group {self.group_name!r}",
+                                  group_name=self.group_name)
             if self._session is not None:
                 self._run(self._session.close())
         finally:
