@@ -12,9 +12,36 @@ EFFICIENCY_FLOOR = 0.9
 harness's."""
 
 
+DRAINED_LIMIT = 0.05
+"""Largest share of a window's trained groups that may come out of the backlog the window began with. A window that
+drains more trains work generated before it began, so its rate says more than the schedule sustains (an async run
+with eta 4 may hold thousands of delivered, untrained groups; a one-period window can then pass 100% of its bound)."""
+
+
+def drained_share(run: dict[str, Any]) -> float:
+    """Net groups the window took from the backlog it began with, as a share of the groups it trained."""
+    backlog = run["backlog_groups"]
+    trained = run["episodes_per_step"] * (run["steps"] - run["warmup"])
+    return max(0, backlog["window_start"] - backlog["window_end"]) / max(1, trained)
+
+
+def problems(run: dict[str, Any]) -> list[str]:
+    """Why the run's rate does not measure its schedule ([] when it does): servers off their clock in a phase, below
+    EFFICIENCY_FLOOR of its bound, or a window that drained its starting backlog."""
+    out = []
+    if not run["clock"]["kept"]:
+        out.append("servers off their clock")
+    if run["efficiency"] < EFFICIENCY_FLOOR:
+        out.append(f"{100 * run['efficiency']:.0f}% of its bound, below {100 * EFFICIENCY_FLOOR:.0f}%")
+    if drained_share(run) > DRAINED_LIMIT:
+        out.append(f"its window drained {100 * drained_share(run):.0f}% of what it trained from the backlog it began "
+                   f"with (limit {100 * DRAINED_LIMIT:.0f}%: more --steps)")
+    return out
+
+
 def valid(run: dict[str, Any]) -> bool:
-    """The run's rate measures its schedule: servers on their clock in every phase, >= EFFICIENCY_FLOOR of bound."""
-    return run["clock"]["kept"] and run["efficiency"] >= EFFICIENCY_FLOOR
+    """The run's rate measures its schedule (see `problems`)."""
+    return not problems(run)
 
 
 def run_line(r: dict[str, Any]) -> str:
@@ -23,7 +50,10 @@ def run_line(r: dict[str, Any]) -> str:
              f"{r['bound_traj_per_s']:.3f}; step {r['step_s_mean']:.1f} s (bound {r['bound_step_s']:.1f} s); "
              f"{r['trajectories_per_episode']:.2f} traj/episode; backlog {r['backlog_groups']['window_start']} -> "
              f"{r['backlog_groups']['window_end']} groups; {r['wall_seconds']:.0f} s wall, engine CPU "
-             f"{100 * r['engine_cpu_fraction']:.0f}%",
+             f"{100 * r['engine_cpu_fraction']:.0f}%"
+             + ("" if drained_share(r) <= DRAINED_LIMIT else
+                f" - DRAINED: {100 * drained_share(r):.0f}% of the window's groups came from the backlog it began "
+                "with, so the rate counts earlier work (more --steps)"),
              f"    clock: worst phase {c['worst_phase']} {100 * c['worst_share']:.2f}% behind "
              f"({c['worst_behind_s']} s in {c['worst_wall_s']} s wall; limit {100 * CLOCK_SLIP_LIMIT:.0f}%)"
              + ("" if c["kept"] else " - NOT KEPT: the host did not run the servers on time (a lower "
@@ -61,10 +91,8 @@ def verdict_lines(p: dict[str, Any]) -> list[str]:
         out.append(f"async/sync ratio: {p['async_over_sync']:.2f} ({p['profile']}, G = {p['gpus']}, against "
                    f"{better['arm']}; time scale {best['time_scale']:g})")
     else:
-        bad = [f"{r['arm']} ({100 * r['efficiency']:.0f}% of bound, clock {'kept' if r['clock']['kept'] else 'NOT kept'})"
-               for r in (best, better) if not valid(r)]
-        out.append(f"async/sync ratio: not printed: {', '.join(bad)} below {100 * EFFICIENCY_FLOOR:.0f}% of its bound "
-                   "or off its clock; the figures would measure the harness")
+        bad = [f"{r['arm']} ({'; '.join(problems(r))})" for r in (best, better) if not valid(r)]
+        out.append(f"async/sync ratio: not printed: {', '.join(bad)}; the figures would measure the harness")
     return out
 
 

@@ -141,11 +141,13 @@ def build(d: Path, out: Path) -> str:
     if (r := found["async_vs_sync"]) is not None:
         for p in r["profiles"]:
             a, better = p["async"], p["better_sync"]
+            why = "; ".join(f"{r['arm']}: {', '.join(async_vs_sync_report.problems(r))}" for r in (a, better)
+                            if not async_vs_sync_report.valid(r))
             ratio = (f"async/sync ratio: {p['async_over_sync']:.2f}" if p["valid"] else
-                     f"async/sync ratio: not printed ({p['async_over_sync']:.2f} measured, below 90% of a bound)")
+                     f"async/sync ratio: not printed ({p['async_over_sync']:.2f} measured; {why})")
             summary.append(f"- {ratio} ({p['profile']}, G = {p['gpus']}; async g = {a['serve_gpus']}, eta = "
                            f"{a['eta']}, {100 * a['efficiency']:.0f}% of its bound, against {better['arm']} at "
-                           f"{100 * better['efficiency']:.0f}% of its bound) - goal: both >= 90%")
+                           f"{100 * better['efficiency']:.0f}% of its bound) - goal: both >= 90%, steady windows")
             png = plot_async_vs_sync(p, d / f"async_vs_sync-{p['profile']}.png")
             body_png = f"![async vs sync {p['profile']}]({png.name})"
             body.append(body_png)

@@ -18,7 +18,7 @@ from ssp.bench.async_vs_sync_bound import (
     rollout_cost,
     sync_step_bound,
 )
-from ssp.bench.async_vs_sync_report import markdown, verdict_lines
+from ssp.bench.async_vs_sync_report import markdown, problems, valid, verdict_lines
 from ssp.bench.async_vs_sync_run import Reading, clock_guard
 from ssp.bench.sim_learner import learner_step_s, push_s
 from ssp.engine.trajectory import Trajectory
@@ -149,6 +149,19 @@ def test_clock_guard_judges_each_interval_on_the_worst_server() -> None:
     short = clock_guard([_reading("step 1", 0.0, [0.0]), _reading("propose", 0.01, [0.005]),
                          _reading("verify", 1.5, [0.006])])
     assert short["kept"] and short["intervals"] == 1 and short["worst_share"] == pytest.approx(0.004)
+
+
+def test_a_window_that_drains_its_starting_backlog_does_not_count() -> None:
+    # The quick run of 2026-12-02: 5 measured steps of 64 groups, the backlog 128 -> 60, "122% of its bound".
+    run = {"clock": {"kept": True}, "efficiency": 1.22, "episodes_per_step": 64, "steps": 8, "warmup": 3,
+           "backlog_groups": {"window_start": 128, "window_end": 60}}
+    assert not valid(run) and problems(run) == [
+        "its window drained 21% of what it trained from the backlog it began with (limit 5%: more --steps)"]
+    # A backlog that holds (or grows) is a steady window; a few groups either way are noise.
+    for end in (128, 1500, 116):
+        assert valid({**run, "efficiency": 0.95, "backlog_groups": {"window_start": 128, "window_end": end}})
+    assert problems({**run, "efficiency": 0.8, "clock": {"kept": False}, "backlog_groups": {
+        "window_start": 128, "window_end": 128}}) == ["servers off their clock", "80% of its bound, below 90%"]
 
 
 def test_tiny_bench_runs_every_arm(demo_index: Path, tmp_path: Path) -> None:
