@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -297,6 +298,15 @@ def _per_item(body: dict[str, Any], key: str, default: Any, n_items: int, check:
     return [v] * n_items
 
 
+def _outside_vocab(ids: Sequence[int], vocab_size: int) -> int | None:
+    """The first id outside [0, vocab_size), or None. The check runs min and max in C: a prompt has thousands of
+    ids, and a Python loop over them was a visible share of a simulated server's work per request in a burst of
+    verifier prompts (~5.6k ids each)."""
+    if not ids or (min(ids) >= 0 and max(ids) < vocab_size):
+        return None
+    return next(t for t in ids if not 0 <= t < vocab_size)
+
+
 def _is_int_list(v: Any) -> bool:
     # NOTE: the types are collected in C (map, set): input_ids are thousands of ids per request; bools are not ints.
     return isinstance(v, list) and (not v or set(map(type, v)) == {int})
@@ -347,7 +357,7 @@ def parse_generate(body: Any, *, desc: ModelDescription, cfg: ServingConfig, enc
     for ids in prompts:
         if not ids:
             raise ApiError("invalid", "input_ids cannot be empty.")
-        bad = next((t for t in ids if not 0 <= t < desc.vocab_size), None)
+        bad = _outside_vocab(ids, desc.vocab_size)
         if bad is not None:
             raise ApiError("invalid", f"input_ids contain token id {bad}, outside the vocabulary [0, "
                                       f"{desc.vocab_size}).")
@@ -479,7 +489,7 @@ def _check_logprob_asks(top_num: int, token_ids: tuple[int, ...], desc: ModelDes
     if len(token_ids) > cfg.max_token_ids_logprob:
         raise ApiError("invalid", f"token_ids_logprob must list at most {cfg.max_token_ids_logprob} ids "
                                   f"(serving.max_token_ids_logprob), got {len(token_ids)}.")
-    bad = next((t for t in token_ids if not 0 <= t < desc.vocab_size), None)
+    bad = _outside_vocab(token_ids, desc.vocab_size)
     if bad is not None:
         raise ApiError("invalid", f"token_ids_logprob contains {bad}, outside [0, {desc.vocab_size}).")
 
