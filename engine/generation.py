@@ -5,8 +5,19 @@ rollout needs. Model output is never re-tokenized: `output_ids` and `logprobs` a
 """
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+
+
+SLOT_PRIORITY: ContextVar[int] = ContextVar("ssp_slot_priority", default=0)
+"""Where the calls made in this context wait for a server slot: the pool hands a freed slot to the lowest value
+first, and in arrival order among equals. The scheduler sets it, for everything an episode does, to the policy
+version the episode started on, so slots go earliest-deadline-first: under the staleness bound an old episode must
+reach the learner before newer ones, and a long-running one (a proposer that searches for minutes) would otherwise
+queue for a slot at every turn behind the turns of episodes started after it, and make the learner wait for it.
+A context variable rather than an argument: it is a property of the episode, not of any one call, and reaches every
+generate call of its rollouts (tasks inherit it) without each layer between passing it on."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

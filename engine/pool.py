@@ -5,8 +5,9 @@ What it owns, in the order a request meets it:
     generate(input_ids, sampling, affinity)
       │ 1. place: the affinity's server if healthy (all turns of a rollout, all samples of a prompt share its prefix
       │    cache), else the least-loaded healthy server with a free slot, which the affinity is then bound to
-      │ 2. no free slot -> wait (FIFO): on the bound server's own queue, or the pool queue for unbound requests;
-      │    a released slot goes to the server's own waiters first, then to the pool queue; bounded by queue_timeout_s
+      │ 2. no free slot -> wait: on the bound server's own queue, or the pool queue for unbound requests; a released
+      │    slot goes to the most urgent waiter of the two queues (lowest SLOT_PRIORITY, the server's own on a tie,
+      │    then first come, first served); bounded by queue_timeout_s
       │ 3. send under a fresh rid (ssp.engine.ids) through that server's ServerClient
       │ 4. retryable failure -> eject the server if it is unreachable, abort the rid there if it may still run
       │    (best effort), then re-send under a NEW rid, preferring another server; at most max_retries times
@@ -37,9 +38,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
+import itertools
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +51,7 @@ import aiohttp
 
 from ssp.engine.client import AdminResult, PauseMode, ServerClient
 from ssp.engine.errors import ConnectionFailed, InferenceError, NoServerAvailable, RetryableError
-from ssp.engine.generation import GenerateResult, SamplingParams
+from ssp.engine.generation import SLOT_PRIORITY, GenerateResult, SamplingParams
 from ssp.engine.ids import RequestIds
 from ssp.engine.inference_config import InferenceConfig
 
@@ -128,6 +131,41 @@ class WeightUpdateLayout:
     """Worker URL -> its first rank (its TP ranks follow)."""
 
 
+@dataclass(order=True, slots=True)
+class _Waiter:
+    """A request waiting for a slot, ordered by urgency (`SLOT_PRIORITY`), then by arrival."""
+
+    priority: int
+    seq: int
+    fut: asyncio.Future[_Server | None] = field(compare=False)
+    affinity: str = field(compare=False)
+
+
+class _WaitQueue:
+    """Waiting requests, most urgent first. A waiter that timed out or was cancelled stays in the heap until it
+    reaches the head, where `head` drops it, so it never makes a free slot look taken."""
+
+    def __init__(self) -> None:
+        self._heap: list[_Waiter] = []
+
+    def push(self, waiter: _Waiter) -> None:
+        heapq.heappush(self._heap, waiter)
+
+    def head(self) -> _Waiter | None:
+        """The most urgent waiter still waiting, or None."""
+        while self._heap and self._heap[0].fut.done():
+            heapq.heappop(self._heap)
+        return self._heap[0] if self._heap else None
+
+    def pop(self) -> _Waiter:
+        return heapq.heappop(self._heap)
+
+    def drain(self) -> list[_Waiter]:
+        """Every waiter, the queue left empty."""
+        waiters, self._heap = self._heap, []
+        return waiters
+
+
 @dataclass(slots=True, eq=False)
 class _Server:
     """Routing state of one generate target. Only touched from the event loop, so no lock is needed."""
@@ -138,7 +176,7 @@ class _Server:
     in_flight: int = 0
     health_failures: int = 0
     """Consecutive failed health checks."""
-    waiters: deque[asyncio.Future[_Server | None]] = field(default_factory=deque)
+    waiters: _WaitQueue = field(default_factory=_WaitQueue)
     """Requests bound to this server (by affinity) waiting for one of its slots."""
     requests: int = 0
     failures: int = 0
@@ -172,8 +210,10 @@ class InferencePool:
         self._admin: list[ServerClient] = []
         """Where control calls go: the servers (the router's workers in router mode)."""
         self._affinity: OrderedDict[str, _Server] = OrderedDict()
-        self._queue: deque[tuple[asyncio.Future[_Server | None], str]] = deque()
-        """Unbound requests waiting for a slot on any server, FIFO, with their affinity."""
+        self._queue = _WaitQueue()
+        """Unbound requests waiting for a slot on any server."""
+        self._arrivals = itertools.count()
+        """Arrival order of waiters (the tie-break among equal priorities)."""
         self._live: dict[str, _Server] = {}
         """rid -> server of every request on the wire (for abort by rid)."""
         self._paused: PauseMode | None = None
@@ -230,13 +270,9 @@ class InferencePool:
         if self._state is PoolState.CLOSED:
             return
         self._state = PoolState.CLOSED
-        for fut, _ in self._queue:
-            if not fut.done():
-                fut.set_result(None)
-        for server in self._targets:
-            for fut in server.waiters:
-                if not fut.done():
-                    fut.set_result(None)
+        for waiter in [*self._queue.drain(), *(w for s in self._targets for w in s.waiters.drain())]:
+            if not waiter.fut.done():
+                waiter.fut.set_result(None)
         tasks = [t for t in (self._health_task, *self._background) if t is not None]
         for task in tasks:
             task.cancel()
@@ -349,31 +385,25 @@ class InferencePool:
     # ---------------------------------------------------------------- slots and placement
 
     async def _acquire(self, affinity: str, avoid: _Server | None, deadline: float) -> _Server:
-        """Take a slot for `affinity`, waiting (FIFO) until one frees up or the deadline passes."""
+        """Take a slot for `affinity`, waiting (most urgent first, see `_WaitQueue`) until one frees up or the
+        deadline passes."""
         started = time.monotonic()
         queued = False
+        priority = SLOT_PRIORITY.get()
         try:
             while True:
                 self._check_open()
                 bound = self._bound(affinity, avoid)
-                # Waiters that timed out or were cancelled stay queued until reached; drop them from the head so
-                # they cannot make a free slot look taken.
                 if bound is not None:
-                    while bound.waiters and bound.waiters[0].done():
-                        bound.waiters.popleft()
-                    if bound.in_flight < bound.capacity and not bound.waiters:
+                    if bound.in_flight < bound.capacity and bound.waiters.head() is None:
                         return self._take(bound, affinity)
                 else:
-                    while self._queue and self._queue[0][0].done():
-                        self._queue.popleft()
                     best = self._least_loaded(avoid)
-                    if best is not None and not self._queue:
+                    if best is not None and self._queue.head() is None:
                         return self._take(best, affinity)
                 fut: asyncio.Future[_Server | None] = asyncio.get_running_loop().create_future()
-                if bound is not None:
-                    bound.waiters.append(fut)
-                else:
-                    self._queue.append((fut, affinity))
+                waiter = _Waiter(priority, next(self._arrivals), fut, affinity)
+                (bound.waiters if bound is not None else self._queue).push(waiter)
                 if not queued:
                     queued = True
                     self._queued_total += 1
@@ -438,22 +468,20 @@ class InferencePool:
         self._dispatch(server)
 
     def _dispatch(self, server: _Server) -> None:
-        """Hand free slots of `server` to its own waiters first, then to the pool queue (binding their affinity)."""
+        """Hand free slots of `server` to the more urgent head of its own waiters and the pool queue (its own on a
+        tie; a pool waiter is bound to `server`)."""
         while server.healthy and server.in_flight < server.capacity and self._state is PoolState.OPEN:
-            while server.waiters and server.waiters[0].done():
-                server.waiters.popleft()
-            if server.waiters:
-                fut = server.waiters.popleft()
+            own, pooled = server.waiters.head(), self._queue.head()
+            if own is None and pooled is None:
+                return
+            if own is not None and (pooled is None or own.priority <= pooled.priority):
+                waiter = server.waiters.pop()
             else:
-                while self._queue and self._queue[0][0].done():
-                    self._queue.popleft()
-                if not self._queue:
-                    return
-                fut, affinity = self._queue.popleft()
-                self._bind(affinity, server)
+                waiter = self._queue.pop()
+                self._bind(waiter.affinity, server)
             server.account(time.monotonic())
             server.in_flight += 1
-            fut.set_result(server)
+            waiter.fut.set_result(server)
 
     # ---------------------------------------------------------------- health
 
@@ -465,10 +493,9 @@ class InferencePool:
         server.healthy = False
         server.ejections += 1
         self._ejections += 1
-        waiters, server.waiters = server.waiters, deque()
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        for waiter in server.waiters.drain():
+            if not waiter.fut.done():
+                waiter.fut.set_result(None)
 
     def _readmit(self, server: _Server) -> None:
         log.info("re-admitting %s: it answers /health again", server.url)

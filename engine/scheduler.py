@@ -13,7 +13,8 @@ Loops and buffers ("async" mode; every task is named, every buffer bounded):
       ▼
     episode tasks ×≤max_inflight ── propose → check → verify → solve → judge → rewards (ssp.engine.game.Game)
       │   each generate() waits for a server slot in the InferencePool (≤ its capacity per server: the pool
-      │   enforces it, so the server's own queue is never flooded); each <search> waits in the SearchBatcher
+      │   enforces it, so the server's own queue is never flooded), older episodes first (SLOT_PRIORITY = the
+      │   version the episode started on: the earliest staleness deadline); each <search> waits in the SearchBatcher
       ▼
     the staleness gate's send order ── a finished group is held while sending it would take a slot an older,
       │                                still running episode needs to make its deadline
@@ -62,6 +63,7 @@ from typing import Any
 from ssp.engine.config import SchedulerConfig
 from ssp.engine.game import EpisodeResult, Game
 from ssp.engine.gc_pacing import GcPacer
+from ssp.engine.generation import SLOT_PRIORITY
 from ssp.engine.rollout import RolloutError
 from ssp.engine.seeds import Seed
 from ssp.engine.stream import TrajectoryStream
@@ -383,6 +385,7 @@ class Scheduler:
 
     async def _episode(self, gid: str, seed: Seed, version: int) -> None:
         """One episode started on policy `version`; its gate place is sent or withdrawn however it ends."""
+        SLOT_PRIORITY.set(version)  # this task's own context: every request of the episode waits by its deadline
         try:
             try:
                 result = await self.game.play(gid, seed)

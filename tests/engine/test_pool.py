@@ -12,7 +12,7 @@ import pytest
 
 from ssp.config import ConfigError, load_config
 from ssp.engine.errors import BadRequest, ConnectionFailed, NoServerAvailable
-from ssp.engine.generation import SamplingParams
+from ssp.engine.generation import SLOT_PRIORITY, SamplingParams
 from ssp.engine.inference_config import InferenceConfig
 from ssp.engine.pool import InferencePool
 from ssp.processes import free_port
@@ -66,6 +66,32 @@ async def test_capacity_bounds_in_flight_and_queues_the_rest(pair: tuple[str, st
         assert metrics.max_queue_depth >= 8 and metrics.queued_total >= 8 and metrics.queue_wait_s_max > 0
         assert all(0 < s.mean_occupancy <= 1 for s in metrics.servers)
         assert metrics.to_json()["servers"][0]["capacity"] == 2
+
+
+async def test_a_freed_slot_goes_to_the_most_urgent_waiter(pair: tuple[str, str]) -> None:
+    """Slots go by SLOT_PRIORITY (lowest first), then arrival, across the server's own queue (requests bound to it)
+    and the pool queue (new affinities): the scheduler's earliest-deadline-first order for episodes."""
+    async with InferencePool(_cfg(pair[:1], capacity_per_server=1)) as pool:
+        served: list[str] = []
+        short = SamplingParams(max_new_tokens=20, ignore_eos=True)
+
+        async def request(affinity: str, priority: int) -> None:
+            SLOT_PRIORITY.set(priority)  # the task's own context, as an episode task sets it
+            await pool.generate(PROMPT, short, affinity=affinity)
+            served.append(f"{affinity}@{priority}")
+
+        await pool.generate(PROMPT, short, affinity="bound")  # binds "bound" to the server
+        holder = asyncio.create_task(pool.generate(PROMPT, LONG, affinity="holder"))
+        await asyncio.sleep(0.1)
+        waiting = []
+        for affinity, priority in [("new-a", 5), ("bound", 5), ("new-b", 1), ("new-c", 5), ("new-d", 3)]:
+            waiting.append(asyncio.create_task(request(affinity, priority)))
+            await asyncio.sleep(0.02)  # queued in this order
+        assert pool.metrics().queue_depth == 5
+        await asyncio.gather(holder, *waiting)
+        # new-b and new-d jump the queue; at 5 the bound request wins the tie against the pool queue's new-a,
+        # then arrival order.
+        assert served == ["new-b@1", "new-d@3", "bound@5", "new-a@5", "new-c@5"]
 
 
 async def test_capacity_defaults_to_server_max_running_requests(pair: tuple[str, str]) -> None:
