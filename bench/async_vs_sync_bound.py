@@ -23,7 +23,10 @@ Schedules:
                one push during which they are paused. Deadline rate at load n: an episode started on version v must
                be trained by version v + eta, so the learner reaches v + eta + 1 no sooner than the longest episode
                started on v has run (its critical path, each decode step at load n: a + b*n + c*n*context) and
-               been trained and pushed; eta + 1 steps take at least that, per start version. A fuller server decodes
+               been trained and pushed; eta + 1 steps take at least that, per start version. Each step of that
+               path also carries the prefill that the other n - 1 requests on its server bring in (the workload's
+               prefill seconds per decoded token, as the servers measured them, times n - 1): a server that keeps n
+               requests running prefills their successors in the same steps. A fuller server decodes
                more per second but runs the longest episode slower, so the servers' side is the best load n of
                min(server rate, deadline rate); at n = the slot cap with the deadline slack it is the full-batch
                server rate. Learner rate: training on G - g GPUs plus one push.
@@ -157,9 +160,13 @@ class GroupCost:
     def total_work_s(self) -> float:
         return sum(self.work_s.values())
 
-    def path_s(self, costs: Costs, load: int) -> float:
-        """The episode's critical path on servers running `load` requests each."""
-        return self.path_steps * costs.step_s(load) + self.path_prefill_s
+    def path_s(self, costs: Costs, load: int, prefill_per_token_s: float = 0.0) -> float:
+        """The episode's critical path on servers running `load` requests each. Each of its decode steps is one
+        step of a batch of `load` and also waits for the prefill the other load - 1 requests bring in at the
+        workload's `prefill_per_token_s` (prefill seconds per decoded token): a server runs its prefill chunks in
+        the same steps, so a server that keeps `load` requests running keeps prefilling what replaces them."""
+        per_step = costs.step_s(load) + (load - 1) * prefill_per_token_s
+        return self.path_steps * per_step + self.path_prefill_s
 
 
 def group_cost(group: Sequence[Any], costs: Costs, block_tokens: int) -> GroupCost:
@@ -292,10 +299,12 @@ def async_bound(profile: SimProfile, groups: Sequence[GroupCost], *, costs: Cost
         at_load = work + decode_steps * (costs.fixed_share_s(load) - costs.fixed_share_s(costs.batch))
         return per_step * at_load / serve_servers + push
 
+    prefill_per_token = prefill / max(1.0, decode_steps)
+
     def deadline_step(load: int) -> float:
         if not cohorts:
             return 0.0
-        longest = [max(g.path_s(costs, load) for g in c) for c in cohorts.values()]
+        longest = [max(g.path_s(costs, load, prefill_per_token) for g in c) for c in cohorts.values()]
         return (sum(longest) / len(longest) + train + push) / (eta + 1)
 
     load = max(range(1, costs.batch + 1), key=lambda k: (min(1 / server_step(k), 1 / max(1e-9, deadline_step(k))), k))

@@ -133,6 +133,24 @@ def test_async_bound_waits_for_the_longest_episode_of_each_start_version_by_its_
                                                           loose["learner_rate_traj_per_s"]))
 
 
+def test_the_deadline_path_waits_for_the_prefill_of_the_other_requests_on_its_server() -> None:
+    # The async arm at the defaults (2026-12-03): servers 31% prefilling, and the longest episodes ran ~35% longer
+    # than their decode steps alone at the load the servers held. Here 0.2 s of prefill per episode over its 2,000
+    # decode steps: each step of a runaway's path at load n also carries (n - 1) x 1e-4 s of the others' prefill.
+    p = load_profile()
+    costs = Costs.at_capacity(p, 256, mean_context=3000)
+    groups = [_episode(0, 300), _episode(0, 8000), _episode(1, 300), _episode(1, 6000)]
+    kw = {"costs": costs, "per_step": 256, "serve_servers": 4, "learn_gpus": 12, "eta": 1}
+    b = async_bound(p, groups, **kw, measured_prefill_s_per_episode=0.2)
+    train = learner_step_s(p.learner, flops_per_token=p.model.flops_per_token, tokens=6000 * 256, gpus=12)
+    load = b["load_requests_per_server"]
+    span = (8000 + 6000) / 2 * (costs.step_s(load) + (load - 1) * 0.2 / 2000) + train + push_s(p)
+    assert b["bound_by"] == "deadline" and b["deadline_rate_traj_per_s"] == pytest.approx(256 * 6 * 2 / span)
+    # Without the interleaved prefill the same runaways would look faster and the bound higher.
+    assert b["bound_traj_per_s"] < async_bound(p, groups, **kw, measured_prefill_s_per_episode=0.0)[
+        "bound_traj_per_s"] * 0.95
+
+
 def _reading(label: str, wall: float, behind: list[float]) -> Reading:
     return Reading(label, sim_s=2 * wall, wall_s=wall, clocks=[{"behind_s": b} for b in behind])
 
