@@ -21,8 +21,7 @@ with eta 4 may hold thousands of delivered, untrained groups; a one-period windo
 def drained_share(run: dict[str, Any]) -> float:
     """Net groups the window took from the backlog it began with, as a share of the groups it trained."""
     backlog = run["backlog_groups"]
-    trained = run["episodes_per_step"] * (run["steps"] - run["warmup"])
-    return max(0, backlog["window_start"] - backlog["window_end"]) / max(1, trained)
+    return max(0, backlog["window_start"] - backlog["window_end"]) / max(1, run["trained_groups"])
 
 
 def problems(run: dict[str, Any]) -> list[str]:

@@ -364,7 +364,8 @@ def measure(profile: SimProfile, spec: RunSpec, steps: list[StepLog], tally: Gro
         "episodes_failed": summary["episodes_failed"],
         "turn_overhead_p99_ms": summary["turn_overhead_p99_ms"],
         "loop_lag_p99_ms": summary["loop_lag_p99_ms"],
-        "steps": [dataclasses.asdict(s) for s in steps],
+        "trained_groups": trained_groups,
+        "step_logs": [dataclasses.asdict(s) for s in steps],
     }
     n_servers = len(in_window[0].clocks)
     if spec.arm == "async":

@@ -9,7 +9,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-
 SLOT_PRIORITY: ContextVar[int] = ContextVar("ssp_slot_priority", default=0)
 """Where the calls made in this context wait for a server slot: the pool hands a freed slot to the lowest value
 first, and in arrival order among equals. The scheduler sets it, for everything an episode does, to the policy

@@ -171,7 +171,7 @@ def test_clock_guard_judges_each_interval_on_the_worst_server() -> None:
 
 def test_a_window_that_drains_its_starting_backlog_does_not_count() -> None:
     # The quick run of 2026-12-02: 5 measured steps of 64 groups, the backlog 128 -> 60, "122% of its bound".
-    run = {"clock": {"kept": True}, "efficiency": 1.22, "episodes_per_step": 64, "steps": 8, "warmup": 3,
+    run = {"clock": {"kept": True}, "efficiency": 1.22, "trained_groups": 320,
            "backlog_groups": {"window_start": 128, "window_end": 60}}
     assert not valid(run) and problems(run) == [
         "its window drained 21% of what it trained from the backlog it began with (limit 5%: more --steps)"]
@@ -192,10 +192,10 @@ def test_tiny_bench_runs_every_arm(demo_index: Path, tmp_path: Path) -> None:
     for run in r["runs"]:
         # Two measured steps after one of warm-up; async (eta 1) warms up eta more steps (its first burst is trained
         # first) and measures whole periods of eta + 1 = 2 steps.
-        assert [s["version"] for s in run["steps"]] == ([1, 2, 3] if run["arm"] != "async" else [1, 2, 3, 4])
-        assert all(s["groups"] == 2 for s in run["steps"]) and run["episodes_failed"] == 0
+        assert [s["version"] for s in run["step_logs"]] == ([1, 2, 3] if run["arm"] != "async" else [1, 2, 3, 4])
+        assert all(s["groups"] == 2 for s in run["step_logs"]) and run["episodes_failed"] == 0
         # Each step ends with a push through the pool; the sim servers charge the profile's update time.
-        assert all(s["push_s"] >= 1.0 for s in run["steps"])
+        assert all(s["push_s"] >= 1.0 for s in run["step_logs"])
         assert 0 < run["trained_trajectories_per_s"] and 0 < run["bound_traj_per_s"]
         assert run["efficiency"] == pytest.approx(run["trained_trajectories_per_s"] / run["bound_traj_per_s"],
                                                   abs=2e-3)
@@ -206,7 +206,7 @@ def test_tiny_bench_runs_every_arm(demo_index: Path, tmp_path: Path) -> None:
         assert shares["decode"] > 0 and sum(shares.values()) == pytest.approx(1.0, abs=0.02)
     sync, lockstep = r["sync"], r["lockstep"]
     # Sync trains only after generation: the learner waited for each step's groups; its phases were timed.
-    assert all(s["wait_s"] > 0 for s in sync["steps"])
+    assert all(s["wait_s"] > 0 for s in sync["step_logs"])
     assert set(sync["phase_s_mean"]) == {"propose", "verify", "solve", "deliver"}
     assert set(sync["bound_parts_s"]) == {"propose", "verify", "solve", "train", "push"}
     assert set(lockstep["bound_parts_s"]) == {"episodes", "train", "push"}
