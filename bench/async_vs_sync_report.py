@@ -43,6 +43,11 @@ def valid(run: dict[str, Any]) -> bool:
     return not problems(run)
 
 
+def _caveat(run: dict[str, Any]) -> str:
+    """What a verdict line adds to a run whose rate is not a measurement of its schedule ('' when it is)."""
+    return "" if valid(run) else f" (NOT VALID: {'; '.join(problems(run))})"
+
+
 def run_line(r: dict[str, Any]) -> str:
     c = r["clock"]
     lines = [f"    {r['trained_trajectories_per_s']:.3f} trained traj/s = {100 * r['efficiency']:.0f}% of its bound "
@@ -78,10 +83,10 @@ def verdict_lines(p: dict[str, Any]) -> list[str]:
     sync, lock, best, flush = p["sync"], p["lockstep"], p["async"], p.get("async_flush")
     better = p["better_sync"]
     out = [f"sync (phase barriers): {sync['trained_trajectories_per_s']:.3f} traj/s, {100 * sync['efficiency']:.0f}% "
-           f"of bound; lock-step (eta 0, no barriers): {lock['trained_trajectories_per_s']:.3f} traj/s, "
-           f"{100 * lock['efficiency']:.0f}% of bound",
+           f"of bound{_caveat(sync)}; lock-step (eta 0, no barriers): {lock['trained_trajectories_per_s']:.3f} "
+           f"traj/s, {100 * lock['efficiency']:.0f}% of bound{_caveat(lock)}",
            f"async g = {best['serve_gpus']}, eta = {best['eta']}: {best['trained_trajectories_per_s']:.3f} traj/s, "
-           f"{100 * best['efficiency']:.0f}% of bound ({best['bound_by']})"]
+           f"{100 * best['efficiency']:.0f}% of bound ({best['bound_by']}){_caveat(best)}"]
     if flush is not None:
         out.append(f"in-place update gain: {p['in_place_gain']:.3f}x (in place {best['trained_trajectories_per_s']:.3f}"
                    f" vs flush every push {flush['trained_trajectories_per_s']:.3f} traj/s, "

@@ -225,6 +225,9 @@ def test_tiny_bench_runs_every_arm(demo_index: Path, tmp_path: Path) -> None:
     assert "| sync | 2 | 2 | 0 | 1 |" in text and "| lockstep | 2 | 2 | 0 | 1 |" in text
     ratio = [line for line in verdict_lines(r) if line.startswith("async/sync ratio:")]
     assert len(ratio) == 1 and (("not printed" in ratio[0]) != r["valid"])
+    # Each arm's verdict says when its own rate is not a measurement, whether or not the ratio uses it.
+    sync_part, lockstep_part = verdict_lines(r)[0].split("; lock-step")
+    assert ("NOT VALID" in sync_part) != valid(sync) and ("NOT VALID" in lockstep_part) != valid(lockstep)
     # `ssp bench report` renders the same result: its summary line and the plot.
     (tmp_path / "async_vs_sync.json").write_text(json.dumps(results, default=str))
     built = report.build(tmp_path, tmp_path / "REPORT.md")
