@@ -48,3 +48,15 @@ def test_the_scale_section_carries_loop_lag_and_end_to_end_turn_latency(tmp_path
     header = next(line for line in text.splitlines() if line.startswith("| episodes in flight"))
     assert "end-to-end turn p50 ms" in header and "of which search p50 ms" in header and "loop lag p50 ms" in header
     assert "| 31.5 | 812.25 | 29.5 | 790.5 | 4000.0 | 9000.0 | 0.41 | 5.52 | 9.9 |" in text
+
+
+def test_the_summary_carries_the_retrieval_goal(tmp_path: Path) -> None:
+    result = {"corpus": ["/data/a.jsonl", "/data/b.jsonl"], "questions": 500,
+              "answer_hits_at_3": {"raw_1thread": 70, "http_server": 71}, "ratios": {"http_over_raw": 4.61},
+              "goal": {"speedup": 4.0, "hit_tolerance_points": 1.0, "met": True}}
+    (tmp_path / "retrieval.json").write_text(json.dumps(result))
+    summary = report.build(tmp_path, tmp_path / "REPORT.md").split("## Summary")[1].split("\n## ")[0]
+    assert ("- retrieval: HTTP server / raw tantivy-py (1 thread) 4.61x at answer-hit@3 14.2% vs 14.0% (500 questions; "
+            "corpus a.jsonl, b.jsonl) - goal >= 4x within 1 point: met") in summary
+    (tmp_path / "retrieval.json").write_text(json.dumps({**result, "goal": {**result["goal"], "met": False}}))
+    assert "within 1 point: NOT met" in report.build(tmp_path, tmp_path / "REPORT.md")
