@@ -247,7 +247,8 @@ def lockstep_step_bound(profile: SimProfile, step: Sequence[GroupCost], *, serve
     chain = max((g.episode_chain_s for g in step), default=0.0)
     work = sum(g.total_work_s for g in step) / servers
     return StepBound(phases_s={"episodes": max(chain, work)},
-                     bound_by={"episodes": "chain" if chain >= work else "work"}, train_s=train_s(profile, sum(g.tokens for g in step), gpus), push_s=push_s(profile))
+                     bound_by={"episodes": "chain" if chain >= work else "work"},
+                     train_s=train_s(profile, sum(g.tokens for g in step), gpus), push_s=push_s(profile))
 
 
 def phased_bound(profile: SimProfile, groups: Sequence[GroupCost], *, per_step: int, window: range, servers: int,
