@@ -59,8 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="simulated seconds per wall second, for every arm, servers and learner alike (default: 1, "
                         "real time: at 2 the async arm's four busy servers and the engine fell behind their clock by "
-                        "up to 2%% of a phase on 2 cores). The engine's host time counts this many times over; each "
-                        "run's per-phase clock guard says whether the host kept up")
+                        "up to 2%% of a phase on 2 cores; at 1, phase-barrier sync's 16 servers fall 1-2.4%% behind "
+                        "in the verify burst, and keep up at 0.5). The engine's host time counts this many times "
+                        "over; each run's per-phase clock guard says whether the host kept up")
     p.add_argument("--kv-refresh-every", type=int, default=LearnerConfig().push_kv_refresh_every,
                    help="async: every this many pushes retract and flush, the others pause in place, as the learner's "
                         "push_kv_refresh_every does (default: the learner's, %(default)s); the chosen split also runs "
