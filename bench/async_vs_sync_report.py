@@ -32,8 +32,9 @@ def problems(run: dict[str, Any]) -> list[str]:
         out.append("servers off their clock")
     if run["efficiency"] < EFFICIENCY_FLOOR:
         out.append(f"{100 * run['efficiency']:.0f}% of its bound, below {100 * EFFICIENCY_FLOOR:.0f}%")
-    if drained_share(run) > DRAINED_LIMIT:
-        out.append(f"its window drained {100 * drained_share(run):.0f}% of what it trained from the backlog it began "
+    drained = drained_share(run)
+    if drained > DRAINED_LIMIT:
+        out.append(f"its window drained {100 * drained:.0f}% of what it trained from the backlog it began "
                    f"with (limit {100 * DRAINED_LIMIT:.0f}%: more --steps)")
     return out
 
@@ -45,18 +46,19 @@ def valid(run: dict[str, Any]) -> bool:
 
 def _caveat(run: dict[str, Any]) -> str:
     """What a verdict line adds to a run whose rate is not a measurement of its schedule ('' when it is)."""
-    return "" if valid(run) else f" (NOT VALID: {'; '.join(problems(run))})"
+    found = problems(run)
+    return f" (NOT VALID: {'; '.join(found)})" if found else ""
 
 
 def run_line(r: dict[str, Any]) -> str:
-    c = r["clock"]
+    c, drained = r["clock"], drained_share(r)
     lines = [f"    {r['trained_trajectories_per_s']:.3f} trained traj/s = {100 * r['efficiency']:.0f}% of its bound "
              f"{r['bound_traj_per_s']:.3f}; step {r['step_s_mean']:.1f} s (bound {r['bound_step_s']:.1f} s); "
              f"{r['trajectories_per_episode']:.2f} traj/episode; backlog {r['backlog_groups']['window_start']} -> "
              f"{r['backlog_groups']['window_end']} groups; {r['wall_seconds']:.0f} s wall, engine CPU "
              f"{100 * r['engine_cpu_fraction']:.0f}%"
-             + ("" if drained_share(r) <= DRAINED_LIMIT else
-                f" - DRAINED: {100 * drained_share(r):.0f}% of the window's groups came from the backlog it began "
+             + ("" if drained <= DRAINED_LIMIT else
+                f" - DRAINED: {100 * drained:.0f}% of the window's groups came from the backlog it began "
                 "with, so the rate counts earlier work (more --steps)"),
              f"    clock: worst phase {c['worst_phase']} {100 * c['worst_share']:.2f}% behind "
              f"({c['worst_behind_s']} s in {c['worst_wall_s']} s wall; limit {100 * CLOCK_SLIP_LIMIT:.0f}%)"

@@ -127,7 +127,7 @@ def plot_bars(title: str, labels: list[str], values: list[float], unit: str, out
 
 def build(d: Path, out: Path) -> str:
     """Write the report from the parts found under `d`; returns its text."""
-    from ssp.bench import async_vs_sync_report, push, scale, search
+    from ssp.bench import async_vs_sync_report, push, retrieval, scale, search
 
     found = {part: _load(d, part) for part in PARTS}
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -177,12 +177,8 @@ def build(d: Path, out: Path) -> str:
                         [r["raw_gb_per_s"], r["push_gb_per_s"]], "GB/s", d / "push.png")
         body += ["", push.markdown(r), f"![push]({png.name})"]
     if (r := found["retrieval"]) is not None:
-        hits, n = r["answer_hits_at_3"], r["questions"]
         corpus = ", ".join(Path(c).name for c in r["corpus"])
-        summary.append(f"- retrieval: HTTP server / raw tantivy-py (1 thread) {r['ratios']['http_over_raw']:.2f}x at "
-                       f"answer-hit@3 {100 * hits['http_server'] / n:.1f}% vs {100 * hits['raw_1thread'] / n:.1f}% "
-                       f"({n} questions; corpus {corpus}) - goal >= {r['goal']['speedup']:g}x within "
-                       f"{r['goal']['hit_tolerance_points']:g} point: {'met' if r['goal']['met'] else 'NOT met'}")
+        summary.append(f"- retrieval: {retrieval.verdict(r)}; corpus {corpus}")
     for part in ("retrieval", "learner", "inference", "serving", "engine"):
         md = d / f"{part}.md"
         if md.is_file():
