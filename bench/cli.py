@@ -42,7 +42,9 @@ def _add_retrieval(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParse
         description="On one index and the same NQ questions, measure queries/s, CPU ms per query and answer-hit@3 "
         "of (a) raw tantivy-py (parse_query over title and text) on 1 and 2 threads, (b) TantivyRetriever "
         "(common terms pruned, retriever/query.py) on 1 and 2 threads, (c) the /retrieve server (its own process) "
-        "under concurrent clients. Exits 1 unless (c) reaches 4x (a) on 1 thread with answer-hit@3 within 1 point.",
+        "under concurrent clients sending one query per request, (d) the same server behind the engine's search "
+        "batcher, as rollouts reach it. Exits 1 unless (d) reaches 4x (a) on 1 thread with answer-hit@3 within 1 "
+        "point.",
     )
     p.add_argument(
         "--corpus",
@@ -54,6 +56,8 @@ def _add_retrieval(bench_sub: "argparse._SubParsersAction[argparse.ArgumentParse
     )
     p.add_argument("--queries", type=int, default=1000, help="queries in the query set (default: 1000)")
     p.add_argument("--clients", type=int, default=64, help="concurrent HTTP clients for (c) (default: 64)")
+    p.add_argument("--rollouts", type=int, default=256,
+                   help="concurrent searching rollouts for (d), through one search batcher (default: 256)")
     p.add_argument("-k", type=int, default=3, help="documents per query (default: 3)")
     p.add_argument("--out", type=Path, help="JSON report path (default: artifacts/bench/retrieval.json)")
 
