@@ -361,7 +361,7 @@ def _over_http(url: str, queries: list[str], k: int, clients: int) -> Passages:
 def _through_batcher(url: str, queries: list[str], k: int, rollouts: int, stats: SearchStats) -> Passages:
     """`rollouts` concurrent rollouts, each searching its next query once the last is answered, through one
     SearchBatcher with the [search] defaults over one HttpRetriever: the retrieval server as the engine uses it. The
-    batcher's counts are added to `stats`."""
+    batcher counts into `stats` (a batcher lives in one event loop, so each call makes its own; they share stats)."""
     import uvloop
 
     from ssp.engine.config import SearchBatcherConfig
@@ -371,6 +371,7 @@ def _through_batcher(url: str, queries: list[str], k: int, rollouts: int, stats:
     async def drive() -> Passages:
         retriever = HttpRetriever(url, timeout_s=60, max_retries=0)
         batcher = SearchBatcher(retriever, SearchBatcherConfig(), k=k)
+        batcher.stats = stats
         out: Passages = [[] for _ in queries]
         todo = iter(range(len(queries)))
 
@@ -383,9 +384,6 @@ def _through_batcher(url: str, queries: list[str], k: int, rollouts: int, stats:
         finally:
             await batcher.close()
             await retriever.close()
-        stats.batches += batcher.stats.batches
-        stats.queries += batcher.stats.queries
-        stats.sizes.update(batcher.stats.sizes)
         return out
 
     return uvloop.run(drive())

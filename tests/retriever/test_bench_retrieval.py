@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ssp.bench.retrieval import goal_met
+from ssp.bench.retrieval import REPEATS, goal_met
 from ssp.cli import main
 from ssp.paths import DEMO_CORPORA
 
@@ -34,7 +34,7 @@ def test_bench_runs_and_reports(
     # (d) goes through the batcher: 8 rollouts waiting together share requests (1.0 would be one query per request).
     batches = report["engine_batches"]
     assert batches["search_batch_mean"] > 2 and batches["search_failed_batches"] == 0
-    assert batches["search_queries"] == 500 + 5 * 40  # the quality pass over every question, then 5 timed runs
+    assert batches["search_queries"] == 500 + REPEATS * 40  # the quality pass over every question, then the timed runs
     assert report["ratios"]["http_engine_over_raw"] == report["best"]["http_engine"]["qps"] / report["best"][
         "raw_1thread"]["qps"]
     assert hits["raw_1thread"] == hits["raw_2threads"] and 0 < hits["raw_1thread"] < 500
